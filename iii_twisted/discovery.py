@@ -1,0 +1,176 @@
+"""
+The engine's own functions: discovery (``engine::functions::list``,
+``engine::workers::list``, ``engine::triggers::list``, ``engine::trigger-types::list``)
+and ``engine::workers::register``, which SDKs call on every connect with their metadata.
+
+Result shapes follow ../shared/spec/engine-core.md §6.1; Python ``iii-sdk`` 0.10.0's
+pydantic models require the WorkerInfo keys listed there.
+"""
+
+import time
+from twisted.logger import Logger
+
+from .protocol import DESERIALIZATION_ERROR, InvocationError
+
+_log = Logger()
+
+_INCLUDE_INTERNAL = {
+    "type": "object",
+    "properties": {"include_internal": {"type": "boolean", "default": False}},
+}
+
+
+def _input(function_id, data):
+    """
+    @return: the call's input object ({} for null, which SDKs send when there is no
+        payload).
+    @raise InvocationError: ``deserialization_error`` for a non-object input.
+    """
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InvocationError(
+            DESERIALIZATION_ERROR,
+            "Failed to deserialize input for {}: expected an object, got {}".format(
+                function_id, type(data).__name__),
+        )
+    return data
+
+
+def _flag(function_id, data, key):
+    value = _input(function_id, data).get(key, False)
+    if not isinstance(value, bool) and value is not None:
+        raise InvocationError(DESERIALIZATION_ERROR, "Failed to deserialize input for "
+                              "{}: {} must be a boolean".format(function_id, key))
+    return bool(value)
+
+
+def register_engine_functions(engine):
+    """Register the ``engine::*`` discovery and worker functions on C{engine}."""
+
+    def list_functions(data):
+        internal = _flag("engine::functions::list", data, "include_internal")
+        return {"functions": [
+            entry.info() for function_id, entry in engine.functions.items()
+            if internal or not function_id.startswith("engine::")
+        ]}
+
+    def list_workers(data):
+        wanted = _input("engine::workers::list", data).get("worker_id")
+        workers = engine.workers.values()
+        if wanted is not None:
+            workers = [w for w in workers if w.id == wanted]
+        return {
+            "workers": [_worker_info(engine, w) for w in workers],
+            "timestamp": int(time.time() * 1000),
+        }
+
+    def list_triggers(data):
+        internal = _flag("engine::triggers::list", data, "include_internal")
+        return {"triggers": [
+            trigger.info() for trigger in engine.triggers.values()
+            if internal or not trigger.function_id.startswith("engine::")
+        ]}
+
+    def list_trigger_types(data):
+        internal = _flag("engine::trigger-types::list", data, "include_internal")
+        types = []
+        for trigger_type in engine.trigger_types.values():
+            if not internal and trigger_type.id.startswith("engine::"):
+                continue
+            info = {"id": trigger_type.id, "description": trigger_type.description}
+            if trigger_type.trigger_request_format is not None:
+                info["trigger_request_format"] = trigger_type.trigger_request_format
+            if trigger_type.call_request_format is not None:
+                info["call_request_format"] = trigger_type.call_request_format
+            types.append(info)
+        return {"trigger_types": types}
+
+    def register_worker(data):
+        data = _input("engine::workers::register", data)
+        worker_id = data.get("_caller_worker_id")
+        if not isinstance(worker_id, str):
+            raise InvocationError(
+                DESERIALIZATION_ERROR, "Failed to deserialize input for "
+                "engine::workers::register: missing field `_caller_worker_id`")
+        worker = engine.workers.get(worker_id)
+        if worker is None:
+            _log.info("engine::workers::register for unknown worker {worker_id}",
+                      worker_id=worker_id)
+        else:
+            _update_worker(worker, data)
+        engine.fire_triggers("engine::workers-available",
+                             {"event": "worker_metadata_updated", "worker_id": worker_id})
+        return {"success": True}
+
+    engine.register_function(
+        "engine::functions::list", list_functions,
+        "List registered functions (engine::* ones only with include_internal)",
+        _INCLUDE_INTERNAL,
+        {"type": "object", "properties": {"functions": {"type": "array"}}},
+    )
+    engine.register_function(
+        "engine::workers::list", list_workers,
+        "List connected workers, optionally only the one with worker_id",
+        {"type": "object", "properties": {"worker_id": {"type": ["string", "null"]}}},
+        {"type": "object", "properties": {"workers": {"type": "array"},
+                                          "timestamp": {"type": "integer"}}},
+    )
+    engine.register_function(
+        "engine::triggers::list", list_triggers,
+        "List registered triggers (those bound to engine::* functions only with "
+        "include_internal)",
+        _INCLUDE_INTERNAL,
+        {"type": "object", "properties": {"triggers": {"type": "array"}}},
+    )
+    engine.register_function(
+        "engine::trigger-types::list", list_trigger_types,
+        "List trigger types (engine::* ones only with include_internal)",
+        _INCLUDE_INTERNAL,
+        {"type": "object", "properties": {"trigger_types": {"type": "array"}}},
+    )
+    engine.register_function(
+        "engine::workers::register", register_worker,
+        "Record the calling worker's metadata (sent by the SDKs on connect)",
+        {"type": "object", "properties": {
+            "runtime": {"type": "string"}, "version": {"type": "string"},
+            "name": {"type": "string"}, "os": {"type": "string"},
+            "pid": {"type": "integer"}, "telemetry": {"type": "object"}}},
+        {"type": "object", "properties": {"success": {"type": "boolean"}}},
+    )
+
+
+def _update_worker(worker, data):
+    runtime = data.get("runtime")
+    worker.runtime = runtime if isinstance(runtime, str) else "unknown"
+    version = data.get("version")
+    worker.version = version if isinstance(version, str) else None
+    telemetry = data.get("telemetry")
+    worker.telemetry = telemetry if isinstance(telemetry, dict) else None
+    for key in ("name", "os"):
+        value = data.get(key)
+        if isinstance(value, str):
+            setattr(worker, key, value)
+    pid = data.get("pid")
+    if isinstance(pid, int) and not isinstance(pid, bool):
+        worker.pid = pid
+
+
+def _worker_info(engine, worker):
+    info = {
+        "id": worker.id,
+        "name": worker.name,
+        "runtime": worker.runtime,
+        "version": worker.version,
+        "os": worker.os,
+        "ip_address": worker.ip_address,
+        "status": "connected",
+        "connected_at_ms": worker.connected_at_ms,
+        "function_count": len(worker.functions),
+        "functions": sorted(worker.functions),
+        "active_invocations": worker.active_calls + engine.tracker.count_for(worker),
+        "latest_metrics": None,
+    }
+    if worker.pid is not None:
+        info["pid"] = worker.pid
+    return info

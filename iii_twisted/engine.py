@@ -1,0 +1,958 @@
+"""
+The routing core: the function, trigger and worker registries, and L{Engine.call}.
+
+Everything that can be called is a L{FunctionEntry} whose C{host} knows how to run it
+(a worker connection, a Python callable, an HTTP endpoint). Everything that can fire is
+a L{Trigger} whose L{TriggerType} has a provider (a module, or a worker). The engine
+never touches a socket: workers are L{IWorkerConnection}s, so the whole core runs in
+tests with L{iii_twisted.testing.FakeWorkerConnection} and a C{task.Clock}.
+
+Deviations from the reference engine (iii v0.10; ../shared/spec/engine-core.md) are
+listed in docs/deviations.rst; each is marked "Deviation" where it is implemented.
+"""
+
+import time
+import traceback
+from inspect import iscoroutine
+from uuid import uuid4
+
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from . import protocol as P
+from .interfaces import IFunctionHost, ITriggerProvider, TriggerError
+from .invocations import InvocationTracker
+from .protocol import InvocationError
+
+WORKERS_AVAILABLE = "engine::workers-available"
+FUNCTIONS_AVAILABLE = "engine::functions-available"
+
+# Trigger states, as engine::triggers::list shows them.
+PENDING = "pending"  # no provider for its type (yet)
+ACTIVE = "active"  # handed to its provider
+FAILED = "failed"  # a worker provider answered with an error
+
+VOID = {"type": "void"}
+
+
+class WorkerRecord:
+    """
+    One connected worker: its connection, metadata and what it owns.
+
+    @ivar functions: ids of the functions this worker currently hosts.
+    @ivar triggers: ids of the triggers it registered.
+    @ivar trigger_types: ids of the trigger types it provides.
+    @ivar active_calls: its own calls still waiting for a result.
+    """
+
+    __slots__ = (
+        "id", "connection", "ip_address", "connected_at_ms", "name", "runtime",
+        "version", "os", "pid", "telemetry", "functions", "triggers", "trigger_types",
+        "active_calls", "host", "__weakref__",
+    )
+
+    def __init__(self, worker_id, connection, ip_address, connected_at_ms):
+        self.id = worker_id
+        self.connection = connection
+        self.ip_address = ip_address
+        self.connected_at_ms = connected_at_ms
+        self.name = self.runtime = self.version = self.os = self.pid = None
+        self.telemetry = None
+        self.functions = set()
+        self.triggers = set()
+        self.trigger_types = set()
+        self.active_calls = 0
+        self.host = None
+
+    def __repr__(self):
+        return "<Worker {} {!r}>".format(self.id, self.name)
+
+
+class FunctionEntry:
+    """A registered function: its id, description and formats, and its host."""
+
+    __slots__ = (
+        "function_id", "description", "request_format", "response_format", "metadata",
+        "host", "owner",
+    )
+
+    def __init__(self, function_id, host, owner=None, description=None,
+                 request_format=None, response_format=None, metadata=None):
+        self.function_id = function_id
+        self.host = host
+        self.owner = owner
+        self.description = description
+        self.request_format = request_format
+        self.response_format = response_format
+        self.metadata = metadata
+
+    def info(self):
+        """@return: the FunctionInfo dict of engine::functions::list."""
+        return {
+            "function_id": self.function_id,
+            "description": self.description,
+            "request_format": self.request_format,
+            "response_format": self.response_format,
+            "metadata": self.metadata,
+        }
+
+
+class TriggerType:
+    """A trigger type and the provider that makes its triggers fire."""
+
+    __slots__ = (
+        "id", "description", "provider", "owner", "trigger_request_format",
+        "call_request_format",
+    )
+
+    def __init__(self, type_id, provider, description=None, owner=None,
+                 trigger_request_format=None, call_request_format=None):
+        self.id = type_id
+        self.provider = provider
+        self.description = description
+        self.owner = owner
+        self.trigger_request_format = trigger_request_format
+        self.call_request_format = call_request_format
+
+
+class Trigger:
+    """
+    A binding of a trigger type, a function id and a config.
+
+    @ivar status: L{PENDING}, L{ACTIVE} or L{FAILED}.
+    @ivar error: the ErrorBody a worker provider refused it with, or None.
+    """
+
+    __slots__ = (
+        "id", "trigger_type", "function_id", "config", "owner", "metadata", "status",
+        "error",
+    )
+
+    def __init__(self, trigger_id, trigger_type, function_id, config, owner=None,
+                 metadata=None):
+        self.id = trigger_id
+        self.trigger_type = trigger_type
+        self.function_id = function_id
+        self.config = config
+        self.owner = owner
+        self.metadata = metadata
+        self.status = PENDING
+        self.error = None
+
+    def info(self):
+        """@return: the TriggerInfo dict of engine::triggers::list (plus status)."""
+        info = {
+            "id": self.id,
+            "trigger_type": self.trigger_type,
+            "function_id": self.function_id,
+            "config": self.config,
+            "status": self.status,
+        }
+        if self.error is not None:
+            info["error"] = self.error
+        return info
+
+
+class CallInfo:
+    """What an L{ICallObserver} sees of one call; it may replace the trace context."""
+
+    __slots__ = ("function_id", "invocation_id", "caller_id", "traceparent", "baggage")
+
+    def __init__(self, function_id, invocation_id, caller_id, traceparent, baggage):
+        self.function_id = function_id
+        self.invocation_id = invocation_id
+        self.caller_id = caller_id
+        self.traceparent = traceparent
+        self.baggage = baggage
+
+
+@implementer(IFunctionHost)
+class CallableHost:
+    """
+    Runs a function in-process: a Python callable taking the call's data and returning
+    a value, a Deferred or a coroutine. Raising L{InvocationError} fails the call with
+    that code; any other exception becomes ``invocation_failed``.
+    """
+
+    _log = Logger()
+
+    def __init__(self, fn):
+        self._fn = fn
+
+    def invoke(self, function_id, invocation_id, data, traceparent, baggage):
+        try:
+            result = self._fn(data)
+        except InvocationError as e:
+            return fail(e)
+        except Exception as e:
+            return fail(self._as_invocation_error(Failure(e), function_id))
+        if isinstance(result, Deferred):
+            return result.addErrback(self._as_invocation_error, function_id)
+        if iscoroutine(result):
+            return Deferred.fromCoroutine(result).addErrback(
+                self._as_invocation_error, function_id
+            )
+        return succeed(result)
+
+    def _as_invocation_error(self, failure, function_id):
+        if failure.check(InvocationError):
+            return failure
+        self._log.failure("in-process function {function_id} failed", failure,
+                          function_id=function_id)
+        return Failure(InvocationError(
+            P.INVOCATION_FAILED,
+            failure.getErrorMessage(),
+            "".join(traceback.format_exception(failure.value)),
+        ))
+
+
+@implementer(IFunctionHost)
+class WorkerHost:
+    """Runs a function on a worker: ``invokefunction`` out, ``invocationresult`` back."""
+
+    __slots__ = ("_tracker", "_worker")
+
+    def __init__(self, tracker, worker):
+        self._tracker = tracker
+        self._worker = worker
+
+    def invoke(self, function_id, invocation_id, data, traceparent, baggage):
+        # Recorded before it is sent: a fast reply must find its entry (the reference
+        # engine has this race, engine-core.md §4.5).
+        d = self._tracker.add(invocation_id, function_id, self._worker)
+        message = {
+            "type": P.INVOKE_FUNCTION,
+            "invocation_id": invocation_id,
+            "function_id": function_id,
+            "data": data,
+        }
+        if traceparent is not None:
+            message["traceparent"] = traceparent
+        if baggage is not None:
+            message["baggage"] = baggage
+        self._worker.connection.send(message)
+        return d
+
+
+@implementer(ITriggerProvider)
+class WorkerTriggerProvider:
+    """
+    A worker that registered a trigger type: triggers of that type are sent to it as
+    ``registertrigger``; its ``triggerregistrationresult`` is recorded by the engine.
+    """
+
+    def __init__(self, worker):
+        self.worker = worker
+
+    def register_trigger(self, trigger):
+        message = {
+            "type": P.REGISTER_TRIGGER,
+            "id": trigger.id,
+            "trigger_type": trigger.trigger_type,
+            "function_id": trigger.function_id,
+            "config": trigger.config,
+        }
+        if trigger.metadata is not None:
+            message["metadata"] = trigger.metadata
+        self.worker.connection.send(message)
+        return succeed(None)
+
+    def unregister_trigger(self, trigger):
+        self.worker.connection.send({
+            "type": P.UNREGISTER_TRIGGER,
+            "id": trigger.id,
+            "trigger_type": trigger.trigger_type,
+        })
+        return succeed(None)
+
+
+@implementer(ITriggerProvider)
+class EngineEventsProvider:
+    """
+    Provides ``engine::workers-available`` and ``engine::functions-available``: the
+    engine fires their triggers itself (L{Engine.fire_triggers}), so there is nothing
+    to start or stop per trigger.
+    """
+
+    def register_trigger(self, trigger):
+        return succeed(None)
+
+    def unregister_trigger(self, trigger):
+        return succeed(None)
+
+
+class Engine:
+    """
+    The iii engine core.
+
+    @ivar functions: function id -> L{FunctionEntry}.
+    @ivar workers: worker id -> L{WorkerRecord}.
+    @ivar trigger_types: type id -> L{TriggerType}.
+    @ivar triggers: trigger id -> L{Trigger}.
+    @ivar tracker: the L{InvocationTracker} of calls forwarded to workers.
+    @ivar enqueuer: the L{IEnqueuer} (queue module) or None.
+    @ivar telemetry_sink: the L{ITelemetrySink} (observability module) or None.
+    @ivar http_functions: the HTTP functions module (registers ``invocation``
+        functions) or None.
+    """
+
+    _log = Logger()
+
+    def __init__(self, clock, invocation_timeout=300.0, functions_available_delay=0.1):
+        """
+        @param clock: the C{IReactorTime} for every timer of the core.
+        @param invocation_timeout: seconds any call may stay unanswered before it fails
+            with ``invocation_timeout`` (0 disables it). Deviation: the reference waits
+            forever.
+        @param functions_available_delay: seconds to gather registry changes before
+            ``engine::functions-available`` fires (the reference polls every 5 s).
+        """
+        self.clock = clock
+        self.invocation_timeout = invocation_timeout
+        self.functions = {}
+        self.workers = {}
+        self.trigger_types = {}
+        self.triggers = {}
+        self._triggers_by_type = {}
+        self.services = {}
+        self.tracker = InvocationTracker(clock, invocation_timeout)
+        self.enqueuer = None
+        self.telemetry_sink = None
+        self.http_functions = None
+        self._observers = []
+        self._detach_hooks = []
+        self._functions_available_delay = functions_available_delay
+        self._functions_check = None
+        self._last_function_ids = frozenset()
+        self._handlers = {
+            P.INVOKE_FUNCTION: self._handle_invokefunction,
+            P.INVOCATION_RESULT: self._handle_invocationresult,
+            P.REGISTER_FUNCTION: self._handle_registerfunction,
+            P.UNREGISTER_FUNCTION: self._handle_unregisterfunction,
+            P.REGISTER_TRIGGER_TYPE: self._handle_registertriggertype,
+            P.UNREGISTER_TRIGGER_TYPE: self._handle_unregistertriggertype,
+            P.REGISTER_TRIGGER: self._handle_registertrigger,
+            P.UNREGISTER_TRIGGER: self._handle_unregistertrigger,
+            P.TRIGGER_REGISTRATION_RESULT: self._handle_triggerregistrationresult,
+            P.REGISTER_SERVICE: self._handle_registerservice,
+            P.PING: self._handle_ping,
+            P.PONG: _ignore,
+            P.WORKER_REGISTERED: _ignore,
+        }
+        events = EngineEventsProvider()
+        self.register_trigger_type(
+            WORKERS_AVAILABLE, events, "Fires when a worker connects, updates its "
+            "metadata or disconnects")
+        self.register_trigger_type(
+            FUNCTIONS_AVAILABLE, events, "Fires when the set of registered functions "
+            "changes")
+        from .discovery import register_engine_functions
+        register_engine_functions(self)
+
+    # -- workers ---------------------------------------------------------------------
+
+    def attach(self, connection):
+        """
+        A worker connected: give it an id, send ``workerregistered`` and fire
+        ``engine::workers-available``.
+
+        @param connection: its L{IWorkerConnection}.
+        @return: its L{WorkerRecord}, which the connection passes back to
+            L{handle_message} and L{detach}.
+        """
+        worker = WorkerRecord(
+            str(uuid4()), connection, connection.peer_address,
+            int(time.time() * 1000),
+        )
+        worker.host = WorkerHost(self.tracker, worker)
+        self.workers[worker.id] = worker
+        connection.send({"type": P.WORKER_REGISTERED, "worker_id": worker.id})
+        self._log.info("worker {worker_id} connected from {ip}", worker_id=worker.id,
+                       ip=worker.ip_address)
+        self.fire_triggers(WORKERS_AVAILABLE,
+                           {"event": "worker_connected", "worker_id": worker.id})
+        return worker
+
+    def detach(self, worker):
+        """
+        A worker's connection is gone: remove what it owns and fail what it owed.
+
+        In order: the functions it still hosts go (a function another worker has
+        re-registered since stays); the calls it was running fail with
+        ``invocation_stopped``; its triggers are unregistered from their providers; the
+        trigger types it provided go, and triggers that others bound to them wait,
+        pending, for the next provider; then ``engine::workers-available`` fires.
+        Calling it twice is harmless.
+        """
+        if self.workers.pop(worker.id, None) is None:
+            return
+        for function_id in list(worker.functions):
+            self.unregister_function(function_id, owner=worker)
+        self.tracker.detach(worker)
+        for trigger_id in list(worker.triggers):
+            self.unregister_trigger(trigger_id, owner=worker)
+        for type_id in list(worker.trigger_types):
+            self.unregister_trigger_type(type_id, owner=worker)
+        for hook in self._detach_hooks:
+            try:
+                hook(worker)
+            except Exception:
+                self._log.failure("detach hook {hook!r} failed", hook=hook)
+        self._log.info("worker {worker_id} disconnected", worker_id=worker.id)
+        self.fire_triggers(WORKERS_AVAILABLE,
+                           {"event": "worker_disconnected", "worker_id": worker.id})
+
+    def add_detach_hook(self, hook):
+        """Call C{hook(worker_record)} whenever a worker is detached (after cleanup)."""
+        self._detach_hooks.append(hook)
+
+    def handle_message(self, worker, message):
+        """
+        Act on one decoded message (L{iii_twisted.protocol.decode}) from C{worker}.
+
+        Runs synchronously up to the point where a call is handed to its host, so the
+        messages of one connection take effect in the order they arrived.
+        """
+        self._handlers[message["type"]](worker, message)
+
+    def ingest_telemetry(self, kind, payload, worker_id):
+        """
+        Hand one telemetry frame's body to the observability sink, or drop it when no
+        sink is loaded.
+        """
+        sink = self.telemetry_sink
+        if sink is not None:
+            sink.ingest(kind, payload, worker_id)
+
+    # -- functions -------------------------------------------------------------------
+
+    def register_function(self, function_id, fn, description=None, request_format=None,
+                          response_format=None, metadata=None):
+        """
+        Register an in-process function that workers (and the app) can call.
+
+        @param fn: a callable taking the call's data (any JSON value) and returning a
+            JSON value, a Deferred or a coroutine of one. Raise
+            L{iii_twisted.protocol.InvocationError} to fail with a given code.
+        @return: the L{FunctionEntry}.
+        """
+        return self.add_function(FunctionEntry(
+            function_id, CallableHost(fn), None, description, request_format,
+            response_format, metadata,
+        ))
+
+    def add_function(self, entry):
+        """
+        Put C{entry} in the registry, replacing any function with the same id (the last
+        registration wins, as in the reference).
+
+        Deviation: a worker may not replace an in-process function (``engine::*`` and
+        the modules' functions); such a registration is refused with a warning.
+
+        @return: the entry, or None if it was refused.
+        """
+        function_id = entry.function_id
+        previous = self.functions.get(function_id)
+        if previous is not None:
+            if previous.owner is None and entry.owner is not None:
+                self._log.warn(
+                    "worker {worker_id} may not replace the engine's function "
+                    "{function_id}; registration refused",
+                    worker_id=entry.owner.id, function_id=function_id)
+                return None
+            if previous.owner is not None and previous.owner is not entry.owner:
+                previous.owner.functions.discard(function_id)
+                self._log.warn(
+                    "function {function_id} of worker {old} replaced by worker {new}",
+                    function_id=function_id, old=previous.owner.id,
+                    new=entry.owner.id if entry.owner else "engine")
+        self.functions[function_id] = entry
+        if entry.owner is not None:
+            entry.owner.functions.add(function_id)
+        self._service_add(function_id)
+        self._functions_changed()
+        return entry
+
+    def unregister_function(self, function_id, owner=None):
+        """
+        Remove a function.
+
+        @param owner: the worker asking, or None for in-process code. A worker removes
+            only a function it hosts (deviation: the reference removes any).
+        @return: the removed L{FunctionEntry}, or None.
+        """
+        entry = self.functions.get(function_id)
+        if entry is None or (owner is not None and entry.owner is not owner):
+            return None
+        del self.functions[function_id]
+        if entry.owner is not None:
+            entry.owner.functions.discard(function_id)
+        closer = getattr(entry.host, "unregistered", None)
+        if closer is not None:
+            closer(function_id)
+        self._service_remove(function_id)
+        self._functions_changed()
+        return entry
+
+    # -- calls -----------------------------------------------------------------------
+
+    def call(self, function_id, data=None, action=None, caller=None, traceparent=None,
+             baggage=None):
+        """
+        Call a function by id: the one way every call is made.
+
+        @param action: None (request/response), ``{"type": "void"}`` (fire and forget)
+            or ``{"type": "enqueue", "queue": NAME}``.
+        @param caller: the calling L{WorkerRecord}, or None for the engine and its
+            modules.
+        @return: a Deferred firing with the result (None at once for ``void``;
+            ``{"messageReceiptId": ...}`` for ``enqueue``) or failing with
+            L{InvocationError}: ``function_not_found`` at once for an unknown id,
+            ``invocation_timeout``, ``invocation_stopped``, ``enqueue_error``, or the
+            function's own error.
+        """
+        if action is not None:
+            kind = action.get("type")
+            if kind == "void":
+                self._invoke(function_id, data, None, traceparent, baggage).addErrback(
+                    self._log_void_failure, function_id)
+                return succeed(None)
+            if kind == "enqueue":
+                return self._enqueue(function_id, data, action, traceparent, baggage)
+            return fail(InvocationError(
+                P.INVALID_MESSAGE, "Unknown action type {!r}".format(kind)))
+        return self._invoke(function_id, data, caller, traceparent, baggage)
+
+    def _invoke(self, function_id, data, caller, traceparent, baggage):
+        entry = self.functions.get(function_id)
+        if entry is None:
+            return fail(P.function_not_found(function_id))
+        invocation_id = str(uuid4())
+        finish = None
+        if self._observers:
+            finish, traceparent, baggage = self._observe(
+                function_id, invocation_id, caller, traceparent, baggage)
+        d = entry.host.invoke(function_id, invocation_id, data, traceparent, baggage)
+        if not d.called and not isinstance(entry.host, WorkerHost) and self.invocation_timeout:
+            # Worker calls time out in the tracker; anything else here.
+            d.addTimeout(self.invocation_timeout, self.clock, self._timed_out(function_id))
+        if caller is not None:
+            caller.active_calls += 1
+            d.addBoth(_count_down, caller)
+        if finish is not None:
+            d.addBoth(_report_finish, finish)
+        return d
+
+    def _timed_out(self, function_id):
+        timeout = self.invocation_timeout
+
+        def on_timeout(result, seconds):
+            raise InvocationError(
+                P.INVOCATION_TIMEOUT,
+                "Invocation of {} timed out after {}ms".format(function_id, int(timeout * 1000)),
+            )
+        return on_timeout
+
+    def _enqueue(self, function_id, data, action, traceparent, baggage):
+        queue = action.get("queue")
+        if self.enqueuer is None:
+            return fail(InvocationError(P.ENQUEUE_ERROR, "QueueModule not loaded"))
+        if not isinstance(queue, str):
+            return fail(InvocationError(P.ENQUEUE_ERROR, "enqueue action needs a queue name"))
+        d = maybeDeferred(self.enqueuer.enqueue, queue, function_id, data, traceparent, baggage)
+        return d.addCallbacks(_receipt, _as_enqueue_error)
+
+    def _log_void_failure(self, failure, function_id):
+        if failure.check(InvocationError):
+            self._log.debug("void call of {function_id} failed: {error}",
+                            function_id=function_id, error=failure.value)
+        else:
+            self._log.failure("void call of {function_id} failed", failure,
+                              function_id=function_id)
+
+    def add_call_observer(self, observer):
+        """Add an L{ICallObserver}; it sees every call from now on."""
+        self._observers.append(observer)
+
+    def _observe(self, function_id, invocation_id, caller, traceparent, baggage):
+        info = CallInfo(function_id, invocation_id, caller.id if caller else None,
+                        traceparent, baggage)
+        finishers = []
+        for observer in self._observers:
+            try:
+                finish = observer.call_started(info)
+            except Exception:
+                self._log.failure("call observer {observer!r} failed", observer=observer)
+                continue
+            if finish is not None:
+                finishers.append(finish)
+
+        def finish_all(result, error):
+            for finish in finishers:
+                try:
+                    finish(result, error)
+                except Exception:
+                    self._log.failure("call observer finish failed")
+        return (finish_all if finishers else None), info.traceparent, info.baggage
+
+    # -- triggers --------------------------------------------------------------------
+
+    def register_trigger_type(self, type_id, provider, description=None, owner=None,
+                              trigger_request_format=None, call_request_format=None):
+        """
+        Make C{provider} (an L{ITriggerProvider}) the provider of a trigger type, and
+        hand it every trigger of that type that is waiting for one.
+
+        @param owner: the providing L{WorkerRecord}, or None for a module.
+        @return: the L{TriggerType}, or None when a worker tried to take over a type a
+            module provides (deviation: the reference lets it).
+        """
+        previous = self.trigger_types.get(type_id)
+        if previous is not None:
+            if previous.owner is None and owner is not None:
+                self._log.warn(
+                    "worker {worker_id} may not take over the engine's trigger type "
+                    "{type_id}; refused", worker_id=owner.id, type_id=type_id)
+                return None
+            if previous.owner is not None:
+                previous.owner.trigger_types.discard(type_id)
+        trigger_type = TriggerType(type_id, provider, description, owner,
+                                   trigger_request_format, call_request_format)
+        self.trigger_types[type_id] = trigger_type
+        if owner is not None:
+            owner.trigger_types.add(type_id)
+        for trigger in list(self._triggers_by_type.get(type_id, {}).values()):
+            self._activate(trigger, trigger_type)
+        return trigger_type
+
+    def unregister_trigger_type(self, type_id, owner=None):
+        """
+        Remove a trigger type (a worker may remove only one it provides). Its triggers
+        stay, pending, until a provider registers the type again.
+
+        @return: True if it was removed.
+        """
+        trigger_type = self.trigger_types.get(type_id)
+        if trigger_type is None or trigger_type.owner is not owner:
+            return False
+        del self.trigger_types[type_id]
+        if owner is not None:
+            owner.trigger_types.discard(type_id)
+        for trigger in self._triggers_by_type.get(type_id, {}).values():
+            trigger.status = PENDING
+            trigger.error = None
+        return True
+
+    def register_trigger(self, trigger_id, trigger_type, function_id, config=None,
+                         owner=None, metadata=None):
+        """
+        Bind a trigger. If its type has a provider the trigger is handed to it;
+        otherwise it is kept, pending, until one registers (deviation: the reference
+        drops it). A trigger with the same id is replaced.
+
+        @param owner: the registering L{WorkerRecord}, or None for in-process code.
+        @return: a Deferred firing with the L{Trigger}, or failing with
+            L{TriggerError} when the provider refuses it (it is then removed, and a
+            registering worker is told with a ``triggerregistrationresult`` error).
+        """
+        if trigger_id in self.triggers:
+            self.unregister_trigger(trigger_id)
+        trigger = Trigger(trigger_id, trigger_type, function_id, config, owner, metadata)
+        self.triggers[trigger_id] = trigger
+        self._triggers_by_type.setdefault(trigger_type, {})[trigger_id] = trigger
+        if owner is not None:
+            owner.triggers.add(trigger_id)
+        provider_type = self.trigger_types.get(trigger_type)
+        if provider_type is None:
+            self._log.info(
+                "trigger {trigger_id} waits for a provider of type {trigger_type}",
+                trigger_id=trigger_id, trigger_type=trigger_type)
+            return succeed(trigger)
+        return self._activate(trigger, provider_type)
+
+    def _activate(self, trigger, trigger_type):
+        trigger.status = ACTIVE
+        trigger.error = None
+        d = maybeDeferred(trigger_type.provider.register_trigger, trigger)
+        return d.addCallbacks(lambda _: trigger, self._refused, errbackArgs=(trigger,))
+
+    def _refused(self, failure, trigger):
+        if failure.check(TriggerError):
+            code, message = failure.value.code, failure.value.message
+        else:
+            self._log.failure("provider of {trigger_type} failed on trigger {trigger_id}",
+                              failure, trigger_type=trigger.trigger_type,
+                              trigger_id=trigger.id)
+            code, message = P.TRIGGER_REGISTRATION_FAILED, failure.getErrorMessage()
+        self._log.warn(
+            "trigger {trigger_id} of type {trigger_type} refused: {message}",
+            trigger_id=trigger.id, trigger_type=trigger.trigger_type, message=message)
+        if self.triggers.get(trigger.id) is trigger:
+            self._forget_trigger(trigger)
+            if trigger.owner is not None:
+                trigger.owner.connection.send({
+                    "type": P.TRIGGER_REGISTRATION_RESULT,
+                    "id": trigger.id,
+                    "trigger_type": trigger.trigger_type,
+                    "function_id": trigger.function_id,
+                    "error": P.error_body(code, message),
+                })
+        return Failure(TriggerError(message, code))
+
+    def unregister_trigger(self, trigger_id, owner=None):
+        """
+        Remove a trigger and tell its provider.
+
+        @param owner: the worker asking, or None for in-process code. A worker removes
+            only its own triggers (deviation: the reference lets any worker).
+        @return: the removed L{Trigger}, or None.
+        """
+        trigger = self.triggers.get(trigger_id)
+        if trigger is None or (owner is not None and trigger.owner is not owner):
+            if trigger is None:
+                self._log.info("unregister of unknown trigger {trigger_id}",
+                               trigger_id=trigger_id)
+            return None
+        self._forget_trigger(trigger)
+        trigger_type = self.trigger_types.get(trigger.trigger_type)
+        if trigger_type is not None and trigger.status != PENDING:
+            maybeDeferred(trigger_type.provider.unregister_trigger, trigger).addErrback(
+                lambda f: self._log.failure(
+                    "provider of {trigger_type} failed to unregister {trigger_id}", f,
+                    trigger_type=trigger.trigger_type, trigger_id=trigger.id))
+        return trigger
+
+    def _forget_trigger(self, trigger):
+        del self.triggers[trigger.id]
+        same_type = self._triggers_by_type[trigger.trigger_type]
+        del same_type[trigger.id]
+        if not same_type:
+            del self._triggers_by_type[trigger.trigger_type]
+        if trigger.owner is not None:
+            trigger.owner.triggers.discard(trigger.id)
+
+    def triggers_of_type(self, type_id):
+        """@return: a list of the active L{Trigger}s of a type."""
+        return [t for t in self._triggers_by_type.get(type_id, {}).values()
+                if t.status == ACTIVE]
+
+    def fire_triggers(self, type_id, payload):
+        """
+        Call the function of every active trigger of a type with C{payload}, fire and
+        forget (each call's failure is logged).
+        """
+        for trigger in self.triggers_of_type(type_id):
+            self.call(trigger.function_id, payload, VOID)
+
+    def check_condition(self, trigger, payload):
+        """
+        Evaluate a trigger's ``condition_function_id``, if its config has one.
+
+        @return: Deferred firing with True unless the condition function returned
+            exactly ``false``; failing with InvocationError if that call failed.
+        """
+        config = trigger.config
+        condition = config.get("condition_function_id") if isinstance(config, dict) else None
+        if not condition:
+            return succeed(True)
+        return self.call(condition, payload).addCallback(lambda result: result is not False)
+
+    # -- engine::functions-available --------------------------------------------------
+
+    def _functions_changed(self):
+        if self._functions_check is None and FUNCTIONS_AVAILABLE in self._triggers_by_type:
+            self._functions_check = self.clock.callLater(
+                self._functions_available_delay, self._notify_functions_available)
+
+    def _notify_functions_available(self):
+        self._functions_check = None
+        ids = frozenset(self.functions)
+        if ids == self._last_function_ids:
+            return
+        self._last_function_ids = ids
+        self.fire_triggers(FUNCTIONS_AVAILABLE, {
+            "event": "functions_changed",
+            "functions": [entry.info() for entry in self.functions.values()],
+        })
+
+    def stop(self):
+        """Cancel the core's own timers and fail every pending call (shutdown)."""
+        if self._functions_check is not None:
+            self._functions_check.cancel()
+            self._functions_check = None
+        for worker in list(self.workers.values()):
+            self.detach(worker)
+
+    # -- services (bookkeeping only, as in the reference; engine-core.md §9) ----------
+
+    def _service_add(self, function_id):
+        name, sep, rest = function_id.partition("::")
+        if sep:
+            service = self.services.get(name)
+            if service is None:
+                service = self.services[name] = {"id": name, "parent_service_id": None,
+                                                  "functions": set()}
+            service["functions"].add(rest)
+
+    def _service_remove(self, function_id):
+        name, sep, rest = function_id.partition("::")
+        service = self.services.get(name) if sep else None
+        if service is not None:
+            service["functions"].discard(rest)
+            if not service["functions"]:
+                del self.services[name]
+
+    # -- worker message handlers -------------------------------------------------------
+
+    def _handle_invokefunction(self, worker, message):
+        action = message["action"]
+        invocation_id = message["invocation_id"]
+        function_id = message["function_id"]
+        data = message["data"]
+        kind = None if action is None else action.get("type")
+        if kind is None or kind == "void":
+            if isinstance(data, dict):
+                # How engine::workers::register (and any handler) knows its caller.
+                data["_caller_worker_id"] = worker.id
+            if kind == "void":
+                invocation_id = None  # never answer a void call
+        d = self.call(function_id, data, action, worker, message["traceparent"],
+                      message["baggage"])
+        if invocation_id is None:
+            d.addErrback(self._log_void_failure, function_id)
+        else:
+            d.addCallbacks(_answer, self._answer_error,
+                           callbackArgs=(worker, invocation_id, function_id),
+                           errbackArgs=(worker, invocation_id, function_id))
+
+    def _answer_error(self, failure, worker, invocation_id, function_id):
+        if failure.check(InvocationError):
+            body = failure.value.to_body()
+        else:
+            self._log.failure("call of {function_id} failed in the engine", failure,
+                              function_id=function_id)
+            body = P.error_body(P.INVOCATION_FAILED, "Internal engine error: {}".format(
+                failure.getErrorMessage()))
+        worker.connection.send({
+            "type": P.INVOCATION_RESULT,
+            "invocation_id": invocation_id,
+            "function_id": function_id,
+            "error": body,
+        })
+
+    def _handle_invocationresult(self, worker, message):
+        if not self.tracker.resolve(message["invocation_id"], worker, message["result"],
+                                    message["error"]):
+            self._log.info(
+                "dropped result {invocation_id} from worker {worker_id}: no call pending "
+                "for it (late, unknown or not this worker's)",
+                invocation_id=message["invocation_id"], worker_id=worker.id)
+
+    def _handle_registerfunction(self, worker, message):
+        function_id = message["id"]
+        if message["invocation"] is not None:
+            if self.http_functions is None:
+                self._log.warn(
+                    "worker {worker_id} registered HTTP function {function_id} but "
+                    "HttpFunctionsModule is not loaded; ignored",
+                    worker_id=worker.id, function_id=function_id)
+                return
+            self.http_functions.register_from_worker(worker, message)
+            return
+        self.add_function(FunctionEntry(
+            function_id, worker.host, worker, message["description"],
+            message["request_format"], message["response_format"], message["metadata"],
+        ))
+
+    def _handle_unregisterfunction(self, worker, message):
+        self.unregister_function(message["id"], owner=worker)
+
+    def _handle_registertriggertype(self, worker, message):
+        self.register_trigger_type(
+            message["id"], WorkerTriggerProvider(worker), message["description"], worker,
+            message["trigger_request_format"], message["call_request_format"],
+        )
+
+    def _handle_unregistertriggertype(self, worker, message):
+        self.unregister_trigger_type(message["id"], owner=worker)
+
+    def _handle_registertrigger(self, worker, message):
+        # A refusal has been logged and answered by _refused; nothing more to do.
+        self.register_trigger(
+            message["id"], message["trigger_type"], message["function_id"],
+            message["config"], worker, message["metadata"],
+        ).addErrback(lambda f: f.trap(TriggerError) and None)
+
+    def _handle_unregistertrigger(self, worker, message):
+        self.unregister_trigger(message["id"], owner=worker)
+
+    def _handle_triggerregistrationresult(self, worker, message):
+        trigger = self.triggers.get(message["id"])
+        trigger_type = self.trigger_types.get(trigger.trigger_type) if trigger else None
+        if trigger_type is None or trigger_type.owner is not worker:
+            self._log.info("ignored triggerregistrationresult for {trigger_id} from "
+                           "{worker_id}: not its provider", trigger_id=message["id"],
+                           worker_id=worker.id)
+            return
+        error = message["error"]
+        if error is None:
+            trigger.status, trigger.error = ACTIVE, None
+            return
+        trigger.status, trigger.error = FAILED, error
+        self._log.warn(
+            "provider {worker_id} failed trigger {trigger_id} ({trigger_type}): {error}",
+            worker_id=worker.id, trigger_id=trigger.id, trigger_type=trigger.trigger_type,
+            error=error)
+        if trigger.owner is not None and trigger.owner is not worker:
+            trigger.owner.connection.send(dict(message, type=P.TRIGGER_REGISTRATION_RESULT))
+
+    def _handle_registerservice(self, worker, message):
+        name = message["name"] or message["id"]
+        self.services[name] = {"id": message["id"],
+                               "parent_service_id": message["parent_service_id"],
+                               "functions": set()}
+
+    def _handle_ping(self, worker, message):
+        worker.connection.send({"type": P.PONG})
+
+
+def _ignore(worker, message):
+    pass
+
+
+def _answer(result, worker, invocation_id, function_id):
+    message = {
+        "type": P.INVOCATION_RESULT,
+        "invocation_id": invocation_id,
+        "function_id": function_id,
+    }
+    if result is not None:
+        message["result"] = result
+    worker.connection.send(message)
+
+
+def _count_down(result, caller):
+    caller.active_calls -= 1
+    return result
+
+
+def _report_finish(result, finish):
+    if isinstance(result, Failure):
+        error = result.value if isinstance(result.value, InvocationError) else \
+            InvocationError(P.INVOCATION_FAILED, result.getErrorMessage())
+        finish(None, error)
+    else:
+        finish(result, None)
+    return result
+
+
+def _receipt(receipt_id):
+    return {"messageReceiptId": receipt_id}
+
+
+def _as_enqueue_error(failure):
+    if failure.check(InvocationError):
+        return failure
+    return Failure(InvocationError(P.ENQUEUE_ERROR, failure.getErrorMessage()))

@@ -1,0 +1,144 @@
+"""
+Every contract between the engine core, its transports and its modules.
+
+Methods are declared without ``self`` (zope.interface convention; ``verifyObject``
+rejects correct implementations otherwise). Methods that may touch I/O return
+Deferreds, even when an implementation can answer at once.
+"""
+
+from zope.interface import Attribute, Interface
+
+
+class IWorkerConnection(Interface):
+    """
+    One worker's connection, as the engine core sees it.
+
+    Implemented by the Autobahn protocol (L{iii_twisted.worker.WorkerProtocol}) and by
+    L{iii_twisted.testing.FakeWorkerConnection}; the core never touches a socket.
+    """
+
+    peer_address = Attribute("The peer's IP address as a string, or None.")
+
+    def send(message: dict) -> None:
+        """
+        Send one message (a JSON object) to the worker.
+
+        Never raises: a message to a connection that is closing is dropped, because the
+        engine's disconnect cleanup is already on its way.
+        """
+
+    def disconnect(code: int, reason: str) -> None:
+        """Close the connection; the engine's detach runs when it has closed."""
+
+
+class IFunctionHost(Interface):
+    """Something that can run a registered function: a worker, a Python callable, a URL."""
+
+    def invoke(function_id: str, invocation_id: str, data, traceparent, baggage):
+        """
+        Run the function once.
+
+        @return: Deferred firing with the result (any JSON value), or failing with
+            L{iii_twisted.protocol.InvocationError}.
+        """
+
+
+class ITriggerProvider(Interface):
+    """
+    Provides one or more trigger types: a module in-process, or a worker that sent
+    ``registertriggertype`` (wrapped by the engine).
+    """
+
+    def register_trigger(trigger) -> "Deferred":
+        """
+        Start firing C{trigger} (an L{iii_twisted.engine.Trigger}).
+
+        @return: Deferred firing with None once the trigger is live, or failing with
+            L{TriggerError} when its config is refused.
+        """
+
+    def unregister_trigger(trigger) -> "Deferred":
+        """
+        Stop firing C{trigger}.
+
+        @return: Deferred firing with None.
+        """
+
+
+class TriggerError(Exception):
+    """
+    A provider refused a trigger (for example a malformed config).
+
+    @ivar code: an error code for the ErrorBody sent back to the registering worker.
+    """
+
+    def __init__(self, message, code="trigger_registration_failed"):
+        Exception.__init__(self, message)
+        self.code = code
+        self.message = message
+
+
+class IModule(Interface):
+    """
+    An engine module loaded from ``iii-config.yaml`` (``modules: [{class, config}]``).
+
+    A module is also an C{IService}: L{iii_twisted.service.EngineService} adds it as a
+    child, so it starts after the engine exists and stops before it goes. Modules are
+    built by a factory registered in L{iii_twisted.modules.MODULE_CLASSES}:
+    C{factory(engine, config, reactor)}, which validates C{config} and raises
+    L{iii_twisted.config.ConfigError} for a bad value, and registers the module's
+    functions and trigger types on C{engine} synchronously.
+    """
+
+    iii_class = Attribute("The iii class name the module was loaded under.")
+
+
+class IEnqueuer(Interface):
+    """
+    Where ``invokefunction`` with ``action: {"type": "enqueue", "queue": Q}`` goes.
+
+    Provided by the queue module; the engine answers ``enqueue_error`` while none is
+    loaded.
+    """
+
+    def enqueue(queue: str, function_id: str, data, traceparent, baggage) -> "Deferred":
+        """
+        Accept one message for C{function_id} on the named queue.
+
+        @return: Deferred firing with the message receipt id (a string) once the
+            message is accepted (durably, when the queue is persistent), or failing with
+            L{iii_twisted.protocol.InvocationError} (``enqueue_error``) for an unknown
+            queue or an invalid message.
+        """
+
+
+class ITelemetrySink(Interface):
+    """Receives the binary telemetry frames workers send (``OTLP``/``LOGS``/``MTRC``)."""
+
+    def ingest(kind: str, payload: bytes, worker_id) -> None:
+        """
+        Take one frame's body (the OTLP JSON after the 4-byte prefix).
+
+        @param kind: ``"OTLP"`` (traces), ``"LOGS"`` or ``"MTRC"`` (metrics).
+        @param worker_id: the sending worker's id, or None for the ``/otel`` socket.
+        Must not raise: a bad frame is counted and dropped by the sink.
+        """
+
+
+class ICallObserver(Interface):
+    """
+    Sees every call that goes through ``Engine.call`` (observability hooks here).
+
+    Only called when at least one observer is registered, so the hot path pays nothing
+    otherwise.
+    """
+
+    def call_started(call) -> "callable or None":
+        """
+        A call is about to run. C{call} is an L{iii_twisted.engine.CallInfo}; an
+        observer may replace C{call.traceparent}/C{call.baggage} to pass its own trace
+        context on to the target.
+
+        @return: None, or a callable taking (result, error) that the engine calls once
+            when the call ends: C{error} is an InvocationError or None.
+        """

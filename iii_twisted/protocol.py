@@ -1,0 +1,231 @@
+"""
+The iii worker wire format: decoding and encoding of frames, message types, error codes.
+
+Every frame on the worker socket is one JSON object with a lowercase ``type`` key
+(``registerfunction``, ``invokefunction``, ...); see ../shared/spec/engine-core.md §2.
+Workers may also send binary frames: ``OTLP``/``LOGS``/``MTRC`` followed by OTLP JSON
+(telemetry, never routed), or JSON protocol messages.
+
+Decoding is deliberately lenient where real SDKs need it:
+
+- unknown keys are ignored (Node sends ``message_type`` inside trigger messages);
+- a missing optional key reads as ``None``, including ``data`` and ``config``, which
+  the reference requires but Python ``iii-sdk`` 0.10.0 omits when they are None;
+
+and strict where a wrong value would poison the engine: a required key with the wrong
+type makes the whole message a :class:`ProtocolError`.
+"""
+
+import json
+
+# Message types, worker -> engine and engine -> worker.
+REGISTER_FUNCTION = "registerfunction"
+UNREGISTER_FUNCTION = "unregisterfunction"
+REGISTER_TRIGGER_TYPE = "registertriggertype"
+UNREGISTER_TRIGGER_TYPE = "unregistertriggertype"
+REGISTER_TRIGGER = "registertrigger"
+UNREGISTER_TRIGGER = "unregistertrigger"
+TRIGGER_REGISTRATION_RESULT = "triggerregistrationresult"
+INVOKE_FUNCTION = "invokefunction"
+INVOCATION_RESULT = "invocationresult"
+REGISTER_SERVICE = "registerservice"
+WORKER_REGISTERED = "workerregistered"
+PING = "ping"
+PONG = "pong"
+
+# Binary frame prefixes that carry telemetry (OTLP JSON follows the prefix).
+TELEMETRY_PREFIXES = (b"OTLP", b"LOGS", b"MTRC")
+
+# Error codes the engine produces (engine-core.md §4.4), plus our own additions.
+FUNCTION_NOT_FOUND = "function_not_found"
+INVOCATION_STOPPED = "invocation_stopped"
+INVOCATION_TIMEOUT = "invocation_timeout"  # ours: the reference has no engine timeout
+INVOCATION_FAILED = "invocation_failed"
+ENQUEUE_ERROR = "enqueue_error"
+DESERIALIZATION_ERROR = "deserialization_error"
+INVALID_MESSAGE = "invalid_message"  # ours: a malformed invokefunction we can answer
+MESSAGE_TOO_LARGE = "message_too_large"  # ours: a frame over max_message_size
+CHANNEL_SEND_FAILED = "channel_send_failed"
+TRIGGER_REGISTRATION_FAILED = "trigger_registration_failed"
+
+_ANY = object()  # field schema: any JSON value
+_STR = (str,)
+_OPT_STR = (str, type(None))
+_OPT_DICT = (dict, type(None))
+
+# For each message type the engine acts on: {field: (accepted types, required)}.
+# Absent optional fields read as None.
+_SCHEMAS = {
+    REGISTER_FUNCTION: {
+        "id": (_STR, True),
+        "description": (_OPT_STR, False),
+        "request_format": (_ANY, False),
+        "response_format": (_ANY, False),
+        "metadata": (_ANY, False),
+        "invocation": (_OPT_DICT, False),
+    },
+    UNREGISTER_FUNCTION: {"id": (_STR, True)},
+    REGISTER_TRIGGER_TYPE: {
+        "id": (_STR, True),
+        "description": (_OPT_STR, False),
+        "trigger_request_format": (_ANY, False),
+        "call_request_format": (_ANY, False),
+    },
+    UNREGISTER_TRIGGER_TYPE: {"id": (_STR, True)},
+    REGISTER_TRIGGER: {
+        "id": (_STR, True),
+        "trigger_type": (_STR, True),
+        "function_id": (_STR, True),
+        "config": (_ANY, False),
+        "metadata": (_ANY, False),
+    },
+    UNREGISTER_TRIGGER: {"id": (_STR, True), "trigger_type": (_OPT_STR, False)},
+    TRIGGER_REGISTRATION_RESULT: {
+        "id": (_STR, True),
+        "trigger_type": (_OPT_STR, False),
+        "function_id": (_OPT_STR, False),
+        "error": (_OPT_DICT, False),
+    },
+    INVOKE_FUNCTION: {
+        "invocation_id": (_OPT_STR, False),
+        "function_id": (_STR, True),
+        "data": (_ANY, False),
+        "traceparent": (_OPT_STR, False),
+        "baggage": (_OPT_STR, False),
+        "action": (_OPT_DICT, False),
+    },
+    INVOCATION_RESULT: {
+        "invocation_id": (_STR, True),
+        "function_id": (_OPT_STR, False),
+        "result": (_ANY, False),
+        "error": (_OPT_DICT, False),
+        "traceparent": (_OPT_STR, False),
+        "baggage": (_OPT_STR, False),
+    },
+    REGISTER_SERVICE: {
+        "id": (_STR, True),
+        "name": (_OPT_STR, False),
+        "description": (_OPT_STR, False),
+        "parent_service_id": (_OPT_STR, False),
+    },
+    PING: {},
+    PONG: {},
+    WORKER_REGISTERED: {},
+}
+
+MESSAGE_TYPES = frozenset(_SCHEMAS)
+
+
+class ProtocolError(ValueError):
+    """
+    A frame that is not a usable iii message.
+
+    @ivar message: the decoded JSON object when there was one (so a caller can still
+        answer a malformed ``invokefunction`` by its ``invocation_id``), else None.
+    """
+
+    def __init__(self, reason, message=None):
+        ValueError.__init__(self, reason)
+        self.reason = reason
+        self.message = message
+
+
+def decode(payload):
+    """
+    Decode one worker frame's payload into a message dict.
+
+    @param payload: the frame's bytes (text frames are UTF-8).
+    @return: a dict with a known ``type`` whose fields have been checked against the
+        message's schema; optional fields that were absent are present as None.
+    @raise ProtocolError: for invalid UTF-8 or JSON, a JSON value that is not an
+        object, an unknown ``type``, or a field with the wrong type.
+    """
+    try:
+        message = json.loads(payload)
+    except ValueError as e:  # includes UnicodeDecodeError
+        raise ProtocolError("undecodable JSON: {}".format(e))
+    if not isinstance(message, dict):
+        raise ProtocolError("frame is a JSON {}, not an object".format(type(message).__name__))
+    kind = message.get("type")
+    schema = _SCHEMAS.get(kind) if isinstance(kind, str) else None
+    if schema is None:
+        raise ProtocolError("unknown message type {!r}".format(kind), message)
+    for field, (types, required) in schema.items():
+        value = message.get(field)
+        if value is None:
+            if required:
+                raise ProtocolError("{}: missing required field {!r}".format(kind, field), message)
+            message[field] = None
+        elif types is not _ANY and not isinstance(value, types):
+            raise ProtocolError(
+                "{}: field {!r} must be {}, not {}".format(
+                    kind, field, " or ".join(t.__name__ for t in types if t is not type(None)),
+                    type(value).__name__,
+                ),
+                message,
+            )
+    return message
+
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def encode(message):
+    """
+    Encode a message dict as the payload of a text frame.
+
+    @return: UTF-8 bytes of compact JSON.
+    @raise TypeError: if the message holds a value JSON cannot represent.
+    """
+    return _dumps(message).encode("utf-8")
+
+
+def error_body(code, message, stacktrace=None):
+    """
+    @return: an ErrorBody dict ``{"code", "message"}``, with ``stacktrace`` only when
+        given.
+    """
+    body = {"code": code, "message": message}
+    if stacktrace is not None:
+        body["stacktrace"] = stacktrace
+    return body
+
+
+class InvocationError(Exception):
+    """
+    A call that failed with an iii ErrorBody; what ``Engine.call`` Deferreds fail with.
+
+    @ivar code: the error code (``function_not_found``, ``invocation_failed``, ...).
+    @ivar message: human-readable text.
+    @ivar stacktrace: the remote stack trace when a worker sent one, else None.
+    """
+
+    def __init__(self, code, message, stacktrace=None):
+        Exception.__init__(self, "{}: {}".format(code, message))
+        self.code = code
+        self.message = message
+        self.stacktrace = stacktrace
+
+    @classmethod
+    def from_body(cls, body):
+        """
+        @param body: an ErrorBody dict as a worker sent it (keys may be missing).
+        @return: the matching InvocationError.
+        """
+        code = body.get("code")
+        message = body.get("message")
+        stacktrace = body.get("stacktrace")
+        return cls(
+            code if isinstance(code, str) else INVOCATION_FAILED,
+            message if isinstance(message, str) else json.dumps(body),
+            stacktrace if isinstance(stacktrace, str) else None,
+        )
+
+    def to_body(self):
+        """@return: this error as an ErrorBody dict."""
+        return error_body(self.code, self.message, self.stacktrace)
+
+
+def function_not_found(function_id):
+    """@return: the InvocationError for calling an id nobody registered."""
+    return InvocationError(FUNCTION_NOT_FOUND, "Function {} not found".format(function_id))

@@ -1,0 +1,222 @@
+"""
+The worker socket: an Autobahn WebSocket server on the engine port (49134).
+
+Paths (../shared/spec/engine-core.md §1):
+
+- ``/``: a worker. The engine sends ``{"type": "workerregistered", "worker_id"}``
+  first; then every text frame is one JSON message (§2), handled in arrival order.
+  Binary frames starting ``OTLP``/``LOGS``/``MTRC`` are telemetry for the observability
+  sink; other binary frames are JSON messages too.
+- ``/otel``: telemetry only (npm ``iii-sdk`` 0.11.2 sends its OTel frames here). No
+  worker is registered; binary telemetry frames are accepted, anything else dropped.
+- ``/ws/channels/<id>?key=...&dir=read|write``: a data channel end, handed to the
+  channel manager (``factory.channels``) when one is installed, else 404.
+- anything else: refused with 404 before the upgrade.
+
+Bad input never closes the connection: undecodable JSON, a non-object, an unknown type
+or a wrong field type is logged and dropped; a malformed ``invokefunction`` that still
+carries an ``invocation_id`` is answered with an ``invalid_message`` error so its
+caller does not wait for a timeout. A frame over ``max_message_size`` is dropped the
+same way (answered with ``message_too_large`` when it is an ``invokefunction`` whose
+id can be found). Autobahn's own hard limit (4 x ``max_message_size``) bounds the
+memory one frame may take; past it the connection is failed with close code 1009.
+"""
+
+import re
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from . import __version__
+from . import protocol as P
+from .interfaces import IWorkerConnection
+
+WORKER_PATH = "/"
+OTEL_PATH = "/otel"
+CHANNELS_PREFIX = "/ws/channels/"
+
+# How a too-large frame is still answered: its invocation id, if it is near the start.
+_INVOCATION_ID = re.compile(rb'"invocation_id"\s*:\s*"([^"\\]{1,100})"')
+_FUNCTION_ID = re.compile(rb'"function_id"\s*:\s*"([^"\\]{1,1000})"')
+
+
+@implementer(IWorkerConnection)
+class WorkerProtocol(WebSocketServerProtocol):
+    """
+    One connection on the engine port. After the handshake it is a worker (path
+    ``/``), a telemetry socket (``/otel``) or a channel end (handed over entirely to
+    the channel manager's protocol logic).
+    """
+
+    _log = Logger()
+    _worker = None
+    _role = None
+    _channel_end = None
+    peer_address = None
+
+    def onConnect(self, request):
+        try:
+            path = request.path
+            if path == WORKER_PATH:
+                self._role = "worker"
+            elif path == OTEL_PATH:
+                self._role = "otel"
+            elif path.startswith(CHANNELS_PREFIX) and self.factory.channels is not None:
+                # Raises ConnectionDeny (404/400) for an unknown channel or a bad key.
+                self._channel_end = self.factory.channels.accept(
+                    path[len(CHANNELS_PREFIX):], request.params, self)
+                self._role = "channel"
+            else:
+                raise ConnectionDeny(404, "Not Found")
+            self.peer_address = getattr(self.transport.getPeer(), "host", None)
+        except ConnectionDeny:
+            raise
+        except Exception:
+            self._log.failure("error accepting a connection to {path}", path=request.path)
+            raise ConnectionDeny(500, "Internal Server Error")
+        return None
+
+    def onOpen(self):
+        try:
+            if self._role == "worker":
+                self._worker = self.factory.engine.attach(self)
+            elif self._role == "channel":
+                self._channel_end.opened()
+        except Exception:
+            self._log.failure("error opening a {role} connection", role=self._role)
+            self.sendClose(1011)
+
+    def onMessage(self, payload, isBinary):
+        if self._role == "channel":
+            self._channel_end.frame(payload, isBinary)
+            return
+        if isBinary and payload[:4] in P.TELEMETRY_PREFIXES:
+            self.factory.engine.ingest_telemetry(
+                payload[:4].decode("ascii"), payload[4:],
+                self._worker.id if self._worker else None)
+            return
+        worker = self._worker
+        if worker is None:  # the /otel socket: telemetry only
+            self._log.debug("dropped a non-telemetry frame on {path}", path=OTEL_PATH)
+            return
+        if len(payload) > self.factory.max_message_size:
+            self._drop_oversized(payload)
+            return
+        try:
+            message = P.decode(payload)
+        except P.ProtocolError as e:
+            self._drop_invalid(e)
+            return
+        try:
+            self.factory.engine.handle_message(worker, message)
+        except Exception:
+            self._log.failure("error handling a {type} message from worker {worker_id}",
+                              type=message.get("type"), worker_id=worker.id)
+
+    def onClose(self, wasClean, code, reason):
+        try:
+            if self._worker is not None:
+                worker, self._worker = self._worker, None
+                self.factory.engine.detach(worker)
+            elif self._channel_end is not None:
+                self._channel_end.closed()
+        except Exception:
+            self._log.failure("error cleaning up after a {role} connection", role=self._role)
+
+    # -- IWorkerConnection -----------------------------------------------------------
+
+    def send(self, message):
+        if self.state != self.STATE_OPEN:
+            return
+        try:
+            payload = P.encode(message)
+        except (TypeError, ValueError):
+            self._log.failure("dropped an unencodable {type} message", type=message.get("type"))
+            return
+        self.sendMessage(payload, False)
+
+    def disconnect(self, code=1000, reason=None):
+        if self.state == self.STATE_OPEN:
+            self.sendClose(code, reason)
+
+    # -- bad input -------------------------------------------------------------------
+
+    def _drop_invalid(self, error):
+        message = error.message
+        worker_id = self._worker.id
+        self._log.warn("dropped a message from worker {worker_id}: {reason}",
+                       worker_id=worker_id, reason=error.reason)
+        if message is not None and message.get("type") == P.INVOKE_FUNCTION:
+            invocation_id = message.get("invocation_id")
+            if isinstance(invocation_id, str):
+                self._answer_error(invocation_id, message.get("function_id"),
+                                   P.INVALID_MESSAGE, error.reason)
+
+    def _drop_oversized(self, payload):
+        limit = self.factory.max_message_size
+        self._log.warn(
+            "dropped a {size}-byte message from worker {worker_id}: over the "
+            "{limit}-byte max_message_size", size=len(payload), limit=limit,
+            worker_id=self._worker.id)
+        head = payload[:4096]
+        if b'"invokefunction"' in head:
+            invocation_id = _INVOCATION_ID.search(head)
+            if invocation_id:
+                function_id = _FUNCTION_ID.search(head)
+                self._answer_error(
+                    invocation_id.group(1).decode("utf-8", "replace"),
+                    function_id.group(1).decode("utf-8", "replace") if function_id else None,
+                    P.MESSAGE_TOO_LARGE,
+                    "Message of {} bytes is over the engine's max_message_size of {} "
+                    "bytes".format(len(payload), limit),
+                )
+
+    def _answer_error(self, invocation_id, function_id, code, message):
+        self.send({
+            "type": P.INVOCATION_RESULT,
+            "invocation_id": invocation_id,
+            "function_id": function_id if isinstance(function_id, str) else "",
+            "error": P.error_body(code, message),
+        })
+
+
+class WorkerFactory(WebSocketServerFactory):
+    """
+    Builds L{WorkerProtocol}s for one engine, with the Autobahn options set on purpose.
+
+    @ivar engine: the L{iii_twisted.engine.Engine}.
+    @ivar channels: the channel manager (see L{iii_twisted.channels}) or None.
+    @ivar max_message_size: frames larger than this (bytes) are dropped.
+    """
+
+    protocol = WorkerProtocol
+
+    def __init__(self, engine, reactor, max_message_size=16 * 1024 * 1024,
+                 ping_interval=30.0, ping_timeout=30.0, channels=None):
+        """
+        @param ping_interval: seconds between WebSocket pings the engine sends to detect
+            dead peers (0 disables them). The SDKs answer pings automatically.
+        @param ping_timeout: seconds a peer has to answer a ping before it is dropped.
+        """
+        WebSocketServerFactory.__init__(
+            self, url=None, reactor=reactor, server="iii-twisted/{}".format(__version__))
+        self.engine = engine
+        self.channels = channels
+        self.max_message_size = max_message_size
+        self.setProtocolOptions(
+            # Hard bound on one message's memory; the soft limit above drops politely.
+            maxMessagePayloadSize=4 * max_message_size,
+            maxFramePayloadSize=4 * max_message_size,
+            webStatus=False,
+            autoPingInterval=ping_interval,
+            autoPingTimeout=ping_timeout,
+            openHandshakeTimeout=10,
+            closeHandshakeTimeout=5,
+            # json.loads validates UTF-8 itself; don't do it twice per frame.
+            utf8validateIncoming=False,
+            # The Python SDK offers permessage-deflate; compressing every small frame
+            # costs more CPU than it saves on loopback and LAN.
+            perMessageCompressionAccept=lambda offers: None,
+        )
