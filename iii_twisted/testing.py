@@ -1,0 +1,80 @@
+"""
+Test doubles for the engine core, for our tests and for applications that embed the
+engine: a worker connection that records what the engine sends it, and a helper that
+builds an engine on a C{task.Clock}.
+"""
+
+from twisted.internet.task import Clock
+from zope.interface import implementer
+
+from .engine import Engine
+from .interfaces import IWorkerConnection
+from .protocol import decode, encode
+
+
+@implementer(IWorkerConnection)
+class FakeWorkerConnection:
+    """
+    An L{IWorkerConnection} with no socket: it keeps what the engine sends, and feeds
+    the engine messages as if they came off the wire.
+
+    @ivar sent: the messages the engine sent, oldest first (each passed through the
+        JSON encoder and decoder, as on a real socket).
+    @ivar worker: the engine's L{iii_twisted.engine.WorkerRecord} once attached.
+    @ivar closed: the (code, reason) it was disconnected with, or None.
+    """
+
+    def __init__(self, engine, peer_address="127.0.0.1"):
+        self.engine = engine
+        self.peer_address = peer_address
+        self.sent = []
+        self.closed = None
+        self.worker = None
+
+    @classmethod
+    def connect(cls, engine, peer_address="127.0.0.1"):
+        """@return: a connection already attached to C{engine}."""
+        connection = cls(engine, peer_address)
+        connection.worker = engine.attach(connection)
+        return connection
+
+    @property
+    def worker_id(self):
+        return self.worker.id
+
+    def send(self, message):
+        if self.closed is None:
+            self.sent.append(_through_json(message))
+
+    def disconnect(self, code=1000, reason=None):
+        if self.closed is None:
+            self.closed = (code, reason)
+            self.engine.detach(self.worker)
+
+    def receive(self, message):
+        """Feed the engine one message from this worker (validated like a real frame)."""
+        self.engine.handle_message(self.worker, decode(encode(message)))
+
+    def sent_of_type(self, kind):
+        """@return: the sent messages whose type is C{kind}."""
+        return [m for m in self.sent if m.get("type") == kind]
+
+    def pop_sent(self):
+        """@return: the sent messages, and forget them."""
+        sent, self.sent = self.sent, []
+        return sent
+
+
+def _through_json(message):
+    import json
+
+    return json.loads(encode(message))
+
+
+def make_engine(**kwargs):
+    """
+    @return: (engine, clock): an L{Engine} on a fresh C{task.Clock}; C{kwargs} go to
+        the Engine.
+    """
+    clock = Clock()
+    return Engine(clock, **kwargs), clock

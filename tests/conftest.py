@@ -1,0 +1,1 @@
+"""Shared pytest configuration: unit tests need no sockets, interop tests start engines."""
