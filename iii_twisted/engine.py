@@ -16,7 +16,7 @@ import traceback
 from inspect import iscoroutine
 from uuid import uuid4
 
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -197,7 +197,7 @@ class CallableHost:
         return succeed(result)
 
     def _as_invocation_error(self, failure, function_id):
-        if failure.check(InvocationError):
+        if failure.check(InvocationError, CancelledError):
             return failure
         self._log.failure("in-process function {function_id} failed", failure,
                           function_id=function_id)
@@ -778,12 +778,12 @@ class Engine:
         })
 
     def stop(self):
-        """Cancel the core's own timers and fail every pending call (shutdown)."""
+        """Detach every worker (failing their pending calls), then cancel the core's timers."""
+        for worker in list(self.workers.values()):
+            self.detach(worker)
         if self._functions_check is not None:
             self._functions_check.cancel()
             self._functions_check = None
-        for worker in list(self.workers.values()):
-            self.detach(worker)
 
     # -- services (bookkeeping only, as in the reference; engine-core.md §9) ----------
 

@@ -1,0 +1,68 @@
+"""Decoding and encoding of worker frames (iii_twisted.protocol)."""
+
+import pytest
+
+from iii_twisted import protocol as P
+
+
+def test_decode_fills_absent_optional_fields_with_none():
+    """Python iii-sdk omits None-valued keys; they read as null, data included."""
+    message = P.decode(b'{"type":"invokefunction","function_id":"a::b"}')
+    assert message["data"] is None
+    assert message["invocation_id"] is None
+    assert message["action"] is None
+
+
+def test_decode_ignores_unknown_keys():
+    """Node sends message_type inside trigger messages; extra keys are harmless."""
+    message = P.decode(
+        b'{"type":"registertrigger","id":"t","trigger_type":"x","function_id":"f",'
+        b'"config":{},"message_type":"registertrigger"}')
+    assert message["config"] == {}
+    assert message["message_type"] == "registertrigger"
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (b"{nope", "undecodable JSON"),
+    (b"\xff\xfe\x00", "undecodable JSON"),
+    (b"[1, 2]", "not an object"),
+    (b'"text"', "not an object"),
+    (b'{"type":"teleport"}', "unknown message type"),
+    (b'{"no_type":1}', "unknown message type"),
+    (b'{"type":"registerfunction"}', "missing required field 'id'"),
+    (b'{"type":"registerfunction","id":7}', "field 'id' must be str"),
+    (b'{"type":"invokefunction","function_id":"f","action":"void"}', "field 'action'"),
+])
+def test_decode_rejects_bad_frames(payload, reason):
+    """Malformed frames raise ProtocolError with a reason a log line can carry."""
+    with pytest.raises(P.ProtocolError, match=reason):
+        P.decode(payload)
+
+
+def test_protocol_error_keeps_decoded_message():
+    """A malformed invokefunction still exposes its invocation_id so it can be answered."""
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode(b'{"type":"invokefunction","invocation_id":"abc","function_id":5}')
+    assert e.value.message["invocation_id"] == "abc"
+
+
+def test_encode_is_compact_utf8_json():
+    """Frames are compact JSON objects; non-ASCII text stays UTF-8."""
+    assert P.encode({"type": "pong", "x": "é"}) == '{"type":"pong","x":"é"}'.encode("utf-8")
+
+
+def test_payloads_pass_through_unchanged():
+    """Numbers, nesting and nulls survive a decode/encode round trip exactly."""
+    raw = (b'{"type":"invocationresult","invocation_id":"i","function_id":"f",'
+           b'"result":{"n":1,"f":513.4,"big":12345678901234567890,"l":[null,true,{}]}}')
+    message = P.decode(raw)
+    assert P.encode(message["result"]) == b'{"n":1,"f":513.4,"big":12345678901234567890,"l":[null,true,{}]}'
+
+
+def test_invocation_error_from_partial_body():
+    """An error body missing its keys still becomes a usable InvocationError."""
+    error = P.InvocationError.from_body({"message": "boom"})
+    assert error.code == P.INVOCATION_FAILED
+    assert error.to_body() == {"code": "invocation_failed", "message": "boom"}
+    with_trace = P.InvocationError.from_body({"code": "x", "message": "m", "stacktrace": "t"})
+    assert with_trace.to_body() == {"code": "x", "message": "m", "stacktrace": "t"}
