@@ -214,6 +214,9 @@ class WorkerFactory(WebSocketServerFactory):
             autoPingTimeout=ping_timeout,
             openHandshakeTimeout=10,
             closeHandshakeTimeout=5,
+            # Fail a connection with a close frame that says why (1009 for a message
+            # past the hard limit), not by dropping TCP.
+            failByDrop=False,
             # json.loads validates UTF-8 itself; don't do it twice per frame.
             utf8validateIncoming=False,
             # The Python SDK offers permessage-deflate; compressing every small frame

@@ -1,0 +1,213 @@
+"""
+The worker WebSocket (iii_twisted.worker) over in-memory transports: real Autobahn
+server and client protocols joined by twisted.test.iosim, on a MemoryReactorClock.
+"""
+
+import json
+
+import pytest
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock
+from twisted.test import iosim
+
+from iii_twisted.engine import Engine
+from iii_twisted.worker import WorkerFactory
+
+
+class Client(WebSocketClientProtocol):
+    """A test client that records what it receives."""
+
+    def __init__(self):
+        WebSocketClientProtocol.__init__(self)
+        self.received = []
+        self.opened = False
+        self.closed_with = None
+        self.http_status = None
+
+    def onOpen(self):
+        self.opened = True
+
+    def onMessage(self, payload, isBinary):
+        self.received.append(json.loads(payload) if not isBinary else payload)
+
+    def onClose(self, wasClean, code, reason):
+        self.closed_with = code
+
+    def send(self, message):
+        self.sendMessage(json.dumps(message).encode("utf-8"))
+
+    def of_type(self, kind):
+        return [m for m in self.received if isinstance(m, dict) and m.get("type") == kind]
+
+
+class Harness:
+    """An engine and its worker factory, with in-memory clients."""
+
+    def __init__(self, **factory_options):
+        self.reactor = MemoryReactorClock()
+        self.engine = Engine(self.reactor, invocation_timeout=30)
+        factory_options.setdefault("ping_interval", 0)
+        self.factory = WorkerFactory(self.engine, self.reactor, **factory_options)
+        self.pumps = []
+
+    def connect(self, path="/"):
+        server = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 49134))
+        client_factory = WebSocketClientFactory("ws://127.0.0.1:49134" + path, reactor=self.reactor)
+        client_factory.protocol = Client
+        client = client_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 49134))
+        server_transport = iosim.FakeTransport(
+            server, isServer=True, hostAddress=IPv4Address("TCP", "127.0.0.1", 49134),
+            peerAddress=IPv4Address("TCP", "127.0.0.1", 40000 + len(self.pumps)))
+        client_transport = iosim.FakeTransport(client, isServer=False)
+        pump = iosim.connect(server, server_transport, client, client_transport, greet=False)
+        self.pumps.append(pump)
+        self.flush()
+        return client, server
+
+    def flush(self):
+        for _ in range(5):
+            for pump in self.pumps:
+                pump.flush()
+
+
+@pytest.fixture
+def harness():
+    return Harness()
+
+
+def test_worker_gets_its_id_first(harness):
+    """The first frame a worker receives is workerregistered with its id."""
+    client, server = harness.connect()
+    assert client.received[0]["type"] == "workerregistered"
+    assert client.received[0]["worker_id"] in harness.engine.workers
+    assert harness.engine.workers[client.received[0]["worker_id"]].ip_address == "127.0.0.1"
+
+
+def test_unknown_path_is_refused(harness):
+    """Paths other than /, /otel and channel paths get a 404 before the upgrade."""
+    client, server = harness.connect("/nope")
+    assert not client.opened
+    assert harness.engine.workers == {}
+
+
+def test_bad_frames_are_dropped_and_connection_stays(harness):
+    """Malformed JSON, non-objects, unknown types and bad fields don't close the socket."""
+    client, server = harness.connect()
+    for payload in [b"{nope", b"[1,2]", b'"s"', b'{"type":"teleport"}', b'{"type":"registerfunction"}',
+                    b"\xff\xfe", b"   "]:
+        client.sendMessage(payload)
+    client.send({"type": "ping"})
+    harness.flush()
+    assert client.of_type("pong") == [{"type": "pong"}]
+    assert client.closed_with is None
+    assert len(harness.engine.workers) == 1
+
+
+def test_malformed_invoke_with_id_is_answered(harness):
+    """A malformed invokefunction that carries an invocation_id gets an error answer."""
+    client, server = harness.connect()
+    client.send({"type": "invokefunction", "invocation_id": "i-1", "function_id": 42})
+    harness.flush()
+    [answer] = client.of_type("invocationresult")
+    assert answer["invocation_id"] == "i-1"
+    assert answer["error"]["code"] == "invalid_message"
+
+
+def test_oversized_frame_is_dropped_with_an_answer():
+    """A frame over max_message_size is dropped; an invoke in it is answered; others carry on."""
+    harness = Harness(max_message_size=1000)
+    client, server = harness.connect()
+    other, _ = harness.connect()
+    client.send({"type": "invokefunction", "invocation_id": "big-1", "function_id": "x::y",
+                 "data": "z" * 2000})
+    harness.flush()
+    [answer] = client.of_type("invocationresult")
+    assert answer["error"]["code"] == "message_too_large"
+    assert answer["function_id"] == "x::y"
+    client.send({"type": "ping"})
+    other.send({"type": "ping"})
+    harness.flush()
+    assert client.of_type("pong") and other.of_type("pong")
+
+
+def test_frame_past_hard_limit_closes_only_that_connection():
+    """Past 4 x max_message_size Autobahn fails the connection (1009); other workers stay."""
+    harness = Harness(max_message_size=1000)
+    client, server = harness.connect()
+    other, _ = harness.connect()
+    client.sendMessage(b"x" * 5000)
+    harness.flush()
+    assert client.closed_with == 1009
+    assert len(harness.engine.workers) == 1
+    other.send({"type": "ping"})
+    harness.flush()
+    assert other.of_type("pong")
+
+
+def test_telemetry_frames_go_to_the_sink(harness):
+    """OTLP/LOGS/MTRC binary frames reach the sink; the worker connection carries on."""
+    ingested = []
+
+    class Sink:
+        def ingest(self, kind, payload, worker_id):
+            ingested.append((kind, payload, worker_id))
+
+    client, server = harness.connect()
+    worker_id = client.received[0]["worker_id"]
+    client.sendMessage(b'OTLP{"resourceSpans":[]}', isBinary=True)
+    harness.flush()
+    assert ingested == []  # no sink loaded: dropped
+    harness.engine.telemetry_sink = Sink()
+    client.sendMessage(b'LOGS{"resourceLogs":[]}', isBinary=True)
+    client.sendMessage(b'MTRC{}', isBinary=True)
+    client.sendMessage(b'{"type":"ping"}', isBinary=True)  # binary JSON is a message too
+    harness.flush()
+    assert ingested == [("LOGS", b'{"resourceLogs":[]}', worker_id), ("MTRC", b"{}", worker_id)]
+    assert client.of_type("pong")
+
+
+def test_otel_path_takes_telemetry_without_a_worker(harness):
+    """/otel (npm iii-sdk 0.11) accepts telemetry and registers no worker."""
+    ingested = []
+
+    class Sink:
+        def ingest(self, kind, payload, worker_id):
+            ingested.append((kind, worker_id))
+
+    harness.engine.telemetry_sink = Sink()
+    client, server = harness.connect("/otel")
+    assert client.opened and client.received == []
+    client.sendMessage(b"OTLP{}", isBinary=True)
+    client.send({"type": "ping"})
+    harness.flush()
+    assert ingested == [("OTLP", None)]
+    assert harness.engine.workers == {}
+    assert client.received == []
+
+
+def test_disconnect_runs_cleanup(harness):
+    """Closing the socket detaches the worker: its functions go."""
+    client, server = harness.connect()
+    client.send({"type": "registerfunction", "id": "w::fn"})
+    harness.flush()
+    assert "w::fn" in harness.engine.functions
+    client.sendClose(1000)
+    harness.flush()
+    assert "w::fn" not in harness.engine.functions
+    assert harness.engine.workers == {}
+
+
+def test_call_between_two_sockets(harness):
+    """A call crosses from one socket to another and the answer comes back."""
+    host, _ = harness.connect()
+    caller, _ = harness.connect()
+    host.send({"type": "registerfunction", "id": "w::echo"})
+    caller.send({"type": "invokefunction", "invocation_id": "c-1", "function_id": "w::echo",
+                 "data": {"v": 1}})
+    harness.flush()
+    [forwarded] = host.of_type("invokefunction")
+    host.send({"type": "invocationresult", "invocation_id": forwarded["invocation_id"],
+               "function_id": "w::echo", "result": {"v": 2}})
+    harness.flush()
+    assert caller.of_type("invocationresult")[0]["result"] == {"v": 2}
