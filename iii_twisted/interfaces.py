@@ -142,3 +142,98 @@ class ICallObserver(Interface):
         @return: None, or a callable taking (result, error) that the engine calls once
             when the call ends: C{error} is an InvocationError or None.
         """
+
+
+class IKvStore(Interface):
+    """
+    A key-value store of JSON values, in groups: (group, key) -> value.
+
+    Used by the state module (group = scope), the stream module (group = stream and
+    group id) and open to any module that needs small durable records (queues, cron
+    locks). Within a group, keys keep their insertion order (overwriting a key keeps
+    its place). Writes take effect in memory in call order, so a read issued after a
+    write sees it; a write's Deferred fires once the write is durable (for the
+    file-based store: on disk and fsynced).
+
+    Stored values must never be mutated in place by callers: a value passed to
+    C{set} belongs to the store, and a value returned by C{get}/C{list} must be
+    treated as read-only (copy it to change it).
+    """
+
+    def get(group: str, key: str) -> "Deferred":
+        """
+        @return: Deferred firing with the value, or None when there is none.
+        """
+
+    def set(group: str, key: str, value) -> "Deferred":
+        """
+        Store C{value} (any JSON value) under C{key}.
+
+        @return: Deferred firing with C{{"old_value": previous or None, "new_value":
+            value}} once the write is durable; failing with L{KvStoreError} when it
+            cannot be stored (a value that is not JSON, an I/O error).
+        """
+
+    def delete(group: str, key: str) -> "Deferred":
+        """
+        Remove C{key} (a missing key is not an error).
+
+        @return: Deferred firing with C{{"old_value": previous or None}} once the
+            removal is durable; failing with L{KvStoreError}.
+        """
+
+    def update(group: str, key: str, ops: list) -> "Deferred":
+        """
+        Apply update ops (``set``/``merge``/``increment``/``decrement``/``remove`` on
+        top-level fields; see L{iii_twisted.adapters.ops}) atomically. An absent key
+        starts as ``{}`` and is created even when C{ops} is empty.
+
+        @return: Deferred firing with C{{"old_value": previous or None, "new_value":
+            result}} once durable; failing with L{InvalidUpdateOp} (nothing changed)
+            for a malformed op, or L{KvStoreError}.
+        """
+
+    def list(group: str) -> "Deferred":
+        """
+        @return: Deferred firing with the list of the group's values in key insertion
+            order (C{[]} for an unknown group).
+        """
+
+    def items(group: str) -> "Deferred":
+        """
+        @return: Deferred firing with the list of the group's (key, value) pairs in
+            insertion order (C{[]} for an unknown group).
+        """
+
+    def list_groups() -> "Deferred":
+        """
+        @return: Deferred firing with the sorted list of group names that hold at
+            least one key.
+        """
+
+    def close() -> "Deferred":
+        """
+        Finish pending writes and release the store's resources (files, locks).
+        Further writes fail with L{KvStoreError}.
+
+        @return: Deferred firing with None once everything is written.
+        """
+
+
+class KvStoreError(Exception):
+    """A key-value store could not do what was asked (I/O error, unencodable value)."""
+
+
+class InvalidUpdateOp(KvStoreError):
+    """
+    An update op is malformed (unknown type, missing or wrong-typed field).
+
+    @ivar index: the op's position in the list.
+    @ivar op: the offending op as given.
+    """
+
+    def __init__(self, message, index=None, op=None):
+        KvStoreError.__init__(self, message)
+        self.message = message
+        self.index = index
+        self.op = op
