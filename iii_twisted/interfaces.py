@@ -237,3 +237,86 @@ class InvalidUpdateOp(KvStoreError):
         self.message = message
         self.index = index
         self.op = op
+
+
+class IQueueStore(Interface):
+    """
+    Where the queue module keeps its messages: an append-only journal of JSON records
+    (``enqueue``/``ack``/``nack``/``dlq``/``redrive``/``discard`` events) that is
+    replayed on start.
+
+    The module keeps the live state in memory; the store only makes it durable.
+    """
+
+    durable = Attribute("True when appended records survive a restart of the process.")
+
+    def open(snapshot) -> "list":
+        """
+        Open the store and replay it. Called once, at start-up, before any delivery.
+
+        @param snapshot: a callable returning the live state as a list of records (used
+            when the store compacts itself).
+        @return: the records appended so far (oldest first), for the module to replay.
+        @raise OSError: when an existing store cannot be read.
+        """
+
+    def append(records: list) -> "Deferred":
+        """
+        Record events, in order.
+
+        @return: Deferred firing with None once the records are durable (fsync'd for a
+            file store), or failing with OSError when they could not be written.
+        """
+
+    def close() -> "Deferred":
+        """
+        Write what is pending and close.
+
+        @return: Deferred firing with None when done.
+        """
+
+
+class IPubSubAdapter(Interface):
+    """Fan-out of ``publish`` to the functions subscribed to a topic."""
+
+    def subscribe(topic: str, subscription_id: str, function_id: str) -> "Deferred":
+        """
+        Add one subscription.
+
+        @return: Deferred firing with None.
+        """
+
+    def unsubscribe(topic: str, subscription_id: str) -> "Deferred":
+        """
+        Remove that one subscription (the topic's others stay).
+
+        @return: Deferred firing with None.
+        """
+
+    def publish(topic: str, data) -> "Deferred":
+        """
+        Deliver C{data} to every subscription of C{topic}, fire and forget.
+
+        @return: Deferred firing with the number of subscriptions it was sent to.
+        """
+
+
+class ICronLock(Interface):
+    """
+    Makes a cron job fire once per tick, even when several engines share a store.
+    """
+
+    def acquire(job_id: str, tick: int) -> "Deferred":
+        """
+        Claim the run of C{job_id} scheduled at C{tick} (epoch seconds).
+
+        @return: Deferred firing with True for the one claimant of that tick, False
+            for everyone else.
+        """
+
+    def release(job_id: str) -> "Deferred":
+        """
+        Forget the job's claims (the job was unregistered).
+
+        @return: Deferred firing with None.
+        """
