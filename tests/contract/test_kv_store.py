@@ -1,0 +1,171 @@
+"""
+The L{IKvStore} contract, run against every adapter: L{KvStoreContract} is the suite,
+each subclass supplies C{make_store()}.
+"""
+
+from twisted.internet.defer import maybeDeferred
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from iii_twisted.adapters.file import FileKvStore
+from iii_twisted.adapters.memory import MemoryKvStore
+from iii_twisted.interfaces import IKvStore, InvalidUpdateOp, KvStoreError
+
+
+class KvStoreContract:
+    """Mixin for a C{SynchronousTestCase}; subclasses define C{make_store()}."""
+
+    def make_store(self):
+        raise NotImplementedError
+
+    def setUp(self):
+        self.store = self.make_store()
+
+    def tearDown(self):
+        self.successResultOf(self.store.close())
+
+    def ok(self, d):
+        return self.successResultOf(d)
+
+    def test_provides_interface(self):
+        self.assertTrue(verifyObject(IKvStore, self.store))
+
+    def test_get_unknown(self):
+        self.assertIsNone(self.ok(self.store.get("nope", "nothing")))
+
+    def test_set_get(self):
+        self.assertEqual(self.ok(self.store.set("g", "k", {"a": 1})),
+                         {"old_value": None, "new_value": {"a": 1}})
+        self.assertEqual(self.ok(self.store.get("g", "k")), {"a": 1})
+
+    def test_set_overwrite_returns_old(self):
+        self.ok(self.store.set("g", "k", 1))
+        self.assertEqual(self.ok(self.store.set("g", "k", [2])),
+                         {"old_value": 1, "new_value": [2]})
+
+    def test_values_pass_unchanged(self):
+        values = [0, -3, 513.4, "é", True, False, None, [], {}, {"n": {"m": [1, None]}},
+                  2 ** 60]
+        for i, value in enumerate(values):
+            self.ok(self.store.set("types", str(i), value))
+        for i, value in enumerate(values):
+            self.assertEqual(self.ok(self.store.get("types", str(i))), value)
+
+    def test_groups_are_separate(self):
+        self.ok(self.store.set("a", "k", 1))
+        self.ok(self.store.set("b", "k", 2))
+        self.assertEqual(self.ok(self.store.get("a", "k")), 1)
+        self.assertEqual(self.ok(self.store.get("b", "k")), 2)
+
+    def test_delete(self):
+        self.ok(self.store.set("g", "k", "v"))
+        self.assertEqual(self.ok(self.store.delete("g", "k")), {"old_value": "v"})
+        self.assertIsNone(self.ok(self.store.get("g", "k")))
+
+    def test_delete_missing(self):
+        self.assertEqual(self.ok(self.store.delete("g", "missing")), {"old_value": None})
+        self.assertEqual(self.ok(self.store.delete("nogroup", "k")), {"old_value": None})
+
+    def test_list_in_insertion_order(self):
+        for key in ("c", "a", "b"):
+            self.ok(self.store.set("g", key, key.upper()))
+        self.ok(self.store.set("g", "c", "C2"))  # overwriting keeps its place
+        self.assertEqual(self.ok(self.store.list("g")), ["C2", "A", "B"])
+        self.assertEqual(self.ok(self.store.items("g")),
+                         [("c", "C2"), ("a", "A"), ("b", "B")])
+        self.ok(self.store.delete("g", "a"))
+        self.assertEqual(self.ok(self.store.list("g")), ["C2", "B"])
+
+    def test_list_unknown_group(self):
+        self.assertEqual(self.ok(self.store.list("nope")), [])
+        self.assertEqual(self.ok(self.store.items("nope")), [])
+
+    def test_list_groups(self):
+        self.assertEqual(self.ok(self.store.list_groups()), [])
+        self.ok(self.store.set("zeta", "k", 1))
+        self.ok(self.store.set("alpha", "k", 1))
+        self.ok(self.store.set("alpha", "j", 1))
+        self.assertEqual(self.ok(self.store.list_groups()), ["alpha", "zeta"])
+        self.ok(self.store.delete("zeta", "k"))
+        self.assertEqual(self.ok(self.store.list_groups()), ["alpha"])
+
+    def test_update_absent_key_starts_empty(self):
+        self.assertEqual(self.ok(self.store.update("g", "k", [])),
+                         {"old_value": None, "new_value": {}})
+        self.assertEqual(self.ok(self.store.get("g", "k")), {})
+
+    def test_update_ops(self):
+        self.ok(self.store.set("g", "k", {"n": 1, "f": 1.5, "s": "x", "gone": 1}))
+        result = self.ok(self.store.update("g", "k", [
+            {"type": "increment", "path": "n", "by": 4},
+            {"type": "increment", "path": "f", "by": 2},
+            {"type": "decrement", "path": "s", "by": 3},
+            {"type": "decrement", "path": "new", "by": 2},
+            {"type": "remove", "path": "gone"},
+            {"type": "set", "path": "a.b", "value": [1]},
+            {"type": "merge", "value": {"m": True, "n": 10}},
+        ]))
+        expected = {"n": 10, "f": 2, "s": 0, "new": -2, "a.b": [1], "m": True}
+        self.assertEqual(result, {
+            "old_value": {"n": 1, "f": 1.5, "s": "x", "gone": 1}, "new_value": expected})
+        self.assertEqual(self.ok(self.store.get("g", "k")), expected)
+
+    def test_update_does_not_mutate_previous_value(self):
+        self.ok(self.store.set("g", "k", {"n": 1}))
+        before = self.ok(self.store.get("g", "k"))
+        self.ok(self.store.update("g", "k", [{"type": "increment", "path": "n", "by": 1}]))
+        self.assertEqual(before, {"n": 1})
+
+    def test_update_set_whole_value_and_non_object(self):
+        self.ok(self.store.set("g", "k", 5))
+        result = self.ok(self.store.update("g", "k", [
+            {"type": "increment", "path": "n", "by": 1}]))
+        self.assertEqual(result, {"old_value": 5, "new_value": 5})
+        result = self.ok(self.store.update("g", "k", [
+            {"type": "set", "path": "", "value": {"x": 1}},
+            {"type": "set", "path": "y"}]))
+        self.assertEqual(result["new_value"], {"x": 1, "y": None})
+
+    def test_malformed_op_changes_nothing(self):
+        self.ok(self.store.set("g", "k", {"n": 1}))
+        for ops, text in [
+            ([{"type": "increment", "path": "n", "by": 1},
+              {"type": "increment", "path": "n", "by": 1.5}], "ops[1]: increment"),
+            ([{"type": "explode", "path": "n"}], "unknown update op type 'explode'"),
+            ([{"type": "set"}], "ops[0]: set needs a string 'path'"),
+            ([{"type": "decrement", "path": "n", "by": True}], "integer 'by'"),
+            ("nope", "ops must be a list"),
+            ([3], "ops[0]: an update op must be an object"),
+        ]:
+            failure = self.failureResultOf(self.store.update("g", "k", ops), InvalidUpdateOp)
+            self.assertIn(text, str(failure.value))
+        self.assertEqual(self.ok(self.store.get("g", "k")), {"n": 1})
+        self.assertIsNone(self.ok(self.store.get("g", "other")))
+
+    def test_non_json_value_refused(self):
+        self.failureResultOf(self.store.set("g", "k", object()), KvStoreError)
+        self.failureResultOf(self.store.set("g", "k", float("nan")), KvStoreError)
+        self.assertIsNone(self.ok(self.store.get("g", "k")))
+
+    def test_non_string_key_refused(self):
+        self.failureResultOf(self.store.set("g", 3, 1), KvStoreError)
+        self.failureResultOf(self.store.set(None, "k", 1), KvStoreError)
+
+    def test_writes_after_close_fail(self):
+        self.ok(self.store.close())
+        self.failureResultOf(self.store.set("g", "k", 1), KvStoreError)
+
+
+def run_now(f, *args):
+    """Run file I/O synchronously (in the test's thread)."""
+    return maybeDeferred(f, *args)
+
+
+class MemoryKvStoreTests(KvStoreContract, SynchronousTestCase):
+    def make_store(self):
+        return MemoryKvStore()
+
+
+class FileKvStoreTests(KvStoreContract, SynchronousTestCase):
+    def make_store(self):
+        return FileKvStore(self.mktemp(), reactor=None, run_in_thread=run_now)
