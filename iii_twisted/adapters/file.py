@@ -76,7 +76,7 @@ def read_records(data):
         start = offset + _FRAME.size
         if length > end - start:
             break
-        payload = data[start:start + length]
+        payload = bytes(data[start:start + length])
         if zlib.crc32(payload) != crc:
             break
         try:

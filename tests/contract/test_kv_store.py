@@ -3,6 +3,10 @@ The L{IKvStore} contract, run against every adapter: L{KvStoreContract} is the s
 each subclass supplies C{make_store()}.
 """
 
+import os
+import shutil
+import tempfile
+
 from twisted.internet.defer import maybeDeferred
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -11,6 +15,13 @@ from iii_twisted.adapters.file import FileKvStore
 from iii_twisted.adapters.memory import MemoryKvStore
 from iii_twisted.interfaces import IKvStore, InvalidUpdateOp, KvStoreError
 
+
+
+def temp_path(case):
+    """@return: a path (not yet existing) in a temporary directory removed after the test."""
+    parent = tempfile.mkdtemp(prefix="iii-kv-")
+    case.addCleanup(shutil.rmtree, parent, True)
+    return os.path.join(parent, "store")
 
 class KvStoreContract:
     """Mixin for a C{SynchronousTestCase}; subclasses define C{make_store()}."""
@@ -168,4 +179,4 @@ class MemoryKvStoreTests(KvStoreContract, SynchronousTestCase):
 
 class FileKvStoreTests(KvStoreContract, SynchronousTestCase):
     def make_store(self):
-        return FileKvStore(self.mktemp(), reactor=None, run_in_thread=run_now)
+        return FileKvStore(temp_path(self), reactor=None, run_in_thread=run_now)
