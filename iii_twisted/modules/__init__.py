@@ -19,6 +19,11 @@ MODULE_CLASSES = {
     # The reference's mandatory modules: ours are built into the engine core.
     "modules::worker::WorkerModule": "iii_twisted.modules.core:BuiltinModule",
     "modules::telemetry::TelemetryModule": "iii_twisted.modules.core:BuiltinModule",
+    "modules::queue::QueueModule": "iii_twisted.modules.queue:QueueModule",
+    "modules::pubsub::PubSubModule": "iii_twisted.modules.pubsub:PubSubModule",
+    "modules::cron::CronModule": "iii_twisted.modules.cron:CronModule",
+    "modules::state::StateModule": "iii_twisted.modules.state:StateModule",
+    "modules::stream::StreamModule": "iii_twisted.modules.stream:StreamModule",
 }
 
 
