@@ -24,6 +24,9 @@ MODULE_CLASSES = {
     "modules::cron::CronModule": "iii_twisted.modules.cron:CronModule",
     "modules::state::StateModule": "iii_twisted.modules.state:StateModule",
     "modules::stream::StreamModule": "iii_twisted.modules.stream:StreamModule",
+    "modules::observability::OtelModule": "iii_twisted.modules.observability:OtelModule",
+    "modules::observability::ObservabilityModule":
+        "iii_twisted.modules.observability:OtelModule",
 }
 
 
