@@ -1,0 +1,271 @@
+"""
+The engine's own metrics, and their Prometheus text exposition.
+
+- per function: calls, errors, and a latency histogram (fixed buckets, seconds);
+  the table of functions is an LRU bounded by C{max_functions}, so ids that come and
+  go (a test suite registers thousands) cannot grow it without bound;
+- overall: a reservoir of the last C{reservoir} latencies for percentiles;
+- workers: active (read from the engine), spawns and deaths;
+- queues: depths read through an optional hook on the engine's enqueuer: if
+  C{engine.enqueuer} has a C{depths()} method returning ``{queue name: messages
+  waiting}``, each is exposed as ``iii_queue_depth{queue="..."}``;
+- telemetry ingestion: frames and records by kind, frames dropped as invalid.
+"""
+
+from bisect import bisect_left
+from collections import OrderedDict, deque
+
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+
+# Latency buckets in seconds (upper bounds; +Inf is implicit).
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+           5.0, 10.0, 30.0, 60.0)
+
+_log = Logger()
+
+
+class FunctionStats:
+    """Counters and a latency histogram of one function."""
+
+    __slots__ = ("calls", "errors", "total_seconds", "min", "max", "buckets")
+
+    def __init__(self):
+        self.calls = 0
+        self.errors = 0
+        self.total_seconds = 0.0
+        self.min = None
+        self.max = 0.0
+        self.buckets = [0] * (len(BUCKETS) + 1)
+
+    def to_dict(self):
+        return {
+            "calls": self.calls,
+            "errors": self.errors,
+            "avg_duration_ms": (self.total_seconds / self.calls * 1000) if self.calls else 0,
+            "min_duration_ms": (self.min or 0) * 1000,
+            "max_duration_ms": self.max * 1000,
+        }
+
+
+class EngineMetrics:
+    """
+    The engine's call, worker, queue and telemetry metrics.
+
+    @ivar total, errors, deferred: calls finished, failed, and hosted by a worker.
+    @ivar spawns, deaths: workers that connected and left since the module started.
+    """
+
+    def __init__(self, engine, max_functions=1000, reservoir=1000):
+        self._engine = engine
+        self.max_functions = max_functions
+        self.functions = OrderedDict()
+        self.recent = deque(maxlen=reservoir)
+        self.total = 0
+        self.errors = 0
+        self.evicted_functions = 0
+        self.deaths = 0
+        self._workers_at_start = len(engine.workers)
+        self.telemetry_frames = {"OTLP": 0, "LOGS": 0, "MTRC": 0}
+        self.telemetry_records = {"OTLP": 0, "LOGS": 0, "MTRC": 0}
+        self.telemetry_invalid = {"OTLP": 0, "LOGS": 0, "MTRC": 0}
+        self.telemetry_skipped = {"OTLP": 0, "LOGS": 0, "MTRC": 0}
+
+    def record(self, function_id, seconds, error):
+        """Count one finished call (the hot path: kept small)."""
+        functions = self.functions
+        stats = functions.get(function_id)
+        if stats is None:
+            stats = functions[function_id] = FunctionStats()
+            if len(functions) > self.max_functions:
+                functions.popitem(last=False)
+                self.evicted_functions += 1
+        else:
+            functions.move_to_end(function_id)
+        stats.calls += 1
+        self.total += 1
+        if error is not None:
+            stats.errors += 1
+            self.errors += 1
+        stats.total_seconds += seconds
+        if stats.min is None or seconds < stats.min:
+            stats.min = seconds
+        if seconds > stats.max:
+            stats.max = seconds
+        stats.buckets[bisect_left(BUCKETS, seconds)] += 1
+        self.recent.append(seconds)
+
+    def worker_left(self, worker):
+        """A detach hook: count a worker death."""
+        self.deaths += 1
+
+    @property
+    def active_workers(self):
+        return len(self._engine.workers)
+
+    @property
+    def spawns(self):
+        return self.deaths + self.active_workers - self._workers_at_start
+
+    def queue_depths(self):
+        """
+        @return: ``{queue: depth}`` from the enqueuer's optional C{depths()} hook, or
+            an empty dict when there is no queue module or no hook (or it fails).
+        """
+        depths = getattr(self._engine.enqueuer, "depths", None)
+        if depths is None:
+            return {}
+        try:
+            result = depths()
+        except Exception:
+            _log.failure("enqueuer.depths() failed")
+            return {}
+        if not isinstance(result, dict):
+            return {}
+        return {str(name): value for name, value in result.items()
+                if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+    def performance(self):
+        """@return: the ``performance`` part of engine::metrics::list (milliseconds)."""
+        values = sorted(self.recent)
+        if not values:
+            return {key: 0 for key in ("avg_duration_ms", "p50_duration_ms",
+                                       "p95_duration_ms", "p99_duration_ms",
+                                       "min_duration_ms", "max_duration_ms")}
+
+        def pct(p):
+            return values[min(len(values) - 1, int(p * len(values)))] * 1000
+        return {
+            "avg_duration_ms": sum(values) / len(values) * 1000,
+            "p50_duration_ms": pct(0.50),
+            "p95_duration_ms": pct(0.95),
+            "p99_duration_ms": pct(0.99),
+            "min_duration_ms": values[0] * 1000,
+            "max_duration_ms": values[-1] * 1000,
+        }
+
+    def deferred_count(self):
+        """@return: calls of functions hosted by a worker (still registered)."""
+        functions = self._engine.functions
+        return sum(stats.calls for fid, stats in self.functions.items()
+                   if getattr(functions.get(fid), "owner", None) is not None)
+
+    def engine_metrics(self):
+        """@return: the ``engine_metrics`` object of engine::metrics::list."""
+        return {
+            "invocations": {
+                "total": self.total,
+                "success": self.total - self.errors,
+                "error": self.errors,
+                "deferred": self.deferred_count(),
+                "by_function": {fid: stats.to_dict() for fid, stats in self.functions.items()},
+            },
+            "workers": {
+                "spawns": self.spawns,
+                "deaths": self.deaths,
+                "active": self.active_workers,
+            },
+            "performance": self.performance(),
+            "queues": self.queue_depths(),
+            "telemetry": {
+                "frames": dict(self.telemetry_frames),
+                "records": dict(self.telemetry_records),
+                "invalid_frames": dict(self.telemetry_invalid),
+                "skipped_records": dict(self.telemetry_skipped),
+            },
+        }
+
+    def alert_values(self):
+        """@return: the metric names alerts may watch, with their current values."""
+        perf = self.performance()
+        values = {
+            "invocations.total": self.total,
+            "invocations.error": self.errors,
+            "invocations.success": self.total - self.errors,
+            "invocations.error_rate": (self.errors / self.total) if self.total else 0.0,
+            "workers.active": self.active_workers,
+            "workers.deaths": self.deaths,
+            "workers.spawns": self.spawns,
+        }
+        for key, value in perf.items():
+            values["performance." + key] = value
+        for queue, depth in self.queue_depths().items():
+            values["queue.depth." + queue] = depth
+        return values
+
+
+# -- Prometheus text exposition format (version 0.0.4) ----------------------------------
+
+
+def _escape(value):
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value):
+    if value == float("inf"):
+        return "+Inf"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return repr(value)
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def prometheus_text(metrics, namespace="iii"):
+    """@return: the metrics in the Prometheus text exposition format, as bytes."""
+    n = namespace
+    lines = []
+
+    def head(name, kind, text):
+        lines.append("# HELP {}_{} {}".format(n, name, text))
+        lines.append("# TYPE {}_{} {}".format(n, name, kind))
+
+    head("invocations_total", "counter", "Calls routed by the engine, by function and outcome.")
+    for fid, stats in metrics.functions.items():
+        label = _escape(fid)
+        lines.append('{}_invocations_total{{function_id="{}",status="success"}} {}'.format(
+            n, label, stats.calls - stats.errors))
+        lines.append('{}_invocations_total{{function_id="{}",status="error"}} {}'.format(
+            n, label, stats.errors))
+    head("invocation_duration_seconds", "histogram", "Call latency seen by the engine.")
+    for fid, stats in metrics.functions.items():
+        label = _escape(fid)
+        cumulative = 0
+        for bound, count in zip(BUCKETS + (float("inf"),), stats.buckets):
+            cumulative += count
+            lines.append('{}_invocation_duration_seconds_bucket{{function_id="{}",le="{}"}} {}'
+                         .format(n, label, _number(bound), cumulative))
+        lines.append('{}_invocation_duration_seconds_sum{{function_id="{}"}} {}'.format(
+            n, label, repr(stats.total_seconds)))
+        lines.append('{}_invocation_duration_seconds_count{{function_id="{}"}} {}'.format(
+            n, label, stats.calls))
+    head("workers_active", "gauge", "Connected workers.")
+    lines.append("{}_workers_active {}".format(n, metrics.active_workers))
+    head("worker_spawns_total", "counter", "Workers that connected.")
+    lines.append("{}_worker_spawns_total {}".format(n, metrics.spawns))
+    head("worker_deaths_total", "counter", "Workers that disconnected.")
+    lines.append("{}_worker_deaths_total {}".format(n, metrics.deaths))
+    depths = metrics.queue_depths()
+    head("queue_depth", "gauge", "Messages waiting per queue.")
+    for queue, depth in sorted(depths.items()):
+        lines.append('{}_queue_depth{{queue="{}"}} {}'.format(n, _escape(queue), depth))
+    head("telemetry_frames_total", "counter", "Telemetry frames received from workers.")
+    for kind, count in metrics.telemetry_frames.items():
+        lines.append('{}_telemetry_frames_total{{kind="{}"}} {}'.format(n, kind, count))
+    head("telemetry_invalid_frames_total", "counter",
+         "Telemetry frames dropped because they were not valid OTLP JSON.")
+    for kind, count in metrics.telemetry_invalid.items():
+        lines.append('{}_telemetry_invalid_frames_total{{kind="{}"}} {}'.format(n, kind, count))
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+class PrometheusResource(Resource):
+    """A twisted.web resource serving L{prometheus_text} at any path (GET only)."""
+
+    isLeaf = True
+
+    def __init__(self, metrics):
+        Resource.__init__(self)
+        self._metrics = metrics
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+        return prometheus_text(self._metrics)

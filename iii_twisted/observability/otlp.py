@@ -1,0 +1,410 @@
+"""
+Decoding the OTLP JSON that workers send in binary telemetry frames.
+
+- ``OTLP`` + ExportTraceServiceRequest: ``{"resourceSpans": [{"resource":
+  {"attributes": [...]}, "scopeSpans": [{"scope": {...}, "spans": [...]}]}]}``
+- ``LOGS`` + ExportLogsServiceRequest: ``resourceLogs`` / ``scopeLogs`` /
+  ``logRecords``
+- ``MTRC`` + ExportMetricsServiceRequest: ``resourceMetrics`` / ``scopeMetrics`` /
+  ``metrics`` (``gauge``, ``sum``, ``histogram``, ``exponentialHistogram``,
+  ``summary``)
+
+This is the JSON encoding of the OTLP protobufs: trace and span ids are lowercase hex
+(base64, as protobuf's generic JSON mapping writes them, is accepted too), 64-bit
+integers may be strings, enums are numbers (or their names). What the iii SDKs send
+is in ``iii/telemetry_exporters.py`` of the Python SDK.
+
+A frame that is not JSON, not an object or not shaped like its request raises
+L{TelemetryDecodeError}; inside a well-formed frame, an item that is malformed (a span
+without ids, say) is skipped and counted, and the rest is kept.
+"""
+
+import base64
+import binascii
+import json
+
+from .storage import (
+    STATUS_ERROR, STATUS_OK, STATUS_UNSET, Limits, SpanRecord, log_record,
+)
+
+_DEFAULT_LIMITS = Limits()
+
+_STATUS = {0: STATUS_UNSET, 1: STATUS_OK, 2: STATUS_ERROR,
+           "STATUS_CODE_UNSET": STATUS_UNSET, "STATUS_CODE_OK": STATUS_OK,
+           "STATUS_CODE_ERROR": STATUS_ERROR}
+
+_SEVERITY_NAMES = {
+    "SEVERITY_NUMBER_TRACE": 1, "SEVERITY_NUMBER_DEBUG": 5, "SEVERITY_NUMBER_INFO": 9,
+    "SEVERITY_NUMBER_WARN": 13, "SEVERITY_NUMBER_ERROR": 17, "SEVERITY_NUMBER_FATAL": 21,
+}
+
+
+class TelemetryDecodeError(ValueError):
+    """A telemetry frame that is not the OTLP JSON request its prefix announces."""
+
+
+class Decoded:
+    """
+    What one frame held.
+
+    @ivar records: the decoded records (L{SpanRecord}s, StoredLog dicts, or metric
+        dicts).
+    @ivar skipped: how many items inside the frame were malformed and skipped.
+    """
+
+    __slots__ = ("records", "skipped")
+
+    def __init__(self):
+        self.records = []
+        self.skipped = 0
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _load(payload, top_key):
+    try:
+        text = payload.decode("utf-8") if isinstance(payload, (bytes, bytearray)) else payload
+        body = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise TelemetryDecodeError("not UTF-8 JSON: {}".format(e))
+    if not isinstance(body, dict):
+        raise TelemetryDecodeError("the body is not a JSON object")
+    items = body.get(top_key)
+    if items is None:
+        items = []
+    if not isinstance(items, list):
+        raise TelemetryDecodeError("{} is not a list".format(top_key))
+    if not items and top_key not in body:
+        raise TelemetryDecodeError("no {} in the body".format(top_key))
+    return items
+
+
+def _list(mapping, *keys):
+    for key in keys:
+        value = mapping.get(key)
+        if value is not None:
+            if not isinstance(value, list):
+                raise ValueError("{} is not a list".format(key))
+            return value
+    return []
+
+
+def _int(value, default=0):
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        raise ValueError("boolean where an integer was expected")
+    if isinstance(value, (int, float)):
+        return int(value)
+    return int(value, 10)
+
+
+def _hex_id(value, length):
+    """@return: a lowercase hex id of C{length} characters, or None when empty."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError("id is not a string")
+    if len(value) == length:
+        try:
+            int(value, 16)
+            return value.lower()
+        except ValueError:
+            pass
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("id {!r} is neither hex nor base64".format(value[:64]))
+    if len(raw) * 2 != length:
+        raise ValueError("id {!r} has the wrong length".format(value[:64]))
+    return raw.hex()
+
+
+def _cut(text, limits):
+    return text if len(text) <= limits.string else text[:limits.string]
+
+
+def any_value(value, limits=_DEFAULT_LIMITS, depth=0):
+    """@return: the Python value of an OTLP AnyValue JSON object."""
+    if not isinstance(value, dict) or depth > 8:
+        return None
+    if "stringValue" in value:
+        return _cut(str(value["stringValue"]), limits)
+    if "boolValue" in value:
+        return bool(value["boolValue"])
+    if "intValue" in value:
+        return _int(value["intValue"])
+    if "doubleValue" in value:
+        v = value["doubleValue"]
+        return float(v) if isinstance(v, (int, float, str)) else None
+    if "arrayValue" in value:
+        values = (value["arrayValue"] or {}).get("values") or []
+        return [any_value(v, limits, depth + 1) for v in values[:limits.attributes]]
+    if "kvlistValue" in value:
+        return attributes((value["kvlistValue"] or {}).get("values"), limits, depth + 1)
+    if "bytesValue" in value:
+        return _cut(str(value["bytesValue"]), limits)
+    return None
+
+
+def attributes(items, limits=_DEFAULT_LIMITS, depth=0):
+    """@return: a dict of an OTLP KeyValue list (at most C{limits.attributes} keys)."""
+    result = {}
+    if not isinstance(items, list):
+        return result
+    for item in items[:limits.attributes]:
+        if isinstance(item, dict) and isinstance(item.get("key"), str):
+            result[_cut(item["key"], limits)] = any_value(item.get("value"), limits, depth)
+    return result
+
+
+def _as_text(value):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value, separators=(",", ":"))
+
+
+def attribute_pairs(items, limits=_DEFAULT_LIMITS):
+    """@return: ``[[key, value-as-text], ...]``, as StoredSpan attributes are shown."""
+    return [[key, _as_text(value)] for key, value in attributes(items, limits).items()]
+
+
+def _service(resource_attrs):
+    name = resource_attrs.get("service.name")
+    return name if isinstance(name, str) and name else "unknown"
+
+
+def _scope(scope_holder):
+    scope = scope_holder.get("scope") or scope_holder.get("instrumentationLibrary") or {}
+    if not isinstance(scope, dict):
+        return None, None
+    return scope.get("name"), scope.get("version")
+
+
+# -- traces ----------------------------------------------------------------------------
+
+
+def decode_traces(payload, limits=_DEFAULT_LIMITS):
+    """
+    @return: a L{Decoded} of L{SpanRecord}s.
+    @raise TelemetryDecodeError: for a frame that is not an ExportTraceServiceRequest.
+    """
+    decoded = Decoded()
+    for resource_spans in _load(payload, "resourceSpans"):
+        try:
+            resource = attributes((resource_spans.get("resource") or {}).get("attributes"),
+                                  limits)
+            scopes = _list(resource_spans, "scopeSpans", "instrumentationLibrarySpans")
+        except (AttributeError, ValueError, TypeError):
+            decoded.skipped += 1
+            continue
+        service = _service(resource)
+        for scope_spans in scopes:
+            try:
+                scope_name, scope_version = _scope(scope_spans)
+                spans = _list(scope_spans, "spans")
+            except (AttributeError, ValueError, TypeError):
+                decoded.skipped += 1
+                continue
+            for span in spans:
+                try:
+                    decoded.records.append(
+                        _span(span, service, scope_name, scope_version, limits))
+                except (AttributeError, ValueError, TypeError, KeyError):
+                    decoded.skipped += 1
+    return decoded
+
+
+def _span(span, service, scope_name, scope_version, limits):
+    trace_id = _hex_id(span["traceId"], 32)
+    span_id = _hex_id(span["spanId"], 16)
+    if trace_id is None or span_id is None:
+        raise ValueError("span without ids")
+    status = span.get("status") or {}
+    code = status.get("code", 0)
+    events = []
+    for event in _list(span, "events")[:limits.events]:
+        events.append({
+            "name": _cut(str(event.get("name", "")), limits),
+            "timestamp_unix_nano": _int(event.get("timeUnixNano")),
+            "attributes": attribute_pairs(event.get("attributes"), limits),
+        })
+    links = []
+    for link in _list(span, "links")[:limits.events]:
+        links.append({
+            "trace_id": _hex_id(link.get("traceId"), 32),
+            "span_id": _hex_id(link.get("spanId"), 16),
+            "attributes": attribute_pairs(link.get("attributes"), limits),
+        })
+    flags = span.get("flags")
+    return SpanRecord(
+        trace_id, span_id, _hex_id(span.get("parentSpanId"), 16),
+        _cut(str(span.get("name", "")), limits),
+        _int(span.get("startTimeUnixNano")), _int(span.get("endTimeUnixNano")),
+        _STATUS.get(code, STATUS_UNSET), status.get("message") or None,
+        attribute_pairs(span.get("attributes"), limits), service, events, links,
+        scope_name, scope_version, _int(flags) if flags is not None else None,
+        _kind(span.get("kind")),
+    )
+
+
+_KINDS = {"SPAN_KIND_UNSPECIFIED": 0, "SPAN_KIND_INTERNAL": 1, "SPAN_KIND_SERVER": 2,
+          "SPAN_KIND_CLIENT": 3, "SPAN_KIND_PRODUCER": 4, "SPAN_KIND_CONSUMER": 5}
+
+
+def _kind(value):
+    if isinstance(value, str) and value in _KINDS:
+        return _KINDS[value]
+    try:
+        return _int(value)
+    except (ValueError, TypeError):
+        return 0
+
+
+# -- logs ------------------------------------------------------------------------------
+
+
+def decode_logs(payload, observed_ns, limits=_DEFAULT_LIMITS):
+    """
+    @param observed_ns: the arrival time, for records without an observed timestamp.
+    @return: a L{Decoded} of StoredLog dicts.
+    @raise TelemetryDecodeError: for a frame that is not an ExportLogsServiceRequest.
+    """
+    decoded = Decoded()
+    for resource_logs in _load(payload, "resourceLogs"):
+        try:
+            resource = attributes((resource_logs.get("resource") or {}).get("attributes"),
+                                  limits)
+            scopes = _list(resource_logs, "scopeLogs", "instrumentationLibraryLogs")
+        except (AttributeError, ValueError, TypeError):
+            decoded.skipped += 1
+            continue
+        service = _service(resource)
+        for scope_logs in scopes:
+            try:
+                scope_name, scope_version = _scope(scope_logs)
+                records = _list(scope_logs, "logRecords")
+            except (AttributeError, ValueError, TypeError):
+                decoded.skipped += 1
+                continue
+            for record in records:
+                try:
+                    decoded.records.append(_log(record, resource, service, scope_name,
+                                                scope_version, observed_ns, limits))
+                except (AttributeError, ValueError, TypeError, KeyError):
+                    decoded.skipped += 1
+    return decoded
+
+
+def _log(record, resource, service, scope_name, scope_version, observed_ns, limits):
+    if not isinstance(record, dict):
+        raise ValueError("log record is not an object")
+    severity = record.get("severityNumber", 0)
+    if isinstance(severity, str):
+        severity = _SEVERITY_NAMES.get(severity) or _int(severity)
+    timestamp = _int(record.get("timeUnixNano")) or _int(record.get("observedTimeUnixNano"))
+    observed = _int(record.get("observedTimeUnixNano")) or observed_ns
+    body = any_value(record.get("body"), limits)
+    attrs = attributes(record.get("attributes"), limits)
+    log_service = attrs.get("service.name")
+    return log_record(
+        timestamp or observed, observed, int(severity),
+        _cut(str(record.get("severityText") or ""), limits),
+        body, attrs, _hex_id(record.get("traceId"), 32), _hex_id(record.get("spanId"), 16),
+        {k: v for k, v in resource.items()},
+        log_service if isinstance(log_service, str) and log_service else service,
+        scope_name, scope_version,
+    )
+
+
+# -- metrics ---------------------------------------------------------------------------
+
+_METRIC_KINDS = ("gauge", "sum", "histogram", "exponentialHistogram", "summary")
+
+
+def decode_metrics(payload, limits=_DEFAULT_LIMITS):
+    """
+    @return: a L{Decoded} of metric dicts: ``{name, description, unit, metric_type,
+        data_points, service_name, resource, instrumentation_scope_name,
+        timestamp_unix_nano}`` (the newest point's time).
+    @raise TelemetryDecodeError: for a frame that is not an
+        ExportMetricsServiceRequest.
+    """
+    decoded = Decoded()
+    for resource_metrics in _load(payload, "resourceMetrics"):
+        try:
+            resource = attributes(
+                (resource_metrics.get("resource") or {}).get("attributes"), limits)
+            scopes = _list(resource_metrics, "scopeMetrics",
+                           "instrumentationLibraryMetrics")
+        except (AttributeError, ValueError, TypeError):
+            decoded.skipped += 1
+            continue
+        service = _service(resource)
+        for scope_metrics in scopes:
+            try:
+                scope_name, _ = _scope(scope_metrics)
+                metrics = _list(scope_metrics, "metrics")
+            except (AttributeError, ValueError, TypeError):
+                decoded.skipped += 1
+                continue
+            for metric in metrics:
+                try:
+                    decoded.records.append(
+                        _metric(metric, resource, service, scope_name, limits))
+                except (AttributeError, ValueError, TypeError, KeyError):
+                    decoded.skipped += 1
+    return decoded
+
+
+def _metric(metric, resource, service, scope_name, limits):
+    name = metric["name"]
+    if not isinstance(name, str) or not name:
+        raise ValueError("metric without a name")
+    for kind in _METRIC_KINDS:
+        data = metric.get(kind)
+        if data is not None:
+            break
+    else:
+        raise ValueError("metric {} has no data".format(name))
+    points = []
+    newest = 0
+    for point in _list(data, "dataPoints")[:limits.data_points]:
+        p = {
+            "attributes": attributes(point.get("attributes"), limits),
+            "start_time_unix_nano": _int(point.get("startTimeUnixNano")),
+            "timestamp_unix_nano": _int(point.get("timeUnixNano")),
+        }
+        newest = max(newest, p["timestamp_unix_nano"])
+        if "asDouble" in point:
+            p["value"] = float(point["asDouble"])
+        elif "asInt" in point:
+            p["value"] = _int(point["asInt"])
+        if kind in ("histogram", "exponentialHistogram", "summary"):
+            p["count"] = _int(point.get("count"))
+            if point.get("sum") is not None:
+                p["sum"] = float(point["sum"])
+            if kind == "histogram":
+                p["bucket_counts"] = [_int(c) for c in point.get("bucketCounts") or []][:256]
+                p["explicit_bounds"] = [float(b) for b in point.get("explicitBounds") or []][:256]
+            for key in ("min", "max"):
+                if point.get(key) is not None:
+                    p[key] = float(point[key])
+        points.append(p)
+    result = {
+        "name": _cut(name, limits),
+        "description": _cut(str(metric.get("description") or ""), limits),
+        "unit": _cut(str(metric.get("unit") or ""), limits),
+        "metric_type": {"exponentialHistogram": "exponential_histogram"}.get(kind, kind),
+        "data_points": points,
+        "service_name": service,
+        "resource": resource,
+        "instrumentation_scope_name": scope_name,
+        "timestamp_unix_nano": newest,
+    }
+    if kind == "sum":
+        result["is_monotonic"] = bool(data.get("isMonotonic", False))
+    return result
