@@ -14,6 +14,7 @@ from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 
+from .channels import install_channels
 from .config import ConfigError, EngineConfig, from_dict, load_config
 from .engine import Engine
 from .modules import build_module
@@ -55,6 +56,10 @@ class EngineService(MultiService):
         self.config = config
         self.reactor = reactor
         self.engine = Engine(reactor, invocation_timeout=config.invocation_timeout)
+        # Data channels first: modules (the REST API) create channels too, and the
+        # sweep stops after them.
+        self.channels = install_channels(self.engine, reactor)
+        self.channels.setServiceParent(self)
         self.modules = []
         for name, module_config, key in config.modules:
             try:
@@ -70,6 +75,7 @@ class EngineService(MultiService):
             max_message_size=config.max_message_size,
             ping_interval=config.ws_ping_interval,
             ping_timeout=config.ws_ping_timeout,
+            channels=self.channels,
         )
         self._listener = strports.service(config.listen, self.worker_factory, reactor=reactor)
         self._listener.setServiceParent(self)
