@@ -224,7 +224,8 @@ class JournalQueueStore:
         self._flushing = False
         failed = isinstance(result, Failure)
         if failed:
-            self._log.failure("queue journal {path}: write failed", result, path=self.path)
+            self._log.error("queue journal {path}: write failed: {error}", path=self.path,
+                            error=result.getErrorMessage())
         for _, _, d in batch:
             if failed:
                 d.errback(result)

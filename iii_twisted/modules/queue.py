@@ -228,6 +228,7 @@ class QueueModule(Service):
         self.named = _named_queues(config)
         self.store = store if store is not None else _build_store(adapter_config, reactor)
         self.queues = {}
+        self._storing = {}
         for name, settings in self.named.items():
             key = FN_QUEUE_PREFIX + name
             self.queues[key] = _Queue(key, name, settings, topic=False)
@@ -323,14 +324,19 @@ class QueueModule(Service):
                    traceparent, baggage)
 
     def _accept(self, job):
+        # Until its record is durable the job is only here (a compaction's snapshot
+        # must still include it).
+        self._storing[job.id] = job
         d = self.store.append([{"op": "enq", "job": job.record()}])
 
         def stored(_):
+            del self._storing[job.id]
             queue = self._queue(job.queue)
             queue.waiting.append(job)
             self._pump(queue)
 
         def not_stored(failure):
+            del self._storing[job.id]
             self._log.error("queue {queue}: could not store a message: {error}",
                             queue=job.queue, error=failure.getErrorMessage())
             raise InvocationError(P.ENQUEUE_ERROR, "Could not store the message: {}".format(
@@ -536,6 +542,7 @@ class QueueModule(Service):
                 records.append({"op": "enq", "job": job.record()})
                 records.append({"op": "dlq", "id": job.id, "error": error,
                                 "failed_at": failed_at})
+        records += [{"op": "enq", "job": job.record()} for job in self._storing.values()]
         return records
 
     # -- ITriggerProvider: `queue` triggers ------------------------------------------
