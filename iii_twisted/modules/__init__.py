@@ -24,6 +24,10 @@ MODULE_CLASSES = {
     "modules::cron::CronModule": "iii_twisted.modules.cron:CronModule",
     "modules::state::StateModule": "iii_twisted.modules.state:StateModule",
     "modules::stream::StreamModule": "iii_twisted.modules.stream:StreamModule",
+    "modules::api::RestApiModule": "iii_twisted.modules.rest_api:RestApiModule",
+    "modules::rest_api::RestApiModule": "iii_twisted.modules.rest_api:RestApiModule",
+    "modules::http_functions::HttpFunctionsModule":
+        "iii_twisted.modules.http_functions:HttpFunctionsModule",
     "modules::observability::OtelModule": "iii_twisted.modules.observability:OtelModule",
     "modules::observability::ObservabilityModule":
         "iii_twisted.modules.observability:OtelModule",
