@@ -77,12 +77,12 @@ class Channel:
 
     _log = Logger()
 
-    def __init__(self, manager, channel_id, key, capacity, created):
+    def __init__(self, manager, channel_id, key, capacity, created, max_bytes=None):
         self._manager = manager
         self.id = channel_id
         self.key = key
         self.capacity = capacity
-        self.max_bytes = capacity * FRAME_BYTES
+        self.max_bytes = capacity * FRAME_BYTES if max_bytes is None else max_bytes
         self.created = created
         self.writer = None
         self.reader = None
@@ -357,8 +357,11 @@ class ChannelManager(Service):
     def __len__(self):
         return len(self.channels)
 
-    def create(self, buffer_size=DEFAULT_BUFFER_SIZE):
+    def create(self, buffer_size=DEFAULT_BUFFER_SIZE, max_bytes=None):
         """
+        @param buffer_size: frames buffered before the writer is paused.
+        @param max_bytes: bytes buffered before the writer is paused (default
+            C{buffer_size} x 64 KiB).
         @return: a new L{Channel}, both ends free.
         @raise InvocationError: ``channel_limit`` when too many channels are live.
         """
@@ -366,7 +369,7 @@ class ChannelManager(Service):
             raise InvocationError(CHANNEL_LIMIT, "Too many open channels ({})".format(
                 len(self.channels)))
         channel = Channel(self, str(uuid4()), str(uuid4()), buffer_size,
-                          self.clock.seconds())
+                          self.clock.seconds(), max_bytes)
         self.channels[channel.id] = channel
         return channel
 

@@ -1,0 +1,786 @@
+"""
+The REST API module (``modules::api::RestApiModule``; ``modules::rest_api::RestApiModule``
+is accepted too): an HTTP port whose routes are ``http`` triggers.
+
+Spec: ../shared/spec/modules.md §3. A trigger ``{"api_path": "users/:id",
+"http_method": "GET", "condition_function_id"?}`` makes ``GET /users/<id>`` call its
+function with::
+
+    {"query_params", "path_params", "headers", "path" (api_path as registered),
+     "method", "body" (parsed JSON or null), "trigger": {"type": "http", "path", "method"},
+     "request_body": <reader ref>, "response": <writer ref>}
+
+The answer is either the function's result (``status_code`` or ``statusCode``,
+``headers``, ``body`` as JSON) or, when the result is null, what the function streams
+into the ``response`` channel: ``{"type": "set_status", "status_code"}`` and
+``{"type": "set_headers", "headers"}`` text frames, then binary frames that are the body
+bytes, until the writer closes.
+
+Klein serves the port with one catch-all route that consults our own route table
+(Klein cannot remove routes). Errors: no route 404 (empty); route for another method
+405 with ``Allow``; condition false 422; function error 500
+``{"error", "error_id"}`` (the id is in the engine log too); no answer within
+``default_timeout`` 504 (empty); a body over ``body_limit`` 413. A client that goes
+away cancels the call and drops the request's channels.
+
+Deviations from the reference (docs/http.rst lists them): the result's ``headers``
+and ``statusCode`` are honoured; HEAD falls back to a GET route; a JSON request's raw
+bytes are also streamed into ``request_body`` (the reference leaves it open and
+empty); a route unregistered by one trigger leaves another trigger's registration of
+the same route in place; ``body_limit`` exists.
+"""
+
+import json
+import time
+from urllib.parse import parse_qsl
+
+from klein import Klein
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, succeed
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request, Site
+from zope.interface import implementer
+
+from ..channels import FRAME_BYTES, READ, WRITE, install_channels
+from ..config import ConfigError, get_option
+from ..interfaces import IModule, ITriggerProvider, TriggerError
+from ..protocol import InvocationError
+
+HTTP_TRIGGER = "http"
+METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
+CONFIG_KEYS = ("port", "host", "default_timeout", "cors", "concurrency_request_limit",
+               "body_limit", "listen")
+CORS_KEYS = ("allowed_origins", "allowed_methods")
+DEFAULT_BODY_LIMIT = 64 * 1024 * 1024
+CHANNEL_BUFFER = 64  # frames, as the reference's HTTP channels
+CHANNEL_BYTES = 1024 * 1024  # and at most this many bytes buffered per channel
+
+
+class Route:
+    """One registered ``http`` trigger, compiled."""
+
+    __slots__ = ("trigger", "method", "api_path", "segments", "rank")
+
+    def __init__(self, trigger, method, api_path, segments):
+        self.trigger = trigger
+        self.method = method
+        self.api_path = api_path
+        # (name, is_param) per segment; static segments rank before parameters.
+        self.segments = segments
+        self.rank = tuple(1 if is_param else 0 for _, is_param in segments)
+
+    def match(self, parts):
+        """@return: the path params if C{parts} (raw path segments) match, else None."""
+        if len(parts) != len(self.segments):
+            return None
+        params = {}
+        for part, (name, is_param) in zip(parts, self.segments):
+            if is_param:
+                if not part:
+                    return None
+                params[name] = part
+            elif part != name:
+                return None
+        return params
+
+
+def compile_trigger(trigger):
+    """
+    @return: the L{Route} of an ``http`` trigger.
+    @raise TriggerError: for a malformed config, naming what is wrong.
+    """
+    config = trigger.config
+    if not isinstance(config, dict):
+        raise TriggerError("api_path is required for http triggers")
+    api_path = config.get("api_path")
+    if not isinstance(api_path, str):
+        raise TriggerError("api_path is required for http triggers")
+    method = config.get("http_method", "GET")
+    if method is None:
+        method = "GET"
+    if not isinstance(method, str) or method.upper() not in METHODS:
+        raise TriggerError("http_method must be one of {}, not {!r}".format(
+            ", ".join(METHODS), method))
+    condition = config.get("condition_function_id")
+    if condition is not None and not isinstance(condition, str):
+        raise TriggerError("condition_function_id must be a string")
+    if any(c in api_path for c in "?#") or any(ord(c) < 33 for c in api_path):
+        raise TriggerError("api_path {!r} may not hold spaces, control characters, "
+                           "'?' or '#'".format(api_path))
+    segments = []
+    names = set()
+    for part in api_path.lstrip("/").split("/"):
+        if part.startswith(":"):
+            name = part[1:]
+            if not name:
+                raise TriggerError("api_path {!r} has a ':' segment without a name".format(
+                    api_path))
+            if name in names:
+                raise TriggerError("api_path {!r} repeats the parameter {}".format(
+                    api_path, name))
+            names.add(name)
+            segments.append((name, True))
+        else:
+            segments.append((part, False))
+    return Route(trigger, method.upper(), api_path, segments)
+
+
+class RouteTable:
+    """
+    The live routes: (METHOD, path key) -> the triggers registered for it, the last
+    one wins; unregistering one uncovers the previous.
+    """
+
+    def __init__(self):
+        self._by_key = {}
+        self._by_trigger = {}
+
+    def __len__(self):
+        return len(self._by_key)
+
+    def add(self, route):
+        key = (route.method, tuple(route.segments))
+        self.remove(route.trigger)
+        self._by_key.setdefault(key, []).append(route)
+        self._by_trigger[route.trigger.id] = (key, route)
+
+    def remove(self, trigger):
+        found = self._by_trigger.pop(trigger.id, None)
+        if found is None:
+            return
+        key, route = found
+        stack = self._by_key[key]
+        stack.remove(route)
+        if not stack:
+            del self._by_key[key]
+
+    def lookup(self, method, path):
+        """
+        @param path: the raw request path (str, no query).
+        @return: (route, path_params), or (None, allowed methods) when the path has
+            routes for other methods only, or (None, None).
+        """
+        parts = path[1:].split("/") if path.startswith("/") else path.split("/")
+        best = None
+        allowed = set()
+        for (route_method, _), stack in self._by_key.items():
+            route = stack[-1]
+            params = route.match(parts)
+            if params is None:
+                continue
+            if route_method != method:
+                allowed.add(route_method)
+                continue
+            if best is None or route.rank < best[0].rank:
+                best = (route, params)
+        if best is not None:
+            return best
+        if method == "HEAD" and "GET" in allowed:
+            return self.lookup("GET", path)
+        return None, (sorted(allowed) if allowed else None)
+
+
+class LimitedRequest(Request):
+    """
+    A C{Request} that refuses a body over the site's C{body_limit} with 413, before it
+    is buffered (twisted.web keeps bodies over 100 kB in a temporary file).
+    """
+
+    _rejected = False
+    _received = 0
+
+    def _limit(self):
+        return getattr(self.channel.site, "body_limit", None) if self.channel else None
+
+    def gotLength(self, length):
+        limit = self._limit()
+        if limit is not None and length is not None and length > limit:
+            self._reject()
+            return
+        Request.gotLength(self, length)
+
+    def handleContentChunk(self, data):
+        if self._rejected:
+            return
+        self._received += len(data)
+        limit = self._limit()
+        if limit is not None and self._received > limit:
+            self._reject()
+            return
+        Request.handleContentChunk(self, data)
+
+    def requestReceived(self, command, path, version):
+        if self._rejected:
+            return
+        Request.requestReceived(self, command, path, version)
+
+    def _reject(self):
+        self._rejected = True
+        self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" after this
+        body = b'{"error":"Request body too large"}'
+        transport = self.channel.transport
+        transport.write(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode("ascii")
+            + b"\r\nConnection: close\r\n\r\n" + body)
+        transport.loseConnection()
+
+
+class ApiSite(Site):
+    """The REST port's C{Site}: bounded bodies, no tracebacks, an idle timeout."""
+
+    requestFactory = LimitedRequest
+    displayTracebacks = False
+
+    def __init__(self, resource, reactor, body_limit, timeout=60):
+        Site.__init__(self, resource, reactor=reactor, timeout=timeout)
+        self.body_limit = body_limit
+
+    def log(self, request):
+        pass  # one line per request is the access log's job, not the engine log's
+
+
+@implementer(IModule, ITriggerProvider)
+class RestApiModule(MultiService):
+    """
+    The HTTP API: the ``http`` trigger type and its port.
+
+    @ivar routes: the L{RouteTable}.
+    @ivar app: the Klein app (its C{resource()} serves the routes; tests use
+        C{StubTreq(module.resource)}).
+    @ivar resource: the Klein resource.
+    @ivar site: the L{ApiSite} on the port.
+    """
+
+    _log = Logger()
+    iii_class = None
+
+    def __init__(self, engine, config, reactor):
+        """
+        @raise ConfigError: for an unknown key or a bad value, naming the key.
+        """
+        MultiService.__init__(self)
+        config = config or {}
+        for key in config:
+            if key not in CONFIG_KEYS:
+                raise ConfigError("unknown key {} (known: {})".format(
+                    key, ", ".join(CONFIG_KEYS)), key)
+        port = get_option(config, "port", int, 3111)
+        if not 0 <= port <= 65535:
+            raise ConfigError("port must be between 0 and 65535", "port")
+        host = get_option(config, "host", str, "0.0.0.0")
+        timeout_ms = get_option(config, "default_timeout", int, 30000)
+        if timeout_ms <= 0:
+            raise ConfigError("default_timeout must be a positive number of ms",
+                              "default_timeout")
+        limit = get_option(config, "concurrency_request_limit", int, 1024)
+        if limit < 1:
+            raise ConfigError("concurrency_request_limit must be at least 1",
+                              "concurrency_request_limit")
+        body_limit = get_option(config, "body_limit", int, DEFAULT_BODY_LIMIT)
+        if body_limit < 0:
+            raise ConfigError("body_limit must be a number of bytes", "body_limit")
+        listen = get_option(config, "listen", str, None)
+        self.cors = _parse_cors(config.get("cors"))
+        self.engine = engine
+        self.clock = reactor
+        self.timeout = timeout_ms / 1000.0
+        self.listen = listen or "tcp:{}:interface={}".format(
+            port, host.replace(":", "\\:"))
+        self.channels = install_channels(engine)
+        self.routes = RouteTable()
+        self._semaphore = DeferredSemaphore(limit)
+        self._exchanges = set()
+        self.app = Klein()
+        self.app.route("/", branch=True, strict_slashes=False,
+                       merge_slashes=False)(self._handle)
+        self.resource = self.app.resource()
+        self.site = ApiSite(self.resource, reactor, body_limit)
+        engine.register_trigger_type(
+            HTTP_TRIGGER, self,
+            "Calls the function for HTTP requests on api_path/http_method")
+        strports.service(self.listen, self.site, reactor=reactor).setServiceParent(self)
+
+    # -- ITriggerProvider ------------------------------------------------------------
+
+    def register_trigger(self, trigger):
+        route = compile_trigger(trigger)
+        self.routes.add(route)
+        self._log.info("route {method} /{path} -> {function_id}", method=route.method,
+                       path=route.api_path.lstrip("/"), function_id=trigger.function_id)
+        return succeed(None)
+
+    def unregister_trigger(self, trigger):
+        self.routes.remove(trigger)
+        return succeed(None)
+
+    # -- requests --------------------------------------------------------------------
+
+    def _handle(self, request, **kwargs):
+        request.defaultContentType = None
+        method = request.method.decode("ascii", "replace").upper()
+        origin = request.getHeader(b"origin")
+        if origin is not None:
+            if (method == "OPTIONS"
+                    and request.getHeader(b"access-control-request-method") is not None):
+                return self._preflight(request, origin)
+            self._cors_headers(request, origin)
+        path = request.path.decode("utf-8", "replace")
+        route, extra = self.routes.lookup(method, path)
+        if route is None:
+            if extra:
+                request.setHeader(b"allow", ", ".join(extra).encode("ascii"))
+                return _empty(request, 405)
+            return _empty(request, 404)
+        exchange = _Exchange(self, request, route, extra, method)
+        waiting = self._semaphore.acquire()
+        # Klein cancels this Deferred when the client goes away: while waiting for a
+        # slot that drops the wait; while running it cancels the exchange.
+        outer = Deferred(lambda _: exchange.cancel() if exchange.started
+                         else waiting.cancel())
+
+        def run(_):
+            self._exchanges.add(exchange)
+            try:
+                d = exchange.start()
+            except Exception:
+                self._log.failure("error handling HTTP {method} {path}", method=method,
+                                  path=path)
+                exchange.fail_internal()
+                d = succeed(None)
+            d.addBoth(finished)
+
+        def finished(_):
+            self._exchanges.discard(exchange)
+            self._semaphore.release()
+            if not outer.called:
+                outer.callback(None)
+
+        waiting.addCallbacks(run, lambda f: f.trap(CancelledError) and None)
+        return outer
+
+    def _preflight(self, request, origin):
+        allowed = self._allowed_origin(origin)
+        if allowed is not None:
+            request.setHeader(b"access-control-allow-origin", allowed)
+            methods = self.cors["methods"]
+            request.setHeader(b"access-control-allow-methods",
+                              ", ".join(methods).encode() if methods else b"*")
+            asked = request.getHeader(b"access-control-request-headers")
+            request.setHeader(b"access-control-allow-headers", asked or b"*")
+            request.setHeader(b"access-control-max-age", b"86400")
+            if allowed != b"*":
+                request.setHeader(b"vary", b"origin")
+        return _empty(request, 200)
+
+    def _cors_headers(self, request, origin):
+        allowed = self._allowed_origin(origin)
+        if allowed is not None:
+            request.setHeader(b"access-control-allow-origin", allowed)
+            request.setHeader(b"access-control-expose-headers", b"*")
+            if allowed != b"*":
+                request.setHeader(b"vary", b"origin")
+
+    def _allowed_origin(self, origin):
+        origins = self.cors["origins"]
+        if not origins:
+            return b"*"
+        text = origin.decode("latin-1")
+        return origin if text in origins else None
+
+    def stopService(self):
+        for exchange in list(self._exchanges):
+            exchange.cancel()
+        return MultiService.stopService(self)
+
+
+def _parse_cors(cors):
+    if cors is None:
+        return {"origins": None, "methods": None}
+    if not isinstance(cors, dict):
+        raise ConfigError("cors must be a mapping", "cors")
+    for key in cors:
+        if key not in CORS_KEYS:
+            raise ConfigError("unknown key {} (known: {})".format(
+                key, ", ".join(CORS_KEYS)), "cors." + str(key))
+    result = {}
+    for key, name in (("allowed_origins", "origins"), ("allowed_methods", "methods")):
+        values = get_option(cors, key, list, [], "cors.")
+        if not all(isinstance(v, str) for v in values):
+            raise ConfigError("must be a list of strings", "cors." + key)
+        if key == "allowed_origins":
+            result[name] = None if (not values or "*" in values) else set(values)
+        else:
+            result[name] = [v.upper() for v in values] or None
+    return result
+
+
+def _empty(request, code):
+    request.setResponseCode(code)
+    request.setHeader(b"content-length", b"0")
+    return b""
+
+
+def _error_id():
+    return "{:x}".format(time.time_ns() & 0xFFFFFFFFFFFF)
+
+
+def _status_of(value):
+    if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
+        return value
+    return None
+
+
+class _Exchange:
+    """
+    One HTTP request bound to a route: the condition, the call, the two channels and
+    the response, whichever of the result and the response channel comes first.
+    """
+
+    _log = Logger()
+
+    def __init__(self, module, request, route, path_params, method):
+        self.module = module
+        self.engine = module.engine
+        self.request = request
+        self.route = route
+        self.trigger = route.trigger
+        self.path_params = path_params
+        self.method = method
+        self.started = False
+        self.done = False
+        self.streaming = False
+        self.status = 200
+        self.headers = {}
+        self._finished = Deferred()
+        self._timer = None
+        self._call = None
+        self._request_channel = None
+        self._response_channel = None
+        self._pump = None
+
+    def start(self):
+        """
+        @return: a Deferred firing with None when the response is written (or the
+            exchange was cancelled).
+        """
+        self.started = True
+        request = self.request
+        request.notifyFinish().addErrback(lambda _: self.cancel())
+        self._timer = self.module.clock.callLater(self.module.timeout, self._timed_out)
+        payload = self._payload()
+        if isinstance(self.trigger.config, dict) and \
+                self.trigger.config.get("condition_function_id"):
+            d = self.engine.check_condition(self.trigger, dict(payload))
+            self._call = d
+            d.addCallbacks(self._condition_checked, self._failed, callbackArgs=(payload,))
+        else:
+            self._invoke(payload)
+        return self._finished
+
+    def _payload(self):
+        request = self.request
+        uri = request.uri.decode("latin-1")
+        query = uri.partition("?")[2]
+        query_params = dict(parse_qsl(query, keep_blank_values=True))
+        headers = {}
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            try:
+                value = values[-1].decode("utf-8")
+            except UnicodeDecodeError:
+                value = ""
+            headers[name.decode("latin-1").lower()] = value
+        body = None
+        if "application/json" in headers.get("content-type", ""):
+            content = request.content
+            content.seek(0)
+            try:
+                body = json.loads(content.read())
+            except ValueError:
+                body = None
+        return {
+            "query_params": query_params,
+            "path_params": self.path_params,
+            "headers": headers,
+            "path": self.route.api_path,
+            "method": self.method,
+            "body": body,
+            "trigger": {"type": "http", "path": self.route.api_path,
+                        "method": self.route.method},
+        }
+
+    def _condition_checked(self, passed, payload):
+        if self.done:
+            return
+        if not passed:
+            self._respond_json(422, {"error": "Request condition not met",
+                                     "skipped": True})
+            return
+        self._invoke(payload)
+
+    def _invoke(self, payload):
+        manager = self.module.channels
+        try:
+            self._request_channel = manager.create(CHANNEL_BUFFER, CHANNEL_BYTES)
+            self._response_channel = manager.create(CHANNEL_BUFFER, CHANNEL_BYTES)
+        except InvocationError as e:
+            self._failed(Failure(e))
+            return
+        self._response_channel.attach_reader(_ResponseReader(self))
+        self._pump = _BodyPump(self._request_channel, self.request.content)
+        self._request_channel.attach_writer(self._pump)
+        payload["request_body"] = self._request_channel.ref(READ)
+        payload["response"] = self._response_channel.ref(WRITE)
+        self.request.registerProducer(self._response_channel.reader, True)
+        self._call = self.engine.call(self.trigger.function_id, payload)
+        self._call.addCallbacks(self._result, self._failed)
+        if not self.done:
+            self._pump.start()
+
+    # -- outcomes --------------------------------------------------------------------
+
+    def _result(self, result):
+        if self.done or self.streaming:
+            return
+        if result is None:
+            return  # the response channel has the answer
+        if not isinstance(result, dict):
+            self._respond_json(200, {})
+            return
+        status = _status_of(result.get("status_code"))
+        if status is None:
+            status = _status_of(result.get("statusCode")) or 200
+        headers = result.get("headers")
+        body = result.get("body")
+        self._respond_json(status, {} if body is None else body,
+                           headers if isinstance(headers, dict) else None)
+
+    def _failed(self, failure):
+        if self.done:
+            if not failure.check(CancelledError):
+                self._log.info("HTTP {method} {path}: call failed after the response: "
+                               "{error}", method=self.method, path=self.route.api_path,
+                               error=failure.getErrorMessage())
+            return
+        if failure.check(CancelledError):
+            return
+        error_id = _error_id()
+        if failure.check(InvocationError):
+            message = failure.value.message
+            self._log.error(
+                "HTTP {method} /{path}: function {function_id} failed ({code}: "
+                "{message}); error_id={error_id}", method=self.method,
+                path=self.route.api_path.lstrip("/"), function_id=self.trigger.function_id,
+                code=failure.value.code, message=message, error_id=error_id)
+        else:
+            message = "internal server error"
+            self._log.failure("HTTP {method} /{path}: engine error; error_id={error_id}",
+                              failure, method=self.method,
+                              path=self.route.api_path.lstrip("/"), error_id=error_id)
+        if self.streaming:
+            return  # the status is out; the channel's close ends the body
+        self._respond_json(500, {"error": message, "error_id": error_id})
+
+    def _timed_out(self):
+        self._timer = None
+        if self.done or self.streaming:
+            return
+        self._log.warn("HTTP {method} /{path}: no answer from {function_id} within "
+                       "{timeout}s; 504", method=self.method,
+                       path=self.route.api_path.lstrip("/"),
+                       function_id=self.trigger.function_id, timeout=self.module.timeout)
+        self.request.setResponseCode(504)
+        self.request.setHeader(b"content-length", b"0")
+        self._finish()
+
+    def fail_internal(self):
+        """A bug in the engine: answer 500 if nothing was written yet."""
+        if not self.done and not self.streaming:
+            self._respond_json(500, {"error": "internal server error",
+                                     "error_id": _error_id()})
+        else:
+            self.cancel()
+
+    def cancel(self):
+        """The client went away (or the module stops): drop everything, write nothing."""
+        if not self.done:
+            self._cleanup()
+            self._fire()
+
+    # -- the response channel (through _ResponseReader) ------------------------------
+
+    def channel_text(self, payload):
+        if self.done or self.streaming:
+            return  # text after the first binary frame is discarded
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            return
+        if not isinstance(message, dict):
+            return
+        kind = message.get("type")
+        if kind == "set_status":
+            status = _status_of(message.get("status_code"))
+            if status is not None:
+                self.status = status
+        elif kind == "set_headers" and isinstance(message.get("headers"), dict):
+            for name, value in message["headers"].items():
+                if isinstance(value, str):
+                    self.headers[name.lower()] = value
+
+    def channel_binary(self, payload):
+        if self.done:
+            return
+        if not self.streaming:
+            self._commit()
+        self.request.write(payload)
+
+    def channel_end(self):
+        if self.done:
+            return
+        if not self.streaming:
+            self._commit()
+        self._finish()
+
+    def _commit(self):
+        self.streaming = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        request = self.request
+        request.setResponseCode(self.status)
+        _set_headers(request, self.headers)
+
+    # -- endings ---------------------------------------------------------------------
+
+    def _respond_json(self, status, body, headers=None):
+        request = self.request
+        try:
+            data = json.dumps(body, separators=(",", ":")).encode("utf-8")
+        except (TypeError, ValueError):
+            status, data = 500, b'{"error":"response body is not JSON"}'
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        if headers:
+            _set_headers(request, {k.lower(): v for k, v in headers.items()
+                                   if isinstance(v, str) and isinstance(k, str)
+                                   and k.lower() != "content-length"})
+        request.setHeader(b"content-length", str(len(data)).encode("ascii"))
+        request.write(data)
+        self._finish()
+
+    def _finish(self):
+        self._cleanup()
+        request = self.request
+        if not request.finished and not getattr(request, "_disconnected", False):
+            request.finish()
+        self._fire()
+
+    def _cleanup(self):
+        self.done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        call, self._call = self._call, None
+        if call is not None and not call.called:
+            call.cancel()
+        if self._pump is not None:
+            self._pump.abort(1000, None)
+        if self._response_channel is not None:
+            try:
+                self.request.unregisterProducer()
+            except Exception:
+                pass
+        for channel in (self._request_channel, self._response_channel):
+            if channel is not None:
+                channel.abort(1000, "HTTP request finished")
+
+    def _fire(self):
+        if not self._finished.called:
+            self._finished.callback(None)
+
+
+_HOP_BY_HOP = frozenset(["transfer-encoding", "connection", "keep-alive", "upgrade",
+                         "te", "trailer", "proxy-connection"])
+
+
+def _set_headers(request, headers):
+    for name, value in headers.items():
+        if name in _HOP_BY_HOP:
+            continue
+        try:
+            request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
+        except (UnicodeEncodeError, ValueError):
+            request.setHeader(name.encode("utf-8", "replace"),
+                              value.encode("utf-8", "replace"))
+
+
+@implementer(IPushProducer)
+class _ResponseReader:
+    """The engine's reader end of a request's ``response`` channel."""
+
+    def __init__(self, exchange):
+        self.exchange = exchange
+        self.ready = True
+
+    def deliver(self, payload, is_binary):
+        if is_binary:
+            self.exchange.channel_binary(payload)
+        else:
+            self.exchange.channel_text(payload.decode("utf-8", "replace"))
+
+    def finish(self):
+        self.exchange.channel_end()
+
+    def abort(self, code, reason):
+        self.ready = False
+
+    # IPushProducer: the HTTP client's TCP buffer.
+    def pauseProducing(self):
+        self.ready = False
+
+    def resumeProducing(self):
+        self.ready = True
+        channel = self.exchange._response_channel
+        if channel is not None:
+            channel.pump()
+
+    def stopProducing(self):
+        self.ready = False
+
+
+class _BodyPump:
+    """
+    The engine's writer end of a request's ``request_body`` channel: the body
+    (buffered by twisted.web, in a temporary file when large) in binary frames of at
+    most 64 KiB, as fast as the reader drains them.
+    """
+
+    def __init__(self, channel, content):
+        self.channel = channel
+        self.content = content
+        self._paused = True
+        self._done = False
+
+    def start(self):
+        self.content.seek(0)
+        self.resume()
+
+    def pause(self):
+        self._paused = True
+
+    def resume(self):
+        self._paused = False
+        while not self._paused and not self._done:
+            chunk = self.content.read(FRAME_BYTES)
+            if not chunk:
+                self._done = True
+                self.channel.writer_closed()
+                return
+            self.channel.write(chunk, True)
+
+    def abort(self, code, reason):
+        self._done = True
