@@ -528,7 +528,7 @@ class Engine:
     def _invoke(self, function_id, data, caller, traceparent, baggage):
         entry = self.functions.get(function_id)
         if entry is None:
-            return fail(P.function_not_found(function_id))
+            return fail(self._not_found(function_id))
         invocation_id = str(uuid4())
         finish = None
         if self._observers:
@@ -544,6 +544,15 @@ class Engine:
         if finish is not None:
             d.addBoth(_report_finish, finish)
         return d
+
+    def _not_found(self, function_id):
+        # Says why, when the id is an HTTP function whose registration was refused.
+        refusal = self.http_functions.refusal(function_id) \
+            if self.http_functions is not None else None
+        if refusal is None:
+            return P.function_not_found(function_id)
+        return InvocationError(P.FUNCTION_NOT_FOUND, "Function {} not found ({})".format(
+            function_id, refusal))
 
     def _timed_out(self, function_id):
         timeout = self.invocation_timeout
