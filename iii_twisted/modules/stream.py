@@ -725,13 +725,22 @@ class StreamProtocol(WebSocketServerProtocol):
                 self._backlog_bytes = 0
                 self.dropConnection(abort=True)
             return
-        self.sendMessage(payload, False)
+        self._send_frame(payload)
+
+    def _send_frame(self, payload):
+        # Autobahn applies maxMessagePayloadSize to what it sends as well; ours bounds
+        # what clients send us, not the items we push.
+        limit, self.maxMessagePayloadSize = self.maxMessagePayloadSize, 0
+        try:
+            self.sendMessage(payload, False)
+        finally:
+            self.maxMessagePayloadSize = limit
 
     def _flush_backlog(self):
         while self._backlog and not self._gate.paused and self.state == self.STATE_OPEN:
             payload = self._backlog.popleft()
             self._backlog_bytes -= len(payload)
-            self.sendMessage(payload, False)
+            self._send_frame(payload)
 
     def disconnect(self, code=1000, reason=None):
         if self.state == self.STATE_OPEN:

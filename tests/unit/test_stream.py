@@ -332,6 +332,13 @@ class StreamSocketTests(SynchronousTestCase):
         self.assertEqual(len(client.received), 1)
         self.assertIsNone(client.closed_with)
 
+    def test_pushes_may_exceed_the_inbound_limit(self):
+        client = self.h.connect()
+        client.join("sub", "g")
+        self.h.flush()
+        self.h.call("stream::set", dict(ids("g", "big"), data="x" * (200 * 1024)))
+        self.assertEqual(len(client.received[-1]["event"]["data"]), 200 * 1024)
+
     def test_other_paths_are_404(self):
         client = self.h.connect("/stream/s/g")
         self.h.flush()
