@@ -182,7 +182,10 @@ class JournalQueueStore:
     def close(self):
         if self._closing is None:
             self._closing = Deferred()
-            self._maybe_flush()
+            if self._file is None:  # never opened
+                self._closing.callback(None)
+            else:
+                self._maybe_flush()
         result = Deferred()
         self._closing.addBoth(lambda r: (result.callback(None), r)[1])
         return result

@@ -5,10 +5,11 @@ import os
 import pytest
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from iii_twisted.adapters.queue_journal import JournalQueueStore, MemoryQueueStore
 from iii_twisted.config import ConfigError
-from iii_twisted.interfaces import TriggerError
+from iii_twisted.interfaces import IQueueStore, TriggerError
 from iii_twisted.modules.queue import QueueModule
 from iii_twisted.protocol import InvocationError
 from iii_twisted.testing import FakeWorkerConnection, make_engine
@@ -619,6 +620,56 @@ class DurabilityTests(SynchronousTestCase):
 
     def test_memory_store_is_not_durable(self):
         assert MemoryQueueStore().durable is False
+
+    def test_close_waits_for_pending_writes(self):
+        """close() fires only after what was appended is written; later appends fail."""
+        jobs = []
+
+        def manual(f, *args):
+            d = Deferred()
+            jobs.append((f, args, d))
+            return d
+
+        store = JournalQueueStore(self.dir, manual)
+        store.open(list)
+        first = store.append([{"op": "ack", "id": "a"}])
+        second = store.append([{"op": "ack", "id": "b"}])
+        closed = store.close()
+        assert not closed.called
+        while jobs:
+            f, args, d = jobs.pop()
+            d.callback(f(*args))
+        assert first.called and second.called and closed.called
+        self.failureResultOf(store.append([{"op": "ack", "id": "c"}]), OSError)
+        reopened = JournalQueueStore(self.dir, sync_runner)
+        assert reopened.open(list) == [{"op": "ack", "id": "a"}, {"op": "ack", "id": "b"}]
+        self.successResultOf(reopened.close())
+
+    def test_close_of_a_store_never_opened(self):
+        self.successResultOf(JournalQueueStore(self.dir, sync_runner).close())
+
+
+class StoreContract:
+    """What every IQueueStore does; subclasses give make_store()."""
+
+    def test_provides_the_interface(self):
+        verifyObject(IQueueStore, self.make_store())
+
+    def test_append_then_close(self):
+        store = self.make_store()
+        assert store.open(list) == []
+        self.successResultOf(store.append([{"op": "ack", "id": "x"}]))
+        self.successResultOf(store.close())
+
+
+class MemoryStoreContractTests(StoreContract, SynchronousTestCase):
+    def make_store(self):
+        return MemoryQueueStore()
+
+
+class JournalStoreContractTests(StoreContract, SynchronousTestCase):
+    def make_store(self):
+        return JournalQueueStore(self.mktemp(), sync_runner)
 
 
 def _raise(e):
