@@ -36,6 +36,7 @@ Deviations from the reference (docs/queues-pubsub-cron.rst lists them):
 """
 
 import json
+import os
 from collections import deque
 from uuid import uuid4
 
@@ -838,4 +839,14 @@ def _build_store(adapter_config, reactor):
     if adapter_config.get("store_method", "in_memory") != "file_based":
         return MemoryQueueStore()
     directory = adapter_config.get("file_path") or "data/queue_store"
+    # Checked now, so that a bad path is a config error naming the key rather than a
+    # traceback at start-up.
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise ConfigError("cannot create the queue store directory {}: {}".format(
+            directory, e.strerror), "adapter.config.file_path")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError("the queue store directory {} is not writable".format(directory),
+                          "adapter.config.file_path")
     return JournalQueueStore(directory, thread_runner(reactor))

@@ -448,6 +448,15 @@ class ConfigTests(SynchronousTestCase):
         e = self._error({"adapter": {"config": {"store_method": "disk"}}})
         assert e.key == "adapter.config.store_method"
 
+    def test_store_directory_that_cannot_be_made(self):
+        path = self.mktemp()
+        with open(path, "w"):
+            pass  # a file where the directory should be
+        e = self._error({"adapter": {"config": {"store_method": "file_based",
+                                                "file_path": os.path.join(path, "q")}}})
+        assert e.key == "adapter.config.file_path"
+        assert "cannot create" in e.message
+
     def test_unknown_keys_are_ignored(self):
         """Lenient like the reference: unknown keys load (with a warning)."""
         engine, clock = make_engine()
