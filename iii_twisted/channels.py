@@ -25,7 +25,9 @@ drained half of it; a reader whose TCP buffer is full pauses the forwarding (the
 reader end is a streaming producer on its transport). Channels whose ends never both
 came are swept after a TTL (5 min) by a timer on the injected clock; channels whose
 ends have both closed are dropped at once (deviation: the reference keeps them for
-ever). A reader that leaves early drops the channel and closes its writer (1001).
+ever). A reader that leaves early drops the channel and closes its writer (close code 4001; 4002 is an expired
+channel, 4003 engine shutdown, 4004 a channel dropped by its owner, such as the REST
+API when its HTTP request ends).
 
 An end is either a socket (L{SocketEnd}, made by L{ChannelManager.accept}) or an
 in-process object the engine holds (the REST API module reads HTTP responses and
@@ -63,6 +65,14 @@ OPEN = "open"
 DONE = "done"  # closed (writer: end of stream; reader: gone)
 
 CHANNEL_LIMIT = "channel_limit"  # our error code: too many live channels
+
+# Close codes the engine sends on channel sockets. Autobahn lets a server send only
+# 1000 or 3000-4999, so the abnormal ends use the private range.
+CLOSE_NORMAL = 1000  # end of stream
+CLOSE_READER_GONE = 4001  # to a writer whose reader left before the end
+CLOSE_EXPIRED = 4002  # the sweep: the other end never attached
+CLOSE_SHUTDOWN = 4003  # the engine is stopping
+CLOSE_DROPPED = 4004  # the channel was dropped (e.g. its HTTP request ended)
 
 
 class Channel:
@@ -142,7 +152,7 @@ class Channel:
             raise ValueError(WRITE)
         self.writer, self.writer_state = end, OPEN
         if self.reader_state == DONE:  # nobody will ever read what it writes
-            end.abort(1001, "channel reader has gone away")
+            end.abort(CLOSE_READER_GONE, "channel reader has gone away")
 
     def attach_reader(self, end):
         """
@@ -217,7 +227,7 @@ class Channel:
         self._items.clear()
         self._bytes = 0
         if early and self.writer_state == OPEN:
-            self.writer.abort(1001, "channel reader has gone away")
+            self.writer.abort(CLOSE_READER_GONE, "channel reader has gone away")
         self._maybe_drop()
 
     def _maybe_drop(self):
@@ -266,7 +276,7 @@ class SocketEnd:
         self._opened = True
         channel = self.channel
         if channel.dropped:
-            self.abort(1001, "channel is gone")
+            self.abort(CLOSE_DROPPED, "channel is gone")
             return
         if self.direction == WRITE:
             channel.attach_writer(self)
@@ -307,7 +317,7 @@ class SocketEnd:
             protocol.sendMessage(payload, is_binary)
 
     def finish(self):
-        self.abort(1000, None)
+        self.abort(CLOSE_NORMAL, None)
 
     def abort(self, code, reason):
         protocol = self.protocol
@@ -430,7 +440,7 @@ class ChannelManager(Service):
                  and FREE in (c.writer_state, c.reader_state)]
         for channel in stale:
             self._log.info("channel {id} expired: an end never attached", id=channel.id)
-            channel.abort(1001, "channel expired: the other end never attached")
+            channel.abort(CLOSE_EXPIRED, "channel expired: the other end never attached")
         return len(stale)
 
     def _sweep_safely(self):
@@ -451,7 +461,7 @@ class ChannelManager(Service):
             self._sweeper.stop()
         self._sweeper = None
         for channel in list(self.channels.values()):
-            channel.abort(1001, "engine shutting down")
+            channel.abort(CLOSE_SHUTDOWN, "engine shutting down")
 
 
 def _param(params, name):

@@ -44,7 +44,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-from ..channels import FRAME_BYTES, READ, WRITE, install_channels
+from ..channels import CLOSE_DROPPED, FRAME_BYTES, READ, WRITE, install_channels
 from ..config import ConfigError, get_option
 from ..interfaces import IModule, ITriggerProvider, TriggerError
 from ..protocol import InvocationError
@@ -696,7 +696,7 @@ class _Exchange:
                 pass
         for channel in (self._request_channel, self._response_channel):
             if channel is not None:
-                channel.abort(1000, "HTTP request finished")
+                channel.abort(CLOSE_DROPPED, "HTTP request finished")
 
     def _fire(self):
         if not self._finished.called:
