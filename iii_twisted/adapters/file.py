@@ -150,7 +150,9 @@ class FileKvStore(KvStoreBase):
         self._broken = None
         self._closing = None
         self.compactions = 0
-        os.makedirs(self.directory, exist_ok=True)
+        if not os.path.isdir(self.directory):
+            os.makedirs(self.directory)
+            _fsync_directory(os.path.dirname(self.directory))
         self._path = os.path.join(self.directory, LOG_NAME)
         self._lock_fd = self._lock()
         try:
