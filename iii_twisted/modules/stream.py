@@ -662,14 +662,18 @@ class StreamProtocol(WebSocketServerProtocol):
         self._backlog_bytes = 0
         if module.auth_function is None:
             return None
-        peer = self.transport.getPeer()
-        uri = getattr(self, "http_request_uri", "") or ""
-        info = {
-            "headers": dict(request.headers),
-            "path": request.path,
-            "query_params": _query_params(uri.partition("?")[2]),
-            "addr": "{}:{}".format(getattr(peer, "host", ""), getattr(peer, "port", "")),
-        }
+        try:
+            peer = self.transport.getPeer()
+            uri = getattr(self, "http_request_uri", "") or ""
+            info = {
+                "headers": dict(request.headers),
+                "path": request.path,
+                "query_params": _query_params(uri.partition("?")[2]),
+                "addr": "{}:{}".format(getattr(peer, "host", ""), getattr(peer, "port", "")),
+            }
+        except Exception:
+            self._log.failure("error reading a stream client's handshake")
+            raise ConnectionDeny(500, "Internal Server Error")
 
         def accepted(context):
             self._context = context

@@ -168,3 +168,37 @@ def test_file_state_survives_kill_9(start_engine, sdk_worker):
     # And it keeps writing after the restart.
     assert call(reader, "state::set", {"scope": "durable", "key": "counter", "value": 1}) == \
         {"old_value": {"hits": 5}, "new_value": 1}
+
+
+def test_kill_9_during_writes_keeps_every_acknowledged_write(start_engine, sdk_worker):
+    """kill -9 while writes stream in: each acknowledged one is there after a restart."""
+    engine = start_engine(FILE_CONFIG)
+    writers = [sdk_worker(engine.url, "busy-{}".format(i)) for i in range(4)]
+    acked = Waiter()
+    stop = threading.Event()
+
+    def write(worker, n):
+        i = 0
+        while not stop.is_set():
+            key = "k{}-{}".format(n, i)
+            try:
+                worker.trigger({"function_id": "state::set", "timeout_ms": 2000, "payload": {
+                    "scope": "busy", "key": key, "value": {"n": n, "i": i, "pad": "p" * 500}}})
+            except Exception:
+                return  # the engine is gone
+            acked.add(key)
+            i += 1
+    threads = [threading.Thread(target=write, args=(w, n)) for n, w in enumerate(writers)]
+    for t in threads:
+        t.start()
+    acked.wait_for(lambda values: len(values) >= 400, timeout=30)
+    engine.kill()
+    stop.set()
+    for t in threads:
+        t.join(10)
+    survivors = set(acked.values)
+    engine.start()
+    reader = sdk_worker(engine.url, "reader")
+    present = {"k{}-{}".format(v["n"], v["i"])
+               for v in call(reader, "state::list", {"scope": "busy"})}
+    assert len(survivors) >= 400 and survivors <= present
