@@ -199,15 +199,19 @@ class Channel:
         self._pumping = True
         try:
             reader = self.reader
-            while self._items and self.reader_state == OPEN and reader.ready:
-                payload, is_binary = self._items.popleft()
-                self._bytes -= len(payload)
-                reader.deliver(payload, is_binary)
-            if self._writer_paused and self.writer_state == OPEN and (
-                    len(self._items) <= self.capacity // 2
-                    and self._bytes <= self.max_bytes // 2):
-                self._writer_paused = False
-                self.writer.resume()
+            while True:
+                while self._items and self.reader_state == OPEN and reader.ready:
+                    payload, is_binary = self._items.popleft()
+                    self._bytes -= len(payload)
+                    reader.deliver(payload, is_binary)
+                if self._writer_paused and self.writer_state == OPEN and (
+                        len(self._items) <= self.capacity // 2
+                        and self._bytes <= self.max_bytes // 2):
+                    self._writer_paused = False
+                    # An in-process writer may write again right here.
+                    self.writer.resume()
+                    continue
+                break
             if (self.writer_state == DONE and not self._items
                     and self.reader_state == OPEN and not self._eof_sent):
                 self._eof_sent = True
