@@ -564,6 +564,9 @@ class QueueModule(Service):
             return fail(TriggerError(
                 "queue trigger {}: config needs a non-empty string 'topic' (the topic "
                 "the `enqueue` function writes to)".format(trigger.id)))
+        if topic.startswith(FN_QUEUE_PREFIX):
+            return fail(TriggerError("queue trigger {}: topic names may not start with "
+                                     "{}".format(trigger.id, FN_QUEUE_PREFIX)))
         condition = config.get("condition_function_id")
         if condition is not None and not isinstance(condition, str):
             return fail(TriggerError("queue trigger {}: condition_function_id must be a "
@@ -614,6 +617,9 @@ class QueueModule(Service):
             raise InvocationError("topic_not_set", "Topic is not set")
         if not isinstance(topic, str):
             raise _bad_input("enqueue", "topic must be a string")
+        if topic.startswith(FN_QUEUE_PREFIX):
+            raise _bad_input("enqueue", "topic names may not start with {}".format(
+                FN_QUEUE_PREFIX))
         job = self._new_job(topic, None, data.get("data"))
         return self._accept(job).addCallback(lambda _: None)
 

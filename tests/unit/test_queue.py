@@ -374,12 +374,16 @@ class TopicQueueTests(SynchronousTestCase):
         engine, clock, module = make()
         f = self.failureResultOf(engine.call("enqueue", {"data": 1}), InvocationError)
         assert (f.value.code, f.value.message) == ("topic_not_set", "Topic is not set")
+        f = self.failureResultOf(engine.call("enqueue", {"topic": "__fn_queue::orders"}),
+                                 InvocationError)
+        assert f.value.code == "deserialization_error"
 
     def test_bad_trigger_configs_are_refused_and_the_worker_told(self):
         """No topic, a bad type, a bad concurrency: TriggerError; the worker hears of it."""
         engine, clock, module = make()
         for config in [{}, {"topic": ""}, {"topic": "t", "queue_config": {"type": "lifo"}},
-                       {"topic": "t", "queue_config": {"concurrency": 0}}, "t"]:
+                       {"topic": "t", "queue_config": {"concurrency": 0}}, "t",
+                       {"topic": "__fn_queue::orders"}]:
             self.failureResultOf(engine.register_trigger("x", "queue", "c", config),
                                  TriggerError)
         conn = FakeWorkerConnection.connect(engine)
