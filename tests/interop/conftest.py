@@ -56,4 +56,7 @@ def sdk_worker():
 
     yield connect
     for worker in workers:
-        worker.shutdown()
+        # III.shutdown() on a client already shut down waits forever on its stopped
+        # loop (iii-sdk 0.10.0), so skip those a test shut down itself.
+        if worker._thread.is_alive():
+            worker.shutdown()
