@@ -1,0 +1,243 @@
+"""
+The REST API module and HTTP-invoked functions driven by the official Python SDK
+(iii-sdk 0.10.0) over loopback: routes, a multi-MiB streamed upload and download,
+errors, and a function that lives behind a URL.
+"""
+
+import hashlib
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from iii import HttpInvocationConfig, http
+
+from engine_process import Waiter
+
+API_CONFIG = """
+port: {port}
+host: 127.0.0.1
+invocation_timeout_ms: 20000
+modules:
+  - class: modules::api::RestApiModule
+    config:
+      host: 127.0.0.1
+      port: {http}
+      default_timeout: 3000
+      body_limit: 33554432
+  - class: modules::http_functions::HttpFunctionsModule
+    config:
+      security:
+        url_allowlist: [127.0.0.1]
+        require_https: false
+        block_private_ips: false
+"""
+
+
+@pytest.fixture
+def api(start_engine):
+    engine = start_engine(API_CONFIG, http=True)
+    engine.base = "http://127.0.0.1:{}".format(engine.ports["http"])
+    return engine
+
+
+def _request(url, data=None, method=None, headers=None, timeout=20):
+    """@return: (status, headers, body bytes) of one HTTP request."""
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def _wait_for_route(url, timeout=10.0, absent=False):
+    """Wait (bounded) until a route answers something other than 404, or 404."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = _request(url, method="OPTIONS")[0]
+        if (status == 404) == absent:
+            return
+        time.sleep(0.05)  # polling the route table, bounded by the deadline
+    raise AssertionError("route {} never {}".format(url, "went" if absent else "came"))
+
+
+def test_get_route_with_params(api, sdk_worker):
+    """A GET route with a :param answers with the function's status, headers and body."""
+    worker = sdk_worker(api.url, "http-get")
+    worker.register_function({"id": "users.get"}, lambda data: {
+        "status_code": 200, "headers": {"x-user": data["path_params"]["id"]},
+        "body": {"id": data["path_params"]["id"], "q": data["query_params"].get("q")}})
+    worker.register_trigger({"type": "http", "function_id": "users.get",
+                             "config": {"api_path": "users/:id", "http_method": "GET"}})
+    _wait_for_route(api.base + "/users/x")
+    status, headers, body = _request(api.base + "/users/42?q=hi")
+    assert status == 200
+    assert json.loads(body) == {"id": "42", "q": "hi"}
+    assert headers.get("x-user") == "42"
+    assert _request(api.base + "/nope")[0] == 404
+
+
+def test_route_goes_when_the_worker_leaves(api, sdk_worker):
+    """Once the worker that registered a route disconnects, the route is 404."""
+    worker = sdk_worker(api.url, "http-leaver")
+    worker.register_function({"id": "bye"}, lambda data: {"body": "hi"})
+    worker.register_trigger({"type": "http", "function_id": "bye",
+                             "config": {"api_path": "/bye"}})
+    _wait_for_route(api.base + "/bye")
+    worker.shutdown()
+    _wait_for_route(api.base + "/bye", absent=True)
+
+
+def test_multi_mib_upload_streams_through_request_body(api, sdk_worker):
+    """A 6 MiB upload reaches the handler intact through the request_body channel."""
+    worker = sdk_worker(api.url, "http-upload")
+    payload = os.urandom(6 * 1024 * 1024 + 17)
+
+    @http
+    async def upload(request, response):
+        received = await request.request_body.read_all()
+        await response.status(201)
+        await response.headers({"content-type": "application/json"})
+        await response.writer.write(json.dumps({
+            "size": len(received),
+            "sha256": hashlib.sha256(received).hexdigest()}).encode())
+        await response.writer.close_async()
+
+    worker.register_function({"id": "upload"}, upload)
+    worker.register_trigger({"type": "http", "function_id": "upload",
+                             "config": {"api_path": "upload", "http_method": "POST"}})
+    _wait_for_route(api.base + "/upload")
+    status, _, body = _request(api.base + "/upload", data=payload, method="POST",
+                               headers={"Content-Type": "application/octet-stream"})
+    assert status == 201
+    assert json.loads(body) == {"size": len(payload),
+                                "sha256": hashlib.sha256(payload).hexdigest()}
+
+
+def test_multi_mib_download_streams_from_the_response_channel(api, sdk_worker):
+    """A 5 MiB body written to the response channel arrives byte for byte."""
+    worker = sdk_worker(api.url, "http-download")
+    payload = os.urandom(5 * 1024 * 1024 + 3)
+
+    @http
+    async def download(request, response):
+        await response.status(200)
+        await response.headers({"content-type": "application/octet-stream",
+                                "x-size": str(len(payload))})
+        await response.writer.write(payload)
+        await response.writer.close_async()
+
+    worker.register_function({"id": "download"}, download)
+    worker.register_trigger({"type": "http", "function_id": "download",
+                             "config": {"api_path": "download"}})
+    _wait_for_route(api.base + "/download")
+    status, headers, body = _request(api.base + "/download")
+    assert status == 200
+    assert headers.get("Content-Type") == "application/octet-stream"
+    assert headers.get("x-size") == str(len(payload))
+    assert body == payload
+
+
+def test_function_error_is_500_with_error_id_in_the_log(api, sdk_worker):
+    """A handler that raises gives 500 {error, error_id}; the engine log has the id."""
+    worker = sdk_worker(api.url, "http-error")
+
+    def broken(data):
+        raise ValueError("handler exploded")
+
+    worker.register_function({"id": "broken"}, broken)
+    worker.register_trigger({"type": "http", "function_id": "broken",
+                             "config": {"api_path": "broken"}})
+    _wait_for_route(api.base + "/broken")
+    status, _, body = _request(api.base + "/broken")
+    assert status == 500
+    answer = json.loads(body)
+    assert "handler exploded" in answer["error"]
+    deadline = time.monotonic() + 5
+    while answer["error_id"] not in api.log():
+        assert time.monotonic() < deadline, "error id not in the engine log"
+        time.sleep(0.05)  # waiting for the log file to be flushed, bounded
+
+
+def test_no_answer_is_504(api, sdk_worker):
+    """A handler that returns nothing and never writes the response: 504 at the timeout."""
+    worker = sdk_worker(api.url, "http-silent")
+    worker.register_function({"id": "silent"}, lambda data: None)
+    worker.register_trigger({"type": "http", "function_id": "silent",
+                             "config": {"api_path": "silent"}})
+    _wait_for_route(api.base + "/silent")
+    started = time.monotonic()
+    status, _, body = _request(api.base + "/silent")
+    assert status == 504 and body == b""
+    assert 2.5 < time.monotonic() - started < 10
+
+
+class _Hook(BaseHTTPRequestHandler):
+    seen = None
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.server.seen.add({"path": self.path,
+                              "headers": {k.lower(): v for k, v in self.headers.items()},
+                              "body": json.loads(body)})
+        answer = json.dumps({"echo": json.loads(body)["n"] * 2}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(answer)  # no Content-Length: ended by the close
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hook_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    server.seen = Waiter()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_function_is_called_like_any_other(api, sdk_worker, hook_server):
+    """A function behind a URL: called by id, JSON in and out, headers sent."""
+    owner = sdk_worker(api.url, "http-fn-owner")
+    caller = sdk_worker(api.url, "http-fn-caller")
+    url = "http://127.0.0.1:{}/hook".format(hook_server.server_address[1])
+    owner.register_function({"id": "ext::double"}, HttpInvocationConfig(
+        url=url, timeout_ms=5000, headers={"X-Team": "blue"}))
+    deadline = time.monotonic() + 10
+    while "ext::double" not in [f.function_id for f in caller.list_functions()]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)  # polling discovery, bounded
+    result = caller.trigger({"function_id": "ext::double", "payload": {"n": 21}})
+    assert result == {"echo": 42}
+    [seen] = hook_server.seen.wait_for()
+    assert seen["path"] == "/hook"
+    assert seen["body"]["n"] == 21
+    assert seen["headers"]["x-team"] == "blue"
+    assert seen["headers"]["x-iii-function-path"] == "ext::double"
+    assert seen["headers"]["content-type"] == "application/json"
+
+
+def test_refused_http_function_says_why(api, sdk_worker):
+    """A URL outside the allowlist is not registered; a call explains the refusal."""
+    owner = sdk_worker(api.url, "http-fn-refused")
+    owner.register_function({"id": "ext::elsewhere"}, HttpInvocationConfig(
+        url="http://203.0.113.9/hook"))
+    deadline = time.monotonic() + 10
+    while "refused" not in api.log():
+        assert time.monotonic() < deadline, "refusal not logged"
+        time.sleep(0.05)  # waiting for the engine to log it, bounded
+    with pytest.raises(Exception) as e:
+        owner.trigger({"function_id": "ext::elsewhere", "payload": {},
+                       "timeout_ms": 5000})
+    assert "function_not_found" in str(e.value)
+    assert "not in allowlist" in str(e.value)
