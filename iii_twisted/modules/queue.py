@@ -485,6 +485,12 @@ class QueueModule(Service):
 
     def _record(self, record):
         """Journal an event whose loss only means a redelivery (ack, nack, ...)."""
+        if not self.running:
+            # A call that ended after stopService: the store is closed, so the message
+            # will be delivered again after the restart (at-least-once).
+            self._log.info("queue: {op} of {job_id} after shutdown not recorded",
+                           op=record["op"], job_id=record["id"])
+            return
         self.store.append([record]).addErrback(
             lambda f: self._log.error("queue journal write failed: {error}",
                                       error=f.getErrorMessage()))

@@ -527,6 +527,19 @@ class DurabilityTests(SynchronousTestCase):
                                                  {"topic": "zero"}))
         assert [m["id"] for m in dead] == [ids[1]]
 
+    def test_delivery_ending_after_stop_is_delivered_again(self):
+        """A call still running at shutdown is not acknowledged: at-least-once."""
+        engine, clock, module = make(store=self.store())
+        consumer = Consumer(engine, "c", hold=True)
+        self.successResultOf(enqueue(engine, "orders", "c", {"n": 1}))
+        self.successResultOf(module.stopService())
+        consumer.pending[0].callback(None)
+        assert clock.getDelayedCalls() == []
+        engine2, clock2, module2 = make(store=self.store())
+        again = Consumer(engine2, "c")
+        clock2.advance(0.1)
+        assert again.calls == [{"n": 1}]
+
     def test_torn_tail_is_cut(self):
         """A half-written last record is cut off; the records before it are kept."""
         engine, clock, module = make(store=self.store())
