@@ -1,0 +1,47 @@
+"""
+The twistd plugin is found after a plain ``pip install .`` outside the source tree
+(STYLE.md §C): the wheel must carry ``twisted/plugins/iii_plugin.py`` and no
+``twisted/plugins/__init__.py``.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def test_wheel_ships_the_dropin_and_twistd_finds_it(tmp_path):
+    """Build a wheel, install it alone into a fresh target, and ask twistd from elsewhere."""
+    # Build from a clean copy: a stale build/ directory can smuggle the dropin in.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        "build", "dist", "*.egg-info", ".git", "__pycache__", "dropin.cache", ".venv*", "data"))
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels),
+                    str(source)], check=True, cwd=str(tmp_path), capture_output=True)
+    [wheel] = list(wheels.iterdir())
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "twisted/plugins/iii_plugin.py" in names
+    assert "twisted/plugins/__init__.py" not in names
+    assert "twisted/__init__.py" not in names
+    assert not any(name.endswith("dropin.cache") for name in names)
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                    str(target), str(wheel)], check=True, capture_output=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # Only the installed copy is importable: the source tree is not on the path.
+    env = dict(os.environ, PYTHONPATH=str(target))
+    code = ("import sys; sys.path = [p for p in sys.path if not p.startswith(%r)]; "
+            "from twisted.plugin import getPlugins; from twisted.application.service import "
+            "IServiceMaker; import iii_twisted; "
+            "print(iii_twisted.__file__); print([p.tapname for p in getPlugins(IServiceMaker)])"
+            % ROOT)
+    result = subprocess.run([sys.executable, "-c", code], cwd=str(elsewhere), env=env,
+                            capture_output=True, text=True, check=True)
+    module_file, tapnames = result.stdout.splitlines()[-2:]
+    assert module_file.startswith(str(target))
+    assert "'iii'" in tapnames
