@@ -280,10 +280,10 @@ class QueueModule(Service):
             if queue.poll is not None:
                 queue.poll.cancel()
                 queue.poll = None
-            for job_id, (job, call) in list(queue.delayed.items()):
+            # Messages in backoff go back to the head of their queue (they are in the
+            # journal too): nothing accepted is dropped from memory on stop.
+            for job, call in reversed(list(queue.delayed.values())):
                 call.cancel()
-            # Keep them for a later start in this process (tests, embedding apps).
-            for job_id, (job, call) in reversed(list(queue.delayed.items())):
                 queue.waiting.appendleft(job)
                 queue.busy_groups.discard(job.group)
             queue.delayed.clear()
