@@ -90,13 +90,15 @@ class WSClient(asyncio.Protocol):
     answered, close handshake. C{on_message(payload_bytes)} gets each message.
     """
 
-    def __init__(self, host, port, path, on_message):
+    def __init__(self, host, port, path, on_message, protocol=None):
         loop = asyncio.get_running_loop()
         self.request = (
             "GET {} HTTP/1.1\r\nHost: {}:{}\r\nUpgrade: websocket\r\n"
-            "Connection: Upgrade\r\nSec-WebSocket-Key: {}\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: {}\r\n{}"
             "Sec-WebSocket-Version: 13\r\n\r\n".format(
-                path, host, port, base64.b64encode(os.urandom(16)).decode())).encode()
+                path, host, port, base64.b64encode(os.urandom(16)).decode(),
+                "Sec-WebSocket-Protocol: {}\r\n".format(protocol) if protocol else "",
+            )).encode()
         self.on_message = on_message
         self.buf = bytearray()
         self.handshaken = False
@@ -106,10 +108,10 @@ class WSClient(asyncio.Protocol):
         self.transport = None
 
     @classmethod
-    async def connect(cls, port, path, on_message, host="127.0.0.1"):
+    async def connect(cls, port, path, on_message, host="127.0.0.1", protocol=None):
         loop = asyncio.get_running_loop()
         _, proto = await loop.create_connection(
-            lambda: cls(host, port, path, on_message), host, port)
+            lambda: cls(host, port, path, on_message, protocol), host, port)
         await asyncio.wait_for(proto.opened, 10)
         return proto
 
@@ -379,6 +381,109 @@ async def measure(cmd, window):
     return window.end()
 
 
+# -- Crossbar: a lean WAMP client (same framing code as the iii client) ----------
+
+# WAMP message codes (WAMP v2 basic profile).
+HELLO, WELCOME, ABORT, GOODBYE = 1, 2, 3, 6
+ERROR, CALL, RESULT, REGISTER, REGISTERED, INVOCATION, YIELD = 8, 48, 50, 64, 65, 68, 70
+
+
+class LeanWamp:
+    """
+    A lean WAMP session over L{WSClient} (``wamp.2.json``): HELLO/WELCOME, REGISTER,
+    INVOCATION answered with YIELD of the call's arguments, and a closed-loop caller.
+    """
+
+    def __init__(self, window=None):
+        self.window = window
+        self.ws = None
+        self.pending = {}  # request id -> future (join, register)
+        self.joined = None
+        # caller state
+        self.procedures = None
+        self.index = 0
+        self.calls = 0
+        self.sent_at = 0
+        self.args_json = None
+
+    async def start(self, port, realm="realm1"):
+        loop = asyncio.get_running_loop()
+        self.joined = loop.create_future()
+        self.ws = await WSClient.connect(port, "/", self.on_message, protocol="wamp.2.json")
+        self.ws.send(dumps([HELLO, realm, {"roles": {"caller": {}, "callee": {}}}]))
+        await asyncio.wait_for(self.joined, 10)
+        return self
+
+    async def register(self, procedure):
+        request = next(_ids)
+        future = self.pending[request] = asyncio.get_running_loop().create_future()
+        self.ws.send(dumps([REGISTER, request, {}, procedure]))
+        await asyncio.wait_for(future, 10)
+
+    def on_message(self, payload):
+        message = json.loads(payload)
+        code = message[0]
+        if code == INVOCATION:
+            self.ws.send(dumps([YIELD, message[1], {}, message[4] if len(message) > 4 else []]))
+        elif code == RESULT:
+            self.calls += 1
+            self.window.done(self.sent_at)
+            self._next()
+        elif code == ERROR and message[1] == CALL:
+            self.calls += 1
+            self.window.done(self.sent_at, True)
+            self._next()
+        elif code == WELCOME:
+            self.joined.set_result(message[1])
+        elif code == REGISTERED or code == ERROR:
+            future = self.pending.pop(message[1] if code == REGISTERED else message[2], None)
+            if future is not None:
+                if code == REGISTERED:
+                    future.set_result(message[2])
+                else:
+                    future.set_exception(RuntimeError(str(message)))
+        elif code in (ABORT, GOODBYE):
+            if not self.joined.done():
+                self.joined.set_exception(RuntimeError(str(message)))
+
+    def go(self, index, procedures, data):
+        self.index, self.procedures = index, [p.encode() for p in procedures]
+        self.args_json = dumps([data])
+        self.window.in_flight += 1
+        self._send()
+
+    def _next(self):
+        if self.window.stopping:
+            self.window.in_flight -= 1
+        else:
+            self._send()
+
+    def _send(self):
+        procedure = self.procedures[(self.index + self.calls) % len(self.procedures)]
+        frame = b"".join((b"[48,", str(next(_ids)).encode(), b',{},"', procedure, b'",',
+                          self.args_json, b"]"))
+        self.sent_at = perf_counter_ns()
+        self.ws.send(frame)
+
+
+async def run_crossbar_lean_calls(cmd, window):
+    port = cmd["port"]
+    tag = "bench{}".format(next(_ids))
+    procedures = ["{}.echo.{}".format(tag, k) for k in range(cmd["workers"])]
+    workers = await asyncio.gather(*[LeanWamp().start(port) for _ in procedures])
+    await asyncio.gather(*[w.register(p) for w, p in zip(workers, procedures)])
+    callers = await asyncio.gather(*[LeanWamp(window).start(port)
+                                     for _ in range(cmd["callers"])])
+    data = payload_data(cmd["payload"])
+    try:
+        for i, c in enumerate(callers):
+            c.go(i, procedures, data)
+        return await measure(cmd, window)
+    finally:
+        await window.drain()
+        await asyncio.gather(*[x.ws.close() for x in callers + workers])
+
+
 # -- Crossbar: Autobahn WAMP ------------------------------------------------------
 
 async def wamp_session(port, realm="realm1"):
@@ -519,8 +624,9 @@ class HTTPClient(asyncio.Protocol):
                 total = body_start + length
                 if len(buf) < total:
                     return
+            error = status != b"200" or b'"error":' in buf[body_start:body_start + 32]
             del buf[:total]
-            self.window.done(self.sent_at, status != b"200")
+            self.window.done(self.sent_at, error)
             if self.window.stopping:
                 self.window.in_flight -= 1
             else:
@@ -540,9 +646,9 @@ async def run_http(cmd, window):
     elif target == "crossbar":
         path = "/call"
         procedure = tag + ".http"
-        session = await wamp_session(cmd["ws_port"])
-        await session.register(_echo, procedure)
-        cleanup.append(lambda: wamp_close(session))
+        session = await LeanWamp().start(cmd["ws_port"])
+        await session.register(procedure)
+        cleanup.append(session.ws.close)
         body = dumps({"procedure": procedure, "args": [data]})
     else:
         path = "/"
@@ -591,6 +697,8 @@ async def handle(cmd):
     window = Window(cmd.get("cpu_pids", []))
     if cmd["op"] == "calls":
         if cmd["target"] == "crossbar":
+            return await run_crossbar_lean_calls(cmd, window)
+        if cmd["target"] == "crossbar-autobahn":
             return await run_crossbar_calls(cmd, window)
         return await run_iii_calls(cmd, window)
     if cmd["op"] == "http":
