@@ -193,7 +193,8 @@ class LimitedRequest(Request):
     _received = 0
 
     def _limit(self):
-        return getattr(self.channel.site, "body_limit", None) if self.channel else None
+        limit = getattr(self.channel.site, "body_limit", None) if self.channel else None
+        return limit or None  # 0: no limit
 
     def gotLength(self, length):
         limit = self._limit()
