@@ -68,6 +68,11 @@ def decode_frames(blob):
     return records, offset
 
 
+# fdatasync skips metadata that replay does not need (mtime) but still covers the
+# file's new length; macOS has no fdatasync.
+_datasync = getattr(os, "fdatasync", os.fsync)
+
+
 def _fsync_dir(path):
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -241,7 +246,7 @@ class JournalQueueStore:
     def _write(self, blob):
         self._file.write(blob)
         self._file.flush()
-        os.fsync(self._file.fileno())
+        _datasync(self._file.fileno())
 
     def _compact(self, frames):
         tmp = self.path + ".tmp"
