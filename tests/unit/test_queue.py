@@ -1,6 +1,8 @@
 """The queue module: named and topic queues, retries, DLQ, durability (task.Clock)."""
 
 import os
+import shutil
+import tempfile
 
 import pytest
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -24,6 +26,13 @@ CONFIG = {
                    "backoff_ms": 100},
     },
 }
+
+
+def temp_path(case):
+    """@return: a fresh path in a temporary directory removed after the test."""
+    base = tempfile.mkdtemp(prefix="iii-queue-test-")
+    case.addCleanup(shutil.rmtree, base, True)
+    return os.path.join(base, "store")
 
 
 def sync_runner(f, *args):
@@ -453,7 +462,7 @@ class ConfigTests(SynchronousTestCase):
         assert e.key == "adapter.config.store_method"
 
     def test_store_directory_that_cannot_be_made(self):
-        path = self.mktemp()
+        path = temp_path(self)
         with open(path, "w"):
             pass  # a file where the directory should be
         e = self._error({"adapter": {"config": {"store_method": "file_based",
@@ -473,7 +482,7 @@ class ConfigTests(SynchronousTestCase):
 
 class DurabilityTests(SynchronousTestCase):
     def setUp(self):
-        self.dir = self.mktemp()
+        self.dir = temp_path(self)
 
     def store(self, **kw):
         return JournalQueueStore(self.dir, sync_runner, **kw)
@@ -695,7 +704,7 @@ class MemoryStoreContractTests(StoreContract, SynchronousTestCase):
 
 class JournalStoreContractTests(StoreContract, SynchronousTestCase):
     def make_store(self):
-        return JournalQueueStore(self.mktemp(), sync_runner)
+        return JournalQueueStore(temp_path(self), sync_runner)
 
 
 def _raise(e):
