@@ -182,6 +182,16 @@ class WorkerProtocol(WebSocketServerProtocol):
         })
 
 
+class _ClockTimer:
+    """The part of txaio's batched timer Autobahn uses, on a given C{IReactorTime}."""
+
+    def __init__(self, clock):
+        self._clock = clock
+
+    def call_later(self, delay, function, *args, **kwargs):
+        return self._clock.callLater(delay, function, *args, **kwargs)
+
+
 class WorkerFactory(WebSocketServerFactory):
     """
     Builds L{WorkerProtocol}s for one engine, with the Autobahn options set on purpose.
@@ -205,6 +215,10 @@ class WorkerFactory(WebSocketServerFactory):
         self.engine = engine
         self.channels = channels
         self.max_message_size = max_message_size
+        # Autobahn schedules its handshake, close and ping timers through this object
+        # on txaio's global loop (txaio refuses any other reactor); route them to ours,
+        # so an injected clock drives them.
+        self._batched_timer = _ClockTimer(reactor)
         self.setProtocolOptions(
             # Hard bound on one message's memory; the soft limit above drops politely.
             maxMessagePayloadSize=4 * max_message_size,

@@ -211,3 +211,21 @@ def test_call_between_two_sockets(harness):
                "function_id": "w::echo", "result": {"v": 2}})
     harness.flush()
     assert caller.of_type("invocationresult")[0]["result"] == {"v": 2}
+
+
+def test_dead_peer_is_detected_by_pings():
+    """A worker that stops answering WebSocket pings is dropped and cleaned up."""
+    harness = Harness(ping_interval=30, ping_timeout=10)
+    client, server = harness.connect()
+    client.send({"type": "registerfunction", "id": "w::fn"})
+    harness.flush()
+    harness.reactor.advance(30)  # ping sent ...
+    harness.flush()  # ... and answered by a live client
+    harness.reactor.advance(10)
+    assert "w::fn" in harness.engine.functions
+    harness.reactor.advance(20)  # next ping; the peer is now silent (no flushing)
+    harness.reactor.advance(10)  # no pong in time: the engine starts closing ...
+    harness.reactor.advance(5)  # ... and drops the peer when the close goes unanswered
+    harness.flush()
+    assert "w::fn" not in harness.engine.functions
+    assert harness.engine.workers == {}
