@@ -203,6 +203,7 @@ def test_sweep_drops_channels_whose_end_never_came(harness):
     assert reader.closed_with is not None
     assert harness.channels.get(kept["reader"]["channel_id"]) is not None
     harness.channels.stopService()
+    harness.flush()  # the kept ends answer the engine's close, ending its close timers
     assert harness.reactor.getDelayedCalls() == []
 
 
