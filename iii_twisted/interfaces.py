@@ -320,3 +320,40 @@ class ICronLock(Interface):
 
         @return: Deferred firing with None.
         """
+
+
+class IChannelWriterEnd(Interface):
+    """
+    The writer end of a data channel, as the channel sees it (L{iii_twisted.channels}):
+    a WebSocket, or an in-process writer such as the REST API's request-body pump.
+    The end feeds the channel with C{channel.write(payload, is_binary)} and
+    C{channel.writer_closed()}.
+    """
+
+    def pause() -> None:
+        """The channel is full: stop writing until L{resume}."""
+
+    def resume() -> None:
+        """The reader has drained the channel: writing may go on (even re-entrantly)."""
+
+    def abort(code: int, reason) -> None:
+        """The channel is gone: close (a socket end sends a Close frame with C{code})."""
+
+
+class IChannelReaderEnd(Interface):
+    """
+    The reader end of a data channel: a WebSocket, or an in-process reader such as the
+    REST API's response streamer. It sets C{ready} false to hold frames back and calls
+    C{channel.pump()} when it is ready again, and C{channel.reader_closed()} when gone.
+    """
+
+    ready = Attribute("True while the end accepts frames.")
+
+    def deliver(payload: bytes, is_binary: bool) -> None:
+        """Take one frame, in order."""
+
+    def finish() -> None:
+        """The writer has finished and every frame was delivered: end of stream."""
+
+    def abort(code: int, reason) -> None:
+        """The channel is gone before the end of the stream."""
