@@ -49,6 +49,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
+from .interfaces import IChannelReaderEnd, IChannelWriterEnd
 from .protocol import DESERIALIZATION_ERROR, InvocationError
 
 READ = "read"
@@ -258,7 +259,7 @@ class Channel:
                     self._log.failure("error closing an end of channel {id}", id=self.id)
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IChannelWriterEnd, IChannelReaderEnd)
 class SocketEnd:
     """
     One end of a channel attached over a WebSocket (the worker port's protocol hands

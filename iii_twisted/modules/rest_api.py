@@ -46,7 +46,9 @@ from zope.interface import implementer
 
 from ..channels import CLOSE_DROPPED, FRAME_BYTES, READ, WRITE, install_channels
 from ..config import ConfigError, get_option
-from ..interfaces import IModule, ITriggerProvider, TriggerError
+from ..interfaces import (
+    IChannelReaderEnd, IChannelWriterEnd, IModule, ITriggerProvider, TriggerError,
+)
 from ..protocol import InvocationError
 
 HTTP_TRIGGER = "http"
@@ -719,7 +721,7 @@ def _set_headers(request, headers):
                               value.encode("utf-8", "replace"))
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IChannelReaderEnd)
 class _ResponseReader:
     """The engine's reader end of a request's ``response`` channel."""
 
@@ -753,6 +755,7 @@ class _ResponseReader:
         self.ready = False
 
 
+@implementer(IChannelWriterEnd)
 class _BodyPump:
     """
     The engine's writer end of a request's ``request_body`` channel: the body

@@ -287,3 +287,21 @@ def test_stop_closes_every_channel_and_leaves_no_timer():
     assert len(manager) == 0
     assert channel.dropped and not reader.ready
     assert clock.getDelayedCalls() == []
+
+
+def test_ends_provide_their_interfaces():
+    """Socket ends and the REST API's in-process ends keep the end contracts."""
+    from io import BytesIO
+
+    from zope.interface.verify import verifyObject
+
+    from iii_twisted.channels import SocketEnd
+    from iii_twisted.interfaces import IChannelReaderEnd, IChannelWriterEnd
+    from iii_twisted.modules.rest_api import _BodyPump, _ResponseReader
+
+    engine = Engine(MemoryReactorClock())
+    channel = install_channels(engine).create()
+    end = SocketEnd(channel, "read", object())
+    assert verifyObject(IChannelReaderEnd, end) and verifyObject(IChannelWriterEnd, end)
+    assert verifyObject(IChannelReaderEnd, _ResponseReader(object()))
+    assert verifyObject(IChannelWriterEnd, _BodyPump(channel, BytesIO()))
