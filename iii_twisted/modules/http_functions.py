@@ -39,6 +39,7 @@ import os
 from collections import OrderedDict
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from urllib.parse import urlsplit
+from uuid import uuid4
 
 from treq import collect
 from treq.client import HTTPClient
@@ -402,7 +403,7 @@ class HttpFunctionHost:
         headers = {
             "Content-Type": "application/json",
             "x-iii-Function-Path": function_id,
-            "x-iii-Invocation-ID": invocation_id,
+            "x-iii-Invocation-ID": str(uuid4()),
             "x-iii-Timestamp": timestamp,
         }
         headers.update(spec.headers)
