@@ -133,11 +133,13 @@ def compile_trigger(trigger):
 class RouteTable:
     """
     The live routes: (METHOD, path key) -> the triggers registered for it, the last
-    one wins; unregistering one uncovers the previous.
+    one wins; unregistering one uncovers the previous. Indexed by segment count, so
+    a lookup only looks at routes of the right length.
     """
 
     def __init__(self):
         self._by_key = {}
+        self._by_length = {}
         self._by_trigger = {}
 
     def __len__(self):
@@ -146,7 +148,11 @@ class RouteTable:
     def add(self, route):
         key = (route.method, tuple(route.segments))
         self.remove(route.trigger)
-        self._by_key.setdefault(key, []).append(route)
+        stack = self._by_key.get(key)
+        if stack is None:
+            stack = self._by_key[key] = []
+            self._by_length.setdefault(len(route.segments), {})[key] = stack
+        stack.append(route)
         self._by_trigger[route.trigger.id] = (key, route)
 
     def remove(self, trigger):
@@ -158,6 +164,10 @@ class RouteTable:
         stack.remove(route)
         if not stack:
             del self._by_key[key]
+            same_length = self._by_length[len(key[1])]
+            del same_length[key]
+            if not same_length:
+                del self._by_length[len(key[1])]
 
     def lookup(self, method, path):
         """
@@ -168,7 +178,7 @@ class RouteTable:
         parts = path[1:].split("/") if path.startswith("/") else path.split("/")
         best = None
         allowed = set()
-        for (route_method, _), stack in self._by_key.items():
+        for (route_method, _), stack in self._by_length.get(len(parts), {}).items():
             route = stack[-1]
             params = route.match(parts)
             if params is None:

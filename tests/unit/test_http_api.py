@@ -476,3 +476,15 @@ def test_client_disconnect_cancels_the_call():
     # The late result is dropped quietly.
     api.answer(call, {"body": {}})
     assert [c for c in api.clock.getDelayedCalls() if c.active()] == []
+
+
+def test_route_table_forgets_everything_it_held(api):
+    """Adding and removing many routes leaves the table (and its index) empty."""
+    for i in range(50):
+        api.route("f%d" % i, {"api_path": "a/%d/:x" % i}, trigger_id="t%d" % i)
+    api.request("GET", "/a/7/z")
+    assert api.invocations()[0]["function_id"] == "f7"
+    for i in range(50):
+        api.worker.receive({"type": "unregistertrigger", "id": "t%d" % i})
+    routes = api.module.routes
+    assert len(routes) == 0 and routes._by_length == {} and routes._by_trigger == {}
