@@ -305,3 +305,19 @@ def test_ends_provide_their_interfaces():
     assert verifyObject(IChannelReaderEnd, end) and verifyObject(IChannelWriterEnd, end)
     assert verifyObject(IChannelReaderEnd, _ResponseReader(object()))
     assert verifyObject(IChannelWriterEnd, _BodyPump(channel, BytesIO()))
+
+
+def test_engine_service_wires_channels_and_stops_the_sweep():
+    """EngineService installs the manager, hands it to the worker socket and stops it."""
+    from iii_twisted.service import EngineService
+
+    reactor = MemoryReactorClock()
+    service = EngineService({"port": 0, "listen": "tcp:0", "modules": [
+        {"class": "modules::api::RestApiModule", "config": {"port": 0}}]},
+        reactor=reactor)
+    assert service.worker_factory.channels is service.engine.channels
+    assert "engine::channels::create" in service.engine.functions
+    service.startService()
+    assert any(c.active() for c in reactor.getDelayedCalls())  # the sweep
+    service.stopService()
+    assert [c for c in reactor.getDelayedCalls() if c.active()] == []

@@ -488,3 +488,17 @@ def test_route_table_forgets_everything_it_held(api):
         api.worker.receive({"type": "unregistertrigger", "id": "t%d" % i})
     routes = api.module.routes
     assert len(routes) == 0 and routes._by_length == {} and routes._by_trigger == {}
+
+
+def test_stop_cancels_requests_in_flight_and_leaves_no_timer():
+    """Stopping the module ends pending exchanges: no timer, call or channel is left."""
+    api = Api()
+    api.module.startService()
+    assert api.clock.tcpServers[0][0] == 0
+    api.route("f", {"api_path": "w"})
+    api.request("GET", "/w")
+    assert len(api.engine.tracker) == 1
+    api.module.stopService()
+    assert len(api.engine.tracker) == 0
+    assert len(api.engine.channels) == 0
+    assert [c for c in api.clock.getDelayedCalls() if c.active()] == []
