@@ -241,3 +241,40 @@ def test_refused_http_function_says_why(api, sdk_worker):
                        "timeout_ms": 5000})
     assert "function_not_found" in str(e.value)
     assert "not in allowlist" in str(e.value)
+
+
+def test_client_leaving_a_stream_stops_the_writer(api, sdk_worker):
+    """An endless streamed response: when the client hangs up, the engine closes the
+    worker's response channel, so the handler's next write fails instead of going on."""
+    from http.client import HTTPConnection
+
+    worker = sdk_worker(api.url, "http-endless")
+    outcome = Waiter()
+
+    @http
+    async def endless(request, response):
+        import asyncio
+
+        await response.status(200)
+        await response.headers({"content-type": "text/event-stream"})
+        try:
+            for i in range(2000):
+                await response.writer.write(b"data: %d\n\n" % i)
+                await asyncio.sleep(0.005)
+            outcome.add("finished")
+        except Exception as e:
+            outcome.add(type(e).__name__)
+
+    worker.register_function({"id": "endless"}, endless)
+    worker.register_trigger({"type": "http", "function_id": "endless",
+                             "config": {"api_path": "endless"}})
+    _wait_for_route(api.base + "/endless")
+    connection = HTTPConnection("127.0.0.1", api.ports["http"], timeout=10)
+    connection.request("GET", "/endless")
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.read1(64).startswith(b"data: 0")
+    connection.sock.close()
+    connection.close()
+    [result] = outcome.wait_for(timeout=8)
+    assert result != "finished"
