@@ -353,3 +353,18 @@ def test_garbage_answer_is_a_clean_error():
     error = _error(results)
     assert isinstance(error, InvocationError)
     assert error.code == "http_request_failed"
+
+
+def test_https_connects_to_the_checked_address_through_tls():
+    """For https the checked address gets a TLS connection named for the URL's host."""
+    clock, engine, module, worker = _real_module(
+        {"secure.example": ["93.184.216.34"]},
+        {"security": {"url_allowlist": ["secure.example"]}})
+    worker.receive({"type": "registerfunction", "id": "ext::tls",
+                    "invocation": {"url": "https://secure.example/fn"}})
+    assert "ext::tls" in engine.functions
+    engine.call("ext::tls", {}).addErrback(lambda f: None)
+    [(host, port, factory, timeout, bind)] = clock.tcpClients
+    assert (host, port) == ("93.184.216.34", 443)
+    protocol = factory.buildProtocol(None)
+    assert "TLS" in type(protocol._wrappedProtocol).__name__
