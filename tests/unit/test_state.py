@@ -255,3 +255,18 @@ class StateConfigTests(SynchronousTestCase):
             error = self.assertRaises(
                 ConfigError, build_module, "modules::state::StateModule", engine, config, clock)
             self.assertEqual(error.key, key)
+
+
+class DispatcherBoundTests(SynchronousTestCase):
+    def test_events_past_the_bound_are_dropped(self):
+        """Slow handlers cannot make waiting events grow without bound."""
+        engine, clock, module = make_state()
+        module._events._max_pending = 3
+        handler = Handler(engine, "on.change")
+        handler.trigger("t", "on.change", {})
+        for i in range(6):
+            self.successResultOf(engine.call(
+                "state::set", {"scope": "s", "key": str(i), "value": i}))
+        self.assertEqual(module._events.dropped, 3)
+        handler.answer_all(clock)
+        self.assertEqual([c["data"]["key"] for c in handler.calls()], ["0", "1", "2"])

@@ -437,3 +437,51 @@ class StreamConfigTests(SynchronousTestCase):
         self.assertIs(factory, module.factory)
         self.successResultOf(module.stopService())
         self.assertEqual(reactor.getDelayedCalls(), [])
+
+
+class FakeConnection:
+    """What a StreamClient sends through, without a socket."""
+
+    def __init__(self):
+        self.sent = []
+        self.paused = False
+        self.pauses = 0
+
+    def send_payload(self, payload):
+        self.sent.append(json.loads(payload))
+
+    def disconnect(self, code=1000, reason=None):
+        pass
+
+    def pause_reading(self):
+        self.paused = True
+        self.pauses += 1
+
+    def resume_reading(self):
+        self.paused = False
+
+
+class StreamClientTests(SynchronousTestCase):
+    def test_reading_pauses_while_messages_pile_up(self):
+        """Messages waiting behind a slow join trigger pause reading, then resume it."""
+        from iii_twisted.modules.stream import MAX_INBOX, StreamClient
+
+        engine, reactor, module = make_stream()
+        handler = Handler(engine, "on.join")
+        handler.trigger("j", "on.join", None, "stream:join")
+        connection = FakeConnection()
+        client = StreamClient(module, connection)
+        for i in range(MAX_INBOX + 1):
+            client.received({"type": "join", "data": {
+                "subscriptionId": str(i), "streamName": "s", "groupId": "g"}})
+        self.assertTrue(connection.paused)
+        self.assertEqual(len(handler.calls()), 1)  # one message handled at a time
+        while len(handler.calls()) < MAX_INBOX + 1:
+            handler.answer(handler.calls()[-1])
+        handler.answer(handler.calls()[-1])
+        self.assertFalse(connection.paused)
+        self.assertEqual(connection.pauses, 1)
+        self.assertEqual(len(connection.sent), MAX_INBOX + 1)
+        self.assertEqual(len(client.subscriptions), MAX_INBOX + 1)
+        client.closed()
+        self.assertEqual(module._subscribers, {})
