@@ -1,0 +1,171 @@
+// An official npm iii-sdk worker driven line by line, for the interop tests.
+//
+//   node worker.mjs <package> <engine-url> <worker-name>
+//
+// <package> is one of the aliases in package.json (iii-sdk-09, iii-sdk-011): the SDK
+// is used unmodified, through its public API only.
+//
+// stdin: one JSON command per line, {"id": n, "op": ..., ...}. Each gets exactly one
+// reply line {"reply": n, "ok": true, ...} or {"reply": n, "ok": false, "error": ...}.
+// stdout: replies, and one JSON line per event ({"event": ...}); anything else on
+// stdout (the SDK's own console output, e.g. "[OTel] Connected to engine at ...") is
+// passed through as is.
+//
+// Ops:
+//   register_function {function_id, description?, http?}: the handler prints
+//       {"event": "invoked", function_id, data} and returns
+//       {"handled_by": <worker-name>, "sdk": <version>, "data": data}; if data.call is
+//       {function_id, payload}, it first calls that function and adds its result as
+//       "nested" (a call made from inside a handler). With http, it returns that
+//       as an HTTP response instead: {"status_code": 201, "body": ...}.
+//   unregister_function {function_id}
+//   call {function_id, payload, void?} -> {result}
+//   register_trigger {type, function_id, config, metadata?} -> {}
+//   unregister_trigger {trigger_id}: the index the register_trigger reply gave
+//   register_trigger_type {type_id, description}: a provider that prints
+//       {"event": "trigger_registered", id, function_id, config, metadata} and
+//       "trigger_unregistered"
+//   fire {type_id, payload} -> {results}: call the function of every trigger
+//       registered on our type, as a provider does when its event happens
+//   list_functions / list_workers / list_triggers {include_internal?} /
+//       list_trigger_types {include_internal?} (0.11+) -> {result}
+//   shutdown: iii.shutdown() (flushes OTel), reply, exit 0
+
+import { readFileSync } from 'node:fs'
+import { createInterface } from 'node:readline'
+
+const [packageName, url, workerName] = process.argv.slice(2)
+if (!packageName || !url || !workerName) {
+  console.error('usage: node worker.mjs <package> <engine-url> <worker-name>')
+  process.exit(2)
+}
+
+// Not require(`${packageName}/package.json`): the SDK's "exports" do not list it.
+const manifest = new URL(`./node_modules/${packageName}/package.json`, import.meta.url)
+const sdkVersion = JSON.parse(readFileSync(manifest, 'utf8')).version
+const sdk = await import(packageName)
+const modern = !sdkVersion.startsWith('0.9.') // registerFunction(id, handler, options)
+
+function emit(line) {
+  process.stdout.write(`${JSON.stringify(line)}\n`)
+}
+
+const iii = sdk.registerWorker(url, { workerName })
+const triggers = []
+const providedTriggers = new Map() // trigger id -> {type_id, function_id, config}
+const functionRefs = new Map()
+
+async function handler(functionId, data, http) {
+  emit({ event: 'invoked', function_id: functionId, data })
+  const result = { handled_by: workerName, sdk: sdkVersion, data }
+  if (data && typeof data === 'object' && data.call) {
+    result.nested = await iii.trigger({
+      function_id: data.call.function_id,
+      payload: data.call.payload,
+    })
+  }
+  return http ? { status_code: 201, body: result } : result
+}
+
+function registerFunction(functionId, description, http) {
+  const fn = (data) => handler(functionId, data, http)
+  return modern
+    ? iii.registerFunction(functionId, fn, { description })
+    : iii.registerFunction({ id: functionId, description }, fn)
+}
+
+const ops = {
+  async register_function({ function_id, description, http }) {
+    functionRefs.set(function_id, registerFunction(function_id, description, http))
+    return {}
+  },
+  async unregister_function({ function_id }) {
+    functionRefs.get(function_id).unregister()
+    functionRefs.delete(function_id)
+    return {}
+  },
+  async call({ function_id, payload, void: isVoid }) {
+    const request = { function_id, payload }
+    if (isVoid) request.action = sdk.TriggerAction.Void()
+    return { result: (await iii.trigger(request)) ?? null }
+  },
+  async register_trigger({ type, function_id, config, metadata }) {
+    const trigger = { type, function_id, config }
+    if (metadata !== undefined) trigger.metadata = metadata
+    triggers.push(iii.registerTrigger(trigger))
+    return { trigger_id: triggers.length - 1 }
+  },
+  async unregister_trigger({ trigger_id }) {
+    triggers[trigger_id].unregister()
+    return {}
+  },
+  async register_trigger_type({ type_id, description }) {
+    iii.registerTriggerType({ id: type_id, description }, {
+      async registerTrigger({ id, function_id, config, metadata }) {
+        providedTriggers.set(id, { type_id, function_id, config })
+        emit({ event: 'trigger_registered', type_id, id, function_id, config, metadata: metadata ?? null })
+      },
+      async unregisterTrigger({ id, function_id }) {
+        providedTriggers.delete(id)
+        emit({ event: 'trigger_unregistered', type_id, id, function_id: function_id ?? null })
+      },
+    })
+    return {}
+  },
+  async fire({ type_id, payload }) {
+    const results = []
+    for (const [id, trigger] of providedTriggers) {
+      if (trigger.type_id !== type_id) continue
+      results.push({
+        trigger_id: id,
+        result: await iii.trigger({ function_id: trigger.function_id, payload }),
+      })
+    }
+    return { results }
+  },
+  async list_functions() {
+    return { result: await iii.listFunctions() }
+  },
+  async list_workers() {
+    return { result: await iii.listWorkers() }
+  },
+  async list_triggers({ include_internal }) {
+    return { result: await iii.listTriggers(include_internal ?? false) }
+  },
+  async list_trigger_types({ include_internal }) {
+    if (typeof iii.listTriggerTypes !== 'function') {
+      throw new Error(`iii-sdk ${sdkVersion} has no listTriggerTypes`)
+    }
+    return { result: await iii.listTriggerTypes(include_internal ?? false) }
+  },
+  async shutdown() {
+    await iii.shutdown()
+    return {}
+  },
+}
+
+function describe(error) {
+  if (error instanceof Error) return { message: error.message }
+  return error // an iii ErrorBody {code, message}
+}
+
+async function run(command) {
+  const op = ops[command.op]
+  try {
+    if (!op) throw new Error(`unknown op ${command.op}`)
+    emit({ reply: command.id, ok: true, ...(await op(command)) })
+  } catch (error) {
+    emit({ reply: command.id, ok: false, error: describe(error) })
+  }
+  if (command.op === 'shutdown') process.exit(0)
+}
+
+emit({ event: 'started', sdk: sdkVersion, name: workerName })
+const input = createInterface({ input: process.stdin })
+input.on('line', (line) => {
+  if (line.trim()) run(JSON.parse(line))
+})
+// The test went away: leave as a worker does, closing the socket.
+input.on('close', () => {
+  iii.shutdown().finally(() => process.exit(0))
+})

@@ -1,0 +1,360 @@
+"""
+Official npm ``iii-sdk`` workers (0.9.0 and 0.11.2, installed side by side from
+node/package-lock.json) against the engine, next to official PyPI ``iii-sdk`` 0.10.0
+workers: calls both ways and from inside handlers, module trigger types (``http``,
+``subscribe``), custom trigger types provided by either SDK, the discovery functions,
+and the telemetry socket (0.11.2 opens it on ``/otel``).
+
+Each Node worker is node/worker.mjs, driven through its stdin/stdout line protocol
+(sdk_process.py). A registration followed by any call on the same worker connection
+is in force when that call is handled (messages of one connection are handled in
+order), so a worker's own ``list_*`` reply is the barrier before another worker
+relies on what it registered.
+"""
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from iii import InitOptions, register_worker
+from iii.triggers import TriggerHandler
+
+from engine_process import Waiter
+from sdk_process import SdkProcess, WorkerFailed
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NODE_DIR = os.path.join(HERE, "node")
+WORKER = os.path.join(NODE_DIR, "worker.mjs")
+
+# npm alias (node/package.json) -> the iii-sdk version it must resolve to.
+PACKAGES = {"iii-sdk-09": "0.9.0", "iii-sdk-011": "0.11.2"}
+
+MODULES_CONFIG = """
+port: {port}
+host: 127.0.0.1
+invocation_timeout_ms: 20000
+modules:
+  - class: modules::api::RestApiModule
+    config:
+      host: 127.0.0.1
+      port: {http}
+      default_timeout: 10000
+  - class: modules::pubsub::PubSubModule
+    config:
+      adapter:
+        class: modules::pubsub::LocalAdapter
+"""
+
+OTEL_CONFIG = """
+port: {port}
+host: 127.0.0.1
+modules:
+  - class: modules::observability::OtelModule
+    config:
+      service_name: iii-test
+      exporter: memory
+      logs_console_output: false
+"""
+
+
+def _installed_versions():
+    versions = {}
+    for alias in PACKAGES:
+        try:
+            with open(os.path.join(NODE_DIR, "node_modules", alias, "package.json")) as f:
+                versions[alias] = json.load(f)["version"]
+        except (OSError, ValueError, KeyError):
+            versions[alias] = None
+    return versions
+
+
+@pytest.fixture(scope="session")
+def node_sdks():
+    """
+    The npm SDKs of node/package-lock.json, installed (``npm ci``) if they are not
+    yet (.ci/run installs them first).
+
+    @return: the node project's directory.
+    """
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        raise AssertionError("the Node interop tests need node and npm on PATH")
+    with open(os.path.join(NODE_DIR, ".npm-ci.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another test session may be installing
+        if _installed_versions() != PACKAGES:
+            subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR,
+                           check=True, timeout=300)
+    assert _installed_versions() == PACKAGES
+    return NODE_DIR
+
+
+@pytest.fixture
+def node_worker(node_sdks):
+    """
+    @return: C{start(package, url, name, env=None)} giving a Node worker (an
+        L{SdkProcess}) that the engine has registered, stopped after the test.
+    """
+    workers = []
+
+    def start(package, url, name, env=None):
+        worker = SdkProcess(["node", WORKER, package, url, name], cwd=node_sdks, env=env)
+        workers.append(worker)
+        worker.wait_line("[iii] Worker registered with ID:")
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+@pytest.fixture
+def quiet_worker():
+    """Like C{sdk_worker}, with the 0.10.0 SDK's own OpenTelemetry off."""
+    workers = []
+
+    def connect(url, name):
+        worker = register_worker(url, InitOptions(worker_name=name, otel={"enabled": False}))
+        workers.append(worker)
+        return worker
+
+    yield connect
+    for worker in workers:
+        worker.shutdown()
+
+
+def _function_ids(listed):
+    return {f["function_id"] for f in listed}
+
+
+def _python_peer(sdk_worker, url):
+    """A 0.10.0 worker hosting py::echo; @return: (worker, Waiter of its calls)."""
+    py = sdk_worker(url, "py-peer")
+    seen = Waiter()
+
+    def echo(data):
+        seen.add(data)
+        return {"handled_by": "py-peer", "data": data}
+
+    py.register_function({"id": "py::echo", "description": "echo from python"}, echo)
+    listed = py.trigger({"function_id": "engine::functions::list", "payload": {}})
+    assert "py::echo" in _function_ids(listed["functions"])
+    return py, seen
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_node_and_python_workers_call_each_other(package, engine, sdk_worker, node_worker):
+    version = PACKAGES[package]
+    py, seen = _python_peer(sdk_worker, engine.url)
+    node = node_worker(package, engine.url, "node-peer")
+    node.request("register_function", function_id="node::echo", description="echo from node")
+    functions = {f["function_id"]: f for f in node.request("list_functions")["result"]}
+    assert functions["node::echo"]["description"] == "echo from node"
+    assert functions["py::echo"]["description"] == "echo from python"
+    assert not [f for f in functions if f.startswith("engine::")]
+
+    # Python -> Node.
+    result = py.trigger({"function_id": "node::echo", "payload": {"n": 1}})
+    assert (result["handled_by"], result["sdk"], result["data"]["n"]) == ("node-peer", version, 1)
+    # Node -> Python.
+    result = node.request("call", function_id="py::echo", payload={"n": 2})["result"]
+    assert result["handled_by"] == "py-peer" and result["data"]["n"] == 2
+    # Python -> Node, whose handler calls Python while its own call is pending.
+    result = py.trigger({"function_id": "node::echo", "payload": {
+        "n": 3, "call": {"function_id": "py::echo", "payload": {"n": 30}}}})
+    assert result["handled_by"] == "node-peer"
+    assert result["nested"]["handled_by"] == "py-peer" and result["nested"]["data"]["n"] == 30
+    # Fire-and-forget from Node: nothing comes back, the call still arrives.
+    assert node.request("call", function_id="py::echo", payload={"n": 4}, void=True)["result"] is None
+    assert seen.wait_for(lambda v: any(d["n"] == 4 for d in v))
+    # An unknown function fails at once with the engine's code.
+    with pytest.raises(WorkerFailed) as failed:
+        node.request("call", function_id="nope::missing", payload={})
+    assert failed.value.error["code"] == "function_not_found"
+
+    # Both workers described themselves (engine::workers::register).
+    workers = node.request("list_workers")["result"]
+    by_name = {w["name"]: w for w in workers if w["name"]}
+    assert (by_name["node-peer"]["runtime"], by_name["node-peer"]["version"]) == ("node", version)
+    assert by_name["node-peer"]["functions"] == ["node::echo"]
+    assert (by_name["py-peer"]["runtime"], by_name["py-peer"]["version"]) == ("python", "0.10.0")
+    assert [e["data"]["n"] for e in node.events("invoked")] == [1, 3]
+
+    # Leaving removes what it registered.
+    node.request("shutdown")
+    node.stop()
+    deadline = time.monotonic() + 10
+    while "node::echo" in _function_ids(
+            py.trigger({"function_id": "engine::functions::list", "payload": {}})["functions"]):
+        assert time.monotonic() < deadline, "node::echo outlived its worker"
+        time.sleep(0.05)  # polling the registry, bounded by the deadline
+
+
+def _request(url, data=None, method="GET"):
+    """@return: (status, body bytes) of one HTTP request."""
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=20) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_node_triggers_on_module_types(package, start_engine, sdk_worker, node_worker):
+    """An ``http`` route and a ``subscribe`` trigger registered by a Node worker."""
+    engine = start_engine(MODULES_CONFIG, http=True)
+    base = "http://127.0.0.1:{}".format(engine.ports["http"])
+    node = node_worker(package, engine.url, "node-modules")
+    node.request("register_function", function_id="node::http", http=True)
+    node.request("register_trigger", type="http", function_id="node::http",
+                 config={"api_path": "node/orders/:id", "http_method": "POST"})
+    node.request("register_function", function_id="node::news")
+    node.request("register_trigger", type="subscribe", function_id="node::news",
+                 config={"topic": "news"})
+    triggers = {t["function_id"]: t for t in node.request("list_triggers")["result"]}
+    assert triggers["node::http"]["trigger_type"] == "http"
+    assert triggers["node::http"]["config"]["api_path"] == "node/orders/:id"
+    assert triggers["node::news"]["trigger_type"] == "subscribe"
+    assert triggers["node::news"]["config"] == {"topic": "news"}
+
+    # The route answers with what the Node function returned. (The module binds a
+    # route as soon as it registers the trigger: the list above ran after that.)
+    status, body = _request(base + "/node/orders/17", json.dumps({"qty": 2}).encode(), "POST")
+    assert status == 201, body
+    answer = json.loads(body)
+    assert answer["handled_by"] == "node-modules" and answer["sdk"] == PACKAGES[package]
+    assert answer["data"]["path_params"] == {"id": "17"}
+    assert answer["data"]["body"] == {"qty": 2} and answer["data"]["method"] == "POST"
+
+    # A publish from a Python worker and one from the Node worker itself.
+    py = sdk_worker(engine.url, "py-publisher")
+    assert py.trigger({"function_id": "publish",
+                       "payload": {"topic": "news", "data": {"headline": 1}}}) is None
+    node.request("call", function_id="publish",
+                 payload={"topic": "news", "data": {"headline": 2}})
+    node.wait_event(lambda l: l.get("event") == "invoked"
+                    and l["function_id"] == "node::news" and l["data"] == {"headline": 2})
+    news = [e["data"] for e in node.events("invoked") if e["function_id"] == "node::news"]
+    assert sorted(d["headline"] for d in news) == [1, 2]
+
+    # Unregistering the trigger takes the route away.
+    node.request("unregister_trigger", trigger_id=0)
+    node.request("list_triggers")  # barrier: the unregister is in force
+    assert _request(base + "/node/orders/17", b"{}", "POST")[0] == 404
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_custom_trigger_types_across_sdks(package, engine, sdk_worker, node_worker):
+    """A Node-provided trigger type used by Python, and a Python-provided one by Node."""
+    py, seen = _python_peer(sdk_worker, engine.url)
+    node = node_worker(package, engine.url, "node-provider")
+    node.request("register_trigger_type", type_id="node-hook", description="Node webhooks")
+    node.request("list_functions")  # barrier: the type exists
+
+    # Python binds py::echo to the Node type; Node is told and fires it.
+    py.register_trigger({"type": "node-hook", "function_id": "py::echo",
+                         "config": {"path": "/gh"}})
+    registered = node.wait_event(lambda l: l.get("event") == "trigger_registered")
+    assert (registered["type_id"], registered["function_id"], registered["config"]) == (
+        "node-hook", "py::echo", {"path": "/gh"})
+    results = node.request("fire", type_id="node-hook", payload={"n": 7})["results"]
+    assert [(r["trigger_id"], r["result"]["data"]["n"]) for r in results] == [
+        (registered["id"], 7)]
+    assert any(d["n"] == 7 for d in seen.values)
+
+    # Python provides a type; a Node trigger on it reaches the Python provider.
+    provided = Waiter()
+
+    class Provider(TriggerHandler):
+        async def register_trigger(self, config):
+            provided.add(("register", config.id, config.function_id, config.config))
+
+        async def unregister_trigger(self, config):
+            provided.add(("unregister", config.id, config.function_id, config.config))
+
+    py.register_trigger_type({"id": "py-hook", "description": "Python hooks"}, Provider())
+    py.trigger({"function_id": "engine::functions::list", "payload": {}})  # barrier
+    node.request("register_function", function_id="node::hooked")
+    node.request("register_trigger", type="py-hook", function_id="node::hooked",
+                 config={"every": "tick"})
+    [(kind, trigger_id, function_id, config)] = provided.wait_for()
+    assert (kind, function_id, config) == ("register", "node::hooked", {"every": "tick"})
+    result = py.trigger({"function_id": function_id, "payload": {"tick": 1}})
+    assert result["handled_by"] == "node-provider" and result["data"]["tick"] == 1
+
+    listed = {t["id"]: t for t in node.request("list_triggers")["result"]}
+    assert listed[registered["id"]]["trigger_type"] == "node-hook"
+    assert listed[trigger_id]["trigger_type"] == "py-hook"
+    assert listed[trigger_id]["config"] == {"every": "tick"}
+
+    # Node removes its trigger. (0.10.0 providers ignore the engine's
+    # unregistertrigger, so only the registry shows it.)
+    node.request("unregister_trigger", trigger_id=0)
+    listed = {t["id"] for t in node.request("list_triggers")["result"]}
+    assert trigger_id not in listed and registered["id"] in listed
+
+
+def test_node_011_trigger_types_and_trigger_metadata(engine, sdk_worker, node_worker):
+    """0.11.2: ``listTriggerTypes()`` (engine::trigger-types::list), trigger metadata."""
+    node = node_worker("iii-sdk-011", engine.url, "node-011")
+    node.request("register_trigger_type", type_id="node-hook", description="Node webhooks")
+    types = {t["id"]: t for t in node.request("list_trigger_types")["result"]}
+    assert types["node-hook"]["description"] == "Node webhooks"
+    assert not [t for t in types if t.startswith("engine::")]
+    internal = {t["id"] for t in node.request("list_trigger_types", include_internal=True)["result"]}
+    assert {"node-hook", "engine::functions-available", "engine::workers-available"} <= internal
+
+    # 0.11.2 sends metadata with a trigger; the provider receives it.
+    node.request("register_function", function_id="node::target")
+    node.request("register_trigger", type="node-hook", function_id="node::target",
+                 config={"path": "/x"}, metadata={"team": "core"})
+    registered = node.wait_event(lambda l: l.get("event") == "trigger_registered")
+    assert (registered["config"], registered["metadata"]) == ({"path": "/x"}, {"team": "core"})
+
+
+@pytest.mark.parametrize("package, otel_path", [("iii-sdk-09", ""), ("iii-sdk-011", "/otel")])
+def test_node_telemetry_socket(package, otel_path, start_engine, quiet_worker, node_worker):
+    """
+    The SDK's OpenTelemetry socket is accepted where that SDK opens it (0.11.2 on
+    ``/otel``, 0.9.0 on ``/``, as a worker with no metadata) and its spans reach the
+    observability module.
+    """
+    engine = start_engine(OTEL_CONFIG)
+    reader = quiet_worker(engine.url, "reader")
+    service = "node-{}-svc".format(package)
+    node = node_worker(package, engine.url, "node-otel", env={"OTEL_SERVICE_NAME": service})
+    node.wait_line("[OTel] Connected to engine at {}{}".format(engine.url, otel_path))
+    node.request("register_function", function_id="node::traced")
+    assert reader.trigger({"function_id": "node::traced", "payload": {"x": 1}})["data"]["x"] == 1
+
+    workers = node.request("list_workers")["result"]
+    ghosts = [w for w in workers if w["name"] is None]
+    # 0.11.2's telemetry socket is not a worker; 0.9.0's is one, with no metadata.
+    assert len(ghosts) == (0 if otel_path else 1), workers
+
+    node.request("shutdown")  # flushes the SDK's spans over the telemetry socket
+    node.stop()
+    deadline = time.monotonic() + 15
+    while True:
+        listed = reader.trigger({"function_id": "engine::traces::list", "payload": {
+            "name": "call node::traced", "search_all_spans": True}})
+        if listed["total"]:
+            break
+        assert time.monotonic() < deadline, "the Node worker's span never arrived"
+        time.sleep(0.05)  # polling a read function, bounded by the deadline
+    [root] = listed["spans"]
+    spans = reader.trigger({"function_id": "engine::traces::list",
+                            "payload": {"trace_id": root["trace_id"]}})["spans"]
+    # The engine's span of the call and, as its child, the Node handler's.
+    by_service = {s["service_name"]: s for s in spans if s["name"] == "call node::traced"}
+    assert sorted(by_service) == sorted(["iii-test", service]), spans
+    assert by_service[service]["parent_span_id"] == by_service["iii-test"]["span_id"]
+    # No retry loop: the one telemetry connection was accepted and kept.
+    assert "Reconnecting" not in node.text(), node.text()
+    assert node.text().count("[OTel] Connected to engine") == 1
