@@ -7,6 +7,7 @@ builds an engine on a C{task.Clock}.
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
+from .adapters.memory import MemoryKvStore  # noqa: F401 (the IKvStore double for tests)
 from .engine import Engine
 from .interfaces import IWorkerConnection
 from .protocol import decode, encode
