@@ -1,0 +1,226 @@
+"""
+A newer official PyPI ``iii-sdk`` (0.25.0, newer_sdk_requirements.txt) against the
+engine, next to 0.10.0 workers. It runs in a virtualenv of its own, built once and
+cached beside pytest's temporary directories, as workers/newer_py_worker.py driven
+through its stdin/stdout line protocol (sdk_process.py).
+
+What it sends that 0.10.0 does not, and the engine must tolerate (engine-core.md
+§11): ``namespace`` in its registrations and calls, ``metadata``/``features``/
+``namespace`` in its worker description, a ``reattach`` message first after a
+reconnect, and its OpenTelemetry socket on ``/otel``.
+"""
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from engine_process import Waiter
+from sdk_process import SdkProcess, WorkerFailed
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REQUIREMENTS = os.path.join(HERE, "newer_sdk_requirements.txt")
+WORKER = os.path.join(HERE, "workers", "newer_py_worker.py")
+NEWER_VERSION = "0.25.0"
+
+PUBSUB_CONFIG = """
+port: {port}
+host: 127.0.0.1
+invocation_timeout_ms: 20000
+modules:
+  - class: modules::pubsub::PubSubModule
+    config:
+      adapter:
+        class: modules::pubsub::LocalAdapter
+"""
+
+
+@pytest.fixture(scope="session")
+def newer_python(tmp_path_factory):
+    """
+    A virtualenv with the newer SDK: built on first use into pytest's temporary
+    root (shared by later sessions, keyed by the requirements' hash), under a lock
+    so that concurrent sessions build it once.
+
+    @return: the path of its python.
+    """
+    with open(REQUIREMENTS, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    root = tmp_path_factory.getbasetemp().parent
+    venv = root / "iii-newer-sdk-{}".format(digest)
+    python = venv / "bin" / "python"
+    done = venv / "complete"
+    with open(str(root / "iii-newer-sdk.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(str(venv), ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+            subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                            "-r", REQUIREMENTS], check=True, timeout=600)
+            done.write_text(digest)
+    return str(python)
+
+
+@pytest.fixture
+def newer_worker(newer_python):
+    """
+    @return: C{start(url, name, env=None)} giving a newer-SDK worker (an
+        L{SdkProcess}) that has connected, stopped after the test.
+    """
+    workers = []
+
+    def start(url, name, env=None):
+        worker = SdkProcess([newer_python, WORKER, url, name], env=env)
+        workers.append(worker)
+        started = worker.wait_event(lambda l: l.get("event") == "started", timeout=30)
+        assert started["sdk"] == NEWER_VERSION
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+def _function_ids(worker):
+    listed = worker.trigger({"function_id": "engine::functions::list", "payload": {}})
+    return {f["function_id"] for f in listed["functions"]}
+
+
+def _python_peer(sdk_worker, url):
+    """A 0.10.0 worker hosting old::echo; @return: (worker, Waiter of its calls)."""
+    old = sdk_worker(url, "old-peer")
+    seen = Waiter()
+
+    def echo(data):
+        seen.add(data)
+        return {"handled_by": "old-peer", "data": data}
+
+    old.register_function({"id": "old::echo", "description": "echo from 0.10.0"}, echo)
+    assert "old::echo" in _function_ids(old)  # same connection: the registration is in
+    return old, seen
+
+
+@pytest.mark.parametrize("namespace", [None, "team-a"])
+def test_newer_and_old_python_workers_call_each_other(namespace, engine, sdk_worker, newer_worker):
+    """
+    Calls both ways, from inside a handler, fire-and-forget and to an unknown id;
+    with a worker namespace the SDK also sends ``namespace`` on every registration
+    and call, which a 0.10.0 engine ignores.
+    """
+    old, seen = _python_peer(sdk_worker, engine.url)
+    env = {"III_NAMESPACE": namespace} if namespace else {}
+    new = newer_worker(engine.url, "new-peer", env=env)
+    new.request("register_function", function_id="new::echo", description="echo from 0.25")
+    functions = {f["function_id"]: f for f in new.request("list_functions")["result"]}
+    assert functions["new::echo"]["description"] == "echo from 0.25"
+    assert "old::echo" in functions
+
+    # 0.10.0 -> newer.
+    result = old.trigger({"function_id": "new::echo", "payload": {"n": 1}})
+    assert (result["handled_by"], result["sdk"], result["data"]["n"]) == (
+        "new-peer", NEWER_VERSION, 1)
+    # newer -> 0.10.0.
+    result = new.request("call", function_id="old::echo", payload={"n": 2})["result"]
+    assert result["handled_by"] == "old-peer" and result["data"]["n"] == 2
+    # 0.10.0 -> newer, whose handler calls 0.10.0 while its own call is pending.
+    result = old.trigger({"function_id": "new::echo", "payload": {
+        "n": 3, "call": {"function_id": "old::echo", "payload": {"n": 30}}}})
+    assert result["nested"]["handled_by"] == "old-peer" and result["nested"]["data"]["n"] == 30
+    assert new.request("call", function_id="old::echo", payload={"n": 4}, void=True)["result"] is None
+    assert seen.wait_for(lambda v: any(d["n"] == 4 for d in v))
+    with pytest.raises(WorkerFailed) as failed:
+        new.request("call", function_id="nope::missing", payload={})
+    assert failed.value.error["code"] == "function_not_found"
+
+    workers = {w["name"]: w for w in new.request("list_workers")["result"] if w["name"]}
+    assert (workers["new-peer"]["runtime"], workers["new-peer"]["version"]) == (
+        "python", NEWER_VERSION)
+    assert workers["new-peer"]["functions"] == ["new::echo"]
+    assert (workers["old-peer"]["runtime"], workers["old-peer"]["version"]) == ("python", "0.10.0")
+    assert [w for w in workers.values() if w["name"] is None] == []  # telemetry is on /otel
+    assert [e["data"]["n"] for e in new.events("invoked")] == [1, 3]
+
+
+def test_newer_sdk_triggers(start_engine, sdk_worker, newer_worker):
+    """A module trigger type, and custom trigger types provided by either SDK."""
+    engine = start_engine(PUBSUB_CONFIG)
+    old, seen = _python_peer(sdk_worker, engine.url)
+    new = newer_worker(engine.url, "new-triggers")
+    new.request("register_function", function_id="new::news")
+    new.request("register_trigger", type="subscribe", function_id="new::news",
+                config={"topic": "news"})
+    new.request("register_trigger_type", type_id="new-hook", description="0.25 hooks")
+    types = {t["id"]: t for t in new.request("list_trigger_types")["result"]}
+    assert types["new-hook"]["description"] == "0.25 hooks" and "subscribe" in types
+
+    # A 0.10.0 publish reaches the newer worker's subscription.
+    old.trigger({"function_id": "publish", "payload": {"topic": "news", "data": {"h": 1}}})
+    event = new.wait_event(lambda l: l.get("event") == "invoked")
+    assert (event["function_id"], event["data"]) == ("new::news", {"h": 1})
+
+    # 0.10.0 binds old::echo to the newer worker's type; the newer worker fires it.
+    hook = old.register_trigger({"type": "new-hook", "function_id": "old::echo",
+                                 "config": {"path": "/x"}})
+    registered = new.wait_event(lambda l: l.get("event") == "trigger_registered")
+    assert (registered["function_id"], registered["config"]) == ("old::echo", {"path": "/x"})
+    results = new.request("fire", type_id="new-hook", payload={"n": 5})["results"]
+    assert [r["result"]["data"]["n"] for r in results] == [5]
+    assert any(d["n"] == 5 for d in seen.values)
+
+    # The newer worker binds its function to a type a 0.10.0 worker provides.
+    provided = Waiter()
+    from iii.triggers import TriggerHandler
+
+    class Provider(TriggerHandler):
+        async def register_trigger(self, config):
+            provided.add((config.id, config.function_id, config.config))
+
+        async def unregister_trigger(self, config):
+            pass
+
+    old.register_trigger_type({"id": "old-hook", "description": "0.10 hooks"}, Provider())
+    assert "old-hook" in {t["id"] for t in old.trigger(
+        {"function_id": "engine::trigger-types::list", "payload": {}})["trigger_types"]}
+    new.request("register_function", function_id="new::hooked")
+    new.request("register_trigger", type="old-hook", function_id="new::hooked",
+                config={"k": 1})
+    [(trigger_id, function_id, config)] = provided.wait_for()
+    assert (function_id, config) == ("new::hooked", {"k": 1})
+    assert old.trigger({"function_id": function_id, "payload": {"k": 2}})["data"]["k"] == 2
+
+    # Unlike 0.10.0, the newer SDK handles unregistertrigger: its provider is told.
+    hook.unregister()
+    removed = new.wait_event(lambda l: l.get("event") == "trigger_unregistered")
+    assert removed["id"] == registered["id"]
+    assert new.request("fire", type_id="new-hook", payload={})["results"] == []
+
+
+def test_newer_sdk_reconnects_after_engine_restart(start_engine, sdk_worker, newer_worker):
+    """
+    After the engine restarts, the newer SDK reconnects, sends ``reattach`` with
+    its previous worker id first, and replays its registrations: its function is
+    callable again.
+    """
+    engine = start_engine()
+    new = newer_worker(engine.url, "new-reconnect")
+    new.request("register_function", function_id="new::again")
+    new.request("list_functions")
+    first_id = new.request("worker_id")["worker_id"]
+    assert first_id
+
+    engine.stop()
+    engine.start()
+    old = sdk_worker(engine.url, "old-after-restart")
+    deadline = time.monotonic() + 30  # the SDK backs off 1 s, 2 s, ... between attempts
+    while "new::again" not in _function_ids(old):
+        assert time.monotonic() < deadline, "the newer worker never came back"
+        time.sleep(0.1)  # polling the registry, bounded by the deadline
+    result = old.trigger({"function_id": "new::again", "payload": {"n": 1}})
+    assert result["handled_by"] == "new-reconnect"
+    assert new.request("worker_id")["worker_id"] not in (None, first_id)
+    assert "Traceback" not in engine.log()

@@ -1,0 +1,124 @@
+"""
+A newer official PyPI ``iii-sdk`` (0.2x) worker driven line by line, for the interop
+tests. It runs under the interpreter of its own virtualenv (that SDK cannot share a
+venv with 0.10.0) and uses the SDK unmodified, through its public API:
+
+    <newer-venv>/bin/python newer_py_worker.py <engine-url> <worker-name>
+
+The line protocol is node/worker.mjs's (see there and ../sdk_process.py): commands
+``{"id", "op", ...}`` on stdin, one ``{"reply": id, "ok": ...}`` line each, and
+``{"event": ...}`` lines on stdout. The namespace, when the test wants one, comes
+from the SDK's own ``III_NAMESPACE`` environment variable.
+"""
+
+import json
+import sys
+import threading
+from importlib.metadata import version
+
+from iii import InitOptions, register_worker
+from iii.triggers import TriggerHandler
+
+SDK_VERSION = version("iii-sdk")
+_print_lock = threading.Lock()
+
+
+def emit(line):
+    with _print_lock:
+        sys.stdout.write(json.dumps(line) + "\n")
+        sys.stdout.flush()
+
+
+def main(url, name):
+    worker = register_worker(url, InitOptions(worker_name=name))
+    triggers = []
+    provided = {}  # trigger id -> {type_id, function_id, config}
+    function_refs = {}
+
+    def make_handler(function_id):
+        def handler(data):
+            emit({"event": "invoked", "function_id": function_id, "data": data})
+            result = {"handled_by": name, "sdk": SDK_VERSION, "data": data}
+            if isinstance(data, dict) and data.get("call"):
+                result["nested"] = worker.trigger({
+                    "function_id": data["call"]["function_id"],
+                    "payload": data["call"]["payload"],
+                })
+            return result
+        return handler
+
+    class Provider(TriggerHandler):
+        def __init__(self, type_id):
+            self.type_id = type_id
+
+        async def register_trigger(self, config):
+            provided[config.id] = {"type_id": self.type_id,
+                                   "function_id": config.function_id,
+                                   "config": config.config}
+            emit({"event": "trigger_registered", "type_id": self.type_id,
+                  "id": config.id, "function_id": config.function_id,
+                  "config": config.config, "metadata": config.metadata})
+
+        async def unregister_trigger(self, config):
+            provided.pop(config.id, None)
+            emit({"event": "trigger_unregistered", "type_id": self.type_id,
+                  "id": config.id, "function_id": config.function_id})
+
+    def list_via(function_id, key, payload=None):
+        return {"result": worker.trigger({"function_id": function_id,
+                                          "payload": payload or {}})[key]}
+
+    ops = {
+        "register_function": lambda c: function_refs.__setitem__(
+            c["function_id"], worker.register_function(
+                c["function_id"], make_handler(c["function_id"]),
+                description=c.get("description"))) or {},
+        "unregister_function": lambda c: function_refs.pop(c["function_id"]).unregister() or {},
+        "call": lambda c: {"result": worker.trigger(dict(
+            {"function_id": c["function_id"], "payload": c.get("payload")},
+            **({"action": {"type": "void"}} if c.get("void") else {})))},
+        "register_trigger": lambda c: triggers.append(worker.register_trigger({
+            "type": c["type"], "function_id": c["function_id"],
+            "config": c.get("config")})) or {"trigger_id": len(triggers) - 1},
+        "unregister_trigger": lambda c: triggers[c["trigger_id"]].unregister() or {},
+        "register_trigger_type": lambda c: worker.register_trigger_type(
+            {"id": c["type_id"], "description": c["description"]},
+            Provider(c["type_id"])) and {},
+        "fire": lambda c: {"results": [
+            {"trigger_id": trigger_id,
+             "result": worker.trigger({"function_id": t["function_id"],
+                                       "payload": c.get("payload")})}
+            for trigger_id, t in list(provided.items()) if t["type_id"] == c["type_id"]]},
+        "list_functions": lambda c: list_via("engine::functions::list", "functions"),
+        "list_workers": lambda c: list_via("engine::workers::list", "workers"),
+        "list_triggers": lambda c: list_via(
+            "engine::triggers::list", "triggers",
+            {"include_internal": c.get("include_internal", False)}),
+        "list_trigger_types": lambda c: list_via(
+            "engine::trigger-types::list", "trigger_types",
+            {"include_internal": c.get("include_internal", False)}),
+        "worker_id": lambda c: {"worker_id": worker.worker_id},
+        "shutdown": lambda c: worker.shutdown() or {},
+    }
+
+    emit({"event": "started", "sdk": SDK_VERSION, "name": name})
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        command = json.loads(line)
+        try:
+            reply = dict(ops[command["op"]](command), reply=command["id"], ok=True)
+        except Exception as e:
+            error = {"message": str(e)}
+            for key in ("code", "function_id"):
+                if getattr(e, key, None) is not None:
+                    error[key] = getattr(e, key)
+            reply = {"reply": command["id"], "ok": False, "error": error}
+        emit(reply)
+        if command["op"] == "shutdown":
+            return
+    worker.shutdown()  # stdin closed: the test went away
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
