@@ -13,6 +13,7 @@ reconnect, and its OpenTelemetry socket on ``/otel``.
 import fcntl
 import hashlib
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -43,8 +44,9 @@ modules:
 @pytest.fixture(scope="session")
 def newer_python(tmp_path_factory):
     """
-    A virtualenv with the newer SDK: built on first use into pytest's temporary
-    root (shared by later sessions, keyed by the requirements' hash), under a lock
+    A virtualenv with the newer SDK: built on first use into ``$III_INTEROP_CACHE``
+    (.ci/run sets it to its scratch directory) or else pytest's temporary root,
+    where later sessions reuse it (keyed by the requirements' hash), under a lock
     so that concurrent sessions build it once.
 
     @return: the path of its python.
@@ -52,6 +54,9 @@ def newer_python(tmp_path_factory):
     with open(REQUIREMENTS, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:12]
     root = tmp_path_factory.getbasetemp().parent
+    if os.environ.get("III_INTEROP_CACHE"):
+        root = pathlib.Path(os.environ["III_INTEROP_CACHE"])
+        root.mkdir(parents=True, exist_ok=True)
     venv = root / "iii-newer-sdk-{}".format(digest)
     python = venv / "bin" / "python"
     done = venv / "complete"
