@@ -11,7 +11,9 @@ Deviations from the reference engine (iii v0.10; ../shared/spec/engine-core.md) 
 listed in docs/deviations.rst; each is marked "Deviation" where it is implemented.
 """
 
+import hmac
 import itertools
+import secrets
 import time
 import traceback
 from inspect import iscoroutine
@@ -51,7 +53,7 @@ class WorkerRecord:
     __slots__ = (
         "id", "connection", "ip_address", "connected_at_ms", "name", "runtime",
         "version", "os", "pid", "telemetry", "functions", "triggers", "trigger_types",
-        "active_calls", "host", "__weakref__",
+        "active_calls", "host", "reattach_token", "__weakref__",
     )
 
     def __init__(self, worker_id, connection, ip_address, connected_at_ms):
@@ -66,6 +68,7 @@ class WorkerRecord:
         self.trigger_types = set()
         self.active_calls = 0
         self.host = None
+        self.reattach_token = None
 
     def __repr__(self):
         return "<Worker {} {!r}>".format(self.id, self.name)
@@ -339,6 +342,7 @@ class Engine:
             P.UNREGISTER_TRIGGER: self._handle_unregistertrigger,
             P.TRIGGER_REGISTRATION_RESULT: self._handle_triggerregistrationresult,
             P.REGISTER_SERVICE: self._handle_registerservice,
+            P.REATTACH: self._handle_reattach,
             P.PING: self._handle_ping,
             P.PONG: _ignore,
             P.WORKER_REGISTERED: _ignore,
@@ -357,7 +361,9 @@ class Engine:
 
     def attach(self, connection):
         """
-        A worker connected: give it an id, send ``workerregistered`` and fire
+        A worker connected: give it an id, send ``workerregistered`` (with the
+        ``reattach_token`` newer SDKs present after a reconnect, see
+        L{_handle_reattach}; older SDKs ignore it) and fire
         ``engine::workers-available``.
 
         @param connection: its L{IWorkerConnection}.
@@ -370,7 +376,9 @@ class Engine:
         )
         worker.host = WorkerHost(self.tracker, worker)
         self.workers[worker.id] = worker
-        connection.send({"type": P.WORKER_REGISTERED, "worker_id": worker.id})
+        worker.reattach_token = secrets.token_urlsafe(24)
+        connection.send({"type": P.WORKER_REGISTERED, "worker_id": worker.id,
+                         "reattach_token": worker.reattach_token})
         self._log.info("worker {worker_id} connected from {ip}", worker_id=worker.id,
                        ip=worker.ip_address)
         self.fire_triggers(WORKERS_AVAILABLE,
@@ -924,6 +932,30 @@ class Engine:
         self.services[name] = {"id": message["id"],
                                "parent_service_id": message["parent_service_id"],
                                "functions": set()}
+
+    def _handle_reattach(self, worker, message):
+        """
+        A newer SDK reconnected and names the connection it had before (engine-core.md
+        §11). If that worker is still attached here (its socket is half-open: we
+        have not seen it close) and the token is the one it was given, retire it
+        now, before the new connection's replay: its calls fail with
+        ``invocation_stopped`` at once instead of waiting for a ping timeout.
+        Anything else (an id we do not know, e.g. after an engine restart, or a
+        wrong token) is ignored.
+        """
+        previous = self.workers.get(message["previous_worker_id"])
+        token = message["reattach_token"]
+        if previous is None or previous is worker:
+            return
+        if token is None or not hmac.compare_digest(
+                token.encode("utf-8"), previous.reattach_token.encode("utf-8")):
+            self._log.warn("worker {worker_id} tried to reattach {previous_id} with a "
+                           "wrong token", worker_id=worker.id, previous_id=previous.id)
+            return
+        self._log.info("worker {worker_id} reattached: retiring {previous_id}",
+                       worker_id=worker.id, previous_id=previous.id)
+        self.detach(previous)
+        previous.connection.disconnect(1000, "reattached")
 
     def _handle_ping(self, worker, message):
         worker.connection.send({"type": P.PONG})

@@ -30,6 +30,7 @@ INVOKE_FUNCTION = "invokefunction"
 INVOCATION_RESULT = "invocationresult"
 REGISTER_SERVICE = "registerservice"
 WORKER_REGISTERED = "workerregistered"
+REATTACH = "reattach"  # newer SDKs (engine-core.md §11), first after a reconnect
 PING = "ping"
 PONG = "pong"
 
@@ -108,6 +109,7 @@ _SCHEMAS = {
         "description": (_OPT_STR, False),
         "parent_service_id": (_OPT_STR, False),
     },
+    REATTACH: {"previous_worker_id": (_STR, True), "reattach_token": (_OPT_STR, False)},
     PING: {},
     PONG: {},
     WORKER_REGISTERED: {},

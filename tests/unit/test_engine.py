@@ -52,7 +52,8 @@ class ConnectTests(SynchronousTestCase):
         """A new connection gets its worker id before anything else."""
         engine, _ = make_engine()
         conn = FakeWorkerConnection.connect(engine)
-        assert conn.sent[0] == {"type": "workerregistered", "worker_id": conn.worker_id}
+        assert conn.sent[0] == {"type": "workerregistered", "worker_id": conn.worker_id,
+                                "reattach_token": conn.worker.reattach_token}
         assert engine.workers[conn.worker_id] is conn.worker
 
     def test_ping_is_answered_with_pong(self):
