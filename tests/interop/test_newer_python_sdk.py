@@ -15,8 +15,10 @@ import hashlib
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -229,3 +231,90 @@ def test_newer_sdk_reconnects_after_engine_restart(start_engine, sdk_worker, new
     assert result["handled_by"] == "new-reconnect"
     assert new.request("worker_id")["worker_id"] not in (None, first_id)
     assert "Traceback" not in engine.log()
+
+
+class _CuttableProxy:
+    """
+    A TCP proxy on loopback to the engine whose client sides can be cut while the
+    engine sides stay open: the engine then holds half-open worker connections, as
+    after a network failure it has not noticed yet.
+    """
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = "ws://127.0.0.1:{}".format(self.listener.getsockname()[1])
+        self.clients = []
+        self.upstreams = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.clients.append(client)
+            self.upstreams.append(upstream)
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink):
+        # An end of either side stops this direction only: the engine's side is
+        # never closed here.
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    return
+                sink.sendall(data)
+        except OSError:
+            return
+
+    def cut_clients(self):
+        """Close the SDK side of every connection so far; keep the engine side."""
+        for client in self.clients:
+            client.shutdown(socket.SHUT_RDWR)
+            client.close()
+
+    def close(self):
+        self.listener.close()
+        for s in self.clients + self.upstreams:
+            s.close()
+
+
+def test_newer_sdk_reattach_retires_half_open_connection(engine, sdk_worker, newer_worker):
+    """
+    The newer SDK loses its socket while the engine still holds the other end: on
+    reconnecting it sends ``reattach`` with the previous worker id and the token from
+    ``workerregistered``, and the engine retires the old connection at once (without
+    it, both would be listed until the ping timeout).
+    """
+    proxy = _CuttableProxy(engine.port)
+    try:
+        old = sdk_worker(engine.url, "observer")
+        new = newer_worker(proxy.url, "new-reattach")
+        new.request("register_function", function_id="new::fn")
+        new.request("list_functions")
+        first_id = new.request("worker_id")["worker_id"]
+
+        def listed():
+            workers = old.trigger({"function_id": "engine::workers::list", "payload": {}})
+            return [w["id"] for w in workers["workers"] if w["name"] == "new-reattach"]
+
+        assert listed() == [first_id]
+        proxy.cut_clients()
+        deadline = time.monotonic() + 20  # the SDK retries after about 1 s
+        while True:
+            ids = listed()
+            if len(ids) == 1 and ids[0] != first_id:
+                break
+            assert time.monotonic() < deadline, "still listed: {}".format(ids)
+            time.sleep(0.05)  # polling the registry, bounded by the deadline
+        assert new.request("worker_id")["worker_id"] == ids[0]
+        assert old.trigger({"function_id": "new::fn", "payload": {}})["handled_by"] == "new-reattach"
+        assert "reattached: retiring {}".format(first_id) in engine.log()
+    finally:
+        proxy.close()
