@@ -144,13 +144,17 @@ def test_newer_and_old_python_workers_call_each_other(namespace, engine, sdk_wor
         new.request("call", function_id="nope::missing", payload={})
     assert failed.value.error["code"] == "function_not_found"
 
-    workers = {w["name"]: w for w in new.request("list_workers")["result"] if w["name"]}
+    # Its telemetry socket is on /otel: accepted once, and not a worker.
+    new.wait_line("[telemetry] OTel WS connected to {}/otel".format(engine.url))
+    listed = new.request("list_workers")["result"]
+    workers = {w["name"]: w for w in listed if w["name"]}
     assert (workers["new-peer"]["runtime"], workers["new-peer"]["version"]) == (
         "python", NEWER_VERSION)
     assert workers["new-peer"]["functions"] == ["new::echo"]
     assert (workers["old-peer"]["runtime"], workers["old-peer"]["version"]) == ("python", "0.10.0")
-    assert [w for w in workers.values() if w["name"] is None] == []  # telemetry is on /otel
     assert [e["data"]["n"] for e in new.events("invoked")] == [1, 3]
+    assert [w for w in listed if w["name"] is None] == []
+    assert "OTel WS disconnected" not in new.text()
 
 
 def test_newer_sdk_triggers(start_engine, sdk_worker, newer_worker):

@@ -12,6 +12,7 @@ from the SDK's own ``III_NAMESPACE`` environment variable.
 """
 
 import json
+import logging
 import sys
 import threading
 from importlib.metadata import version
@@ -30,6 +31,12 @@ def emit(line):
 
 
 def main(url, name):
+    # The SDK's telemetry socket says where it connected (and any retry) at debug level.
+    telemetry_log = logging.getLogger("iii.telemetry_exporters")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[telemetry] %(message)s"))
+    telemetry_log.addHandler(handler)
+    telemetry_log.setLevel(logging.DEBUG)
     worker = register_worker(url, InitOptions(worker_name=name))
     triggers = []
     provided = {}  # trigger id -> {type_id, function_id, config}
