@@ -25,12 +25,13 @@ config is lenient too), and logged.
 """
 
 import os
+import threading
 from random import Random
 
 from twisted.application import strports
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.web.server import Site
 from zope.interface import implementer
@@ -61,7 +62,7 @@ _ROLLUP_LEVELS = (60, 300, 3600)
 _KNOWN_KEYS = frozenset("""
 enabled service_name service_version service_namespace exporter endpoint protocol headers
 sampling_ratio sampling memory_max_spans traces_retention_seconds trace_internal
-export_interval_ms metrics_enabled metrics_exporter metrics_retention_seconds
+export_interval_ms shutdown_timeout_ms metrics_enabled metrics_exporter metrics_retention_seconds
 metrics_max_count metrics_export_interval_ms max_functions logs_enabled logs_exporter
 logs_max_count logs_retention_seconds logs_batch_size logs_flush_interval_ms
 logs_sampling_ratio logs_console_output alerts level log_level format prometheus
@@ -159,6 +160,7 @@ def parse_config(config):
             raise ConfigError("must be a string", "headers." + str(name))
     o.headers = headers
     o.export_interval_ms = _positive(config, "export_interval_ms", 5000)
+    o.shutdown_timeout_ms = _positive(config, "shutdown_timeout_ms", 5000)
     o.max_frame_bytes = _positive(config, "max_frame_bytes", 4 * 1024 * 1024)
 
     # traces and sampling
@@ -408,12 +410,29 @@ class OtelModule(MultiService):
             return d
 
         def shut_down(result):
-            from twisted.internet.threads import deferToThreadPool
+            # The SDK flushes and joins its threads, which blocks (for the exporter's
+            # timeout and retries when the collector is down): so it runs in a daemon
+            # thread of its own, and the engine waits for it at most
+            # shutdown_timeout_ms; what is still queued then is lost.
+            done = Deferred()
 
-            # The SDK flushes and joins its threads: blocking, so not on the reactor.
-            done = deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                     exporter.shutdown)
-            done.addErrback(lambda f: _log.failure("OTLP exporter shutdown failed", f))
+            def finished():
+                if not done.called:
+                    done.callback(None)
+
+            def run():
+                try:
+                    exporter.shutdown()
+                finally:
+                    self.reactor.callFromThread(finished)
+
+            threading.Thread(target=run, name="otlp-shutdown", daemon=True).start()
+
+            def timed_out(value, timeout):
+                _log.warn("observability: OTLP export did not finish within {timeout}s "
+                          "of shutdown; unsent telemetry is dropped", timeout=timeout)
+            done.addTimeout(self.options.shutdown_timeout_ms / 1000.0, self.reactor,
+                            onTimeoutCancel=timed_out)
             return done.addCallback(lambda _: result)
         return d.addCallback(shut_down)
 

@@ -284,7 +284,7 @@ class OtlpExporter:
 
     def shutdown(self):
         """Flush and stop the export threads (blocking: call from a thread)."""
-        for thing in (self._span_processor, self._logger_provider, self._meter_provider):
+        for thing in (self._meter_provider, self._span_processor, self._logger_provider):
             if thing is not None:
                 try:
                     thing.shutdown()

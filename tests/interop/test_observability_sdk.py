@@ -46,6 +46,8 @@ modules:
       export_interval_ms: 100
       logs_exporter: both
       logs_console_output: false
+      metrics_exporter: both
+      metrics_export_interval_ms: 200
       prometheus:
         port: {prom}
         host: 127.0.0.1
@@ -217,9 +219,13 @@ def collector():
     thread.join(10)
 
 
-def test_otlp_exporter_sends_to_collector_and_prometheus_serves(start_engine, reader,
-                                                                 collector):
+def test_otlp_exporter_sends_to_collector_and_prometheus_serves(collector, start_engine,
+                                                                 reader):
+    # (collector first: fixtures stop in reverse, so it outlives the engine's last export)
     from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+        ExportMetricsServiceRequest,
+    )
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
         ExportTraceServiceRequest,
     )
@@ -258,6 +264,23 @@ def test_otlp_exporter_sends_to_collector_and_prometheus_serves(start_engine, re
         return bodies
 
     collector.received.wait_for(lambda r: "exported log" in log_bodies(r), timeout=15)
+
+    def exported_calls(received):
+        calls = {}
+        for path, _, body in received:
+            if path == "/v1/metrics":
+                for rm in ExportMetricsServiceRequest.FromString(body).resource_metrics:
+                    for sm in rm.scope_metrics:
+                        for metric in sm.metrics:
+                            if metric.name == "iii.invocations":
+                                for point in metric.sum.data_points:
+                                    fid = [a.value.string_value for a in point.attributes
+                                           if a.key == "function_id"]
+                                    calls[fid[0]] = point.as_int
+        return calls
+
+    collector.received.wait_for(lambda r: exported_calls(r).get("app::ping") == 1,
+                                timeout=15)
     assert ("iii-export-test", "call app::ping") in span_names(received)
 
     # exporter: both keeps them in memory too
@@ -290,3 +313,24 @@ def test_bad_telemetry_frame_keeps_the_connection(start_engine):
     assert answer["type"] == "invocationresult" and answer["invocation_id"] == "i-1"
     assert answer["result"]["engine_metrics"]["telemetry"]["invalid_frames"] == {
         "OTLP": 1, "LOGS": 1, "MTRC": 1}
+
+
+def test_shutdown_with_collector_down_is_bounded(start_engine, reader):
+    from engine_process import free_port
+
+    config = EXPORT_CONFIG.replace("COLLECTOR_PORT", str(free_port())).replace(
+        "export_interval_ms: 100", "export_interval_ms: 100\n      shutdown_timeout_ms: 1000")
+    engine = start_engine(config, prom=True)
+    client = reader(engine.url)
+    client.register_function({"id": "app::ping"}, lambda data: data)
+    assert client.trigger({"function_id": "app::ping", "payload": 2}) == 2
+    # (the reader stays connected: the SDK's shutdown() must run once, in teardown)
+    started = time.monotonic()
+    process = engine.process
+    engine.stop()
+    # twistd shuts down cleanly and then ends itself with the signal it got (-15);
+    # stop() would have used SIGKILL (-9) after 10 s.
+    assert process.returncode == -15
+    assert time.monotonic() - started < 5.0
+    assert "did not finish within 1.0s" in engine.log()
+    assert "Server Shut Down" in engine.log()
