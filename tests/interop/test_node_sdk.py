@@ -13,6 +13,7 @@ relies on what it registered.
 """
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -358,3 +359,32 @@ def test_node_telemetry_socket(package, otel_path, start_engine, quiet_worker, n
     # No retry loop: the one telemetry connection was accepted and kept.
     assert "Reconnecting" not in node.text(), node.text()
     assert node.text().count("[OTel] Connected to engine") == 1
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_data_channels_between_node_and_python(package, engine, sdk_worker, node_worker):
+    """A Node worker streams to a Python reader and reads what a Python writer sends."""
+    size = 1024 * 1024 + 5  # more than one 64 KiB frame, not a multiple of it
+    expected = bytes(i % 251 for i in range(size))
+    py = sdk_worker(engine.url, "py-channels")
+
+    async def read_all(data):
+        received = bytearray()
+        async for chunk in data["reader"]:
+            received.extend(chunk)
+        return {"size": len(received), "sha256": hashlib.sha256(received).hexdigest()}
+
+    async def write_all(data):
+        await data["writer"].write(expected)
+        await data["writer"].close_async()
+
+    py.register_function({"id": "py::read_all"}, read_all)
+    py.register_function({"id": "py::write_all"}, write_all)
+    assert {"py::read_all", "py::write_all"} <= {f["function_id"] for f in py.trigger(
+        {"function_id": "engine::functions::list", "payload": {}})["functions"]}
+    node = node_worker(package, engine.url, "node-channels")
+
+    sent = node.request("channel_send", function_id="py::read_all", size=size, timeout=30)
+    assert sent["result"] == {"size": size, "sha256": hashlib.sha256(expected).hexdigest()}
+    received = node.request("channel_receive", function_id="py::write_all", timeout=30)
+    assert (received["size"], received["sha256"]) == (size, hashlib.sha256(expected).hexdigest())

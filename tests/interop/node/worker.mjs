@@ -29,8 +29,14 @@
 //       registered on our type, as a provider does when its event happens
 //   list_functions / list_workers / list_triggers {include_internal?} /
 //       list_trigger_types {include_internal?} (0.11+) -> {result}
+//   channel_send {function_id, size}: create a data channel, call the function with
+//       {reader: <ref>} while writing <size> bytes (byte i is i % 251) into the
+//       channel -> {result}
+//   channel_receive {function_id}: create a data channel, call the function with
+//       {writer: <ref>} and read the channel to its end -> {result, size, sha256}
 //   shutdown: iii.shutdown() (flushes OTel), reply, exit 0
 
+import { createHash } from 'node:crypto'
 import { readFileSync } from 'node:fs'
 import { createInterface } from 'node:readline'
 
@@ -137,6 +143,24 @@ const ops = {
       throw new Error(`iii-sdk ${sdkVersion} has no listTriggerTypes`)
     }
     return { result: await iii.listTriggerTypes(include_internal ?? false) }
+  },
+  async channel_send({ function_id, size }) {
+    const channel = await iii.createChannel()
+    const data = Buffer.alloc(size)
+    for (let i = 0; i < size; i++) data[i] = i % 251
+    const call = iii.trigger({ function_id, payload: { reader: channel.readerRef } })
+    channel.writer.stream.end(data)
+    return { result: await call }
+  },
+  async channel_receive({ function_id }) {
+    const channel = await iii.createChannel()
+    const call = iii.trigger({ function_id, payload: { writer: channel.writerRef } })
+    const received = await channel.reader.readAll()
+    return {
+      result: (await call) ?? null,
+      size: received.length,
+      sha256: createHash('sha256').update(received).digest('hex'),
+    }
   },
   async shutdown() {
     await iii.shutdown()
