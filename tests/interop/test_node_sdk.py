@@ -14,10 +14,12 @@ relies on what it registered.
 
 import fcntl
 import hashlib
+import http.server
 import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -50,6 +52,12 @@ modules:
     config:
       adapter:
         class: modules::pubsub::LocalAdapter
+  - class: modules::http_functions::HttpFunctionsModule
+    config:
+      security:
+        url_allowlist: [127.0.0.1]
+        require_https: false
+        block_private_ips: false
 """
 
 OTEL_CONFIG = """
@@ -388,3 +396,58 @@ def test_data_channels_between_node_and_python(package, engine, sdk_worker, node
     assert sent["result"] == {"size": size, "sha256": hashlib.sha256(expected).hexdigest()}
     received = node.request("channel_receive", function_id="py::write_all", timeout=30)
     assert (received["size"], received["sha256"]) == (size, hashlib.sha256(expected).hexdigest())
+
+
+class _Hook(http.server.BaseHTTPRequestHandler):
+    """Answers a POSTed JSON object with {"doubled": 2 * n} and records the request."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        self.server.seen.add({"path": self.path, "body": body})
+        answer = json.dumps({"doubled": 2 * body["n"]}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hook_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    server.seen = Waiter()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_node_http_invoked_function_and_functions_available(
+        package, start_engine, sdk_worker, node_worker, hook_server):
+    """
+    A Node worker registers a function served by a URL (its own registerFunction
+    signature in each version, one wire format), and hears of new functions through
+    onFunctionsAvailable (an ``engine::functions-available`` trigger).
+    """
+    engine = start_engine(MODULES_CONFIG, http=True)
+    node = node_worker(package, engine.url, "node-http-fn")
+    node.request("watch_functions")
+    url = "http://127.0.0.1:{}/double".format(hook_server.server_address[1])
+    node.request("register_http_function", function_id="ext::double", url=url,
+                 description="doubles n")
+    functions = {f["function_id"]: f for f in node.request("list_functions")["result"]}
+    assert functions["ext::double"]["description"] == "doubles n"
+
+    py = sdk_worker(engine.url, "py-caller")
+    assert py.trigger({"function_id": "ext::double", "payload": {"n": 21}}) == {"doubled": 42}
+    [seen] = hook_server.seen.wait_for()
+    assert seen["path"] == "/double" and seen["body"]["n"] == 21
+
+    py.register_function({"id": "py::late"}, lambda data: None)
+    notice = node.wait_event(lambda l: l.get("event") == "functions_available"
+                             and "py::late" in l["function_ids"])
+    assert "ext::double" in notice["function_ids"]

@@ -29,6 +29,10 @@
 //       registered on our type, as a provider does when its event happens
 //   list_functions / list_workers / list_triggers {include_internal?} /
 //       list_trigger_types {include_internal?} (0.11+) -> {result}
+//   register_http_function {function_id, url, description?}: an HTTP-invoked
+//       function (the engine POSTs the call to url)
+//   watch_functions: onFunctionsAvailable; prints {"event": "functions_available",
+//       function_ids} on each notice
 //   channel_send {function_id, size}: create a data channel, call the function with
 //       {reader: <ref>} while writing <size> bytes (byte i is i % 251) into the
 //       channel -> {result}
@@ -143,6 +147,19 @@ const ops = {
       throw new Error(`iii-sdk ${sdkVersion} has no listTriggerTypes`)
     }
     return { result: await iii.listTriggerTypes(include_internal ?? false) }
+  },
+  async register_http_function({ function_id, url, description }) {
+    const invocation = { url, method: 'POST', timeout_ms: 10000 }
+    functionRefs.set(function_id, modern
+      ? iii.registerFunction(function_id, invocation, { description })
+      : iii.registerFunction({ id: function_id, description }, invocation))
+    return {}
+  },
+  async watch_functions() {
+    iii.onFunctionsAvailable((functions) => {
+      emit({ event: 'functions_available', function_ids: functions.map((f) => f.function_id).sort() })
+    })
+    return {}
   },
   async channel_send({ function_id, size }) {
     const channel = await iii.createChannel()
