@@ -3,7 +3,7 @@
 The iii-twisted benchmark: our engine side by side with the Crossbar.io router, a
 minimal Autobahn relay and a bare Autobahn echo, in one run. See bench/README.rst.
 
-    python bench/run.py            # full run (~7 min on 2 cores)
+    python bench/run.py            # full run (~6 min on 2 cores)
     python bench/run.py --quick    # ~1 min
 
 Run it with the Python environment the engine is installed in (its ``twistd`` is
