@@ -12,6 +12,7 @@ reconnect, and its OpenTelemetry socket on ``/otel``.
 
 import fcntl
 import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -40,6 +42,10 @@ modules:
     config:
       adapter:
         class: modules::pubsub::LocalAdapter
+  - class: modules::api::RestApiModule
+    config:
+      host: 127.0.0.1
+      port: {http}
 """
 
 
@@ -159,20 +165,34 @@ def test_newer_and_old_python_workers_call_each_other(namespace, engine, sdk_wor
 
 def test_newer_sdk_triggers(start_engine, sdk_worker, newer_worker):
     """A module trigger type, and custom trigger types provided by either SDK."""
-    engine = start_engine(PUBSUB_CONFIG)
+    engine = start_engine(PUBSUB_CONFIG, http=True)
     old, seen = _python_peer(sdk_worker, engine.url)
     new = newer_worker(engine.url, "new-triggers")
     new.request("register_function", function_id="new::news")
     new.request("register_trigger", type="subscribe", function_id="new::news",
                 config={"topic": "news"})
+    new.request("register_function", function_id="new::http", http=True)
+    new.request("register_trigger", type="http", function_id="new::http",
+                config={"api_path": "new/:id", "http_method": "POST"})
     new.request("register_trigger_type", type_id="new-hook", description="0.25 hooks")
     types = {t["id"]: t for t in new.request("list_trigger_types")["result"]}
     assert types["new-hook"]["description"] == "0.25 hooks" and "subscribe" in types
 
+    # Its route answers (the list above ran after the route was bound).
+    request = urllib.request.Request(
+        "http://127.0.0.1:{}/new/9".format(engine.ports["http"]), data=b'{"q": 1}',
+        method="POST", headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=20) as response:
+        assert response.status == 201
+        answer = json.loads(response.read())
+    assert answer["handled_by"] == "new-triggers"
+    assert (answer["data"]["path_params"], answer["data"]["body"]) == ({"id": "9"}, {"q": 1})
+
     # A 0.10.0 publish reaches the newer worker's subscription.
     old.trigger({"function_id": "publish", "payload": {"topic": "news", "data": {"h": 1}}})
-    event = new.wait_event(lambda l: l.get("event") == "invoked")
-    assert (event["function_id"], event["data"]) == ("new::news", {"h": 1})
+    event = new.wait_event(lambda l: l.get("event") == "invoked"
+                           and l["function_id"] == "new::news")
+    assert event["data"] == {"h": 1}
 
     # 0.10.0 binds old::echo to the newer worker's type; the newer worker fires it.
     hook = old.register_trigger({"type": "new-hook", "function_id": "old::echo",

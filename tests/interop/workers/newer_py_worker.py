@@ -42,8 +42,10 @@ def main(url, name):
     provided = {}  # trigger id -> {type_id, function_id, config}
     function_refs = {}
 
-    def make_handler(function_id):
+    def make_handler(function_id, http=False):
         def handler(data):
+            if http:  # the request's body and response channels are not JSON
+                data = {k: data.get(k) for k in ("method", "path_params", "body")}
             emit({"event": "invoked", "function_id": function_id, "data": data})
             result = {"handled_by": name, "sdk": SDK_VERSION, "data": data}
             if isinstance(data, dict) and data.get("call"):
@@ -51,7 +53,7 @@ def main(url, name):
                     "function_id": data["call"]["function_id"],
                     "payload": data["call"]["payload"],
                 })
-            return result
+            return {"status_code": 201, "body": result} if http else result
         return handler
 
     class Provider(TriggerHandler):
@@ -78,7 +80,7 @@ def main(url, name):
     ops = {
         "register_function": lambda c: function_refs.__setitem__(
             c["function_id"], worker.register_function(
-                c["function_id"], make_handler(c["function_id"]),
+                c["function_id"], make_handler(c["function_id"], c.get("http", False)),
                 description=c.get("description"))) or {},
         "unregister_function": lambda c: function_refs.pop(c["function_id"]).unregister() or {},
         "call": lambda c: {"result": worker.trigger(dict(
