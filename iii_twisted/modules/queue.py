@@ -320,6 +320,17 @@ class QueueModule(Service):
                             traceparent, baggage)
         return self._accept(job).addCallback(lambda _: job.id)
 
+    def depths(self):
+        """
+        The hook the observability module reads for its queue depth metrics.
+
+        @return: ``{queue or topic name: messages waiting}``, counting messages ready
+            to go and messages waiting out a retry backoff (not those in flight or in
+            the dead-letter queue), for every queue the module knows.
+        """
+        return {queue.name: len(queue.waiting) + len(queue.delayed)
+                for queue in self.queues.values()}
+
     def _new_job(self, key, function_id, data, group=None, traceparent=None, baggage=None):
         return Job(str(uuid4()), key, function_id, data, 0, self._now_ms(), group,
                    traceparent, baggage)

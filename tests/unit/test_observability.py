@@ -8,6 +8,7 @@ import base64
 import json
 
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface.verify import verifyObject
@@ -673,6 +674,24 @@ def test_prometheus_text():
     body = PrometheusResource(module.metrics).render_GET(request)
     assert body.decode() == text
     assert request.responseHeaders.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
+
+
+def test_queue_module_depths_reach_the_metrics():
+    """With the queue module loaded, its waiting messages show as iii_queue_depth."""
+    from iii_twisted.modules.queue import QueueModule
+    engine, clock, module = make()
+    queues = QueueModule(engine, {"queue_configs": {"mail": {"concurrency": 1}}}, clock)
+    queues.startService()
+    held = []
+    engine.register_function("app::send", lambda d: held.append(Deferred()) or held[-1])
+    for i in range(3):
+        engine.call("app::send", {"i": i}, {"type": "enqueue", "queue": "mail"})
+    assert module.metrics.queue_depths() == {"mail": 2}
+    assert 'iii_queue_depth{queue="mail"} 2' in prometheus_text(module.metrics).decode()
+    while held and not held[-1].called:
+        held[-1].callback(None)
+    assert module.metrics.queue_depths() == {"mail": 0}
+    queues.stopService()
 
 
 def test_prometheus_listener_is_a_child_service():

@@ -179,6 +179,29 @@ class NamedQueueTests(SynchronousTestCase):
         assert [c["i"] for c in consumer.calls] == [0, 1, 2, 3, 4]
         module.stopService()
 
+    def test_depths_count_waiting_and_backoff_not_in_flight(self):
+        """depths() (read by observability) counts ready and backing-off messages."""
+        engine, clock, module = make()
+        consumer = Consumer(engine, "c", hold=True)
+        # Every configured queue is reported, empty or not.
+        assert module.depths() == {"orders": 0, "one": 0, "zero": 0, "seq": 0, "groups": 0}
+        for i in range(5):
+            self.successResultOf(enqueue(engine, "orders", "c", {"i": i}))
+        # concurrency 2: two in flight, three waiting.
+        assert module.depths()["orders"] == 3
+        consumer.pending[0].errback(InvocationError("boom", "retry me"))
+        # The failed one waits out its backoff; the next waiting one went out.
+        assert module.depths()["orders"] == 3
+        while [d for d in consumer.pending if not d.called]:
+            for d in [d for d in consumer.pending if not d.called]:
+                d.callback(None)
+        assert module.depths()["orders"] == 1  # only the one in backoff is left
+        clock.advance(100)
+        consumer.pending[-1].callback(None)
+        assert len(consumer.calls) == 6
+        assert module.depths()["orders"] == 0
+        module.stopService()
+
     def test_concurrency_one_keeps_order(self):
         """A standard queue with concurrency 1 delivers in enqueue order."""
         engine, clock, module = make()
