@@ -50,7 +50,10 @@ def sdk_worker():
     workers = []
 
     def connect(url, name):
-        worker = register_worker(url, InitOptions(worker_name=name))
+        # The SDK would otherwise turn OpenTelemetry on for the whole process, aimed at
+        # III_URL or ws://localhost:49134 rather than this engine; telemetry has its
+        # own tests (test_observability_sdk.py, with a worker subprocess).
+        worker = register_worker(url, InitOptions(worker_name=name, otel={"enabled": False}))
         workers.append(worker)
         return worker
 

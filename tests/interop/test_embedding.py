@@ -21,7 +21,8 @@ def test_embedded_engine_serves_workers(tmp_path):
     worker = None
     try:
         wait_for_port(port, process=process)
-        worker = register_worker("ws://127.0.0.1:{}".format(port), InitOptions(worker_name="w"))
+        worker = register_worker("ws://127.0.0.1:{}".format(port),
+                                 InitOptions(worker_name="w", otel={"enabled": False}))
         worker.register_function({"id": "shout::upper"}, lambda data: data["text"].upper())
         assert worker.trigger({"function_id": "app::greet", "payload": {"name": "ann"}}) == {
             "greeting": "hello ann"}
