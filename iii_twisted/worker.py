@@ -3,8 +3,9 @@ The worker socket: an Autobahn WebSocket server on the engine port (49134).
 
 Paths (../shared/spec/engine-core.md §1):
 
-- ``/``: a worker. The engine sends ``{"type": "workerregistered", "worker_id"}``
-  first; then every text frame is one JSON message (§2), handled in arrival order.
+- ``/``: a worker. The engine sends ``{"type": "workerregistered", "worker_id",
+  "reattach_token"}`` first (the token is an extension newer SDKs present to retire
+  their previous, half-open connection; 0.10.0 ignores it); then every text frame is one JSON message (§2), handled in arrival order.
   Binary frames starting ``OTLP``/``LOGS``/``MTRC`` are telemetry for the observability
   sink; other binary frames are JSON messages too.
 - ``/otel``: telemetry only (npm ``iii-sdk`` 0.11.2 sends its OTel frames here). No
