@@ -187,35 +187,56 @@ def _scope(scope_holder):
 # -- traces ----------------------------------------------------------------------------
 
 
+def _decode(payload, top_key, scope_keys, item_key, limits, make):
+    """
+    Walk an OTLP JSON export request: resources, their scopes, their items.
+
+    A resource, scope or item that cannot be read is counted in C{skipped} and the walk
+    goes on with the next one.
+
+    @param top_key: the request's list of resources (``resourceSpans``, ...).
+    @param scope_keys: the names of a resource's list of scopes, current name first.
+    @param item_key: the name of a scope's list of items (``spans``, ...).
+    @param make: C{make(item, resource attributes, service name, scope name, scope
+        version)} returning one decoded record.
+    @return: a L{Decoded}.
+    @raise TelemetryDecodeError: for a payload that is not such a request.
+    """
+    decoded = Decoded()
+    for resource_items in _load(payload, top_key):
+        try:
+            resource = attributes((resource_items.get("resource") or {}).get("attributes"),
+                                  limits)
+            scopes = _list(resource_items, *scope_keys)
+        except (AttributeError, ValueError, TypeError):
+            decoded.skipped += 1
+            continue
+        service = _service(resource)
+        for scope_items in scopes:
+            try:
+                scope_name, scope_version = _scope(scope_items)
+                items = _list(scope_items, item_key)
+            except (AttributeError, ValueError, TypeError):
+                decoded.skipped += 1
+                continue
+            for item in items:
+                try:
+                    decoded.records.append(
+                        make(item, resource, service, scope_name, scope_version))
+                except (AttributeError, ValueError, TypeError, KeyError):
+                    decoded.skipped += 1
+    return decoded
+
+
 def decode_traces(payload, limits=_DEFAULT_LIMITS):
     """
     @return: a L{Decoded} of L{SpanRecord}s.
     @raise TelemetryDecodeError: for a frame that is not an ExportTraceServiceRequest.
     """
-    decoded = Decoded()
-    for resource_spans in _load(payload, "resourceSpans"):
-        try:
-            resource = attributes((resource_spans.get("resource") or {}).get("attributes"),
-                                  limits)
-            scopes = _list(resource_spans, "scopeSpans", "instrumentationLibrarySpans")
-        except (AttributeError, ValueError, TypeError):
-            decoded.skipped += 1
-            continue
-        service = _service(resource)
-        for scope_spans in scopes:
-            try:
-                scope_name, scope_version = _scope(scope_spans)
-                spans = _list(scope_spans, "spans")
-            except (AttributeError, ValueError, TypeError):
-                decoded.skipped += 1
-                continue
-            for span in spans:
-                try:
-                    decoded.records.append(
-                        _span(span, service, scope_name, scope_version, limits))
-                except (AttributeError, ValueError, TypeError, KeyError):
-                    decoded.skipped += 1
-    return decoded
+    return _decode(
+        payload, "resourceSpans", ("scopeSpans", "instrumentationLibrarySpans"), "spans",
+        limits, lambda span, resource, service, scope_name, scope_version: _span(
+            span, service, scope_name, scope_version, limits))
 
 
 def _span(span, service, scope_name, scope_version, limits):
@@ -273,30 +294,10 @@ def decode_logs(payload, observed_ns, limits=_DEFAULT_LIMITS):
     @return: a L{Decoded} of StoredLog dicts.
     @raise TelemetryDecodeError: for a frame that is not an ExportLogsServiceRequest.
     """
-    decoded = Decoded()
-    for resource_logs in _load(payload, "resourceLogs"):
-        try:
-            resource = attributes((resource_logs.get("resource") or {}).get("attributes"),
-                                  limits)
-            scopes = _list(resource_logs, "scopeLogs", "instrumentationLibraryLogs")
-        except (AttributeError, ValueError, TypeError):
-            decoded.skipped += 1
-            continue
-        service = _service(resource)
-        for scope_logs in scopes:
-            try:
-                scope_name, scope_version = _scope(scope_logs)
-                records = _list(scope_logs, "logRecords")
-            except (AttributeError, ValueError, TypeError):
-                decoded.skipped += 1
-                continue
-            for record in records:
-                try:
-                    decoded.records.append(_log(record, resource, service, scope_name,
-                                                scope_version, observed_ns, limits))
-                except (AttributeError, ValueError, TypeError, KeyError):
-                    decoded.skipped += 1
-    return decoded
+    return _decode(
+        payload, "resourceLogs", ("scopeLogs", "instrumentationLibraryLogs"), "logRecords",
+        limits, lambda record, resource, service, scope_name, scope_version: _log(
+            record, resource, service, scope_name, scope_version, observed_ns, limits))
 
 
 def _log(record, resource, service, scope_name, scope_version, observed_ns, limits):
@@ -333,31 +334,10 @@ def decode_metrics(payload, limits=_DEFAULT_LIMITS):
     @raise TelemetryDecodeError: for a frame that is not an
         ExportMetricsServiceRequest.
     """
-    decoded = Decoded()
-    for resource_metrics in _load(payload, "resourceMetrics"):
-        try:
-            resource = attributes(
-                (resource_metrics.get("resource") or {}).get("attributes"), limits)
-            scopes = _list(resource_metrics, "scopeMetrics",
-                           "instrumentationLibraryMetrics")
-        except (AttributeError, ValueError, TypeError):
-            decoded.skipped += 1
-            continue
-        service = _service(resource)
-        for scope_metrics in scopes:
-            try:
-                scope_name, _ = _scope(scope_metrics)
-                metrics = _list(scope_metrics, "metrics")
-            except (AttributeError, ValueError, TypeError):
-                decoded.skipped += 1
-                continue
-            for metric in metrics:
-                try:
-                    decoded.records.append(
-                        _metric(metric, resource, service, scope_name, limits))
-                except (AttributeError, ValueError, TypeError, KeyError):
-                    decoded.skipped += 1
-    return decoded
+    return _decode(
+        payload, "resourceMetrics", ("scopeMetrics", "instrumentationLibraryMetrics"),
+        "metrics", limits, lambda metric, resource, service, scope_name, _: _metric(
+            metric, resource, service, scope_name, limits))
 
 
 def _metric(metric, resource, service, scope_name, limits):
