@@ -202,19 +202,8 @@ class StreamModule(MultiService):
         """
         read_input("stream::set", data, strings=("stream_name", "group_id", "item_id"))
         name, group, item = data["stream_name"], data["group_id"], data["item_id"]
-        value = data.get("data")
-        custom = self._custom("set", name)
-        if custom is not None:
-            result = _write_result(await self._call_custom(
-                custom, {"stream_name": name, "group_id": group, "item_id": item,
-                         "data": value}, "STREAM_SET_ERROR", "set value"))
-        else:
-            try:
-                result = await self.store.set(_store_group(name, group), item, value)
-            except KvStoreError as e:
-                raise _fail("STREAM_SET_ERROR", "set value", e)
-        self._changed(name, group, item, result)
-        return result
+        return await self._write("set", name, group, item, "data", data.get("data"),
+                                 "STREAM_SET_ERROR", "set value")
 
     async def update(self, data):
         """
@@ -229,16 +218,31 @@ class StreamModule(MultiService):
             validate_ops(ops)
         except InvalidUpdateOp as e:
             raise input_error("stream::update", e.message)
-        custom = self._custom("update", name)
+        return await self._write("update", name, group, item, "ops", ops,
+                                 "STREAM_UPDATE_ERROR", "update value")
+
+    async def _write(self, op, name, group, item, field, value, code, what):
+        """
+        Set or update one item, through the stream's custom C{op} function when one is
+        registered, else in the store; then push and fire the change.
+
+        @param op: ``set`` or ``update`` (the store method and the custom function's op).
+        @param field: the name C{value} has in a custom function's input (``data``,
+            ``ops``).
+        @return: C{{"old_value", "new_value"}}.
+        @raise InvocationError: C{code} (or ``JSON_ERROR``) when the write fails.
+        """
+        custom = self._custom(op, name)
         if custom is not None:
             result = _write_result(await self._call_custom(
                 custom, {"stream_name": name, "group_id": group, "item_id": item,
-                         "ops": ops}, "STREAM_UPDATE_ERROR", "update value"))
+                         field: value}, code, what))
         else:
             try:
-                result = await self.store.update(_store_group(name, group), item, ops)
+                result = await getattr(self.store, op)(_store_group(name, group), item,
+                                                       value)
             except KvStoreError as e:
-                raise _fail("STREAM_UPDATE_ERROR", "update value", e)
+                raise _fail(code, what, e)
         self._changed(name, group, item, result)
         return result
 
