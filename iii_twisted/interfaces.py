@@ -6,6 +6,7 @@ rejects correct implementations otherwise). Methods that may touch I/O return
 Deferreds, even when an implementation can answer at once.
 """
 
+from twisted.internet.defer import Deferred  # noqa: F401  (named in the annotations)
 from zope.interface import Attribute, Interface
 
 

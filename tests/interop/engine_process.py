@@ -36,6 +36,24 @@ def wait_for_port(port, timeout=20.0, process=None):
     raise TimeoutError("nothing listening on port {} after {}s".format(port, timeout))
 
 
+def wait_until(predicate, timeout=10.0, what="condition"):
+    """
+    Poll C{predicate} until it returns something true, for state a test can only see
+    by asking (discovery, a read function, a route table).
+
+    @return: that true value.
+    @raise AssertionError: if none comes within C{timeout} seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after {}s waiting for {}".format(timeout, what))
+        time.sleep(0.05)  # polling, bounded by the deadline
+
+
 class EngineProcess:
     """
     One engine process.

@@ -13,7 +13,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from engine_process import Waiter
+from engine_process import Waiter, wait_until
 
 
 def _rss_kib(pid):
@@ -116,12 +116,5 @@ def test_bad_key_and_unknown_channel_are_refused(engine, sdk_worker):
 
 
 def _wait_for(client, function_ids, timeout=10.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        listed = {f.function_id for f in client.list_functions()}
-        if all(f in listed for f in function_ids):
-            return
-        time.sleep(0.05)  # polling discovery, bounded by the deadline
-    raise AssertionError("{} never registered".format(function_ids))
+    wait_until(lambda: set(function_ids) <= {f.function_id for f in client.list_functions()},
+               timeout, "{} to register".format(function_ids))

@@ -12,20 +12,9 @@ import time
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from engine_process import TWISTD, EngineProcess, Waiter, free_port
+from engine_process import TWISTD, Waiter, wait_until
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def wait_until(predicate, timeout=10.0, what="condition"):
-    """Poll C{predicate} until it is true (bounded), for state only visible by asking."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError("timed out waiting for " + what)
 
 
 def function_ids(client):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine_process import Waiter
+from engine_process import Waiter, wait_until
 
 
 def test_worker_calls_function_of_another_worker(engine, sdk_worker):
@@ -30,10 +30,5 @@ def test_unknown_function_fails_at_once(engine, sdk_worker):
 
 
 def _wait_for_function(client, function_id, timeout=10.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(f.function_id == function_id for f in client.list_functions()):
-            return
-    raise AssertionError("{} never registered".format(function_id))
+    wait_until(lambda: any(f.function_id == function_id for f in client.list_functions()),
+               timeout, function_id)

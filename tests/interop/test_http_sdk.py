@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from iii import HttpInvocationConfig, http
 
-from engine_process import Waiter
+from engine_process import Waiter, wait_until
 
 API_CONFIG = """
 port: {port}
@@ -57,13 +57,8 @@ def _request(url, data=None, method=None, headers=None, timeout=20):
 
 def _wait_for_route(url, timeout=10.0, absent=False):
     """Wait (bounded) until a route answers something other than 404, or 404."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = _request(url, method="OPTIONS")[0]
-        if (status == 404) == absent:
-            return
-        time.sleep(0.05)  # polling the route table, bounded by the deadline
-    raise AssertionError("route {} never {}".format(url, "went" if absent else "came"))
+    wait_until(lambda: (_request(url, method="OPTIONS")[0] == 404) == absent, timeout,
+               "route {} to {}".format(url, "go" if absent else "come"))
 
 
 def test_get_route_with_params(api, sdk_worker):
@@ -158,10 +153,7 @@ def test_function_error_is_500_with_error_id_in_the_log(api, sdk_worker):
     assert status == 500
     answer = json.loads(body)
     assert "handler exploded" in answer["error"]
-    deadline = time.monotonic() + 5
-    while answer["error_id"] not in api.log():
-        assert time.monotonic() < deadline, "error id not in the engine log"
-        time.sleep(0.05)  # waiting for the log file to be flushed, bounded
+    wait_until(lambda: answer["error_id"] in api.log(), 5, "the error id in the engine log")
 
 
 def test_no_answer_is_504(api, sdk_worker):
@@ -213,10 +205,8 @@ def test_http_function_is_called_like_any_other(api, sdk_worker, hook_server):
     url = "http://127.0.0.1:{}/hook".format(hook_server.server_address[1])
     owner.register_function({"id": "ext::double"}, HttpInvocationConfig(
         url=url, timeout_ms=5000, headers={"X-Team": "blue"}))
-    deadline = time.monotonic() + 10
-    while "ext::double" not in [f.function_id for f in caller.list_functions()]:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)  # polling discovery, bounded
+    wait_until(lambda: "ext::double" in [f.function_id for f in caller.list_functions()],
+               what="ext::double")
     result = caller.trigger({"function_id": "ext::double", "payload": {"n": 21}})
     assert result == {"echo": 42}
     [seen] = hook_server.seen.wait_for()
@@ -232,10 +222,7 @@ def test_refused_http_function_says_why(api, sdk_worker):
     owner = sdk_worker(api.url, "http-fn-refused")
     owner.register_function({"id": "ext::elsewhere"}, HttpInvocationConfig(
         url="http://203.0.113.9/hook"))
-    deadline = time.monotonic() + 10
-    while "refused" not in api.log():
-        assert time.monotonic() < deadline, "refusal not logged"
-        time.sleep(0.05)  # waiting for the engine to log it, bounded
+    wait_until(lambda: "refused" in api.log(), what="the refusal in the engine log")
     with pytest.raises(Exception) as e:
         owner.trigger({"function_id": "ext::elsewhere", "payload": {},
                        "timeout_ms": 5000})

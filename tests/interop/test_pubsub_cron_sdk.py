@@ -1,9 +1,8 @@
 """Pub/sub and cron driven by the official Python SDK (iii-sdk 0.10.0), over loopback."""
 
-import time
 from datetime import datetime
 
-from engine_process import Waiter
+from engine_process import Waiter, wait_until
 
 CONFIG = """
 port: {port}
@@ -30,14 +29,15 @@ def triggers_of(worker, function_id):
 
 def wait_for_trigger(worker, function_id, present=True, timeout=10.0):
     """Wait until a trigger for C{function_id} is (or is no longer) registered."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = triggers_of(worker, function_id)
-        if bool(found) == present:
-            return found
-        time.sleep(0.05)
-    raise AssertionError("trigger of {} never {}".format(
-        function_id, "appeared" if present else "went away"))
+    found = []
+
+    def settled():
+        found[:] = triggers_of(worker, function_id)
+        return bool(found) == present
+
+    wait_until(settled, timeout, "trigger of {} to {}".format(
+        function_id, "appear" if present else "go away"))
+    return found
 
 
 def test_publish_reaches_subscribers_of_that_topic(start_engine, sdk_worker):

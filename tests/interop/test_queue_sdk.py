@@ -1,11 +1,10 @@
 """Queues driven by the official Python SDK (iii-sdk 0.10.0), over loopback."""
 
-import time
 
 import pytest
 from iii import TriggerAction
 
-from engine_process import Waiter
+from engine_process import Waiter, wait_until
 
 QUEUE_CONFIG = """
 port: {port}
@@ -38,17 +37,6 @@ modules:
 def enqueue(worker, queue, function_id, payload):
     return worker.trigger({"function_id": function_id, "payload": payload,
                            "action": TriggerAction.Enqueue(queue=queue)})
-
-
-def until(check, timeout=10.0):
-    """Poll an engine function until C{check()} is truthy; @return: its value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met within {}s".format(timeout))
 
 
 def test_enqueue_action_delivers_to_another_worker(start_engine, sdk_worker):
@@ -123,7 +111,7 @@ def test_retries_then_dead_letter_then_redrive(start_engine, sdk_worker):
     worker.register_function({"id": "flaky::fn"}, handler)
     receipt = enqueue(worker, "flaky", "flaky::fn", {"n": 7})["messageReceiptId"]
     attempts.wait_for(lambda v: len(v) == 2)
-    dead = until(lambda: worker.trigger({"function_id": "engine::queue::dlq_messages",
+    dead = wait_until(lambda: worker.trigger({"function_id": "engine::queue::dlq_messages",
                                          "payload": {"topic": "flaky"}}))
     assert [(m["id"], m["payload"], m["retries"]) for m in dead] == [(receipt, {"n": 7}, 2)]
     assert "not today" in dead[0]["error"]
@@ -131,7 +119,7 @@ def test_retries_then_dead_letter_then_redrive(start_engine, sdk_worker):
     result = worker.trigger({"function_id": "iii::queue::redrive", "payload": {"queue": "flaky"}})
     assert result == {"queue": "flaky", "redriven": 1}
     assert attempts.wait_for(lambda v: len(v) == 3)[2] == {"n": 7}
-    stats = until(lambda: (lambda s: s if s["in_flight"] == 0 else None)(worker.trigger(
+    stats = wait_until(lambda: (lambda s: s if s["in_flight"] == 0 else None)(worker.trigger(
         {"function_id": "engine::queue::topic_stats", "payload": {"topic": "flaky"}})))
     assert (stats["depth"], stats["dlq_depth"]) == (0, 0)
 

@@ -1,11 +1,10 @@
 """The state module driven by the official Python SDK (iii-sdk 0.10.0), over loopback."""
 
 import threading
-import time
 
 import pytest
 
-from engine_process import Waiter
+from engine_process import Waiter, wait_until
 
 CONFIG = """
 port: {port}
@@ -37,14 +36,11 @@ modules:
 
 def wait_for_trigger(worker, function_id, timeout=10.0):
     """Wait until a trigger bound to C{function_id} is registered."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        listed = worker.trigger({"function_id": "engine::triggers::list",
-                                 "payload": {"include_internal": True}})
-        if any(t["function_id"] == function_id for t in listed["triggers"]):
-            return
-        time.sleep(0.05)  # polling the engine's registry, not waiting out a race
-    raise AssertionError("trigger of {} never appeared".format(function_id))
+    wait_until(lambda: any(
+        t["function_id"] == function_id for t in worker.trigger({
+            "function_id": "engine::triggers::list",
+            "payload": {"include_internal": True}})["triggers"]),
+        timeout, "trigger of {}".format(function_id))
 
 
 def call(worker, function_id, payload):
