@@ -169,7 +169,8 @@ def _worker_info(engine, worker):
         "function_count": len(worker.functions),
         "functions": sorted(worker.functions),
         "active_invocations": worker.active_calls + engine.tracker.count_for(worker),
-        "latest_metrics": None,
+        "latest_metrics": (engine.worker_metrics.latest(worker)
+                           if engine.worker_metrics is not None else None),
     }
     if worker.pid is not None:
         info["pid"] = worker.pid

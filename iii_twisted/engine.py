@@ -298,6 +298,7 @@ class Engine:
     @ivar tracker: the L{InvocationTracker} of calls forwarded to workers.
     @ivar enqueuer: the L{IEnqueuer} (queue module) or None.
     @ivar telemetry_sink: the L{ITelemetrySink} (observability module) or None.
+    @ivar worker_metrics: the L{IWorkerMetricsSource} (observability module) or None.
     @ivar http_functions: the HTTP functions module (registers ``invocation``
         functions) or None.
     """
@@ -325,6 +326,7 @@ class Engine:
         self._invocation_ids = _invocation_ids()
         self.enqueuer = None
         self.telemetry_sink = None
+        self.worker_metrics = None
         self.http_functions = None
         self._observers = []
         self._detach_hooks = []

@@ -126,6 +126,21 @@ class ITelemetrySink(Interface):
         """
 
 
+class IWorkerMetricsSource(Interface):
+    """
+    Knows the resource gauges workers report about themselves (memory, CPU, event loop
+    lag, uptime), for the ``latest_metrics`` of ``engine::workers::list``.
+    """
+
+    def latest(worker) -> "dict | None":
+        """
+        @param worker: a connected L{iii_twisted.engine.WorkerRecord}.
+        @return: a WorkerMetrics dict (engine-core.md §3: the gauges known, plus
+            ``timestamp_ms`` and ``runtime``) built from recent reports, or None when
+            there are none.
+        """
+
+
 class ICallObserver(Interface):
     """
     Sees every call that goes through ``Engine.call`` (observability hooks here).

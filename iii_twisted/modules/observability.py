@@ -46,6 +46,7 @@ from ..observability.storage import (
     BoundedStore, Limits, list_logs, list_traces, log_record, span_tree,
 )
 from ..observability.tracing import CallTracer, Sampler
+from ..observability.worker_gauges import WorkerGauges
 from ..protocol import DESERIALIZATION_ERROR, InvocationError
 
 _log = Logger()
@@ -328,6 +329,9 @@ class OtelModule(MultiService):
     @ivar logs: the L{BoundedStore} of StoredLog dicts.
     @ivar sdk_metrics: the L{BoundedStore} of metric dicts workers sent.
     @ivar metrics: the L{EngineMetrics}.
+    @ivar worker_gauges: the L{WorkerGauges} behind ``latest_metrics`` in
+        ``engine::workers::list`` (the engine's C{worker_metrics}), or None when
+        observability or metrics are off.
     @ivar exporter: the L{iii_twisted.observability.export.OtlpExporter} while running
         with an OTLP exporter, else None.
     """
@@ -360,10 +364,15 @@ class OtelModule(MultiService):
                                  on_span=self._on_span if o.enabled else None,
                                  service_name=o.service_name,
                                  trace_internal=o.trace_internal)
+        self.worker_gauges = None
         if o.enabled:
             engine.telemetry_sink = self
             engine.add_call_observer(self.tracer)
             engine.add_detach_hook(self.metrics.worker_left)
+            if o.metrics_enabled:
+                self.worker_gauges = WorkerGauges(engine, reactor)
+                engine.worker_metrics = self.worker_gauges
+                engine.add_detach_hook(self.worker_gauges.worker_left)
         self._register_functions()
         engine.register_trigger_type(
             LOG_TRIGGER_TYPE, self,
@@ -483,6 +492,8 @@ class OtelModule(MultiService):
                     return
                 decoded = otlp.decode_metrics(payload, limits)
                 self.sdk_metrics.extend(decoded.records)
+                for record in decoded.records:
+                    self.worker_gauges.record(record)
             metrics.telemetry_records[kind] += len(decoded.records)
             metrics.telemetry_skipped[kind] += decoded.skipped
         except otlp.TelemetryDecodeError as e:

@@ -28,7 +28,7 @@ import pytest
 from iii import InitOptions, register_worker
 from iii.triggers import TriggerHandler
 
-from engine_process import Waiter
+from engine_process import Waiter, wait_until
 from sdk_process import SdkProcess, WorkerFailed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -367,6 +367,34 @@ def test_node_telemetry_socket(package, otel_path, start_engine, quiet_worker, n
     # No retry loop: the one telemetry connection was accepted and kept.
     assert "Reconnecting" not in node.text(), node.text()
     assert node.text().count("[OTel] Connected to engine") == 1
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_node_worker_gauges_are_its_latest_metrics(package, start_engine, quiet_worker,
+                                                   node_worker):
+    """
+    The resource gauges a Node worker exports (MTRC frames over its telemetry socket)
+    become its ``latest_metrics`` in ``engine::workers::list``.
+    """
+    engine = start_engine(OTEL_CONFIG)
+    reader = quiet_worker(engine.url, "reader")
+    node = node_worker(package, engine.url, "node-gauges",
+                       env={"III_TEST_METRICS_EXPORT_INTERVAL_MS": "200"})
+
+    def node_metrics():
+        listed = reader.trigger({"function_id": "engine::workers::list", "payload": {}})
+        [mine] = [w for w in listed["workers"] if w["name"] == "node-gauges"]
+        metrics = mine["latest_metrics"]
+        return metrics if metrics and "memory_rss" in metrics else None
+
+    metrics = wait_until(node_metrics, 15, "the Node worker's gauges")
+    assert metrics["runtime"] == "node"
+    assert metrics["memory_rss"] > 0 and metrics["memory_heap_used"] > 0
+    assert metrics["uptime_seconds"] >= 0
+    assert abs(metrics["timestamp_ms"] - time.time() * 1000) < 60_000
+    # The reader (Python 0.10.0, no gauges) has none.
+    listed = reader.trigger({"function_id": "engine::workers::list", "payload": {}})
+    assert [w["latest_metrics"] for w in listed["workers"] if w["name"] == "reader"] == [None]
 
 
 @pytest.mark.parametrize("package", sorted(PACKAGES))

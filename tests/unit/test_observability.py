@@ -719,3 +719,100 @@ def test_void_and_engine_calls_are_counted():
     engine.register_function("app::f", lambda d: None)
     call(engine, "app::f", action=VOID)
     assert module.metrics.functions["app::f"].calls == 1
+
+
+# -- worker gauges: latest_metrics of engine::workers::list ------------------------------
+
+
+def gauges_frame(worker_id, ts_s, values):
+    """An MTRC frame as npm iii-sdk sends its worker gauges (time in seconds)."""
+    return json.dumps({"resourceMetrics": [{
+        "resource": {"attributes": []},
+        "scopeMetrics": [{"scope": {"name": "iii-node"}, "metrics": [
+            {"name": name, "gauge": {"dataPoints": [{
+                "attributes": [{"key": "worker.id", "value": {"stringValue": worker_id}},
+                               {"key": "worker.name", "value": {"stringValue": "n"}}],
+                "timeUnixNano": str(int(ts_s * 1e9)),
+                ("asInt" if isinstance(value, int) else "asDouble"): value}]}}
+            for name, value in values.items()]}],
+    }]}).encode()
+
+
+def listed_metrics(engine, worker_id):
+    [info] = call(engine, "engine::workers::list", {"worker_id": worker_id})["workers"]
+    return info["latest_metrics"]
+
+
+def test_worker_gauges_become_latest_metrics():
+    """The newest value of each gauge, the newest report's time, and the runtime."""
+    engine, clock, module = make()
+    conn = FakeWorkerConnection.connect(engine)
+    wid = conn.worker_id
+    assert listed_metrics(engine, wid) is None
+    now = clock.seconds()
+    engine.ingest_telemetry("MTRC", gauges_frame(wid, now - 2, {
+        "iii.worker.memory.rss": 5000, "iii.worker.cpu.percent": 1.5,
+        "iii.worker.uptime_seconds": 10}), None)
+    engine.ingest_telemetry("MTRC", gauges_frame(wid, now - 1, {
+        "iii.worker.memory.rss": 6000, "iii.worker.event_loop.lag_ms": 0.25}), None)
+    # A report older than what is known does not replace it.
+    engine.ingest_telemetry("MTRC", gauges_frame(wid, now - 30, {
+        "iii.worker.memory.rss": 1}), None)
+    assert listed_metrics(engine, wid) == {
+        "memory_rss": 6000, "cpu_percent": 1.5, "uptime_seconds": 10,
+        "event_loop_lag_ms": 0.25, "timestamp_ms": int((now - 1) * 1000),
+        "runtime": "node"}
+    # The runtime the worker registered wins over the default.
+    call(engine, "engine::workers::register", {"_caller_worker_id": wid, "runtime": "bun"})
+    assert listed_metrics(engine, wid)["runtime"] == "bun"
+    # The gauges' own metric records are still stored for engine::metrics::list.
+    assert len(call(engine, "engine::metrics::list", {})["sdk_metrics"]) == 6
+
+
+def test_worker_gauges_older_than_120s_are_not_reported():
+    engine, clock, module = make()
+    conn = FakeWorkerConnection.connect(engine)
+    now = clock.seconds()
+    engine.ingest_telemetry("MTRC", gauges_frame(conn.worker_id, now, {
+        "iii.worker.memory.rss": 5000}), None)
+    engine.ingest_telemetry("MTRC", gauges_frame(conn.worker_id, now + 60, {
+        "iii.worker.cpu.percent": 3.0}), None)
+    clock.advance(120)
+    assert listed_metrics(engine, conn.worker_id) == {
+        "memory_rss": 5000, "cpu_percent": 3.0, "timestamp_ms": int((now + 60) * 1000),
+        "runtime": "node"}
+    clock.advance(1)
+    assert listed_metrics(engine, conn.worker_id) == {
+        "cpu_percent": 3.0, "timestamp_ms": int((now + 60) * 1000), "runtime": "node"}
+    clock.advance(60)
+    assert listed_metrics(engine, conn.worker_id) is None
+
+
+def test_worker_gauges_only_for_connected_workers_and_forgotten_when_they_leave():
+    """Unknown ids, other metrics and malformed points add nothing; a leaver's go."""
+    engine, clock, module = make()
+    conn = FakeWorkerConnection.connect(engine)
+    now = clock.seconds()
+    for worker_id in ("not-connected-{}".format(i) for i in range(100)):
+        engine.ingest_telemetry("MTRC", gauges_frame(worker_id, now, {
+            "iii.worker.memory.rss": 1}), None)
+    engine.ingest_telemetry("MTRC", gauges_frame(conn.worker_id, now, {
+        "some.other.gauge": 1}), None)
+    engine.ingest_telemetry("MTRC", metrics_frame(), None)  # worker.id "w1": unknown
+    assert module.worker_gauges._latest == {}
+    assert listed_metrics(engine, conn.worker_id) is None
+    engine.ingest_telemetry("MTRC", gauges_frame(conn.worker_id, now, {
+        "iii.worker.memory.rss": 7}), None)
+    assert listed_metrics(engine, conn.worker_id)["memory_rss"] == 7
+    conn.disconnect()
+    assert module.worker_gauges._latest == {}
+
+
+@pytest.mark.parametrize("config", [{"enabled": False}, {"metrics_enabled": False}])
+def test_no_latest_metrics_without_observability_metrics(config):
+    engine, clock, module = make(config)
+    conn = FakeWorkerConnection.connect(engine)
+    engine.ingest_telemetry("MTRC", gauges_frame(conn.worker_id, clock.seconds(), {
+        "iii.worker.memory.rss": 7}), None)
+    assert engine.worker_metrics is None
+    assert listed_metrics(engine, conn.worker_id) is None

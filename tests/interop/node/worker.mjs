@@ -39,6 +39,9 @@
 //   channel_receive {function_id}: create a data channel, call the function with
 //       {writer: <ref>} and read the channel to its end -> {result, size, sha256}
 //   shutdown: iii.shutdown() (flushes OTel), reply, exit 0
+//
+// Env: III_TEST_METRICS_EXPORT_INTERVAL_MS, when set, is the SDK's OTel
+// metricsExportIntervalMs (how often it sends its worker gauges; 60 s by default).
 
 import { createHash } from 'node:crypto'
 import { readFileSync } from 'node:fs'
@@ -60,7 +63,11 @@ function emit(line) {
   process.stdout.write(`${JSON.stringify(line)}\n`)
 }
 
-const iii = sdk.registerWorker(url, { workerName })
+const metricsInterval = Number(process.env.III_TEST_METRICS_EXPORT_INTERVAL_MS)
+const iii = sdk.registerWorker(url, {
+  workerName,
+  ...(metricsInterval > 0 && { otel: { metricsExportIntervalMs: metricsInterval } }),
+})
 const triggers = []
 const providedTriggers = new Map() // trigger id -> {type_id, function_id, config}
 const functionRefs = new Map()
