@@ -378,8 +378,8 @@ def test_node_worker_gauges_are_its_latest_metrics(package, start_engine, quiet_
     """
     engine = start_engine(OTEL_CONFIG)
     reader = quiet_worker(engine.url, "reader")
-    node = node_worker(package, engine.url, "node-gauges",
-                       env={"III_TEST_METRICS_EXPORT_INTERVAL_MS": "200"})
+    node_worker(package, engine.url, "node-gauges",
+                env={"III_TEST_METRICS_EXPORT_INTERVAL_MS": "200"})
 
     def node_metrics():
         listed = reader.trigger({"function_id": "engine::workers::list", "payload": {}})
