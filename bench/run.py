@@ -597,6 +597,8 @@ def main():
     args = parser.parse_args()
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
+    # Before the run, not after it: a report path that cannot be written loses nothing.
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     started = time.monotonic()
     venv_python = ensure_venv()
     workdir = tempfile.mkdtemp(prefix="iii-bench.")
