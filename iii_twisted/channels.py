@@ -50,7 +50,7 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
 from .interfaces import IChannelReaderEnd, IChannelWriterEnd
-from .protocol import DESERIALIZATION_ERROR, InvocationError
+from .protocol import DESERIALIZATION_ERROR, InvocationError, sequential_ids
 
 READ = "read"
 WRITE = "write"
@@ -367,6 +367,7 @@ class ChannelManager(Service):
         self.sweep_interval = sweep_interval
         self.max_channels = max_channels
         self.channels = {}
+        self._ids = sequential_ids()
         self._sweeper = None
 
     def __len__(self):
@@ -383,7 +384,8 @@ class ChannelManager(Service):
         if len(self.channels) >= self.max_channels:
             raise InvocationError(CHANNEL_LIMIT, "Too many open channels ({})".format(
                 len(self.channels)))
-        channel = Channel(self, str(uuid4()), str(uuid4()), buffer_size,
+        # The access key is what refuses a stranger, so it is random; the id is not.
+        channel = Channel(self, next(self._ids), str(uuid4()), buffer_size,
                           self.clock.seconds(), max_bytes)
         self.channels[channel.id] = channel
         return channel

@@ -12,7 +12,6 @@ listed in docs/deviations.rst; each is marked "Deviation" where it is implemente
 """
 
 import hmac
-import itertools
 import secrets
 import time
 import traceback
@@ -323,7 +322,9 @@ class Engine:
         self._triggers_by_type = {}
         self.services = {}
         self.tracker = InvocationTracker(clock, invocation_timeout)
-        self._invocation_ids = _invocation_ids()
+        # Invocation ids need not be unguessable: a result is accepted only from the
+        # worker the call went to (InvocationTracker.resolve).
+        self._invocation_ids = P.sequential_ids()
         self.enqueuer = None
         self.telemetry_sink = None
         self.worker_metrics = None
@@ -961,18 +962,6 @@ class Engine:
 
     def _handle_ping(self, worker, message):
         worker.connection.send({"type": P.PONG})
-
-
-def _invocation_ids():
-    """
-    @return: an iterator of invocation ids: UUID-shaped, a random prefix per engine and
-        a counter, so unique within the engine without a getrandom() syscall and a
-        UUID object per call (a measurable share of a routed call). They need not be
-        unguessable: a result is accepted only from the worker the call went to
-        (L{InvocationTracker.resolve}).
-    """
-    prefix = str(uuid4())[:24]
-    return ("{}{:012x}".format(prefix, n) for n in itertools.count(1))
 
 
 def _ignore(worker, message):

@@ -448,6 +448,29 @@ def test_body_over_the_limit_is_413_before_buffering():
     assert api.invocations() == []
 
 
+@pytest.mark.parametrize("content_type, body", [
+    (b"application/x-www-form-urlencoded", b"a=1&b=two"),
+    # twisted.web's own form parsing would answer this one 400 itself.
+    (b"multipart/form-data; boundary=zzz", b"not multipart at all"),
+])
+def test_form_bodies_reach_the_function_as_a_stream(content_type, body):
+    """Form bodies are not parsed by twisted.web: the function reads them as sent."""
+    api = Api()
+    api.route("f", {"api_path": "form", "http_method": "POST"})
+    protocol, transport = _channel(api)
+    protocol.dataReceived(
+        b"POST /form HTTP/1.1\r\nHost: x\r\nContent-Type: " + content_type
+        + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    [call] = api.invocations()
+    assert call["data"]["body"] is None
+    assert call["data"]["headers"]["content-type"] == content_type.decode()
+    socket, end = api.attach(call["data"]["request_body"])
+    assert b"".join(p for p, _ in socket.frames) == body
+    end.closed()
+    api.answer(call, {"status_code": 200, "body": {"ok": True}})
+    assert transport.value().startswith(b"HTTP/1.1 200 ")
+
+
 def test_chunked_body_over_the_limit_is_413():
     """A chunked body is counted as it arrives."""
     api = Api(body_limit=1000)
