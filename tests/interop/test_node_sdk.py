@@ -1,9 +1,9 @@
 """
-Official npm ``iii-sdk`` workers (0.9.0 and 0.11.2, installed side by side from
+Official npm ``iii-sdk`` workers (0.9.0, 0.11.2 and 0.22.1, installed side by side from
 node/package-lock.json) against the engine, next to official PyPI ``iii-sdk`` 0.10.0
 workers: calls both ways and from inside handlers, module trigger types (``http``,
 ``subscribe``), custom trigger types provided by either SDK, the discovery functions,
-and the telemetry socket (0.11.2 opens it on ``/otel``).
+and the telemetry socket (0.11.2 and 0.22.1 open it on ``/otel``).
 
 Each Node worker is node/worker.mjs, driven through its stdin/stdout line protocol
 (sdk_process.py). A registration followed by any call on the same worker connection
@@ -36,7 +36,7 @@ NODE_DIR = os.path.join(HERE, "node")
 WORKER = os.path.join(NODE_DIR, "worker.mjs")
 
 # npm alias (node/package.json) -> the iii-sdk version it must resolve to.
-PACKAGES = {"iii-sdk-09": "0.9.0", "iii-sdk-011": "0.11.2"}
+PACKAGES = {"iii-sdk-09": "0.9.0", "iii-sdk-011": "0.11.2", "iii-sdk-022": "0.22.1"}
 
 MODULES_CONFIG = """
 port: {port}
@@ -327,7 +327,8 @@ def test_node_011_trigger_types_and_trigger_metadata(engine, sdk_worker, node_wo
     assert (registered["config"], registered["metadata"]) == ({"path": "/x"}, {"team": "core"})
 
 
-@pytest.mark.parametrize("package, otel_path", [("iii-sdk-09", ""), ("iii-sdk-011", "/otel")])
+@pytest.mark.parametrize("package, otel_path", [("iii-sdk-09", ""), ("iii-sdk-011", "/otel"),
+                                                ("iii-sdk-022", "/otel")])
 def test_node_telemetry_socket(package, otel_path, start_engine, quiet_worker, node_worker):
     """
     The SDK's OpenTelemetry socket is accepted where that SDK opens it (0.11.2 on
@@ -360,10 +361,13 @@ def test_node_telemetry_socket(package, otel_path, start_engine, quiet_worker, n
     [root] = listed["spans"]
     spans = reader.trigger({"function_id": "engine::traces::list",
                             "payload": {"trace_id": root["trace_id"]}})["spans"]
-    # The engine's span of the call and, as its child, the Node handler's.
-    by_service = {s["service_name"]: s for s in spans if s["name"] == "call node::traced"}
-    assert sorted(by_service) == sorted(["iii-test", service]), spans
-    assert by_service[service]["parent_span_id"] == by_service["iii-test"]["span_id"]
+    # The engine's span of the call and, as its child, the Node handler's (named
+    # "call node::traced" by 0.9/0.11, "execute node::traced" by 0.22).
+    [engine_span] = [s for s in spans if s["service_name"] == "iii-test"]
+    assert engine_span["name"] == "call node::traced"
+    handler_spans = [s for s in spans if s["service_name"] == service
+                     and s["name"].endswith(" node::traced")]
+    assert [s["parent_span_id"] for s in handler_spans] == [engine_span["span_id"]], spans
     # No retry loop: the one telemetry connection was accepted and kept.
     assert "Reconnecting" not in node.text(), node.text()
     assert node.text().count("[OTel] Connected to engine") == 1

@@ -2,8 +2,11 @@
 //
 //   node worker.mjs <package> <engine-url> <worker-name>
 //
-// <package> is one of the aliases in package.json (iii-sdk-09, iii-sdk-011): the SDK
-// is used unmodified, through its public API only.
+// <package> is one of the aliases in package.json (iii-sdk-09, iii-sdk-011,
+// iii-sdk-022): the SDK is used unmodified, through its public API only. 0.22 dropped
+// the client's list*/onFunctionsAvailable/createChannel methods: for it, the same engine
+// functions and trigger are used through trigger()/registerTrigger(), and createChannel
+// comes from 'iii-sdk/helpers', as its docs say.
 //
 // stdin: one JSON command per line, {"id": n, "op": ..., ...}. Each gets exactly one
 // reply line {"reply": n, "ok": true, ...} or {"reply": n, "ok": false, "error": ...}.
@@ -68,6 +71,17 @@ const iii = sdk.registerWorker(url, {
   workerName,
   ...(metricsInterval > 0 && { otel: { metricsExportIntervalMs: metricsInterval } }),
 })
+// 0.22+: createChannel is a free function of the SDK's helpers entry point.
+const createChannel = typeof iii.createChannel === 'function'
+  ? () => iii.createChannel()
+  : (await import(`${packageName}/helpers`)).createChannel.bind(null, iii)
+
+// What the list* helpers of 0.9/0.11 do: call the engine function, unwrap its list.
+async function engineList(method, functionId, key, payload = {}) {
+  if (typeof iii[method] === 'function') return iii[method](...Object.values(payload))
+  return (await iii.trigger({ function_id: functionId, payload }))[key]
+}
+
 const triggers = []
 const providedTriggers = new Map() // trigger id -> {type_id, function_id, config}
 const functionRefs = new Map()
@@ -141,19 +155,25 @@ const ops = {
     return { results }
   },
   async list_functions() {
-    return { result: await iii.listFunctions() }
+    return { result: await engineList('listFunctions', 'engine::functions::list', 'functions') }
   },
   async list_workers() {
-    return { result: await iii.listWorkers() }
+    return { result: await engineList('listWorkers', 'engine::workers::list', 'workers') }
   },
   async list_triggers({ include_internal }) {
-    return { result: await iii.listTriggers(include_internal ?? false) }
+    return {
+      result: await engineList('listTriggers', 'engine::triggers::list', 'triggers',
+        { include_internal: include_internal ?? false }),
+    }
   },
   async list_trigger_types({ include_internal }) {
-    if (typeof iii.listTriggerTypes !== 'function') {
+    if (sdkVersion.startsWith('0.9.')) {
       throw new Error(`iii-sdk ${sdkVersion} has no listTriggerTypes`)
     }
-    return { result: await iii.listTriggerTypes(include_internal ?? false) }
+    return {
+      result: await engineList('listTriggerTypes', 'engine::trigger-types::list',
+        'trigger_types', { include_internal: include_internal ?? false }),
+    }
   },
   async register_http_function({ function_id, url, description }) {
     const invocation = { url, method: 'POST', timeout_ms: 10000 }
@@ -163,13 +183,21 @@ const ops = {
     return {}
   },
   async watch_functions() {
-    iii.onFunctionsAvailable((functions) => {
+    const notice = (functions) => {
       emit({ event: 'functions_available', function_ids: functions.map((f) => f.function_id).sort() })
-    })
+    }
+    if (typeof iii.onFunctionsAvailable === 'function') {
+      iii.onFunctionsAvailable(notice)
+    } else {
+      // What onFunctionsAvailable does in 0.11: a function bound to the engine's trigger.
+      const functionId = `node.on_functions_available.${workerName}`
+      iii.registerFunction(functionId, async ({ functions }) => { notice(functions); return null })
+      iii.registerTrigger({ type: 'engine::functions-available', function_id: functionId, config: {} })
+    }
     return {}
   },
   async channel_send({ function_id, size }) {
-    const channel = await iii.createChannel()
+    const channel = await createChannel()
     const data = Buffer.alloc(size)
     for (let i = 0; i < size; i++) data[i] = i % 251
     const call = iii.trigger({ function_id, payload: { reader: channel.readerRef } })
@@ -177,7 +205,7 @@ const ops = {
     return { result: await call }
   },
   async channel_receive({ function_id }) {
-    const channel = await iii.createChannel()
+    const channel = await createChannel()
     const call = iii.trigger({ function_id, payload: { writer: channel.writerRef } })
     const received = await channel.reader.readAll()
     return {
@@ -193,7 +221,12 @@ const ops = {
 }
 
 function describe(error) {
-  if (error instanceof Error) return { message: error.message }
+  // 0.22+ throws an InvocationError (an Error with the engine's code)
+  if (error instanceof Error) {
+    return typeof error.code === 'string'
+      ? { code: error.code, message: error.message }
+      : { message: error.message }
+  }
   return error // an iii ErrorBody {code, message}
 }
 
