@@ -1,7 +1,7 @@
 """
-Official npm ``iii-sdk`` workers (0.9.0, 0.11.2 and 0.22.1, installed side by side from
-node/package-lock.json) against the engine, next to official PyPI ``iii-sdk`` 0.10.0
-workers: calls both ways and from inside handlers, module trigger types (``http``,
+Official npm ``iii-sdk`` workers (0.9.0, 0.11.2 and 0.22.1, installed side by side
+from node/package-lock.json) against the engine, next to official PyPI ``iii-sdk``
+0.10.0 workers: calls both ways and from inside handlers, module trigger types (``http``,
 ``subscribe``), custom trigger types provided by either SDK, the discovery functions,
 and the telemetry socket (0.11.2 and 0.22.1 open it on ``/otel``).
 
