@@ -15,7 +15,9 @@ from zope.interface.verify import verifyObject
 
 from iii_twisted.config import ConfigError, parse_config
 from iii_twisted.engine import VOID
-from iii_twisted.interfaces import ICallObserver, IModule, ITelemetrySink, ITriggerProvider
+from iii_twisted.interfaces import (
+    ICallObserver, IModule, ITelemetrySink, ITriggerProvider, IWorkerMetricsSource,
+)
 from iii_twisted.modules import build_module
 from iii_twisted.modules.observability import parse_config as parse_module_config
 from iii_twisted.observability import otlp
@@ -746,6 +748,8 @@ def listed_metrics(engine, worker_id):
 def test_worker_gauges_become_latest_metrics():
     """The newest value of each gauge, the newest report's time, and the runtime."""
     engine, clock, module = make()
+    assert engine.worker_metrics is module.worker_gauges
+    verifyObject(IWorkerMetricsSource, module.worker_gauges)
     conn = FakeWorkerConnection.connect(engine)
     wid = conn.worker_id
     assert listed_metrics(engine, wid) is None
