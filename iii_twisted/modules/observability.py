@@ -32,7 +32,7 @@ from twisted.application import strports
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.web.server import Site
 from zope.interface import implementer
 
@@ -41,6 +41,7 @@ from ..config import ConfigError
 from ..engine import VOID
 from ..interfaces import IModule, ITelemetrySink, ITriggerProvider, TriggerError
 from ..observability import otlp
+from ..observability.engine_logs import NOT_CAPTURED, THRESHOLDS, EngineLogCapture
 from ..observability.metrics import EngineMetrics, PrometheusResource
 from ..observability.storage import (
     BoundedStore, Limits, list_logs, list_traces, log_record, span_tree,
@@ -211,11 +212,13 @@ def parse_config(config):
     o.logs_sampling_ratio = _ratio(config, "logs_sampling_ratio", 1.0)
     o.logs_console_output = _opt(config, "logs_console_output", (bool,), True)
 
-    # the engine's own log level and format: accepted for compatibility; twistd owns
-    # the log output (see docs/observability.rst)
-    for key in ("level", "log_level"):
-        _choice(config, key, ("trace", "debug", "info", "warn", "warning", "error", "off"),
-                "info")
+    # ``level`` (or ``log_level``): which of the engine's own log lines are stored with
+    # the logs; the log output itself belongs to twistd (see docs/observability.rst).
+    # ``format`` is accepted for compatibility.
+    o.engine_log_level = "info"
+    for key in ("log_level", "level"):  # ``level`` wins when both are given
+        if key in config:
+            o.engine_log_level = _choice(config, key, tuple(THRESHOLDS), "info")
     _choice(config, "format", ("default", "json"), "default")
 
     o.alerts = _parse_alerts(_opt(config, "alerts", (list,), []))
@@ -337,6 +340,8 @@ class OtelModule(MultiService):
     """
 
     iii_class = None
+    # Where the engine's own log lines are captured from (tests give their own).
+    log_publisher = globalLogPublisher
 
     def __init__(self, engine, config, reactor):
         MultiService.__init__(self)
@@ -365,6 +370,7 @@ class OtelModule(MultiService):
                                  service_name=o.service_name,
                                  trace_internal=o.trace_internal)
         self.worker_gauges = None
+        self._capture = None
         if o.enabled:
             engine.telemetry_sink = self
             engine.add_call_observer(self.tracer)
@@ -394,6 +400,11 @@ class OtelModule(MultiService):
 
     def startService(self):
         o = self.options
+        minimum = THRESHOLDS[o.engine_log_level]
+        if o.enabled and o.logs_enabled and minimum is not None and self._capture is None:
+            self._capture = EngineLogCapture(self._store_engine_log, self.reactor,
+                                             o.service_name, minimum)
+            self.log_publisher.addObserver(self._capture)
         if o.uses_otlp and self.exporter is None:
             from ..observability.export import OtlpExporter
             resource = {"service.name": o.service_name, "service.version": o.service_version}
@@ -413,6 +424,9 @@ class OtelModule(MultiService):
         MultiService.startService(self)
 
     def stopService(self):
+        if self._capture is not None:
+            self.log_publisher.removeObserver(self._capture)
+            self._capture = None
         d = MultiService.stopService(self)
         exporter, self.exporter = self.exporter, None
         if exporter is None:
@@ -524,7 +538,8 @@ class OtelModule(MultiService):
         o = self.options
         if o.logs_console_output:
             _log.info("[{service}] {severity} {body}", service=record["service_name"],
-                      severity=record["severity_text"], body=record["body"])
+                      severity=record["severity_text"], body=record["body"],
+                      **{NOT_CAPTURED: True})  # stored already
         if self.exporter is not None and o.logs_exporter in ("otlp", "both"):
             self.exporter.export_log(record)
         triggers = self.engine.triggers_of_type(LOG_TRIGGER_TYPE)
@@ -534,6 +549,16 @@ class OtelModule(MultiService):
                 wanted = (trigger.config or {}).get("level") or "all"
                 if wanted == "all" or wanted == level:
                     self.engine.call(trigger.function_id, record, VOID)
+
+    def _store_engine_log(self, record):
+        """
+        Store and export one of the engine's own log lines. It does not fire ``log``
+        triggers: a trigger function whose failure the engine logs would otherwise
+        feed itself forever.
+        """
+        self.logs.add(record)
+        if self.exporter is not None and self.options.logs_exporter in ("otlp", "both"):
+            self.exporter.export_log(record)
 
     def register_trigger(self, trigger):
         config = trigger.config

@@ -315,6 +315,31 @@ def test_bad_telemetry_frame_keeps_the_connection(start_engine):
         "OTLP": 1, "LOGS": 1, "MTRC": 1}
 
 
+def test_engine_log_lines_are_readable(start_engine, reader):
+    """The engine's own log lines (a worker connecting, a dropped frame) are stored."""
+    from websockets.sync.client import connect
+
+    engine = start_engine(OTEL_CONFIG)
+    with connect(engine.url) as ws:
+        worker_id = json.loads(ws.recv(timeout=10))["worker_id"]
+        ws.send(b"OTLP{this is not json")
+    client = reader(engine.url)
+
+    def engine_logs():
+        return client.trigger({"function_id": "engine::logs::list", "payload": {}})["logs"]
+
+    def seen(logs):
+        bodies = [(l["severity_text"], l["body"]) for l in logs
+                  if l["service_name"] == "iii-test"]
+        return (("INFO", "worker {} disconnected".format(worker_id)) in bodies
+                and any(severity == "WARN" and "invalid OTLP telemetry frame" in body
+                        for severity, body in bodies))
+
+    logs = _poll(engine_logs, seen)
+    line = [l for l in logs if l["body"] == "worker {} disconnected".format(worker_id)][0]
+    assert line["attributes"] == {"log.namespace": "iii_twisted.engine.Engine"}
+
+
 def test_shutdown_with_collector_down_is_bounded(start_engine, reader):
     from engine_process import free_port
 

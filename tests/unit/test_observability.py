@@ -9,6 +9,7 @@ import json
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.logger import LogPublisher, Logger
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface.verify import verifyObject
@@ -38,6 +39,8 @@ def make(config=None, start=True, **engine_kwargs):
     engine, clock = make_engine(**engine_kwargs)
     clock.advance(1_000_000)
     module = build_module(OTEL, engine, {"exporter": "memory", **(config or {})}, clock)
+    # The engine's own log lines are captured from this publisher, not the process's.
+    module.log_publisher = LogPublisher()
     if start:
         module.startService()
     return engine, clock, module
@@ -820,3 +823,116 @@ def test_no_latest_metrics_without_observability_metrics(config):
         "iii.worker.memory.rss": 7}), None)
     assert engine.worker_metrics is None
     assert listed_metrics(engine, conn.worker_id) is None
+
+
+# -- the engine's own logs ---------------------------------------------------------------
+
+
+def engine_logger(module, namespace="iii_twisted.engine"):
+    return Logger(namespace=namespace, observer=module.log_publisher)
+
+
+def test_engine_log_lines_are_stored_with_the_engine_service():
+    engine, clock, module = make({"service_name": "my-engine"})
+    log = engine_logger(module)
+    log.debug("not at the default level")
+    log.info("worker {worker_id} connected", worker_id="w1")
+    log.warn("something odd")
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        log.failure("handling a frame failed")
+    logs = call(engine, "engine::logs::list", {})["logs"]
+    assert [(l["severity_text"], l["body"]) for l in reversed(logs)] == [
+        ("INFO", "worker w1 connected"),
+        ("WARN", "something odd"),
+        ("FATAL", "handling a frame failed: ZeroDivisionError: division by zero"),
+    ]
+    assert {l["service_name"] for l in logs} == {"my-engine"}
+    assert logs[0]["attributes"] == {"log.namespace": "iii_twisted.engine"}
+    assert logs[0]["trace_id"] is None
+    module.stopService()
+    log.warn("after stop")
+    assert call(engine, "engine::logs::list", {})["total"] == 3
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"level": "warn"}, ["engine warn", "engine error", "other error"]),
+    ({"log_level": "debug"}, ["engine debug", "engine info", "engine warn", "engine error",
+                              "other error"]),
+    ({"level": "error", "log_level": "debug"}, ["engine error", "other error"]),
+    ({"level": "off"}, []),
+    ({"logs_enabled": False}, []),
+])
+def test_engine_log_level_and_other_libraries(config, expected):
+    """Below ERROR only the engine's namespaces count; ``level`` sets the threshold."""
+    engine, clock, module = make(config)
+    ours, other = engine_logger(module), engine_logger(module, "autobahn.websocket")
+    for logger, who in ((ours, "engine"), (other, "other")):
+        logger.debug(who + " debug")
+        logger.info(who + " info")
+        logger.warn(who + " warn")
+        logger.error(who + " error")
+    assert [l["body"] for l in module.logs.records()] == expected
+    module.stopService()
+
+
+def test_worker_log_echo_is_not_stored_twice_and_engine_logs_fire_no_trigger():
+    engine, clock, module = make({"logs_console_output": True})
+    # The echo of a worker log goes to the process's log output: capture it there.
+    echoed = []
+    module.log_publisher.addObserver(echoed.append)
+    from iii_twisted.modules import observability as observability_module
+    original = observability_module._log
+    observability_module._log = Logger(namespace=original.namespace,
+                                       observer=module.log_publisher)
+    try:
+        conn = FakeWorkerConnection.connect(engine)
+        conn.receive({"type": "registerfunction", "id": "on::log"})
+        conn.receive({"type": "registertrigger", "id": "t", "trigger_type": "log",
+                      "function_id": "on::log", "config": {"level": "all"}})
+        call(engine, "engine::log::info", {"message": "from a worker"})
+        assert [e["body"] for e in echoed if "body" in e] == ["from a worker"]
+        assert [l["body"] for l in call(engine, "engine::logs::list", {})["logs"]] == [
+            "from a worker"]
+        fired = [m for m in conn.pop_sent() if m.get("type") == "invokefunction"]
+        assert [m["data"]["body"] for m in fired] == ["from a worker"]
+        engine_logger(module).warn("engine line")
+        assert [l["body"] for l in call(engine, "engine::logs::list", {})["logs"]] == [
+            "engine line", "from a worker"]
+        assert [m for m in conn.pop_sent() if m.get("type") == "invokefunction"] == []
+    finally:
+        observability_module._log = original
+        module.stopService()
+
+
+class ThreadReactor:
+    """A clock whose callFromThread records what would run on the reactor thread."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.from_threads = []
+
+    def seconds(self):
+        return self.clock.seconds()
+
+    def callFromThread(self, f, *args):
+        self.from_threads.append((f, args))
+
+
+def test_engine_log_from_another_thread_is_stored_on_the_reactor_thread():
+    import threading
+    from iii_twisted.observability.engine_logs import EngineLogCapture
+    clock = make_engine()[1]
+    reactor = ThreadReactor(clock)
+    stored = []
+    capture = EngineLogCapture(stored.append, reactor, "svc", 9)
+    publisher = LogPublisher(capture)
+    log = Logger(namespace="iii_twisted.observability.export", observer=publisher)
+    thread = threading.Thread(target=lambda: log.error("OTLP flush failed"))
+    thread.start()
+    thread.join(10)
+    assert stored == []
+    [(store, (record,))] = reactor.from_threads
+    store(record)
+    assert [r["body"] for r in stored] == ["OTLP flush failed"]
