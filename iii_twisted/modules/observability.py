@@ -11,11 +11,15 @@ What it does once loaded (and ``enabled``, the default):
   (L{TelemetrySink}); a frame that is not valid OTLP JSON is counted and dropped;
 - spans, logs and worker metrics are kept in memory stores bounded by count and age;
   the engine's own metrics (calls, errors, latency histograms per function, workers,
-  queue depths) are kept as counters;
+  queue depths) are kept as counters, and the npm SDK's worker gauges become
+  ``latest_metrics`` in ``engine::workers::list`` (L{WorkerGauges});
+- the engine's own log lines at or above ``level`` are stored with the logs
+  (L{EngineLogCapture}, a C{twisted.logger} observer);
 - ``engine::traces::*``, ``engine::logs::*``, ``engine::metrics::list``,
   ``engine::log::*``, ``engine::baggage::*``, ``engine::sampling::rules``,
   ``engine::health::check``, ``engine::alerts::*`` and ``engine::rollups::list`` read
-  them, and the ``log`` trigger type calls a function for every stored log;
+  them, and the ``log`` trigger type calls a function for every log stored from a
+  worker or ``engine::log::*``;
 - optionally everything is exported to an OpenTelemetry collector (``exporter: otlp``
   or ``both``), and the engine metrics are served as Prometheus text
   (``prometheus: {port: 9464, host: 127.0.0.1}``).

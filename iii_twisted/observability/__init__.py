@@ -9,6 +9,8 @@ Observability for the engine: what ``modules::observability::OtelModule`` is mad
   the call observer that gives every routed call an engine span.
 - L{iii_twisted.observability.metrics}: the engine's own metrics (calls, errors,
   latency histograms, workers, queue depths) and their Prometheus text exposition.
+- L{iii_twisted.observability.engine_logs}: the engine's own log lines, captured from
+  C{twisted.logger} into the log store.
 - L{iii_twisted.observability.worker_gauges}: the resource gauges npm workers report,
   kept per connected worker for ``latest_metrics`` in ``engine::workers::list``.
 - L{iii_twisted.observability.export}: export to an OpenTelemetry collector through
