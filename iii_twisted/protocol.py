@@ -153,13 +153,16 @@ def decode(payload):
     @param payload: the frame's bytes (text frames are UTF-8).
     @return: a dict with a known ``type`` whose fields have been checked against the
         message's schema; optional fields that were absent are present as None.
-    @raise ProtocolError: for invalid UTF-8 or JSON, a JSON value that is not an
-        object, an unknown ``type``, or a field with the wrong type.
+    @raise ProtocolError: for invalid UTF-8 or JSON (or JSON nested deeper than the
+        interpreter's recursion limit), a JSON value that is not an object, an unknown
+        ``type``, or a field with the wrong type.
     """
     try:
         message = json.loads(payload)
     except ValueError as e:  # includes UnicodeDecodeError
         raise ProtocolError("undecodable JSON: {}".format(e))
+    except RecursionError:
+        raise ProtocolError("undecodable JSON: nested too deeply")
     if not isinstance(message, dict):
         raise ProtocolError("frame is a JSON {}, not an object".format(type(message).__name__))
     kind = message.get("type")

@@ -133,7 +133,7 @@ class WorkerProtocol(WebSocketServerProtocol):
             return
         try:
             payload = P.encode(message)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             self._log.failure("dropped an unencodable {type} message", type=message.get("type"))
             return
         self.sendMessage(payload, False)

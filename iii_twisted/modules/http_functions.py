@@ -488,13 +488,13 @@ def _map_response(code, content):
             return None
         try:
             return json.loads(content)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise InvocationError(INVALID_RESPONSE, "HTTP {} response is not JSON".format(
                 code))
     error = None
     try:
         parsed = json.loads(content) if content.strip() else None
-    except ValueError:
+    except (ValueError, RecursionError):
         parsed = None
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
         error = parsed["error"]

@@ -516,7 +516,7 @@ class _Exchange:
             content.seek(0)
             try:
                 body = json.loads(content.read())
-            except ValueError:
+            except (ValueError, RecursionError):
                 body = None
         return {
             "query_params": query_params,
@@ -634,7 +634,7 @@ class _Exchange:
             return  # text after the first binary frame is discarded
         try:
             message = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             return
         if not isinstance(message, dict):
             return

@@ -699,7 +699,7 @@ class StreamProtocol(WebSocketServerProtocol):
             return
         try:
             message = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             self._log.debug("stream client {id}: dropped a frame that is not JSON",
                             id=self.client.id)
             return

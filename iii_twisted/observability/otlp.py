@@ -68,6 +68,8 @@ def _load(payload, top_key):
         body = json.loads(text)
     except (UnicodeDecodeError, ValueError) as e:
         raise TelemetryDecodeError("not UTF-8 JSON: {}".format(e))
+    except RecursionError:
+        raise TelemetryDecodeError("JSON nested too deeply")
     if not isinstance(body, dict):
         raise TelemetryDecodeError("the body is not a JSON object")
     items = body.get(top_key)

@@ -166,9 +166,10 @@ def test_json_request_body_is_parsed(api):
     assert call["data"]["body"] == {"name": "x", "n": 1}
     api.answer(call, {"body": call["data"]["body"]})
     assert json.loads(_body(api.treq, _response(d))) == {"name": "x", "n": 1}
-    api.request("POST", "/items", data=b"{nope",
-                headers={"Content-Type": "application/json"})
-    assert api.invocations()[0]["data"]["body"] is None
+    for body in (b"{nope", b"[" * 100000 + b"]" * 100000):
+        api.request("POST", "/items", data=body,
+                    headers={"Content-Type": "application/json"})
+        assert api.invocations()[0]["data"]["body"] is None
 
 
 def test_unknown_route_404_and_other_method_405(api):
@@ -308,6 +309,8 @@ def test_streamed_response_from_the_response_channel(api):
     [call] = api.invocations()
     socket, end = api.attach(call["data"]["response"])
     api.answer(call)  # null result: the channel has the answer
+    end.frame(b"{not json", False)  # ignored, like any text frame it cannot read
+    end.frame(b"[" * 100000 + b"]" * 100000, False)
     end.frame(b'{"type":"set_status","status_code":206}', False)
     end.frame(b'{"type":"set_headers","headers":{"content-type":"application/pdf"}}',
               False)

@@ -139,6 +139,8 @@ def test_bearer_and_api_key():
     ((204, {}, b""), ("result", None)),
     ((200, {}, b'[1, "two"]'), ("result", [1, "two"])),
     ((200, {}, b"<html>"), ("error", "invalid_response")),
+    ((200, {}, b"[" * 100000 + b"]" * 100000), ("error", "invalid_response")),
+    ((500, {}, b"[" * 100000 + b"]" * 100000), ("error", "http_error")),
     ((400, {}, b'{"error":{"code":"bad_input","message":"no"}}'), ("error", "bad_input")),
     ((400, {}, b'{"error":{}}'), ("error", "http_error")),
     ((500, {}, b"oops"), ("error", "http_error")),

@@ -388,6 +388,7 @@ def test_decode_logs_and_metrics():
 @pytest.mark.parametrize("kind, payload", [
     ("OTLP", b"\xff\xfe not utf-8"),
     ("OTLP", b"{not json"),
+    ("OTLP", b"[" * 100000 + b"]" * 100000),
     ("OTLP", b"[1, 2]"),
     ("OTLP", b'{"resourceSpans": 5}'),
     ("OTLP", b'{"something": []}'),

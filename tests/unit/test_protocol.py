@@ -27,6 +27,8 @@ def test_decode_ignores_unknown_keys():
     (b"\xff\xfe\x00", "undecodable JSON"),
     (b"[1, 2]", "not an object"),
     (b'"text"', "not an object"),
+    (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+    (b'{"type":"ping","x":' + b"[" * 100000 + b"]" * 100000 + b"}", "nested too deeply"),
     (b'{"type":"teleport"}', "unknown message type"),
     (b'{"no_type":1}', "unknown message type"),
     (b'{"type":"registerfunction"}', "missing required field 'id'"),

@@ -324,6 +324,7 @@ class StreamSocketTests(SynchronousTestCase):
     def test_bad_messages_are_ignored(self):
         client = self.h.connect()
         client.sendMessage(b"not json")
+        client.sendMessage(b"[" * 30000 + b"]" * 30000)  # under the 64 KiB limit
         client.send({"type": "dance"})
         client.send({"type": "join", "data": {"streamName": "s"}})
         client.send([1, 2])

@@ -95,7 +95,7 @@ def test_bad_frames_are_dropped_and_connection_stays(harness):
     """Malformed JSON, non-objects, unknown types and bad fields don't close the socket."""
     client, server = harness.connect()
     for payload in [b"{nope", b"[1,2]", b'"s"', b'{"type":"teleport"}', b'{"type":"registerfunction"}',
-                    b"\xff\xfe", b"   "]:
+                    b"\xff\xfe", b"   ", b"[" * 100000 + b"]" * 100000]:
         client.sendMessage(payload)
     client.send({"type": "ping"})
     harness.flush()
