@@ -229,3 +229,22 @@ def test_dead_peer_is_detected_by_pings():
     harness.flush()
     assert "w::fn" not in harness.engine.functions
     assert harness.engine.workers == {}
+
+
+def test_random_frames_leave_the_connection_open(harness):
+    """Seeded random text and binary frames (telemetry prefixes too) close nothing."""
+    import random
+    rng = random.Random(7)
+    client, server = harness.connect()
+    other, _ = harness.connect()
+    for _ in range(500):
+        prefix = rng.choice([b"", b"", b"OTLP", b"LOGS", b"MTRC", b"{", b'{"type":'])
+        body = bytes(rng.randrange(256) for _ in range(rng.randrange(200)))
+        client.sendMessage(prefix + body, isBinary=rng.random() < 0.5)
+    client.send({"type": "ping"})
+    other.send({"type": "ping"})
+    harness.flush()
+    assert client.of_type("pong") == [{"type": "pong"}]
+    assert other.of_type("pong") == [{"type": "pong"}]
+    assert client.closed_with is None and other.closed_with is None
+    assert len(harness.engine.workers) == 2
