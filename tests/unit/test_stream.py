@@ -333,6 +333,39 @@ class StreamSocketTests(SynchronousTestCase):
         self.assertEqual(len(client.received), 1)
         self.assertIsNone(client.closed_with)
 
+    def test_random_frames_leave_every_client_connected(self):
+        """Seeded random client messages (valid shapes, wrong fields, junk) close nothing."""
+        import random
+        rng = random.Random(11)
+        values = [None, 1, -1, "", "s", "g", "x" * 300, [], {}, [1], {"a": 1}, True, 2.5]
+        noisy, quiet = self.h.connect(), self.h.connect()
+        quiet.join("q1", "g")
+        for _ in range(400):
+            roll = rng.random()
+            if roll < 0.2:
+                # (Invalid UTF-8 in a text frame fails the connection, as RFC 6455 says.)
+                junk = bytes(rng.randrange(256) for _ in range(rng.randrange(64)))
+                if rng.random() < 0.5:
+                    noisy.sendMessage(junk, isBinary=True)
+                else:
+                    noisy.sendMessage(junk.decode("latin-1").encode("utf-8"))
+                continue
+            data = {k: rng.choice(values) for k in rng.sample(
+                ["subscriptionId", "streamName", "groupId", "id", "x"], rng.randrange(6))}
+            if rng.random() < 0.5:
+                data = {**data, "subscriptionId": "n{}".format(rng.randrange(5)),
+                        "streamName": "s", "groupId": rng.choice(["g", "h"])}
+            noisy.send({"type": rng.choice(["join", "leave", "dance", None, 3]),
+                        "data": rng.choice([data, data, None, [], "x"])})
+            if rng.random() < 0.05:
+                self.h.flush()
+        self.h.flush()
+        self.h.call("stream::set", dict(ids("g", "z"), data=9))
+        self.h.flush()
+        self.assertIsNone(noisy.closed_with)
+        self.assertIsNone(quiet.closed_with)
+        self.assertEqual(quiet.received[-1]["event"], {"type": "create", "data": 9})
+
     def test_pushes_may_exceed_the_inbound_limit(self):
         client = self.h.connect()
         client.join("sub", "g")
