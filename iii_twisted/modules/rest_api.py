@@ -32,7 +32,7 @@ the same route in place; ``body_limit`` exists.
 
 import json
 import time
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 from klein import Klein
 from twisted.application import strports
@@ -229,6 +229,22 @@ class LimitedRequest(Request):
         if self._rejected:
             return
         Request.requestReceived(self, command, path, version)
+
+    def process(self):
+        # Klein answers a path that is not UTF-8 (once unquoted) with 400 too, but logs
+        # a traceback for each: any client could fill the engine's log with them.
+        try:
+            unquote_to_bytes(self.path).decode("utf-8")
+            self.method.decode("ascii")
+        except UnicodeDecodeError:
+            body = b'{"error":"Request method or path is not valid UTF-8"}'
+            self.setResponseCode(400)
+            self.setHeader(b"content-type", b"application/json")
+            self.setHeader(b"content-length", str(len(body)).encode("ascii"))
+            self.write(body)
+            self.finish()
+            return
+        Request.process(self)
 
     def _reject(self):
         self._rejected = True

@@ -528,3 +528,84 @@ def test_stop_cancels_requests_in_flight_and_leaves_no_timer():
     assert len(api.engine.tracker) == 0
     assert len(api.engine.channels) == 0
     assert [c for c in api.clock.getDelayedCalls() if c.active()] == []
+
+
+def test_path_that_is_not_utf8_is_400_without_a_traceback():
+    """A percent-encoded path that is not UTF-8 is refused quietly; UTF-8 ones route."""
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        api = Api()
+        api.route("j", {"api_path": "j/:id", "http_method": "GET"})
+        protocol, transport = _channel(api)
+        protocol.dataReceived(b"GET /j/%ff%fe HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert transport.value().startswith(b"HTTP/1.1 400 ")
+        assert transport.value().endswith(b'{"error":"Request method or path is not valid UTF-8"}')
+        assert [e for e in logged if e.get("isError") or e.get("log_failure")] == []
+        assert api.invocations() == []
+        protocol.dataReceived(b"GET /j/%C3%A9 HTTP/1.1\r\nHost: x\r\n\r\n")
+        [call] = api.invocations()
+        assert call["data"]["path_params"] == {"id": "%C3%A9"}  # raw, as the reference
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+
+
+def test_random_requests_get_answers_and_log_no_failure():
+    """
+    Seeded random requests (methods, paths, headers, bodies; some not HTTP at all) on
+    routes whose functions answer, fail or return odd shapes: no failure is logged,
+    every request gets an HTTP response (504 for those left unanswered), and no
+    channel is left behind.
+    """
+    import random
+    rng = random.Random(5)
+    failures = []
+
+    def observe(event):
+        # (twisted.python.log.err, which Klein uses, sets isError and no log_failure.)
+        if event.get("log_failure") is not None or event.get("isError"):
+            failures.append(event)
+    globalLogPublisher.addObserver(observe)
+    try:
+        api = Api(body_limit=4096)
+        api.route("j", {"api_path": "j/:id", "http_method": "POST"})
+        api.route("g", {"api_path": "g", "http_method": "GET"})
+        methods = [b"GET", b"POST", b"PUT", b"HEAD", b"OPTIONS", b"BREW", b"get"]
+        paths = [b"/j/1", b"/j/%ff%00", b"/g?x=1&x=2&%zz", b"/g/../g", b"/nope", b"*", b"/j/",
+                 b"/" + b"a" * 5000]
+        types = [b"application/json", b"text/plain", b"multipart/form-data; boundary=",
+                 b"application/json; charset=latin-1", b"\x00"]
+        bodies = [b"", b"{}", b'{"a": [1, 2]}', b"{nope", b"[" * 3000 + b"]" * 3000,
+                  b"\xff" * 100, b"x" * 5000]
+        transports = []
+        for _ in range(300):
+            protocol, transport = _channel(api)
+            body = rng.choice(bodies)
+            if rng.random() < 0.1:
+                protocol.dataReceived(bytes(rng.randrange(256) for _ in range(80)))
+                continue
+            transports.append(transport)
+            head = rng.choice(methods) + b" " + rng.choice(paths) + b" HTTP/1.1\r\nHost: x\r\n"
+            head += b"Content-Type: " + rng.choice(types) + b"\r\n"
+            if rng.random() < 0.8:
+                head += b"Content-Length: " + str(len(body)).encode() + b"\r\n"
+            if rng.random() < 0.2:
+                head += b"Origin: http://elsewhere\r\n"
+            protocol.dataReceived(head + b"\r\n" + body)
+            for call in api.invocations():
+                roll = rng.random()
+                if roll < 0.4:
+                    api.answer(call, {"status_code": rng.choice([200, 201, 404, 999, "x"]),
+                                      "headers": rng.choice([{"a": "b"}, {"a": 1}, [], None]),
+                                      "body": rng.choice([{"x": 1}, "text", None, [1]])})
+                elif roll < 0.8:
+                    api.answer(call, error={"code": "boom", "message": "no"})
+                else:
+                    api.answer(call, rng.choice([1, "s", [1], None]))
+        api.clock.advance(api.module.timeout + 1)  # whatever is left times out: 504
+        for transport in transports:
+            assert transport.value().startswith(b"HTTP/1.1 "), transport.value()[:200]
+        assert failures == [], [e.get("log_format") for e in failures]
+        assert len(api.engine.channels) == 0
+    finally:
+        globalLogPublisher.removeObserver(observe)
