@@ -261,3 +261,31 @@ class CronModuleTests(SynchronousTestCase):
         assert self.successResultOf(lock.acquire("j", 10)) is True
         assert self.successResultOf(lock.acquire("j", 10)) is False
         assert self.successResultOf(lock.acquire("j", 11)) is True
+
+
+def test_random_expressions_parse_or_refuse_and_next_is_later():
+    """Seeded random expressions: CronError or a schedule whose next tick is later."""
+    import random
+
+    from iii_twisted.cronexpr import CronError, CronSchedule
+
+    rng = random.Random(3)
+    good = [["*", "0", "30", "*/15", "1-5", "0,30", "59"], ["*", "0", "59", "*/5", "10-20"],
+            ["*", "0", "23", "*/6", "9-17"], ["*", "1", "31", "30", "29", "?", "*/10"],
+            ["*", "1", "2", "12", "JAN", "feb", "*/3", "2-3"],
+            ["*", "0", "7", "MON-FRI", "sun", "?", "6"],
+            ["*", "2026", "2030", "1970-2099", "2024/4", "1999"]]
+    bad = ["60", "-1", "5-1", "*/0", "x", "", "1-", "99999999999999999999", "L", "1#2"]
+    accepted = 0
+    for _ in range(3000):
+        fields = [rng.choice(good[i]) if rng.random() < 0.93 else rng.choice(bad)
+                  for i in range(rng.choice([5, 6, 6, 7]))]
+        try:
+            schedule = CronSchedule(" ".join(fields))
+        except CronError:
+            continue
+        accepted += 1
+        start = rng.random() * 4e9
+        tick = schedule.next_after(start)
+        assert tick is None or tick > start
+    assert accepted > 500
