@@ -267,8 +267,6 @@ def test_random_expressions_parse_or_refuse_and_next_is_later():
     """Seeded random expressions: CronError or a schedule whose next tick is later."""
     import random
 
-    from iii_twisted.cronexpr import CronError, CronSchedule
-
     rng = random.Random(3)
     good = [["*", "0", "30", "*/15", "1-5", "0,30", "59"], ["*", "0", "59", "*/5", "10-20"],
             ["*", "0", "23", "*/6", "9-17"], ["*", "1", "31", "30", "29", "?", "*/10"],
