@@ -235,7 +235,12 @@ class WorkerHost:
             message["traceparent"] = traceparent
         if baggage is not None:
             message["baggage"] = baggage
-        self._worker.connection.send(message)
+        if not self._worker.connection.send(message):
+            # The data holds something JSON cannot carry (an in-process caller's
+            # Python object): fail now rather than at the timeout.
+            self._tracker.resolve(invocation_id, self._worker, None, P.error_body(
+                P.INVOCATION_FAILED,
+                "the data for {} cannot be sent: it is not JSON".format(function_id)))
         return d
 
 
@@ -976,7 +981,14 @@ def _answer(result, worker, invocation_id, function_id):
     }
     if result is not None:
         message["result"] = result
-    worker.connection.send(message)
+    if not worker.connection.send(message):
+        # An in-process function returned something JSON cannot carry: the caller gets
+        # an error now instead of waiting for its own timeout.
+        del message["result"]
+        message["error"] = P.error_body(
+            P.INVOCATION_FAILED,
+            "the result of {} cannot be sent: it is not JSON".format(function_id))
+        worker.connection.send(message)
 
 
 def _count_down(result, caller):

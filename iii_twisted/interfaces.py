@@ -20,12 +20,16 @@ class IWorkerConnection(Interface):
 
     peer_address = Attribute("The peer's IP address as a string, or None.")
 
-    def send(message: dict) -> None:
+    def send(message: dict) -> bool:
         """
         Send one message (a JSON object) to the worker.
 
         Never raises: a message to a connection that is closing is dropped, because the
         engine's disconnect cleanup is already on its way.
+
+        @return: False if the message holds a value JSON cannot carry (it is dropped and
+            logged), so that the engine can answer the call with an error instead;
+            True otherwise.
         """
 
     def disconnect(code: int, reason: str) -> None:

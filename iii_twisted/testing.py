@@ -44,8 +44,13 @@ class FakeWorkerConnection:
         return self.worker.id
 
     def send(self, message):
+        """@return: False for a message JSON cannot carry (dropped), as on a socket."""
         if self.closed is None:
-            self.sent.append(_through_json(message))
+            try:
+                self.sent.append(_through_json(message))
+            except (TypeError, ValueError, RecursionError):
+                return False
+        return True
 
     def disconnect(self, code=1000, reason=None):
         if self.closed is None:

@@ -130,13 +130,14 @@ class WorkerProtocol(WebSocketServerProtocol):
 
     def send(self, message):
         if self.state != self.STATE_OPEN:
-            return
+            return True
         try:
             payload = P.encode(message)
         except (TypeError, ValueError, RecursionError):
             self._log.failure("dropped an unencodable {type} message", type=message.get("type"))
-            return
+            return False
         self.sendMessage(payload, False)
+        return True
 
     def disconnect(self, code=1000, reason=None):
         if self.state == self.STATE_OPEN:

@@ -693,7 +693,7 @@ class _Exchange:
         request = self.request
         try:
             data = json.dumps(body, separators=(",", ":")).encode("utf-8")
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             status, data = 500, b'{"error":"response body is not JSON"}'
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")

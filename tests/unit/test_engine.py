@@ -521,3 +521,32 @@ def test_churn_of_200_workers_leaves_nothing_behind():
     assert {t for t in engine.trigger_types if not t.startswith("engine::")} == {"tick"}
     assert len(engine.tracker) == 0 and engine.tracker.by_worker == {}
     assert clock.getDelayedCalls() == []
+
+
+def test_in_process_result_json_cannot_carry_is_an_error_at_once():
+    """A worker calling an in-process function that returns a Python object gets an error."""
+    import datetime
+    engine, clock = make_engine(invocation_timeout=30)
+    engine.register_function("app::when", lambda data: {"at": datetime.datetime(2026, 1, 1)})
+    conn = FakeWorkerConnection.connect(engine)
+    invoke(conn, "app::when", {})
+    [answer] = conn.sent_of_type("invocationresult")
+    assert answer["invocation_id"] == "inv-1" and "result" not in answer
+    assert answer["error"] == {
+        "code": "invocation_failed",
+        "message": "the result of app::when cannot be sent: it is not JSON"}
+    assert clock.getDelayedCalls() == []
+
+
+def test_data_json_cannot_carry_fails_the_call_at_once():
+    """An in-process caller passing a Python object to a worker's function fails now."""
+    engine, clock = make_engine(invocation_timeout=30)
+    conn = FakeWorkerConnection.connect(engine)
+    register(conn, "w::fn")
+    failures = []
+    engine.call("w::fn", {"items": {1, 2}}).addErrback(failures.append)
+    [failure] = failures
+    assert failure.value.code == "invocation_failed"
+    assert failure.value.message == "the data for w::fn cannot be sent: it is not JSON"
+    assert conn.sent_of_type("invokefunction") == []
+    assert len(engine.tracker) == 0 and clock.getDelayedCalls() == []

@@ -248,3 +248,16 @@ def test_random_frames_leave_the_connection_open(harness):
     assert other.of_type("pong") == [{"type": "pong"}]
     assert client.closed_with is None and other.closed_with is None
     assert len(harness.engine.workers) == 2
+
+
+def test_result_json_cannot_carry_is_answered_with_an_error(harness):
+    """On a real socket too: the caller gets invocation_failed, not silence."""
+    harness.engine.register_function("app::set", lambda data: {1, 2})
+    client, server = harness.connect()
+    client.send({"type": "invokefunction", "invocation_id": "i-9", "function_id": "app::set",
+                 "data": None})
+    harness.flush()
+    [answer] = client.of_type("invocationresult")
+    assert answer["invocation_id"] == "i-9"
+    assert answer["error"]["code"] == "invocation_failed"
+    assert client.closed_with is None
