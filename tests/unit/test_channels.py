@@ -321,3 +321,66 @@ def test_engine_service_wires_channels_and_stops_the_sweep():
     assert any(c.active() for c in reactor.getDelayedCalls())  # the sweep
     service.stopService()
     assert [c for c in reactor.getDelayedCalls() if c.active()] == []
+
+
+def test_random_channel_traffic_keeps_order_and_logs_no_failure(harness):
+    """
+    Seeded random channel lives: ends attach in either order (some with a wrong key or
+    twice), writers send random frames and close or drop, readers leave early. Every
+    reader that stays gets exactly what was written, in order; no failure is logged;
+    after the sweep nothing is left.
+    """
+    import random
+
+    from twisted.logger import globalLogPublisher
+
+    rng = random.Random(9)
+    failures = []
+
+    def observe(event):
+        if event.get("log_failure") is not None or event.get("isError"):
+            failures.append(event)
+    globalLogPublisher.addObserver(observe)
+    try:
+        harness.channels.startService()
+        lives = []
+        for _ in range(40):
+            refs = harness.create({"buffer_size": rng.choice([1, 4, 64])})
+            order = ["reader", "writer"] if rng.random() < 0.5 else ["writer", "reader"]
+            ends = {}
+            for side in order:
+                if rng.random() < 0.15:
+                    harness.end(refs[side], key="wrong")  # refused, the channel carries on
+                ends[side] = harness.end(refs[side])
+                if rng.random() < 0.1:
+                    assert not harness.end(refs[side]).opened  # an end attaches once
+            frames = [(bytes(rng.randrange(256) for _ in range(rng.randrange(3000))), True)
+                      if rng.random() < 0.7 else (b'{"n": %d}' % i, False)
+                      for i in range(rng.randrange(12))]
+            for payload, binary in frames:
+                ends["writer"].sendMessage(payload, isBinary=binary)
+            ending = rng.choice(["close", "close", "drop", "reader-leaves"])
+            if ending == "close":
+                ends["writer"].sendClose(1000)
+            elif ending == "drop":
+                ends["writer"].transport.loseConnection()
+            else:
+                ends["reader"].sendClose(1000)
+            lives.append((ending, frames, ends))
+            harness.flush()
+        harness.flush()
+        for ending, frames, ends in lives:
+            assert ends["writer"].opened and ends["reader"].opened
+            if ending == "close":
+                assert ends["reader"].frames == frames
+                assert ends["reader"].closed_with == (True, 1000)
+            elif ending == "drop":
+                # A writer that vanished: what arrived is a prefix, and the reader is told.
+                assert ends["reader"].frames == frames[:len(ends["reader"].frames)]
+                assert ends["reader"].closed_with is not None
+        harness.reactor.advance(600)
+        assert len(harness.channels) == 0
+        assert failures == [], [e.get("log_format") for e in failures]
+        harness.channels.stopService()
+    finally:
+        globalLogPublisher.removeObserver(observe)
