@@ -47,7 +47,7 @@ UPDATED = "state:updated"
 DELETED = "state:deleted"
 
 
-def _store_error(code, action, failure):
+def _store_error(failure, code, action):
     failure.trap(KvStoreError)
     raise InvocationError(code, "Failed to {}: {}".format(action, failure.getErrorMessage()))
 

@@ -370,3 +370,38 @@ def test_https_connects_to_the_checked_address_through_tls():
     assert (host, port) == ("93.184.216.34", 443)
     protocol = factory.buildProtocol(None)
     assert "TLS" in type(protocol._wrappedProtocol).__name__
+
+
+def test_random_answers_are_a_value_or_a_clean_error():
+    """Seeded random status codes, headers and bodies: a result or a known error code."""
+    import random
+
+    from twisted.logger import globalLogPublisher
+
+    rng = random.Random(4)
+    failures = []
+
+    def observe(event):
+        if event.get("log_failure") is not None or event.get("isError"):
+            failures.append(event)
+    globalLogPublisher.addObserver(observe)
+    try:
+        s = Setup()
+        s.register()
+        bodies = [b"", b" ", b"null", b"{}", b'{"error":{"code":"c","message":"m"}}',
+                  b'{"error":"flat"}', b'{"error":{"code":5}}', b"[1,2]", b"\xff\xfe",
+                  b"[" * 5000 + b"]" * 5000, b'"text"', b"1e999", b"NaN", b"<html>"]
+        codes = [200, 201, 204, 299, 300, 302, 400, 404, 418, 500, 503, 599]
+        headers = [{}, {"Content-Type": "application/json"}, {"Content-Type": "text/html"},
+                   {"Location": "http://elsewhere/"}]
+        known = {"invalid_response", "http_error", "c"}
+        for _ in range(300):
+            s.remote.answer = (rng.choice(codes), rng.choice(headers), rng.choice(bodies))
+            results = s.call(data=rng.choice([{}, {"a": [1]}, None, "x"]))
+            assert results, "the call did not finish"
+            if isinstance(results[0], Failure):
+                assert results[0].check(InvocationError)
+                assert results[0].value.code in known, results[0].value.code
+        assert failures == [], [e.get("log_format") for e in failures]
+    finally:
+        globalLogPublisher.removeObserver(observe)

@@ -100,6 +100,39 @@ class StateFunctionTests(SynchronousTestCase):
             {"type": "increment", "path": "a", "by": 0.5}]})
         self.assertIn("integer 'by'", error.message)
 
+    def test_value_json_cannot_carry_is_a_set_error(self):
+        """NaN and infinities are not JSON: the store refuses them, the caller is told."""
+        for value in (float("nan"), {"a": float("inf")}):
+            e = self.error("state::set", {"scope": "s", "key": "k", "value": value})
+            self.assertEqual(e.code, "SET_ERROR")
+            self.assertTrue(e.message.startswith("Failed to set value: value is not JSON"),
+                            e.message)
+        self.assertIsNone(self.call("state::get", {"scope": "s", "key": "k"}))
+
+    def test_store_failures_are_the_functions_error_codes(self):
+        """A store that fails: each function answers its own code, naming the failure."""
+        from twisted.internet.defer import fail
+
+        from iii_twisted.interfaces import KvStoreError
+        from iii_twisted.modules.state import StateModule
+
+        class BrokenStore:
+            def __getattr__(self, name):
+                return lambda *args: fail(KvStoreError("disk on fire"))
+
+        engine, clock = make_engine()
+        StateModule(engine, {}, clock, store=BrokenStore())
+        for function_id, data, code in [
+                ("state::set", {"scope": "s", "key": "k", "value": 1}, "SET_ERROR"),
+                ("state::get", {"scope": "s", "key": "k"}, "GET_ERROR"),
+                ("state::delete", {"scope": "s", "key": "k"}, "DELETE_ERROR"),
+                ("state::update", {"scope": "s", "key": "k", "ops": []}, "UPDATE_ERROR"),
+                ("state::list", {"scope": "s"}, "LIST_ERROR"),
+                ("state::list_groups", {}, "LIST_GROUPS_ERROR")]:
+            e = self.failureResultOf(engine.call(function_id, data), InvocationError).value
+            self.assertEqual((e.code, e.message.endswith(": disk on fire")), (code, True),
+                             (function_id, e.code, e.message))
+
     def test_list_and_list_groups(self):
         self.assertEqual(self.call("state::list", {"scope": "empty"}), [])
         self.assertEqual(self.call("state::list_groups", {}), {"groups": []})
