@@ -186,7 +186,11 @@ def decode(payload):
     return message
 
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# allow_nan=False: NaN and infinities are not JSON. Python's json writes them anyway
+# (and a Python worker can send them); a Node worker's JSON.parse would then throw
+# on the frame. A message holding one fails to encode, and the engine answers the
+# call with an error instead (see WorkerProtocol.send).
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
 def encode(message):
@@ -195,6 +199,7 @@ def encode(message):
 
     @return: UTF-8 bytes of compact JSON.
     @raise TypeError: if the message holds a value JSON cannot represent.
+    @raise ValueError: if it holds NaN or an infinity.
     """
     return _dumps(message).encode("utf-8")
 

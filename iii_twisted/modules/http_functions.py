@@ -58,7 +58,7 @@ from zope.interface import implementer
 from ..config import ConfigError, get_option
 from ..engine import FunctionEntry
 from ..interfaces import IFunctionHost, IModule
-from ..protocol import InvocationError
+from ..protocol import INVOCATION_FAILED, InvocationError
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 DEFAULT_TIMEOUT_MS = 30000
@@ -398,7 +398,11 @@ class HttpFunctionHost:
             module.policy.check_url(spec.url)
         except UrlRejected as e:
             raise InvocationError(URL_VALIDATION_FAILED, e.message)
-        body = json.dumps(data, separators=(",", ":")).encode("utf-8")
+        try:
+            body = json.dumps(data, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        except (TypeError, ValueError, RecursionError) as e:
+            raise InvocationError(INVOCATION_FAILED,
+                                  "the data for {} is not JSON: {}".format(function_id, e))
         timestamp = str(int(module.clock.seconds()))
         headers = {
             "Content-Type": "application/json",

@@ -692,7 +692,7 @@ class _Exchange:
     def _respond_json(self, status, body, headers=None):
         request = self.request
         try:
-            data = json.dumps(body, separators=(",", ":")).encode("utf-8")
+            data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
         except (TypeError, ValueError, RecursionError):
             status, data = 500, b'{"error":"response body is not JSON"}'
         request.setResponseCode(status)

@@ -379,7 +379,9 @@ class StreamModule(MultiService):
         subscribers = self._subscribers.get((name, group))
         if not subscribers:
             return
-        payload = json.dumps(message, separators=(",", ":")).encode("utf-8")
+        payload = _encode_push(message, self._log)
+        if payload is None:
+            return
         for (client, _), sub_item in list(subscribers.items()):
             if sub_item is None or sub_item == item:
                 client.connection.send_payload(payload)
@@ -472,6 +474,23 @@ class StreamModule(MultiService):
         if current is not None and current[0] is trigger:
             del self._stream_triggers[trigger.id]
         return succeed(None)
+
+
+_client_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+def _encode_push(message, log):
+    """
+    @return: a message for browser clients as UTF-8 JSON bytes, or None (logged) when
+        it holds something JSON cannot carry, NaN and infinities included: the
+        browser's JSON.parse would throw on them.
+    """
+    try:
+        return _client_json(message).encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as e:
+        log.warn("stream: dropped a {type} push that is not JSON: {error}",
+                 type=message.get("type"), error=e)
+        return None
 
 
 def _write_result(result):
@@ -586,8 +605,9 @@ class StreamClient:
 
     def _send(self, message):
         if not self._closed:
-            self.connection.send_payload(
-                json.dumps(message, separators=(",", ":")).encode("utf-8"))
+            payload = _encode_push(message, self._log)
+            if payload is not None:
+                self.connection.send_payload(payload)
 
     def closed(self):
         """

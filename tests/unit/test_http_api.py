@@ -145,6 +145,21 @@ def test_json_result_makes_the_response(api):
     assert len(api.engine.channels) == 0
 
 
+def test_body_json_cannot_carry_is_500(api):
+    """A body with NaN (a Python worker can send one) is not written as invalid JSON."""
+    from iii_twisted.protocol import decode
+    api.route("nan", {"api_path": "nan"})
+    d = api.request("GET", "/nan")
+    [call] = api.invocations()
+    api.engine.handle_message(api.worker.worker, decode(
+        b'{"type":"invocationresult","invocation_id":"%s","result":{"body":{"x":NaN}}}'
+        % call["invocation_id"].encode()))
+    api.treq.flush()
+    response = _response(d)
+    assert response.code == 500
+    assert json.loads(_body(api.treq, response)) == {"error": "response body is not JSON"}
+
+
 def test_statuscode_alias_and_defaults(api):
     """statusCode works too; a missing body is {}, a non-object result 200 {}."""
     api.route("f", {"api_path": "/a"})

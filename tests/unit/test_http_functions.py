@@ -372,6 +372,15 @@ def test_https_connects_to_the_checked_address_through_tls():
     assert "TLS" in type(protocol._wrappedProtocol).__name__
 
 
+def test_data_json_cannot_carry_is_an_error_before_any_request():
+    s = Setup()
+    s.register()
+    error = _error(s.call(data={"x": float("nan")}))
+    assert error.code == "invocation_failed"
+    assert error.message.startswith("the data for ext::fn is not JSON")
+    assert s.remote.requests == []
+
+
 def test_random_answers_are_a_value_or_a_clean_error():
     """Seeded random status codes, headers and bodies: a result or a known error code."""
     import random

@@ -366,6 +366,21 @@ class StreamSocketTests(SynchronousTestCase):
         self.assertIsNone(quiet.closed_with)
         self.assertEqual(quiet.received[-1]["event"], {"type": "create", "data": 9})
 
+    def test_push_json_cannot_carry_is_dropped_not_sent(self):
+        """A browser's JSON.parse throws on NaN: such a push is dropped (and logged)."""
+        client = self.h.connect()
+        client.join("sub1", "g")
+        self.h.flush()
+        before = len(client.received)
+        self.successResultOf(self.h.call("stream::send", {
+            "stream_name": "s", "group_id": "g", "type": "t", "data": float("nan")}))
+        self.h.call("stream::send", {"stream_name": "s", "group_id": "g", "type": "t",
+                                     "data": 1})
+        self.h.flush()
+        self.assertEqual([m["event"] for m in client.received[before:]],
+                         [{"type": "event", "event": {"type": "t", "data": 1}}])
+        self.assertIsNone(client.closed_with)
+
     def test_pushes_may_exceed_the_inbound_limit(self):
         client = self.h.connect()
         client.join("sub", "g")

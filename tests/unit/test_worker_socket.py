@@ -261,3 +261,25 @@ def test_result_json_cannot_carry_is_answered_with_an_error(harness):
     assert answer["invocation_id"] == "i-9"
     assert answer["error"]["code"] == "invocation_failed"
     assert client.closed_with is None
+
+
+def test_nan_from_a_worker_is_not_passed_on(harness):
+    """
+    Python's json writes NaN (not JSON) and the engine's decoder reads it; passed on,
+    a Node caller's JSON.parse would throw. The caller gets invocation_failed instead.
+    """
+    worker, _ = harness.connect()
+    caller, _ = harness.connect()
+    worker.send({"type": "registerfunction", "id": "py::nan"})
+    harness.flush()
+    caller.send({"type": "invokefunction", "invocation_id": "c-1", "function_id": "py::nan",
+                 "data": {}})
+    harness.flush()
+    [call] = worker.of_type("invokefunction")
+    worker.sendMessage(b'{"type":"invocationresult","invocation_id":"%s","function_id":'
+                       b'"py::nan","result":{"x":NaN}}' % call["invocation_id"].encode())
+    harness.flush()
+    [answer] = caller.of_type("invocationresult")
+    assert answer["invocation_id"] == "c-1" and "result" not in answer
+    assert answer["error"]["code"] == "invocation_failed"
+    assert worker.closed_with is None and caller.closed_with is None
