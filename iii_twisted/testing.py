@@ -1,10 +1,13 @@
 """
 Test doubles for the engine core, for our tests and for applications that embed the
 engine: a worker connection that records what the engine sends it, and a helper that
-builds an engine on a C{task.Clock}.
+builds an engine on a C{task.Clock}, and a way to see the failures the engine logged.
 """
 
+from contextlib import contextmanager
+
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, globalLogPublisher
 from zope.interface import implementer
 
 from .adapters.memory import MemoryKvStore  # noqa: F401 (the IKvStore double for tests)
@@ -84,3 +87,26 @@ def make_engine(**kwargs):
     """
     clock = Clock()
     return Engine(clock, **kwargs), clock
+
+
+@contextmanager
+def logged_failures(publisher=globalLogPublisher):
+    """
+    Collect, while the block runs, the log events that report a failure: those with a
+    C{log_failure}, legacy C{twisted.python.log.err} events (C{isError}, as Klein
+    logs), and critical ones. For bad input, the engine logs a drop, never a failure;
+    a failure logged is a bug.
+
+    @return: (as the context value) the list the events are collected in.
+    """
+    events = []
+
+    def observe(event):
+        if (event.get("log_failure") is not None or event.get("isError")
+                or event.get("log_level") == LogLevel.critical):
+            events.append(event)
+    publisher.addObserver(observe)
+    try:
+        yield events
+    finally:
+        publisher.removeObserver(observe)

@@ -332,16 +332,10 @@ def test_random_channel_traffic_keeps_order_and_logs_no_failure(harness):
     """
     import random
 
-    from twisted.logger import globalLogPublisher
+    from iii_twisted.testing import logged_failures
 
     rng = random.Random(9)
-    failures = []
-
-    def observe(event):
-        if event.get("log_failure") is not None or event.get("isError"):
-            failures.append(event)
-    globalLogPublisher.addObserver(observe)
-    try:
+    with logged_failures() as failures:
         harness.channels.startService()
         lives = []
         for _ in range(40):
@@ -382,5 +376,3 @@ def test_random_channel_traffic_keeps_order_and_logs_no_failure(harness):
         assert len(harness.channels) == 0
         assert failures == [], [e.get("log_format") for e in failures]
         harness.channels.stopService()
-    finally:
-        globalLogPublisher.removeObserver(observe)

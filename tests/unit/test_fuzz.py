@@ -13,11 +13,10 @@ import random
 
 import pytest
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogLevel, globalLogPublisher
 
 from iii_twisted import protocol as P
 from iii_twisted.service import EngineService
-from iii_twisted.testing import FakeWorkerConnection
+from iii_twisted.testing import FakeWorkerConnection, logged_failures
 
 CONFIG = {
     "port": 49134,
@@ -126,17 +125,6 @@ def random_message(rng, function_ids, trigger_ids):
     return message
 
 
-class FailureLog:
-    """Collects log events that carry a failure or are critical."""
-
-    def __init__(self):
-        self.events = []
-
-    def __call__(self, event):
-        if event.get("log_failure") is not None or event.get("log_level") == LogLevel.critical:
-            self.events.append(event)
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_random_messages_never_break_the_engine(seed):
     rng = random.Random(seed)
@@ -145,9 +133,7 @@ def test_random_messages_never_break_the_engine(seed):
     service.privilegedStartService()
     service.startService()
     engine = service.engine
-    failures = FailureLog()
-    globalLogPublisher.addObserver(failures)
-    try:
+    with logged_failures() as failures:
         workers = [FakeWorkerConnection.connect(engine) for _ in range(4)]
         asked = {id(w): set() for w in workers}
         for step in range(3000):
@@ -170,7 +156,7 @@ def test_random_messages_never_break_the_engine(seed):
         for worker in workers:
             answered = {m["invocation_id"] for m in worker.sent_of_type("invocationresult")}
             assert asked[id(worker)] <= answered
-        assert failures.events == [], [e.get("log_format") for e in failures.events]
+        assert failures == [], [e.get("log_format") for e in failures]
         for worker in workers:
             worker.disconnect()
         reactor.advance(10)
@@ -180,5 +166,3 @@ def test_random_messages_never_break_the_engine(seed):
         service.stopService()
         reactor.advance(60)
         assert reactor.getDelayedCalls() == []
-    finally:
-        globalLogPublisher.removeObserver(failures)

@@ -547,22 +547,20 @@ def test_stop_cancels_requests_in_flight_and_leaves_no_timer():
 
 def test_path_that_is_not_utf8_is_400_without_a_traceback():
     """A percent-encoded path that is not UTF-8 is refused quietly; UTF-8 ones route."""
-    logged = []
-    globalLogPublisher.addObserver(logged.append)
-    try:
+    from iii_twisted.testing import logged_failures
+
+    with logged_failures() as failures:
         api = Api()
         api.route("j", {"api_path": "j/:id", "http_method": "GET"})
         protocol, transport = _channel(api)
         protocol.dataReceived(b"GET /j/%ff%fe HTTP/1.1\r\nHost: x\r\n\r\n")
         assert transport.value().startswith(b"HTTP/1.1 400 ")
         assert transport.value().endswith(b'{"error":"Request method or path is not valid UTF-8"}')
-        assert [e for e in logged if e.get("isError") or e.get("log_failure")] == []
+        assert failures == []
         assert api.invocations() == []
         protocol.dataReceived(b"GET /j/%C3%A9 HTTP/1.1\r\nHost: x\r\n\r\n")
         [call] = api.invocations()
         assert call["data"]["path_params"] == {"id": "%C3%A9"}  # raw, as the reference
-    finally:
-        globalLogPublisher.removeObserver(logged.append)
 
 
 def test_random_requests_get_answers_and_log_no_failure():
@@ -573,15 +571,11 @@ def test_random_requests_get_answers_and_log_no_failure():
     channel is left behind.
     """
     import random
-    rng = random.Random(5)
-    failures = []
 
-    def observe(event):
-        # (twisted.python.log.err, which Klein uses, sets isError and no log_failure.)
-        if event.get("log_failure") is not None or event.get("isError"):
-            failures.append(event)
-    globalLogPublisher.addObserver(observe)
-    try:
+    from iii_twisted.testing import logged_failures
+
+    rng = random.Random(5)
+    with logged_failures() as failures:
         api = Api(body_limit=4096)
         api.route("j", {"api_path": "j/:id", "http_method": "POST"})
         api.route("g", {"api_path": "g", "http_method": "GET"})
@@ -622,5 +616,3 @@ def test_random_requests_get_answers_and_log_no_failure():
             assert transport.value().startswith(b"HTTP/1.1 "), transport.value()[:200]
         assert failures == [], [e.get("log_format") for e in failures]
         assert len(api.engine.channels) == 0
-    finally:
-        globalLogPublisher.removeObserver(observe)

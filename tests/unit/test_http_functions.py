@@ -385,16 +385,10 @@ def test_random_answers_are_a_value_or_a_clean_error():
     """Seeded random status codes, headers and bodies: a result or a known error code."""
     import random
 
-    from twisted.logger import globalLogPublisher
+    from iii_twisted.testing import logged_failures
 
     rng = random.Random(4)
-    failures = []
-
-    def observe(event):
-        if event.get("log_failure") is not None or event.get("isError"):
-            failures.append(event)
-    globalLogPublisher.addObserver(observe)
-    try:
+    with logged_failures() as failures:
         s = Setup()
         s.register()
         bodies = [b"", b" ", b"null", b"{}", b'{"error":{"code":"c","message":"m"}}',
@@ -412,5 +406,3 @@ def test_random_answers_are_a_value_or_a_clean_error():
                 assert results[0].check(InvocationError)
                 assert results[0].value.code in known, results[0].value.code
         assert failures == [], [e.get("log_format") for e in failures]
-    finally:
-        globalLogPublisher.removeObserver(observe)
