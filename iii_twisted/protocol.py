@@ -146,6 +146,35 @@ def sequential_ids():
     return ("{}{:012x}".format(prefix, n) for n in itertools.count(1))
 
 
+# NaN and Infinity are not JSON, but Python's json writes them (so a Python worker can
+# send them) and reads them. The decoder reads them, and notes that it did here, so
+# that a reader can refuse them where they would be kept and shown to everyone.
+_nonfinite_seen = []
+
+
+def _read_nonfinite(constant):
+    _nonfinite_seen.append(constant)
+    return float(constant)
+
+
+_decode_text = json.JSONDecoder(parse_constant=_read_nonfinite).decode
+
+
+def read_json(payload):
+    """
+    Parse UTF-8 JSON from outside (a frame, a telemetry body).
+
+    @return: (the value, whether it held ``NaN`` or ``Infinity`` tokens).
+    @raise ValueError: for invalid UTF-8 or JSON.
+    @raise RecursionError: for JSON nested deeper than the interpreter allows.
+    """
+    try:
+        text = payload.decode("utf-8") if isinstance(payload, (bytes, bytearray)) else payload
+        return _decode_text(text), bool(_nonfinite_seen)
+    finally:
+        del _nonfinite_seen[:]
+
+
 def decode(payload):
     """
     Decode one worker frame's payload into a message dict.
@@ -155,10 +184,14 @@ def decode(payload):
         message's schema; optional fields that were absent are present as None.
     @raise ProtocolError: for invalid UTF-8 or JSON (or JSON nested deeper than the
         interpreter's recursion limit), a JSON value that is not an object, an unknown
-        ``type``, or a field with the wrong type.
+        ``type``, a field with the wrong type, or ``NaN``/``Infinity`` anywhere in a
+        message other than an ``invocationresult``. (Registrations and calls would
+        carry them into what discovery and other workers are sent, which must be JSON;
+        a result goes to one caller only, and the engine answers that caller with
+        ``invocation_failed`` when the result cannot be sent as JSON.)
     """
     try:
-        message = json.loads(payload)
+        message, nonfinite = read_json(payload)
     except ValueError as e:  # includes UnicodeDecodeError
         raise ProtocolError("undecodable JSON: {}".format(e))
     except RecursionError:
@@ -169,6 +202,8 @@ def decode(payload):
     schema = _SCHEMAS.get(kind) if isinstance(kind, str) else None
     if schema is None:
         raise ProtocolError("unknown message type {!r}".format(kind), message)
+    if nonfinite and kind != INVOCATION_RESULT:
+        raise ProtocolError("{}: NaN and Infinity are not JSON".format(kind), message)
     for field, (types, required) in schema.items():
         value = message.get(field)
         if value is None:

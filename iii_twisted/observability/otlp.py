@@ -22,7 +22,9 @@ without ids, say) is skipped and counted, and the rest is kept.
 import base64
 import binascii
 import json
+import math
 
+from ..protocol import read_json
 from .storage import (
     STATUS_ERROR, STATUS_OK, STATUS_UNSET, Limits, SpanRecord, log_record,
 )
@@ -64,12 +66,13 @@ class Decoded:
 
 def _load(payload, top_key):
     try:
-        text = payload.decode("utf-8") if isinstance(payload, (bytes, bytearray)) else payload
-        body = json.loads(text)
-    except (UnicodeDecodeError, ValueError) as e:
+        body, nonfinite = read_json(payload)
+    except ValueError as e:  # includes UnicodeDecodeError
         raise TelemetryDecodeError("not UTF-8 JSON: {}".format(e))
     except RecursionError:
         raise TelemetryDecodeError("JSON nested too deeply")
+    if nonfinite:  # OTLP JSON writes non-finite doubles as strings, never as tokens
+        raise TelemetryDecodeError("NaN and Infinity are not JSON")
     if not isinstance(body, dict):
         raise TelemetryDecodeError("the body is not a JSON object")
     items = body.get(top_key)
@@ -127,6 +130,19 @@ def _cut(text, limits):
     return text if len(text) <= limits.string else text[:limits.string]
 
 
+def _double(value):
+    """
+    @return: an OTLP JSON double (a number, or a string such as ``"1.5"``) as a finite
+        float, or None for NaN and infinities (OTLP JSON writes those as the strings
+        ``"NaN"`` and ``"Infinity"``): what is stored is read back as JSON, which has
+        no such values.
+    @raise ValueError: for a value that is not a number.
+    @raise TypeError: for a value of another type.
+    """
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
 def any_value(value, limits=_DEFAULT_LIMITS, depth=0):
     """@return: the Python value of an OTLP AnyValue JSON object."""
     if not isinstance(value, dict) or depth > 8:
@@ -139,7 +155,7 @@ def any_value(value, limits=_DEFAULT_LIMITS, depth=0):
         return _int(value["intValue"])
     if "doubleValue" in value:
         v = value["doubleValue"]
-        return float(v) if isinstance(v, (int, float, str)) else None
+        return _double(v) if isinstance(v, (int, float, str)) else None
     if "arrayValue" in value:
         values = (value["arrayValue"] or {}).get("values") or []
         return [any_value(v, limits, depth + 1) for v in values[:limits.attributes]]
@@ -362,19 +378,20 @@ def _metric(metric, resource, service, scope_name, limits):
         }
         newest = max(newest, p["timestamp_unix_nano"])
         if "asDouble" in point:
-            p["value"] = float(point["asDouble"])
+            p["value"] = _double(point["asDouble"])
         elif "asInt" in point:
             p["value"] = _int(point["asInt"])
         if kind in ("histogram", "exponentialHistogram", "summary"):
             p["count"] = _int(point.get("count"))
             if point.get("sum") is not None:
-                p["sum"] = float(point["sum"])
+                p["sum"] = _double(point["sum"])
             if kind == "histogram":
                 p["bucket_counts"] = [_int(c) for c in point.get("bucketCounts") or []][:256]
-                p["explicit_bounds"] = [float(b) for b in point.get("explicitBounds") or []][:256]
+                p["explicit_bounds"] = [
+                    _double(b) for b in point.get("explicitBounds") or []][:256]
             for key in ("min", "max"):
                 if point.get(key) is not None:
-                    p[key] = float(point[key])
+                    p[key] = _double(point[key])
         points.append(p)
     result = {
         "name": _cut(name, limits),

@@ -389,6 +389,7 @@ def test_decode_logs_and_metrics():
     ("OTLP", b"\xff\xfe not utf-8"),
     ("OTLP", b"{not json"),
     ("OTLP", b"[" * 100000 + b"]" * 100000),
+    ("MTRC", b'{"resourceMetrics": [], "x": NaN}'),
     ("OTLP", b"[1, 2]"),
     ("OTLP", b'{"resourceSpans": 5}'),
     ("OTLP", b'{"something": []}'),
@@ -937,3 +938,34 @@ def test_engine_log_from_another_thread_is_stored_on_the_reactor_thread():
     [(store, (record,))] = reactor.from_threads
     store(record)
     assert [r["body"] for r in stored] == ["OTLP flush failed"]
+
+
+def test_non_finite_doubles_are_stored_as_null_so_reads_stay_json():
+    """OTLP JSON writes NaN and infinities as strings; JSON itself has no such values."""
+    from iii_twisted.protocol import encode
+    engine, clock, module = make()
+    conn = FakeWorkerConnection.connect(engine)
+    engine.ingest_telemetry("MTRC", gauges_frame(conn.worker_id, clock.seconds(), {
+        "iii.worker.memory.rss": 5000}), None)
+    frame = json.dumps({"resourceMetrics": [{"scopeMetrics": [{"metrics": [
+        {"name": "iii.worker.cpu.percent", "gauge": {"dataPoints": [{
+            "attributes": [{"key": "worker.id", "value": {"stringValue": conn.worker_id}},
+                           {"key": "ratio", "value": {"doubleValue": "Infinity"}}],
+            "timeUnixNano": str(int(clock.seconds() * 1e9)), "asDouble": "NaN"}]}},
+        {"name": "h", "histogram": {"dataPoints": [{
+            "count": "1", "sum": "-Infinity", "explicitBounds": [1.0, "NaN"],
+            "bucketCounts": ["1"], "min": "NaN", "max": 2.0}]}},
+    ]}]}]}).encode()
+    engine.ingest_telemetry("MTRC", frame, None)
+    assert module.metrics.telemetry_invalid["MTRC"] == 0
+    listed = call(engine, "engine::metrics::list", {})
+    encode({"result": listed})  # no NaN or infinity left: this would raise
+    gauge, histogram = listed["sdk_metrics"][-2:]
+    assert gauge["data_points"][0]["value"] is None
+    assert gauge["data_points"][0]["attributes"]["ratio"] is None
+    point = histogram["data_points"][0]
+    assert (point["sum"], point["explicit_bounds"], point["min"], point["max"]) == (
+        None, [1.0, None], None, 2.0)
+    # The gauge with no number is not a report: the worker's metrics are the others.
+    assert listed_metrics(engine, conn.worker_id) == {
+        "memory_rss": 5000, "timestamp_ms": int(clock.seconds() * 1000), "runtime": "node"}

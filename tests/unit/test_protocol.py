@@ -29,6 +29,10 @@ def test_decode_ignores_unknown_keys():
     (b'"text"', "not an object"),
     (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
     (b'{"type":"ping","x":' + b"[" * 100000 + b"]" * 100000 + b"}", "nested too deeply"),
+    (b'{"type":"registerfunction","id":"f","metadata":{"w":NaN}}', "NaN and Infinity"),
+    (b'{"type":"registertrigger","id":"t","trigger_type":"x","function_id":"f",'
+     b'"config":[-Infinity]}', "NaN and Infinity"),
+    (b'{"type":"invokefunction","function_id":"f","data":Infinity}', "NaN and Infinity"),
     (b'{"type":"teleport"}', "unknown message type"),
     (b'{"no_type":1}', "unknown message type"),
     (b'{"type":"registerfunction"}', "missing required field 'id'"),
@@ -68,3 +72,12 @@ def test_invocation_error_from_partial_body():
     assert error.to_body() == {"code": "invocation_failed", "message": "boom"}
     with_trace = P.InvocationError.from_body({"code": "x", "message": "m", "stacktrace": "t"})
     assert with_trace.to_body() == {"code": "x", "message": "m", "stacktrace": "t"}
+
+
+def test_a_result_may_carry_nan_to_be_answered_as_an_error():
+    """An invocationresult is read with its NaN: the engine answers its one caller."""
+    import math
+    message = P.decode(b'{"type":"invocationresult","invocation_id":"i","result":[NaN]}')
+    assert math.isnan(message["result"][0])
+    # The next frame does not inherit the note of the last one.
+    assert P.decode(b'{"type":"registerfunction","id":"f"}')["id"] == "f"

@@ -283,3 +283,21 @@ def test_nan_from_a_worker_is_not_passed_on(harness):
     assert answer["invocation_id"] == "c-1" and "result" not in answer
     assert answer["error"]["code"] == "invocation_failed"
     assert worker.closed_with is None and caller.closed_with is None
+
+
+def test_nan_in_a_registration_is_refused_and_discovery_unharmed(harness):
+    """Kept, it would make every engine::functions::list answer unencodable."""
+    worker, _ = harness.connect()
+    caller, _ = harness.connect()
+    worker.sendMessage(b'{"type":"registerfunction","id":"py::f","metadata":{"w":NaN}}')
+    worker.sendMessage(b'{"type":"invokefunction","invocation_id":"i-1",'
+                       b'"function_id":"engine::functions::list","data":{"x":NaN}}')
+    harness.flush()
+    [refused] = worker.of_type("invocationresult")
+    assert (refused["invocation_id"], refused["error"]["code"]) == ("i-1", "invalid_message")
+    caller.send({"type": "invokefunction", "invocation_id": "l",
+                 "function_id": "engine::functions::list", "data": {}})
+    harness.flush()
+    [listed] = caller.of_type("invocationresult")
+    assert listed["result"] == {"functions": []}
+    assert worker.closed_with is None
