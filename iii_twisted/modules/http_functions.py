@@ -58,7 +58,7 @@ from zope.interface import implementer
 from ..config import ConfigError, get_option
 from ..engine import FunctionEntry
 from ..interfaces import IFunctionHost, IModule
-from ..protocol import INVOCATION_FAILED, InvocationError
+from ..protocol import INVOCATION_FAILED, InvocationError, encode
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 DEFAULT_TIMEOUT_MS = 30000
@@ -399,7 +399,7 @@ class HttpFunctionHost:
         except UrlRejected as e:
             raise InvocationError(URL_VALIDATION_FAILED, e.message)
         try:
-            body = json.dumps(data, separators=(",", ":"), allow_nan=False).encode("utf-8")
+            body = encode(data)
         except (TypeError, ValueError, RecursionError) as e:
             raise InvocationError(INVOCATION_FAILED,
                                   "the data for {} is not JSON: {}".format(function_id, e))

@@ -49,7 +49,7 @@ from ..config import ConfigError, get_option
 from ..interfaces import (
     IChannelReaderEnd, IChannelWriterEnd, IModule, ITriggerProvider, TriggerError,
 )
-from ..protocol import InvocationError
+from ..protocol import InvocationError, encode
 
 HTTP_TRIGGER = "http"
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
@@ -692,7 +692,7 @@ class _Exchange:
     def _respond_json(self, status, body, headers=None):
         request = self.request
         try:
-            data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
+            data = encode(body)
         except (TypeError, ValueError, RecursionError):
             status, data = 500, b'{"error":"response body is not JSON"}'
         request.setResponseCode(status)

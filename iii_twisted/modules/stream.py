@@ -58,7 +58,7 @@ from zope.interface import implementer
 from .. import __version__
 from ..config import ConfigError, get_option
 from ..interfaces import IModule, InvalidUpdateOp, ITriggerProvider, KvStoreError, TriggerError
-from ..protocol import InvocationError
+from ..protocol import InvocationError, encode
 from ..adapters.ops import validate_ops
 from ._kvcommon import (
     EventDispatcher, check_keys, input_error, kv_adapter_from_config, read_input,
@@ -476,9 +476,6 @@ class StreamModule(MultiService):
         return succeed(None)
 
 
-_client_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
-
-
 def _encode_push(message, log):
     """
     @return: a message for browser clients as UTF-8 JSON bytes, or None (logged) when
@@ -486,7 +483,7 @@ def _encode_push(message, log):
         browser's JSON.parse would throw on them.
     """
     try:
-        return _client_json(message).encode("utf-8")
+        return encode(message)
     except (TypeError, ValueError, RecursionError) as e:
         log.warn("stream: dropped a {type} push that is not JSON: {error}",
                  type=message.get("type"), error=e)
