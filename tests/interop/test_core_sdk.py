@@ -32,3 +32,26 @@ def test_unknown_function_fails_at_once(engine, sdk_worker):
 def _wait_for_function(client, function_id, timeout=10.0):
     wait_until(lambda: any(f.function_id == function_id for f in client.list_functions()),
                timeout, function_id)
+
+
+def test_nan_result_fails_the_call_and_nan_registration_is_refused(engine, sdk_worker):
+    """
+    The Python SDK writes NaN (json's default); it is not JSON. A result holding one
+    fails that call at once; a registration holding one is refused and discovery
+    stays readable for every worker.
+    """
+    import time
+
+    host = sdk_worker(engine.url, "nan-host")
+    caller = sdk_worker(engine.url, "nan-caller")
+    host.register_function({"id": "nan::result"}, lambda data: {"x": float("nan")})
+    host.register_function({"id": "nan::meta", "metadata": {"w": float("nan")}},
+                           lambda data: None)
+    host.register_function({"id": "nan::after"}, lambda data: "ok")
+    _wait_for_function(caller, "nan::after")
+    started = time.monotonic()
+    with pytest.raises(Exception, match="invocation_failed"):
+        caller.trigger({"function_id": "nan::result", "payload": {}, "timeout_ms": 10000})
+    assert time.monotonic() - started < 5  # at once, not at a timeout
+    listed = {f.function_id for f in caller.list_functions()}
+    assert {"nan::result", "nan::after"} <= listed and "nan::meta" not in listed

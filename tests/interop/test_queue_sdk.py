@@ -190,3 +190,52 @@ def test_concurrent_enqueues_all_survive_kill_9(start_engine, sdk_worker):
     consumer.register_function({"id": "bulk::consumer"}, seen.add)
     values = seen.wait_for(lambda v: len({x["n"] for x in v}) == 200, timeout=30)
     assert {x["n"] for x in values} == set(range(200))
+
+
+DEPTH_CONFIG = """
+port: {port}
+host: 127.0.0.1
+invocation_timeout_ms: 20000
+modules:
+  - class: modules::queue::QueueModule
+    config:
+      queue_configs:
+        slow:
+          concurrency: 1
+  - class: modules::observability::OtelModule
+    config:
+      exporter: memory
+      logs_console_output: false
+"""
+
+
+def test_queue_depth_in_engine_metrics(start_engine, sdk_worker):
+    """Messages waiting behind a busy consumer show as the queue's depth."""
+    import threading
+
+    engine = start_engine(DEPTH_CONFIG)
+    consumer = sdk_worker(engine.url, "slow-consumer")
+    producer = sdk_worker(engine.url, "producer")
+    release = threading.Event()
+    seen = Waiter()
+
+    def handle(data):
+        seen.add(data)
+        release.wait(20)  # holds the queue's one slot until the test lets go
+
+    consumer.register_function({"id": "slow::work"}, handle)
+    try:
+        for n in range(4):
+            enqueue(producer, "slow", "slow::work", {"n": n})
+        seen.wait_for()
+
+        def depth():
+            metrics = producer.trigger({"function_id": "engine::metrics::list",
+                                        "payload": {}})
+            return metrics["engine_metrics"]["queues"].get("slow")
+
+        assert wait_until(lambda: depth() == 3, what="a depth of 3")
+    finally:
+        release.set()
+    assert [d["n"] for d in seen.wait_for(lambda v: len(v) == 4)] == [0, 1, 2, 3]
+    assert wait_until(lambda: depth() == 0, what="the queue to drain")
