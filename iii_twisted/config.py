@@ -11,7 +11,8 @@ The file's shape (../shared/spec/engine-core.md §10)::
 Our own optional top-level keys (the reference ignores unknown keys, so a file using
 them still loads there): ``host`` (interface, default 0.0.0.0), ``listen`` (a Twisted
 endpoint string that overrides port and host), ``invocation_timeout_ms``,
-``max_message_size``, ``ws_ping_interval_ms``, ``ws_ping_timeout_ms``.
+``max_message_size``, ``ws_ping_interval_ms``, ``ws_ping_timeout_ms``, and ``limits``
+(a mapping of limit names to integers; see docs/limits.rst and L{iii_twisted.limits}).
 
 ``${VAR}`` and ``${VAR:default}`` are expanded in every string value after parsing.
 Deviation from the reference, which substitutes in the raw text: comments are not
@@ -85,12 +86,13 @@ class EngineConfig:
     @ivar invocation_timeout: seconds before an unanswered call fails.
     @ivar max_message_size: bytes; larger worker frames are dropped.
     @ivar ws_ping_interval, ws_ping_timeout: seconds.
+    @ivar limits: the L{iii_twisted.limits.Limits}.
     @ivar source: where it came from (a file name), for messages.
     """
 
     def __init__(self, port=DEFAULT_PORT, host="0.0.0.0", listen=None, modules=(),
                  invocation_timeout=300.0, max_message_size=16 * 1024 * 1024,
-                 ws_ping_interval=30.0, ws_ping_timeout=30.0, source=None):
+                 ws_ping_interval=30.0, ws_ping_timeout=30.0, source=None, limits=None):
         self.port = port
         self.host = host
         self.listen = listen or "tcp:{}:interface={}".format(port, host)
@@ -99,6 +101,10 @@ class EngineConfig:
         self.max_message_size = max_message_size
         self.ws_ping_interval = ws_ping_interval
         self.ws_ping_timeout = ws_ping_timeout
+        if limits is None:
+            from .limits import Limits
+            limits = Limits()
+        self.limits = limits
         self.source = source
 
 
@@ -182,6 +188,7 @@ def from_dict(data, source=None):
     @return: an L{EngineConfig}.
     @raise ConfigError: for a wrong shape or type, or an unknown module class.
     """
+    from .limits import Limits
     from .modules import MODULE_CLASSES
 
     if data is None:
@@ -223,6 +230,7 @@ def from_dict(data, source=None):
         ws_ping_interval=_get(data, "ws_ping_interval_ms", int, 30000) / 1000.0,
         ws_ping_timeout=_get(data, "ws_ping_timeout_ms", int, 30000) / 1000.0,
         source=source,
+        limits=Limits.from_config(data.get("limits")),
     )
 
 

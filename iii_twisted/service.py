@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from .channels import install_channels
 from .config import ConfigError, EngineConfig, from_dict, load_config
 from .engine import Engine
+from .limits import raise_nofile_limit
 from .modules import build_module
 from .worker import WorkerFactory
 
@@ -56,6 +57,7 @@ class EngineService(MultiService):
         self.config = config
         self.reactor = reactor
         self.engine = Engine(reactor, invocation_timeout=config.invocation_timeout)
+        self.engine.limits = config.limits
         # Data channels first: modules (the REST API) create channels too, and the
         # sweep stops after them.
         self.channels = install_channels(self.engine, reactor)
@@ -105,6 +107,12 @@ class EngineService(MultiService):
         result = type(d)()
         d.addBoth(lambda r: (result.callback(r), r)[1])
         return result
+
+    def startService(self):
+        # Before any port is bound: idle and slow connections must not leave no
+        # descriptor for a new worker (issue 14).
+        raise_nofile_limit(self._log)
+        MultiService.startService(self)
 
     def stopService(self):
         d = MultiService.stopService(self)

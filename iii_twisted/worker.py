@@ -33,6 +33,7 @@ from zope.interface import implementer
 from . import __version__
 from . import protocol as P
 from .interfaces import IWorkerConnection
+from .limits import release_receive_buffers
 
 WORKER_PATH = "/"
 OTEL_PATH = "/otel"
@@ -115,6 +116,10 @@ class WorkerProtocol(WebSocketServerProtocol):
         except Exception:
             self._log.failure("error handling a {type} message from worker {worker_id}",
                               type=message.get("type"), worker_id=worker.id)
+
+    def connectionLost(self, reason):
+        WebSocketServerProtocol.connectionLost(self, reason)
+        release_receive_buffers(self)
 
     def onClose(self, wasClean, code, reason):
         try:

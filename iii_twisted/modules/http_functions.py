@@ -34,7 +34,6 @@ import fnmatch
 import hashlib
 import hmac
 import ipaddress
-import json
 import os
 from collections import OrderedDict
 from http.cookiejar import CookieJar, DefaultCookiePolicy
@@ -58,7 +57,7 @@ from zope.interface import implementer
 from ..config import ConfigError, get_option
 from ..engine import FunctionEntry
 from ..interfaces import IFunctionHost, IModule
-from ..protocol import INVOCATION_FAILED, InvocationError, encode
+from ..protocol import INVOCATION_FAILED, InvocationError, encode, loads
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 DEFAULT_TIMEOUT_MS = 30000
@@ -491,13 +490,13 @@ def _map_response(code, content):
         if not content.strip():
             return None
         try:
-            return json.loads(content)
+            return loads(content)
         except (ValueError, RecursionError):
             raise InvocationError(INVALID_RESPONSE, "HTTP {} response is not JSON".format(
                 code))
     error = None
     try:
-        parsed = json.loads(content) if content.strip() else None
+        parsed = loads(content) if content.strip() else None
     except (ValueError, RecursionError):
         parsed = None
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):

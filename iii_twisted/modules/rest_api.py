@@ -30,7 +30,6 @@ empty); a route unregistered by one trigger leaves another trigger's registratio
 the same route in place; ``body_limit`` exists.
 """
 
-import json
 import time
 from urllib.parse import parse_qsl, unquote_to_bytes
 
@@ -49,7 +48,7 @@ from ..config import ConfigError, get_option
 from ..interfaces import (
     IChannelReaderEnd, IChannelWriterEnd, IModule, ITriggerProvider, TriggerError,
 )
-from ..protocol import InvocationError, encode
+from ..protocol import InvocationError, encode, loads
 
 HTTP_TRIGGER = "http"
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
@@ -531,7 +530,7 @@ class _Exchange:
             content = request.content
             content.seek(0)
             try:
-                body = json.loads(content.read())
+                body = loads(content.read())
             except (ValueError, RecursionError):
                 body = None
         return {
@@ -649,7 +648,7 @@ class _Exchange:
         if self.done or self.streaming:
             return  # text after the first binary frame is discarded
         try:
-            message = json.loads(payload)
+            message = loads(payload)
         except (ValueError, RecursionError):
             return
         if not isinstance(message, dict):
