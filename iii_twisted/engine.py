@@ -216,13 +216,16 @@ class CallableHost:
 class WorkerHost:
     """Runs a function on a worker: ``invokefunction`` out, ``invocationresult`` back."""
 
-    __slots__ = ("_tracker", "_worker")
+    __slots__ = ("_tracker", "_worker", "_limits")
 
-    def __init__(self, tracker, worker):
+    def __init__(self, tracker, worker, limits=None):
         self._tracker = tracker
         self._worker = worker
+        self._limits = limits
 
     def invoke(self, function_id, invocation_id, data, traceparent, baggage):
+        if self._worker.connection.congested:
+            return fail(self._congested(function_id))
         # Recorded before it is sent: a fast reply must find its entry (the reference
         # engine has this race, engine-core.md §4.5).
         d = self._tracker.add(invocation_id, function_id, self._worker)
@@ -243,6 +246,14 @@ class WorkerHost:
                 P.INVOCATION_FAILED,
                 "the data for {} cannot be sent: it is not JSON".format(function_id)))
         return d
+
+    def _congested(self, function_id):
+        # Backpressure: the worker does not read what it was sent (limits.rst).
+        if self._limits is not None:
+            self._limits.count("calls_refused_congested")
+        return InvocationError(LIMIT_EXCEEDED, (
+            "worker {} does not read its connection (over limits.send_buffer_soft): "
+            "call of {} not forwarded").format(self._worker.id, function_id))
 
 
 @implementer(ITriggerProvider)
@@ -385,7 +396,7 @@ class Engine:
             str(uuid4()), connection, connection.peer_address,
             int(time.time() * 1000),
         )
-        worker.host = WorkerHost(self.tracker, worker)
+        worker.host = WorkerHost(self.tracker, worker, self.limits)
         self.workers[worker.id] = worker
         worker.reattach_token = secrets.token_urlsafe(24)
         connection.send({"type": P.WORKER_REGISTERED, "worker_id": worker.id,

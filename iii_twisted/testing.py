@@ -28,6 +28,8 @@ class FakeWorkerConnection:
     @ivar closed: the (code, reason) it was disconnected with, or None.
     """
 
+    congested = False  # set it to see how the engine treats a worker that does not read
+
     def __init__(self, engine, peer_address="127.0.0.1"):
         self.engine = engine
         self.peer_address = peer_address

@@ -33,6 +33,7 @@ from zope.interface import implementer
 from . import __version__
 from . import protocol as P
 from .interfaces import IWorkerConnection
+from .backpressure import FrameBudget, LargeFrames, ReadHolds, SendGate
 from .limits import release_receive_buffers
 
 WORKER_PATH = "/"
@@ -45,7 +46,7 @@ _FUNCTION_ID = re.compile(rb'"function_id"\s*:\s*"([^"\\]{1,1000})"')
 
 
 @implementer(IWorkerConnection)
-class WorkerProtocol(WebSocketServerProtocol):
+class WorkerProtocol(LargeFrames, ReadHolds, WebSocketServerProtocol):
     """
     One connection on the engine port. After the handshake it is a worker (path
     ``/``), a telemetry socket (``/otel``) or a channel end (handed over entirely to
@@ -56,7 +57,18 @@ class WorkerProtocol(WebSocketServerProtocol):
     _worker = None
     _role = None
     _channel_end = None
+    _gate = None
     peer_address = None
+
+    @property
+    def clock(self):
+        return self.factory.reactor
+
+    @property
+    def congested(self):
+        """True while the peer does not read what it was sent (L{SendGate})."""
+        gate = self._gate
+        return gate is not None and gate.congested
 
     def onConnect(self, request):
         try:
@@ -83,6 +95,9 @@ class WorkerProtocol(WebSocketServerProtocol):
     def onOpen(self):
         try:
             if self._role == "worker":
+                # Before attach, whose workerregistered is the first frame counted.
+                self._gate = SendGate(self, self.factory.engine.limits, self.clock)
+                self.transport.registerProducer(self._gate, True)
                 self._worker = self.factory.engine.attach(self)
             elif self._role == "channel":
                 self._channel_end.opened()
@@ -120,6 +135,10 @@ class WorkerProtocol(WebSocketServerProtocol):
     def connectionLost(self, reason):
         WebSocketServerProtocol.connectionLost(self, reason)
         release_receive_buffers(self)
+        self.release_large_frames()
+        self.cancel_read_holds()
+        if self._gate is not None:
+            self._gate.stopProducing()
 
     def onClose(self, wasClean, code, reason):
         try:
@@ -142,11 +161,21 @@ class WorkerProtocol(WebSocketServerProtocol):
             self._log.failure("dropped an unencodable {type} message", type=message.get("type"))
             return False
         self.sendMessage(payload, False)
+        gate = self._gate
+        if gate is not None and gate.paused:
+            gate.sent(len(payload))
         return True
 
     def disconnect(self, code=1000, reason=None):
         if self.state == self.STATE_OPEN:
             self.sendClose(code, reason)
+
+    def drop_slow_peer(self, reason):
+        """Called by the L{SendGate}: the peer does not read; drop the connection."""
+        self._log.warn("dropped {role} {worker_id} at {peer}: it does not read: {reason}",
+                       role=self._role, peer=self.peer, reason=reason,
+                       worker_id=self._worker.id if self._worker else "")
+        self.dropConnection(abort=True)
 
     # -- bad input -------------------------------------------------------------------
 
@@ -222,6 +251,8 @@ class WorkerFactory(WebSocketServerFactory):
         self.engine = engine
         self.channels = channels
         self.max_message_size = max_message_size
+        # Large frames being received at once, over all connections of this port.
+        self.frame_budget = FrameBudget(engine.limits)
         # Autobahn schedules its handshake, close and ping timers through this object
         # on txaio's global loop (txaio refuses any other reactor); route them to ours,
         # so an injected clock drives them.
