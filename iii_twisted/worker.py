@@ -34,6 +34,7 @@ from . import __version__
 from . import protocol as P
 from .interfaces import IWorkerConnection
 from .backpressure import FrameBudget, LargeFrames, ReadHolds, SendGate
+from .connlimits import AddressCounter
 from .limits import release_receive_buffers
 
 WORKER_PATH = "/"
@@ -58,6 +59,7 @@ class WorkerProtocol(LargeFrames, ReadHolds, WebSocketServerProtocol):
     _role = None
     _channel_end = None
     _gate = None
+    _counted_host = None
     peer_address = None
 
     @property
@@ -139,6 +141,13 @@ class WorkerProtocol(LargeFrames, ReadHolds, WebSocketServerProtocol):
         self.cancel_read_holds()
         if self._gate is not None:
             self._gate.stopProducing()
+        self.factory.addresses.release(self._counted_host)
+        self._counted_host = None
+
+    def onOpenHandshakeTimeout(self):
+        if self.state == self.STATE_CONNECTING:
+            self.factory.engine.limits.count("handshakes_timed_out")
+        WebSocketServerProtocol.onOpenHandshakeTimeout(self)
 
     def onClose(self, wasClean, code, reason):
         try:
@@ -253,6 +262,7 @@ class WorkerFactory(WebSocketServerFactory):
         self.max_message_size = max_message_size
         # Large frames being received at once, over all connections of this port.
         self.frame_budget = FrameBudget(engine.limits)
+        self.addresses = AddressCounter(engine.limits, "worker")
         # Autobahn schedules its handshake, close and ping timers through this object
         # on txaio's global loop (txaio refuses any other reactor); route them to ours,
         # so an injected clock drives them.
@@ -264,7 +274,9 @@ class WorkerFactory(WebSocketServerFactory):
             webStatus=False,
             autoPingInterval=ping_interval,
             autoPingTimeout=ping_timeout,
-            openHandshakeTimeout=10,
+            # Also the header timeout: a client sending its handshake a byte a second
+            # is dropped when it runs out (limits.handshake_timeout_ms).
+            openHandshakeTimeout=engine.limits.handshake_timeout_ms / 1000.0,
             closeHandshakeTimeout=5,
             # Fail a connection with a close frame that says why (1009 for a message
             # past the hard limit), not by dropping TCP.
@@ -275,3 +287,13 @@ class WorkerFactory(WebSocketServerFactory):
             # costs more CPU than it saves on loopback and LAN.
             perMessageCompressionAccept=lambda offers: None,
         )
+
+    def buildProtocol(self, addr):
+        # Connections per client address (limits.max_connections_per_address): None
+        # makes Twisted close the new socket at once.
+        host = self.addresses.admit(addr)
+        if host is False:
+            return None
+        protocol = WebSocketServerFactory.buildProtocol(self, addr)
+        protocol._counted_host = host
+        return protocol

@@ -44,6 +44,7 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from ..channels import CLOSE_DROPPED, FRAME_BYTES, READ, WRITE, install_channels
+from ..connlimits import LimitedSite
 from ..config import ConfigError, get_option
 from ..interfaces import (
     IChannelReaderEnd, IChannelWriterEnd, IModule, ITriggerProvider, TriggerError,
@@ -257,19 +258,24 @@ class LimitedRequest(Request):
         transport.loseConnection()
 
 
-class ApiSite(Site):
-    """The REST port's C{Site}: bounded bodies, no tracebacks, an idle timeout."""
+class ApiSite(LimitedSite, Site):
+    """
+    The REST port's C{Site}: bounded bodies, no tracebacks, header and idle timeouts
+    and connections per client address (L{LimitedSite}, from C{limits}).
+    """
 
     requestFactory = LimitedRequest
     displayTracebacks = False
 
-    def __init__(self, resource, reactor, body_limit, timeout=60):
+    def __init__(self, resource, reactor, body_limit, timeout=60, limits=None):
         # No form parsing into request.args: form bodies reach the function as a
         # streamed request_body like any body that is not JSON, and parsing every POST's
         # Content-Type (through the email package) was ~16% of a request's CPU.
         Site.__init__(self, resource, reactor=reactor, timeout=timeout,
                       parsePOSTFormSubmission=False)
         self.body_limit = body_limit
+        if limits is not None:
+            self.limit_connections(limits)
 
     def log(self, request):
         pass  # one line per request is the access log's job, not the engine log's
@@ -330,7 +336,8 @@ class RestApiModule(MultiService):
         self.app.route("/", branch=True, strict_slashes=False,
                        merge_slashes=False)(self._handle)
         self.resource = self.app.resource()
-        self.site = ApiSite(self.resource, reactor, body_limit)
+        self.site = ApiSite(self.resource, reactor, body_limit,
+                            limits=getattr(engine, "limits", None))
         engine.register_trigger_type(
             HTTP_TRIGGER, self,
             "Calls the function for HTTP requests on api_path/http_method")
