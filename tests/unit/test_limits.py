@@ -346,3 +346,21 @@ def test_soft_descriptor_limit_is_raised_to_the_hard_limit_and_logged():
         assert events[-1]["old"] == lowered and events[-1]["soft"] == new_soft
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# -- metrics -----------------------------------------------------------------------------
+
+
+def test_limit_events_reach_engine_metrics_and_prometheus():
+    from iii_twisted.observability.metrics import prometheus_text
+    engine, clock = make_engine()
+    module = build_module("modules::observability::OtelModule", engine, {}, clock)
+    engine.limits = Limits(functions_per_worker=1)
+    conn = FakeWorkerConnection.connect(engine)
+    for i in range(3):
+        conn.receive({"type": "registerfunction", "id": "a::f{}".format(i)})
+    metrics = call(engine, "engine::metrics::list", {})["engine_metrics"]
+    assert metrics["limits"]["quota_refused"] == 2
+    text = prometheus_text(module.metrics).decode()
+    assert 'iii_limit_events_total{event="quota_refused"} 2' in text
+    assert 'iii_limit_events_total{event="peers_dropped_slow"} 0' in text
