@@ -46,6 +46,7 @@ from zope.interface import implementer
 
 from ..channels import CLOSE_DROPPED, FRAME_BYTES, READ, WRITE, install_channels
 from ..config import ConfigError, get_option
+from ..schema import Key, ListOf, Section
 from ..interfaces import (
     IChannelReaderEnd, IChannelWriterEnd, IModule, ITriggerProvider, TriggerError,
 )
@@ -57,6 +58,20 @@ CONFIG_KEYS = ("port", "host", "default_timeout", "cors", "concurrency_request_l
                "body_limit", "listen")
 CORS_KEYS = ("allowed_origins", "allowed_methods")
 DEFAULT_BODY_LIMIT = 64 * 1024 * 1024
+
+# Every key of the module's config (iii_twisted/schema.py says how to add one).
+CONFIG_SCHEMA = Section(
+    port=Key(int, 3111, "TCP port of the HTTP API", min=0, max=65535),
+    host=Key(str, "0.0.0.0", "interface the port listens on"),
+    listen=Key(str, None, "a Twisted endpoint string; overrides port and host"),
+    default_timeout=Key(int, 30000, "ms a request waits for its function", min=1),
+    concurrency_request_limit=Key(int, 1024, "requests handled at once", min=1),
+    body_limit=Key(int, DEFAULT_BODY_LIMIT, "largest request body, bytes", min=0),
+    cors=Key(Section(
+        allowed_origins=Key(ListOf(str), [], "origins allowed; empty or * = any"),
+        allowed_methods=Key(ListOf(str), [], "methods allowed; empty = any"),
+    ), None, "CORS answers"),
+)
 CHANNEL_BUFFER = 64  # frames, as the reference's HTTP channels
 CHANNEL_BYTES = 1024 * 1024  # and at most this many bytes buffered per channel
 
@@ -290,6 +305,7 @@ class RestApiModule(MultiService):
 
     _log = Logger()
     iii_class = None
+    config_schema = CONFIG_SCHEMA
 
     def __init__(self, engine, config, reactor):
         """

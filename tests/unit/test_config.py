@@ -38,15 +38,16 @@ def test_env_expansion_in_strings():
     """${VAR:default} works inside longer strings; defaults may hold colons; empty is kept."""
     config = parse(
         "modules:\n"
-        "  - class: modules::worker::WorkerModule\n"
+        "  - class: modules::observability::OtelModule\n"
         "    config:\n"
-        "      url: redis://${HOST:localhost}:${PORT}/0\n"
-        "      quoted: '${PORT}'\n"
-        "      fallback: ${NOPE:redis://h:6379/0}\n"
-        "      empty: ${EMPTY:x}\n"
-        "      blank_default: ${NOPE2:}\n")
+        "      headers:\n"
+        "        url: redis://${HOST:localhost}:${PORT}/0\n"
+        "        quoted: '${PORT}'\n"
+        "        fallback: ${NOPE:redis://h:6379/0}\n"
+        "        empty: ${EMPTY:x}\n"
+        "        blank_default: ${NOPE2:}\n")
     [(name, module_config, key)] = config.modules
-    assert module_config == {"url": "redis://localhost:4000/0", "quoted": "4000",
+    assert module_config["headers"] == {"url": "redis://localhost:4000/0", "quoted": "4000",
                              "fallback": "redis://h:6379/0", "empty": "", "blank_default": ""}
     assert key == "modules[0]"
 
