@@ -126,7 +126,7 @@ class Key:
                 value = _validate_kind(kind, value, path, context)
                 break
         else:
-            raise _error("must be {}, not {} ({!r})".format(
+            raise _error("must be {}, not {} ({})".format(
                 " or ".join(_describe(k) for k in kinds), _kind_of(value),
                 _short(value)), path)
         if self.choices is not None and value not in self.choices:
@@ -262,7 +262,7 @@ class Section:
         if value is None:
             value = {}
         if not isinstance(value, dict):
-            raise _error("must be a mapping, not {} ({!r})".format(
+            raise _error("must be a mapping, not {} ({})".format(
                 _kind_of(value), _short(value)), path)
         inner = context.inside(path, self)
         result = {}
@@ -381,11 +381,11 @@ class Adapters:
                          "files), not both", path)
         if context.format == CURRENT and "class" in value:
             raise _error("adapter class: is the v0.10 format, but this file uses the "
-                         "current format (workers: [{name}]); write name: {}".format(
+                         "current format (workers: [{{name}}]); write name: {}".format(
                              self._name_for(value["class"])), _join(path, "class"))
         if context.format == V010 and "name" in value:
             raise _error("adapter name: is the current format, but this file uses the "
-                         "v0.10 format (modules: [{class}]); write class: {}".format(
+                         "v0.10 format (modules: [{{class}}]); write class: {}".format(
                              self._class_for(value["name"])), _join(path, "name"))
         field = "name" if context.format == CURRENT else "class"
         chosen = value.get(field)

@@ -93,14 +93,15 @@ def load_module_factory(name):
     return getattr(import_module(module_name), attribute)
 
 
-def build_module(name, engine, config, reactor):
+def build_module(name, engine, config, reactor, **kept):
     """
     Build one module from its config.
 
+    @param kept: what a reload hands from the module's old instance (its C{store}).
     @return: the module (an L{IModule} and C{IService}), with C{iii_class} set.
     @raise iii_twisted.config.ConfigError: for a config the module refuses.
     """
-    module = load_module_factory(name)(engine, config, reactor)
+    module = load_module_factory(name)(engine, config, reactor, **kept)
     module.iii_class = name
     verifyObject(IModule, module)
     return module

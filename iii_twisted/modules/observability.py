@@ -32,7 +32,6 @@ import os
 import threading
 from random import Random
 
-from twisted.application import strports
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
@@ -42,6 +41,7 @@ from zope.interface import implementer
 
 from .. import __version__
 from ..config import ConfigError
+from ..listeners import Listener
 from ..schema import Key, ListOf, MapOf, Section
 from ..engine import VOID
 from ..interfaces import IModule, ITelemetrySink, ITriggerProvider, TriggerError
@@ -485,9 +485,8 @@ class OtelModule(MultiService):
             alerts.clock = reactor
             alerts.setServiceParent(self)
         if o.prometheus is not None:
-            strports.service(o.prometheus, Site(PrometheusResource(self.metrics),
-                                                reactor=reactor),
-                             reactor=reactor).setServiceParent(self)
+            Listener(o.prometheus, Site(PrometheusResource(self.metrics), reactor=reactor),
+                     reactor, "prometheus").setServiceParent(self)
 
     # -- lifecycle ---------------------------------------------------------------------
 

@@ -35,7 +35,6 @@ import time
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 from klein import Klein
-from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, succeed
 from twisted.internet.interfaces import IPushProducer
@@ -46,6 +45,7 @@ from zope.interface import implementer
 
 from ..channels import CLOSE_DROPPED, FRAME_BYTES, READ, WRITE, install_channels
 from ..config import ConfigError, get_option
+from ..listeners import Listener
 from ..schema import Key, ListOf, Section
 from ..interfaces import (
     IChannelReaderEnd, IChannelWriterEnd, IModule, ITriggerProvider, TriggerError,
@@ -351,7 +351,7 @@ class RestApiModule(MultiService):
         engine.register_trigger_type(
             HTTP_TRIGGER, self,
             "Calls the function for HTTP requests on api_path/http_method")
-        strports.service(self.listen, self.site, reactor=reactor).setServiceParent(self)
+        Listener(self.listen, self.site, reactor, "iii-http").setServiceParent(self)
 
     # -- ITriggerProvider ------------------------------------------------------------
 
@@ -443,6 +443,15 @@ class RestApiModule(MultiService):
     def stopService(self):
         for exchange in list(self._exchanges):
             exchange.cancel()
+        return MultiService.stopService(self)
+
+    def retire(self):
+        """
+        Close the port but let the requests in flight finish (a reload does this to
+        the old instance of a restarted module; its routes live on in the new one).
+
+        @return: Deferred firing once the port is closed.
+        """
         return MultiService.stopService(self)
 
 

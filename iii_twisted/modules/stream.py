@@ -48,7 +48,6 @@ from uuid import uuid4
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
@@ -58,6 +57,7 @@ from zope.interface import implementer
 from .. import __version__
 from ..adapters import KV_STORE_SCHEMA
 from ..config import ConfigError, get_option
+from ..listeners import Listener
 from ..schema import Adapter, Adapters, Key, Section
 from ..interfaces import IModule, InvalidUpdateOp, ITriggerProvider, KvStoreError, TriggerError
 from ..protocol import InvocationError, encode
@@ -172,7 +172,7 @@ class StreamModule(MultiService):
         engine.register_trigger_type(STREAM_TRIGGER, self, "Stream trigger")
         self.factory = StreamSocketFactory(self, reactor)
         listen = "tcp:{}:interface={}".format(port, host.replace(":", "\\:"))
-        self._listener = strports.service(listen, self.factory, reactor=reactor)
+        self._listener = Listener(listen, self.factory, reactor, "iii-stream")
         self._listener.setServiceParent(self)
 
     def stopService(self):
