@@ -18,7 +18,7 @@ import signal
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
+from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from . import __version__
@@ -246,9 +246,12 @@ class EngineService(MultiService):
                 self._instances[instance] = (after[instance], module)
             if changes.listener:
                 await self._replace_listener(new)
-        except ConfigError as e:
-            self._log.error("config reload failed, module kept with its old config: "
-                            "{error}", error=str(e))
+        except Exception as e:
+            if isinstance(e, ConfigError):
+                self._log.error("config reload failed, module kept with its old config: "
+                                "{error}", error=str(e))
+            else:
+                self._log.failure("config reload failed part-way")
             self.modules = [self._instances[i][1] for i in before if i in self._instances]
             raise
         self.engine.invocation_timeout = new.invocation_timeout
@@ -272,7 +275,7 @@ class EngineService(MultiService):
         module.parent = None
         if self.running:
             retire = getattr(module, "retire", None)
-            await (retire() if retire is not None else module.stopService())
+            await maybeDeferred(retire if retire is not None else module.stopService)
         if module in self.modules:
             self.modules.remove(module)
 
