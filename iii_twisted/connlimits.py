@@ -7,7 +7,7 @@ the HTTP header timeout.
   ``max_connections_per_address`` (Twisted then closes the new socket at once), the
   protocol gives its place back when its connection is lost.
 - L{SlowClientHTTPChannel}: twisted.web's C{HTTPChannel} with a deadline for each
-  request's headers (``handshake_timeout_ms``): its own idle timeout is reset by every
+  request's headers (``http_header_timeout_ms``): its own idle timeout is reset by every
   byte, so a client sending headers one byte a second would hold its descriptor for
   ever. The WebSocket ports use Autobahn's ``openHandshakeTimeout`` for the same.
 """
@@ -143,7 +143,7 @@ class LimitedSite:
             return None
         channel = super().buildProtocol(addr)
         if self.limits is not None:
-            channel.header_timeout = self.limits.handshake_timeout_ms / 1000.0
+            channel.header_timeout = self.limits.http_header_timeout_ms / 1000.0
             channel.counted_host = host
             channel._counter = counter
             channel._limits = self.limits

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from twisted.logger import Logger
 
 from . import protocol as P
-from .config import ConfigError, get_option
+from .schema import Key, Section
 
 _log = Logger()
 
@@ -64,14 +64,20 @@ SETTINGS = OrderedDict([
     ("max_connections_per_address", ("connections_per_address", int, 512,
                                      "open connections from one client IP address, per "
                                      "port")),
-    ("handshake_timeout_ms", ("handshake_timeout_ms", int, 10000,
-                              "ms a client has to send its WebSocket handshake or its "
-                              "HTTP request headers")),
+    ("http_header_timeout_ms", ("http_header_timeout_ms", int, 10000,
+                                "ms an HTTP client has to send a request's headers "
+                                "(the worker port's WebSocket handshake has "
+                                "handshake_timeout_ms)")),
     ("http_idle_timeout_ms", ("http_idle_timeout_ms", int, 60000,
                               "ms an HTTP connection may stay idle")),
 ])
 
 LIMIT_EXCEEDED = "limit_exceeded"  # our error code: a quota of limits.rst was hit
+
+# The ``limits:`` section of the config (iii_twisted/schema.py validates it).
+LIMITS_SCHEMA = Section(**{
+    key: Key(kind, default, doc, min=1) for key, (attr, kind, default, doc) in SETTINGS.items()
+})
 
 
 class LimitError(ValueError):
@@ -109,31 +115,31 @@ class Limits:
     @classmethod
     def from_config(cls, mapping):
         """
-        @param mapping: the ``limits:`` mapping of the config file (or None).
+        @param mapping: the ``limits:`` mapping of the config file, validated by
+            L{LIMITS_SCHEMA} (or None).
         @return: a L{Limits}.
-        @raise ConfigError: naming ``limits.<key>`` for an unknown key, a value that is
-            not an integer, or one that is not positive.
+        @raise ConfigError: naming ``limits.send_buffer_hard`` when it is below
+            ``send_buffer_soft`` (types, ranges and unknown keys are the schema's).
         """
-        if mapping is None:
-            return cls()
-        if not isinstance(mapping, dict):
-            raise ConfigError("must be a mapping of limit names to integers", "limits")
         values = {}
-        for key in mapping:
-            if key not in SETTINGS:
-                raise ConfigError("unknown limit {!r}; known limits: {}".format(
-                    key, ", ".join(SETTINGS)), "limits." + str(key))
-            attr, kind, default, _ = SETTINGS[key]
-            value = get_option(mapping, key, kind, default, prefix="limits.")
-            if value <= 0:
-                raise ConfigError("must be a positive integer, not {}".format(value),
-                                  "limits." + key)
-            values[attr] = value
+        for key, value in (mapping or {}).items():
+            if value is not None:
+                values[SETTINGS[key][0]] = value
         limits = cls(**values)
         if limits.send_buffer_hard < limits.send_buffer_soft:
+            from .config import ConfigError
             raise ConfigError("must be at least send_buffer_soft ({})".format(
                 limits.send_buffer_soft), "limits.send_buffer_hard")
         return limits
+
+    def settings(self):
+        """@return: {attribute: value} of every limit (not the counters)."""
+        return {attr: getattr(self, attr) for attr, _, _, _ in SETTINGS.values()}
+
+    def update_from(self, other):
+        """Take C{other}'s limits (a config reload), keeping these counters."""
+        for attr, value in other.settings().items():
+            setattr(self, attr, value)
 
     def count(self, event):
         self.counters[event] = self.counters.get(event, 0) + 1

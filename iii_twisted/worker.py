@@ -249,8 +249,11 @@ class WorkerFactory(WebSocketServerFactory):
     protocol = WorkerProtocol
 
     def __init__(self, engine, reactor, max_message_size=16 * 1024 * 1024,
-                 ping_interval=30.0, ping_timeout=30.0, channels=None):
+                 ping_interval=30.0, ping_timeout=30.0, channels=None,
+                 handshake_timeout=10.0):
         """
+        @param handshake_timeout: seconds a client has to finish its opening
+            handshake (headers included) before it is dropped.
         @param ping_interval: seconds between WebSocket pings the engine sends to detect
             dead peers (0 disables them). The SDKs answer pings automatically.
         @param ping_timeout: seconds a peer has to answer a ping before it is dropped.
@@ -275,8 +278,8 @@ class WorkerFactory(WebSocketServerFactory):
             autoPingInterval=ping_interval,
             autoPingTimeout=ping_timeout,
             # Also the header timeout: a client sending its handshake a byte a second
-            # is dropped when it runs out (limits.handshake_timeout_ms).
-            openHandshakeTimeout=engine.limits.handshake_timeout_ms / 1000.0,
+            # is dropped when it runs out (handshake_timeout_ms).
+            openHandshakeTimeout=handshake_timeout,
             closeHandshakeTimeout=5,
             # Fail a connection with a close frame that says why (1009 for a message
             # past the hard limit), not by dropping TCP.

@@ -143,8 +143,9 @@ def test_large_frames_at_once_wait_for_the_budget(engines, sdk_worker):
 SLOW_CONFIG = """
 port: {port}
 host: 127.0.0.1
+handshake_timeout_ms: 60000
 limits:
-  handshake_timeout_ms: 60000
+  http_header_timeout_ms: 60000
   max_connections_per_address: 300
 modules:
   - class: modules::api::RestApiModule
@@ -172,7 +173,8 @@ def test_slow_connections_leave_room_for_new_workers_and_requests(engines, sdk_w
     """Before: at the default soft limit of 1,024 descriptors, 1,030 slow HTTP
     connections left none for a new worker or request. Now the engine raises its soft
     limit to the hard one at start (and logs both), slow handshakes are cut off after
-    handshake_timeout_ms, and connections per address are capped."""
+    handshake_timeout_ms (http_header_timeout_ms on HTTP), and connections per
+    address are capped."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < 4096:
         pytest.fail("this test needs a hard descriptor limit of at least 4096 "
@@ -229,8 +231,9 @@ def _get(url):
 HANDSHAKE_CONFIG = """
 port: {port}
 host: 127.0.0.1
+handshake_timeout_ms: 1500
 limits:
-  handshake_timeout_ms: 1500
+  http_header_timeout_ms: 1500
 modules:
   - class: modules::api::RestApiModule
     config:

@@ -48,7 +48,7 @@ def connect(factory, host="127.0.0.1", port=40000):
 def test_http_headers_sent_slowly_are_cut_off_at_the_header_timeout():
     """The issue's slow client: headers a byte a second never finish; the idle timeout
     alone (reset by each byte) would keep the descriptor for ever."""
-    reactor, engine, site = make_api(handshake_timeout_ms=10000)
+    reactor, engine, site = make_api(http_header_timeout_ms=10000)
     channel, transport = connect(site)
     for byte in b"GET /hello HTTP/1.1\r\nHost: x\r\n":
         channel.dataReceived(bytes([byte]))
@@ -62,7 +62,7 @@ def test_http_headers_sent_slowly_are_cut_off_at_the_header_timeout():
 
 
 def test_http_request_with_headers_in_time_is_served_and_keeps_alive():
-    reactor, engine, site = make_api(handshake_timeout_ms=1000)
+    reactor, engine, site = make_api(http_header_timeout_ms=1000)
     channel, transport = connect(site)
     for round_ in range(3):
         channel.dataReceived(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -89,7 +89,7 @@ def test_http_connections_per_address_are_capped():
 
 
 def test_http_idle_timeout_comes_from_limits():
-    reactor, engine, site = make_api(http_idle_timeout_ms=5000, handshake_timeout_ms=60000)
+    reactor, engine, site = make_api(http_idle_timeout_ms=5000, http_header_timeout_ms=60000)
     channel, transport = connect(site)
     channel.dataReceived(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
     reactor.advance(4.0)
@@ -98,15 +98,16 @@ def test_http_idle_timeout_comes_from_limits():
     assert transport.disconnecting
 
 
-def make_worker_port(**limits):
+def make_worker_port(handshake_timeout=10.0, **limits):
     reactor = MemoryReactorClock()
     engine = Engine(reactor)
     engine.limits = Limits(**limits)
-    return reactor, engine, WorkerFactory(engine, reactor, ping_interval=0)
+    return reactor, engine, WorkerFactory(engine, reactor, ping_interval=0,
+                                          handshake_timeout=handshake_timeout)
 
 
 def test_worker_port_handshake_sent_slowly_is_dropped_at_the_timeout():
-    reactor, engine, factory = make_worker_port(handshake_timeout_ms=3000)
+    reactor, engine, factory = make_worker_port(handshake_timeout=3.0)
     protocol, transport = connect(factory)
     for byte in b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n":
         protocol.dataReceived(bytes([byte]))
