@@ -364,3 +364,14 @@ def test_limit_events_reach_engine_metrics_and_prometheus():
     text = prometheus_text(module.metrics).decode()
     assert 'iii_limit_events_total{event="quota_refused"} 2' in text
     assert 'iii_limit_events_total{event="peers_dropped_slow"} 0' in text
+
+
+def test_docs_list_every_limit():
+    """docs/limits.rst names every config key of the limits, with its default."""
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "limits.rst")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    for key in SETTINGS:
+        assert "``{}``".format(key) in text or "``limits.{}``".format(key) in text, key
+    for event in Limits().counters:
+        assert "``{}``".format(event) in text, event
