@@ -96,6 +96,9 @@ _SCHEMAS = {
         "traceparent": (_OPT_STR, False),
         "baggage": (_OPT_STR, False),
         "action": (_OPT_DICT, False),
+        # Reference 0.21.3: a per-call side channel beside ``data``, never merged
+        # into it; forwarded to the function's worker as it came.
+        "metadata": (_ANY, False),
     },
     INVOCATION_RESULT: {
         "invocation_id": (_STR, True),

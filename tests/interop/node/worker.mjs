@@ -22,7 +22,8 @@
 //       "nested" (a call made from inside a handler). With http, it returns that
 //       as an HTTP response instead: {"status_code": 201, "body": ...}.
 //   unregister_function {function_id}
-//   call {function_id, payload, void?} -> {result}
+//   call {function_id, payload, void?, metadata?} -> {result}; the handler's event
+//       carries the invocation metadata it was given (0.22: 2nd argument), or null
 //   register_trigger {type, function_id, config, metadata?} -> {}
 //   unregister_trigger {trigger_id}: the index the register_trigger reply gave
 //   register_trigger_type {type_id, description}: a provider that prints
@@ -86,8 +87,9 @@ const triggers = []
 const providedTriggers = new Map() // trigger id -> {type_id, function_id, config}
 const functionRefs = new Map()
 
-async function handler(functionId, data, http) {
-  emit({ event: 'invoked', function_id: functionId, data })
+async function handler(functionId, data, http, metadata) {
+  // 0.22 passes the invocation metadata as the handler's 2nd argument.
+  emit({ event: 'invoked', function_id: functionId, data, metadata: metadata ?? null })
   const result = { handled_by: workerName, sdk: sdkVersion, data }
   if (data && typeof data === 'object' && data.call) {
     result.nested = await iii.trigger({
@@ -99,7 +101,7 @@ async function handler(functionId, data, http) {
 }
 
 function registerFunction(functionId, description, http) {
-  const fn = (data) => handler(functionId, data, http)
+  const fn = (data, metadata) => handler(functionId, data, http, metadata)
   return modern
     ? iii.registerFunction(functionId, fn, { description })
     : iii.registerFunction({ id: functionId, description }, fn)
@@ -115,8 +117,9 @@ const ops = {
     functionRefs.delete(function_id)
     return {}
   },
-  async call({ function_id, payload, void: isVoid }) {
+  async call({ function_id, payload, void: isVoid, metadata }) {
     const request = { function_id, payload }
+    if (metadata !== undefined) request.metadata = metadata
     if (isVoid) request.action = sdk.TriggerAction.Void()
     return { result: (await iii.trigger(request)) ?? null }
   },

@@ -43,10 +43,12 @@ def main(url, name):
     function_refs = {}
 
     def make_handler(function_id, http=False):
-        def handler(data):
+        # A handler that declares ``metadata`` is given the invocation metadata.
+        def handler(data, metadata=None):
             if http:  # the request's body and response channels are not JSON
                 data = {k: data.get(k) for k in ("method", "path_params", "body")}
-            emit({"event": "invoked", "function_id": function_id, "data": data})
+            emit({"event": "invoked", "function_id": function_id, "data": data,
+                  "metadata": metadata})
             result = {"handled_by": name, "sdk": SDK_VERSION, "data": data}
             if isinstance(data, dict) and data.get("call"):
                 result["nested"] = worker.trigger({
@@ -85,10 +87,13 @@ def main(url, name):
         "unregister_function": lambda c: function_refs.pop(c["function_id"]).unregister() or {},
         "call": lambda c: {"result": worker.trigger(dict(
             {"function_id": c["function_id"], "payload": c.get("payload")},
-            **({"action": {"type": "void"}} if c.get("void") else {})))},
-        "register_trigger": lambda c: triggers.append(worker.register_trigger({
+            **({"action": {"type": "void"}} if c.get("void") else {}),
+            **({"metadata": c["metadata"]} if "metadata" in c else {})))},
+        "register_trigger": lambda c: triggers.append(worker.register_trigger(dict({
             "type": c["type"], "function_id": c["function_id"],
-            "config": c.get("config")})) or {"trigger_id": len(triggers) - 1},
+            "config": c.get("config")},
+            **({"metadata": c["metadata"]} if "metadata" in c else {})))) or {
+                "trigger_id": len(triggers) - 1},
         "unregister_trigger": lambda c: triggers[c["trigger_id"]].unregister() or {},
         "register_trigger_type": lambda c: worker.register_trigger_type(
             {"id": c["type_id"], "description": c["description"]},
