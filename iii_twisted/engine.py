@@ -47,12 +47,15 @@ class WorkerRecord:
     @ivar triggers: ids of the triggers it registered.
     @ivar trigger_types: ids of the trigger types it provides.
     @ivar active_calls: its own calls still waiting for a result.
+    @ivar declared: what it declared in ``engine::workers::register`` beyond the v0.10
+        keys (``description``, ``isolation``, ``features``, ``namespace``; see
+        L{iii_twisted.discovery_current}), {} until then.
     """
 
     __slots__ = (
         "id", "connection", "ip_address", "connected_at_ms", "name", "runtime",
         "version", "os", "pid", "telemetry", "functions", "triggers", "trigger_types",
-        "active_calls", "host", "reattach_token", "__weakref__",
+        "active_calls", "host", "reattach_token", "declared", "__weakref__",
     )
 
     def __init__(self, worker_id, connection, ip_address, connected_at_ms):
@@ -68,6 +71,7 @@ class WorkerRecord:
         self.active_calls = 0
         self.host = None
         self.reattach_token = None
+        self.declared = {}
 
     def __repr__(self):
         return "<Worker {} {!r}>".format(self.id, self.name)
@@ -389,7 +393,8 @@ class Engine:
         self.workers[worker.id] = worker
         worker.reattach_token = secrets.token_urlsafe(24)
         connection.send({"type": P.WORKER_REGISTERED, "worker_id": worker.id,
-                         "reattach_token": worker.reattach_token})
+                         "reattach_token": worker.reattach_token,
+                         "features": list(P.ENGINE_FEATURES)})
         self._log.info("worker {worker_id} connected from {ip}", worker_id=worker.id,
                        ip=worker.ip_address)
         self.fire_triggers(WORKERS_AVAILABLE,

@@ -9,6 +9,7 @@ test_node_sdk.py (whose fixtures are reused here).
 """
 
 import json
+import urllib.error
 import urllib.request
 
 import pytest
@@ -92,3 +93,107 @@ def test_invocation_and_trigger_metadata(start_engine, newer_worker, node_worker
         assert _invoked(py, "py::route", n)["metadata"] == {"route": "py"}
         assert _post(engine, "node/route", {"n": n})[0] == 201
         assert _invoked(node, "node::route", n)["metadata"] == {"route": "node"}
+
+
+def _call(worker, function_id, payload=None):
+    return worker.request("call", function_id=function_id, payload=payload or {})["result"]
+
+
+def test_trigger_lifecycle(start_engine, sdk_worker, newer_worker, node_worker):
+    """
+    A provider's refusal reaches the SDK that registered the trigger (each SDK logs
+    it); a trigger on a type nobody provides yet is kept without error and handed
+    to the provider when one registers; a provider that comes back gets its
+    bindings replayed; ``engine::register_trigger`` bindings outlive their caller.
+    """
+    engine = start_engine(HTTP_CONFIG, http=True)
+    py = newer_worker(engine.url, "py-life")
+    node = node_worker(NODE, engine.url, "node-life")
+    py.request("register_function", function_id="py::fn")
+    node.request("register_function", function_id="node::fn")
+    node.request("register_trigger_type", type_id="node-strict", description="refuses",
+                 refuse="node says no")
+    py.request("register_trigger_type", type_id="py-strict", description="refuses",
+               refuse="py says no")
+    node.request("list_functions")
+    py.request("list_functions")
+
+    py.request("register_trigger", type="node-strict", function_id="py::fn", config={})
+    py.wait_event(lambda l: "Trigger registration failed" in l.get("line", "")
+                  and "node says no" in l["line"])
+    node.request("register_trigger", type="py-strict", function_id="node::fn", config={})
+    node.wait_event(lambda l: "Trigger registration failed" in l.get("line", "")
+                    and "py says no" in l["line"])
+
+    # Parked, then handed over; then replayed to the provider's next connection.
+    py.request("register_trigger", type="later-hook", function_id="py::fn",
+               config={"k": 1}, metadata={"m": 1})
+    rows = _call(py, "engine::registered-triggers::list", {"trigger_type": "later-hook"})
+    [row] = rows["registered_triggers"]
+    assert (row["status"], row["worker_name"]) == ("pending", "py-life")
+    assert "Trigger registration failed" not in py.text().split("node says no")[-1]
+    node.request("register_trigger_type", type_id="later-hook", description="late")
+    handed = node.wait_event(lambda l: l.get("event") == "trigger_registered"
+                             and l["type_id"] == "later-hook")
+    assert (handed["id"], handed["config"], handed["metadata"]) == (row["id"], {"k": 1}, {"m": 1})
+    node.stop()
+    again = node_worker(NODE, engine.url, "node-life-2")
+    again.request("register_trigger_type", type_id="later-hook", description="late")
+    replayed = again.wait_event(lambda l: l.get("event") == "trigger_registered")
+    assert replayed["id"] == row["id"]
+
+    # An engine-owned binding made by a short-lived caller, with metadata.
+    py.request("register_function", function_id="py::route", http=True)
+    caller = node_worker(NODE, engine.url, "node-cli")
+    made = caller.request("call", function_id="engine::register_trigger", payload={
+        "trigger_type": "http", "function_id": "py::route",
+        "config": {"api_path": "durable", "http_method": "POST"},
+        "metadata": {"via": "engine"}})["result"]
+    caller.stop()
+    assert _post(engine, "durable", {"n": 7})[0] == 201
+    assert _invoked(py, "py::route", 7)["metadata"] == {"via": "engine"}
+    assert _call(py, "engine::unregister_trigger", {"id": made["id"]}) == {"removed": True}
+    with pytest.raises(urllib.error.HTTPError) as gone:
+        _post(engine, "durable", {"n": 8})
+    assert gone.value.code == 404
+
+
+def test_discovery_per_generation(start_engine, sdk_worker, newer_worker, node_worker):
+    """
+    ``engine::triggers::list`` lists instances to a 0.10.0 worker and types to py
+    0.25 and npm 0.22.1; the 0.13 functions answer both current SDKs.
+    """
+    engine = start_engine(HTTP_CONFIG, http=True)
+    old = sdk_worker(engine.url, "old-disc")
+    py = newer_worker(engine.url, "py-disc")
+    node = node_worker(NODE, engine.url, "node-disc")
+    py.request("register_function", function_id="py::listed", description="listed")
+    py.request("register_trigger", type="http", function_id="py::listed",
+               config={"api_path": "listed", "http_method": "GET"})
+    py.request("list_functions")
+
+    instances = old.trigger({"function_id": "engine::triggers::list", "payload": {}})
+    assert [(t["trigger_type"], t["function_id"]) for t in instances["triggers"]] == [
+        ("http", "py::listed")]
+    for current in (py, node):
+        types = _call(current, "engine::triggers::list")["triggers"]
+        assert {"id": "http", "namespace": "default", "worker_name": "http",
+                "description": types[0]["description"]} in types
+        rows = _call(current, "engine::registered-triggers::list")["registered_triggers"]
+        assert [(r["function_id"], r["worker_name"], r["config_summary"]) for r in rows] == [
+            ("py::listed", "py-disc", '{"api_path":"listed","http_method":"GET"}')]
+        batch = _call(current, "engine::functions::info",
+                      {"function_ids": ["py::listed", "nope::x"]})["functions"]
+        assert batch[0]["description"] == "listed"
+        assert batch[0]["registered_triggers"][0]["trigger_type"] == "http"
+        assert batch[1] == {"function_id": "nope::x", "error": "not_found"}
+        info = _call(current, "engine::workers::info", {"name": "py-disc"})
+        assert info["worker"]["runtime"] == "python" and info["worker"]["version"] == "0.25.0"
+        assert [f["function_id"] for f in info["functions"]] == ["py::listed"]
+        kind = _call(current, "engine::triggers::info", {"id": "http"})
+        assert kind["instance_count"] == 1
+        listed = _call(current, "engine::functions::list", {"search": "listed"})["functions"]
+        assert [(f["function_id"], f["worker_name"]) for f in listed] == [("py::listed", "py-disc")]
+    workers = {w["name"]: w for w in _call(node, "engine::workers::list")["workers"]}
+    assert workers["node-disc"]["runtime"] == "node"
+    assert workers["node-disc"]["namespace"] == "default"

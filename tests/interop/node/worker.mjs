@@ -26,7 +26,8 @@
 //       carries the invocation metadata it was given (0.22: 2nd argument), or null
 //   register_trigger {type, function_id, config, metadata?} -> {}
 //   unregister_trigger {trigger_id}: the index the register_trigger reply gave
-//   register_trigger_type {type_id, description}: a provider that prints
+//   register_trigger_type {type_id, description, refuse?}: a provider (refusing
+//       every trigger with the message refuse, when given) that prints
 //       {"event": "trigger_registered", id, function_id, config, metadata} and
 //       "trigger_unregistered"
 //   fire {type_id, payload} -> {results}: call the function of every trigger
@@ -79,7 +80,7 @@ const createChannel = typeof iii.createChannel === 'function'
 
 // What the list* helpers of 0.9/0.11 do: call the engine function, unwrap its list.
 async function engineList(method, functionId, key, payload = {}) {
-  if (typeof iii[method] === 'function') return iii[method](...Object.values(payload))
+  if (method && typeof iii[method] === 'function') return iii[method](...Object.values(payload))
   return (await iii.trigger({ function_id: functionId, payload }))[key]
 }
 
@@ -133,9 +134,10 @@ const ops = {
     triggers[trigger_id].unregister()
     return {}
   },
-  async register_trigger_type({ type_id, description }) {
+  async register_trigger_type({ type_id, description, refuse }) {
     iii.registerTriggerType({ id: type_id, description }, {
       async registerTrigger({ id, function_id, config, metadata }) {
+        if (refuse) throw new Error(refuse)
         providedTriggers.set(id, { type_id, function_id, config })
         emit({ event: 'trigger_registered', type_id, id, function_id, config, metadata: metadata ?? null })
       },
@@ -164,6 +166,13 @@ const ops = {
     return { result: await engineList('listWorkers', 'engine::workers::list', 'workers') }
   },
   async list_triggers({ include_internal }) {
+    // 0.22 (reference 0.13+ names): instances are engine::registered-triggers::list.
+    if (typeof iii.listTriggers !== 'function') {
+      return {
+        result: await engineList(null, 'engine::registered-triggers::list',
+          'registered_triggers', { include_internal: include_internal ?? false }),
+      }
+    }
     return {
       result: await engineList('listTriggers', 'engine::triggers::list', 'triggers',
         { include_internal: include_internal ?? false }),
@@ -172,6 +181,13 @@ const ops = {
   async list_trigger_types({ include_internal }) {
     if (sdkVersion.startsWith('0.9.')) {
       throw new Error(`iii-sdk ${sdkVersion} has no listTriggerTypes`)
+    }
+    // 0.22 (reference 0.13+ names): trigger types are engine::triggers::list.
+    if (typeof iii.listTriggerTypes !== 'function') {
+      return {
+        result: await engineList(null, 'engine::triggers::list', 'triggers',
+          { include_internal: include_internal ?? false }),
+      }
     }
     return {
       result: await engineList('listTriggerTypes', 'engine::trigger-types::list',

@@ -37,6 +37,12 @@ def main(url, name):
     handler.setFormatter(logging.Formatter("[telemetry] %(message)s"))
     telemetry_log.addHandler(handler)
     telemetry_log.setLevel(logging.DEBUG)
+    # The SDK's own errors (e.g. a trigger registration the engine reports failed).
+    sdk_log = logging.getLogger("iii.iii")
+    sdk_handler = logging.StreamHandler(sys.stdout)
+    sdk_handler.setFormatter(logging.Formatter("[iii-error] %(message)s"))
+    sdk_handler.setLevel(logging.ERROR)
+    sdk_log.addHandler(sdk_handler)
     worker = register_worker(url, InitOptions(worker_name=name))
     triggers = []
     provided = {}  # trigger id -> {type_id, function_id, config}
@@ -59,10 +65,13 @@ def main(url, name):
         return handler
 
     class Provider(TriggerHandler):
-        def __init__(self, type_id):
+        def __init__(self, type_id, refuse=None):
             self.type_id = type_id
+            self.refuse = refuse
 
         async def register_trigger(self, config):
+            if self.refuse:
+                raise ValueError(self.refuse)
             provided[config.id] = {"type_id": self.type_id,
                                    "function_id": config.function_id,
                                    "config": config.config}
@@ -97,7 +106,7 @@ def main(url, name):
         "unregister_trigger": lambda c: triggers[c["trigger_id"]].unregister() or {},
         "register_trigger_type": lambda c: worker.register_trigger_type(
             {"id": c["type_id"], "description": c["description"]},
-            Provider(c["type_id"])) and {},
+            Provider(c["type_id"], c.get("refuse"))) and {},
         "fire": lambda c: {"results": [
             {"trigger_id": trigger_id,
              "result": worker.trigger({"function_id": t["function_id"],
