@@ -14,6 +14,7 @@ import urllib.request
 
 import pytest
 
+from sdk_process import WorkerFailed
 from test_newer_python_sdk import newer_python, newer_worker  # noqa: F401 (fixtures)
 from test_node_sdk import node_sdks, node_worker  # noqa: F401 (fixtures)
 
@@ -197,3 +198,38 @@ def test_discovery_per_generation(start_engine, sdk_worker, newer_worker, node_w
     workers = {w["name"]: w for w in _call(node, "engine::workers::list")["workers"]}
     assert workers["node-disc"]["runtime"] == "node"
     assert workers["node-disc"]["namespace"] == "default"
+
+
+LARGE_CONFIG = """
+port: {port}
+host: 127.0.0.1
+invocation_timeout_ms: 60000
+max_message_size: 67108864
+modules: []
+"""
+
+
+def test_large_messages_when_configured(start_engine, newer_worker):
+    """
+    With ``max_message_size: 67108864`` (64 MiB, what py 0.25 sends and reads) a
+    40 MiB call and its 40 MiB result pass between two py 0.25 workers (the SDK
+    sends it in 16 MiB fragments); with the default 16 MiB the call fails at
+    once with ``message_too_large``.
+    """
+    size = 40 * 1024 * 1024
+    engine = start_engine(LARGE_CONFIG)
+    host = newer_worker(engine.url, "py-big-host")
+    caller = newer_worker(engine.url, "py-big-caller")
+    host.request("register_big_echo", function_id="big::echo")
+    host.request("list_functions")
+    answer = caller.request("call_big", timeout=120, function_id="big::echo", size=size)
+    assert (answer["size"], answer["echo_size"], answer["intact"]) == (size, size, True)
+
+    small = start_engine()
+    host = newer_worker(small.url, "py-big-host-2")
+    caller = newer_worker(small.url, "py-big-caller-2")
+    host.request("register_big_echo", function_id="big::echo")
+    host.request("list_functions")
+    with pytest.raises(WorkerFailed) as refused:
+        caller.request("call_big", timeout=60, function_id="big::echo", size=size)
+    assert refused.value.error["code"] == "message_too_large"

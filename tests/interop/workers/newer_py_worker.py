@@ -93,6 +93,17 @@ def main(url, name):
             c["function_id"], worker.register_function(
                 c["function_id"], make_handler(c["function_id"], c.get("http", False)),
                 description=c.get("description"))) or {},
+        # A function answering {"size", "echo"} for data {"blob": str}, silently (the
+        # blob may be tens of MiB), and a call sending such a blob: frame sizes.
+        "register_big_echo": lambda c: function_refs.__setitem__(
+            c["function_id"], worker.register_function(
+                c["function_id"], lambda data: {"size": len(data["blob"]),
+                                                "echo": data["blob"]})) or {},
+        "call_big": lambda c: (lambda r: {"size": r["size"], "echo_size": len(r["echo"]),
+                                          "intact": r["echo"] == "x" * c["size"]})(
+            worker.trigger({"function_id": c["function_id"],
+                            "payload": {"blob": "x" * c["size"]},
+                            "timeout_ms": 60000})),
         "unregister_function": lambda c: function_refs.pop(c["function_id"]).unregister() or {},
         "call": lambda c: {"result": worker.trigger(dict(
             {"function_id": c["function_id"], "payload": c.get("payload")},
