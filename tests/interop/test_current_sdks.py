@@ -233,3 +233,97 @@ def test_large_messages_when_configured(start_engine, newer_worker):
     with pytest.raises(WorkerFailed) as refused:
         caller.request("call_big", timeout=60, function_id="big::echo", size=size)
     assert refused.value.error["code"] == "message_too_large"
+
+
+QUEUE_CONFIG = """
+port: {port}
+host: 127.0.0.1
+invocation_timeout_ms: 20000
+modules:
+  - class: modules::queue::QueueModule
+    config:
+      queue_configs:
+        jobs:
+          max_retries: 3
+          concurrency: 2
+          backoff_ms: 50
+      adapter:
+        class: modules::queue::BuiltinQueueAdapter
+        config:
+          backoff_ms: 1000
+"""
+
+
+def test_current_queue_api(start_engine, newer_worker, node_worker):
+    """
+    ``durable:subscriber`` + ``iii::durable::publish`` (every subscribed function
+    gets a copy; replicas of one compete), the ``enqueue`` action and
+    ``engine::queue::enqueue`` on the named queues, and per-trigger ``queue_config``
+    retries taking effect: ``{maxRetries: 1, backoffDelayMs: 50}`` on a ``queue``
+    trigger is one attempt (v0.10's meaning), on a ``durable:subscriber`` two (one
+    retry, the reference's since 0.11), not the module's 3, then the DLQ; a setting
+    the queue does not implement is refused to the registering SDK.
+    """
+    engine = start_engine(QUEUE_CONFIG)
+    py = newer_worker(engine.url, "py-queue")
+    node = node_worker(NODE, engine.url, "node-queue")
+    replica = node_worker(NODE, engine.url, "node-queue-replica")
+    py.request("register_function", function_id="py::orders")
+    node.request("register_function", function_id="node::orders")
+    replica.request("register_function", function_id="node::orders")  # same id
+    py.request("register_trigger", type="durable:subscriber", function_id="py::orders",
+               config={"topic": "orders"})
+    node.request("register_trigger", type="durable:subscriber", function_id="node::orders",
+                 config={"topic": "orders"})
+    py.request("list_functions")
+    node.request("list_functions")
+    for n in range(4):
+        node.request("call", function_id="iii::durable::publish",
+                     payload={"topic": "orders", "data": {"n": n}})
+    for n in range(4):
+        _invoked(py, "py::orders", n)
+    node_got = lambda: sorted(e["data"]["n"] for w in (node, replica)  # noqa: E731
+                              for e in w.events("invoked") if e["function_id"] == "node::orders")
+    from engine_process import wait_until
+    wait_until(lambda: node_got() == [0, 1, 2, 3], 15, "node copies")
+
+    # The enqueue action and engine::queue::enqueue, on the named queue "jobs".
+    receipt = py.request("call", function_id="node::orders", payload={"n": 10},
+                         enqueue="jobs")["result"]
+    assert receipt["messageReceiptId"]
+    answer = py.request("call", function_id="engine::queue::enqueue", payload={
+        "queue": "jobs", "function_id": "node::orders", "data": {"n": 11}})["result"]
+    assert answer["messageReceiptId"]
+    wait_until(lambda: {10, 11} <= set(node_got()), 15, "named-queue deliveries")
+
+    # Per-trigger retries.
+    py.request("register_function", function_id="py::fails", fail=True)
+    py.request("register_trigger", type="queue", function_id="py::fails",
+               config={"topic": "legacy", "queue_config": {"maxRetries": 1,
+                                                           "backoffDelayMs": 50}})
+    node.request("register_function", function_id="node::fails", fail=True)
+    node.request("register_trigger", type="durable:subscriber", function_id="node::fails",
+                 config={"topic": "current", "queue_config": {"maxRetries": 1,
+                                                              "backoffDelayMs": 50}})
+    py.request("list_functions")
+    node.request("list_functions")
+    py.request("call", function_id="enqueue", payload={"topic": "legacy", "data": {"n": 20}})
+    py.request("call", function_id="iii::durable::publish",
+               payload={"topic": "current", "data": {"n": 21}})
+
+    def dead():
+        topics = _call(py, "engine::queue::dlq_topics")
+        return {t["topic"]: t["message_count"] for t in topics}
+    wait_until(lambda: dead() == {"legacy": 1, "current::node::fails": 1}, 15, "DLQ")
+    attempts = lambda w, fid: len([e for e in w.events("invoked")  # noqa: E731
+                                   if e["function_id"] == fid])
+    assert attempts(py, "py::fails") == 1
+    assert attempts(node, "node::fails") == 2
+    [message] = _call(py, "engine::queue::dlq_messages", {"topic": "legacy"})
+    assert message["payload"] == {"n": 20} and message["retries"] == 1
+
+    # Refused loudly: the SDK that registered it logs the engine's error.
+    py.request("register_trigger", type="durable:subscriber", function_id="py::orders",
+               config={"topic": "late", "queue_config": {"delaySeconds": 5}})
+    py.wait_event(lambda l: "Trigger registration failed" in l.get("line", "")
+                  and "delaySeconds is not supported" in l["line"])

@@ -15,7 +15,7 @@
 // passed through as is.
 //
 // Ops:
-//   register_function {function_id, description?, http?}: the handler prints
+//   register_function {function_id, description?, http?, fail?}: the handler prints
 //       {"event": "invoked", function_id, data} and returns
 //       {"handled_by": <worker-name>, "sdk": <version>, "data": data}; if data.call is
 //       {function_id, payload}, it first calls that function and adds its result as
@@ -88,9 +88,10 @@ const triggers = []
 const providedTriggers = new Map() // trigger id -> {type_id, function_id, config}
 const functionRefs = new Map()
 
-async function handler(functionId, data, http, metadata) {
+async function handler(functionId, data, http, metadata, fail) {
   // 0.22 passes the invocation metadata as the handler's 2nd argument.
   emit({ event: 'invoked', function_id: functionId, data, metadata: metadata ?? null })
+  if (fail) throw new Error('always fails')
   const result = { handled_by: workerName, sdk: sdkVersion, data }
   if (data && typeof data === 'object' && data.call) {
     result.nested = await iii.trigger({
@@ -101,16 +102,16 @@ async function handler(functionId, data, http, metadata) {
   return http ? { status_code: 201, body: result } : result
 }
 
-function registerFunction(functionId, description, http) {
-  const fn = (data, metadata) => handler(functionId, data, http, metadata)
+function registerFunction(functionId, description, http, fail) {
+  const fn = (data, metadata) => handler(functionId, data, http, metadata, fail)
   return modern
     ? iii.registerFunction(functionId, fn, { description })
     : iii.registerFunction({ id: functionId, description }, fn)
 }
 
 const ops = {
-  async register_function({ function_id, description, http }) {
-    functionRefs.set(function_id, registerFunction(function_id, description, http))
+  async register_function({ function_id, description, http, fail }) {
+    functionRefs.set(function_id, registerFunction(function_id, description, http, fail))
     return {}
   },
   async unregister_function({ function_id }) {
@@ -118,8 +119,9 @@ const ops = {
     functionRefs.delete(function_id)
     return {}
   },
-  async call({ function_id, payload, void: isVoid, metadata }) {
+  async call({ function_id, payload, void: isVoid, metadata, enqueue }) {
     const request = { function_id, payload }
+    if (enqueue) request.action = sdk.TriggerAction.Enqueue({ queue: enqueue })
     if (metadata !== undefined) request.metadata = metadata
     if (isVoid) request.action = sdk.TriggerAction.Void()
     return { result: (await iii.trigger(request)) ?? null }

@@ -48,9 +48,13 @@ def main(url, name):
     provided = {}  # trigger id -> {type_id, function_id, config}
     function_refs = {}
 
-    def make_handler(function_id, http=False):
+    def make_handler(function_id, http=False, fail=False):
         # A handler that declares ``metadata`` is given the invocation metadata.
         def handler(data, metadata=None):
+            if fail:  # a handler that always fails (queue retries)
+                emit({"event": "invoked", "function_id": function_id, "data": data,
+                      "metadata": metadata})
+                raise RuntimeError("always fails")
             if http:  # the request's body and response channels are not JSON
                 data = {k: data.get(k) for k in ("method", "path_params", "body")}
             emit({"event": "invoked", "function_id": function_id, "data": data,
@@ -91,7 +95,8 @@ def main(url, name):
     ops = {
         "register_function": lambda c: function_refs.__setitem__(
             c["function_id"], worker.register_function(
-                c["function_id"], make_handler(c["function_id"], c.get("http", False)),
+                c["function_id"], make_handler(c["function_id"], c.get("http", False),
+                                               c.get("fail", False)),
                 description=c.get("description"))) or {},
         # A function answering {"size", "echo"} for data {"blob": str}, silently (the
         # blob may be tens of MiB), and a call sending such a blob: frame sizes.
@@ -108,6 +113,8 @@ def main(url, name):
         "call": lambda c: {"result": worker.trigger(dict(
             {"function_id": c["function_id"], "payload": c.get("payload")},
             **({"action": {"type": "void"}} if c.get("void") else {}),
+            **({"action": {"type": "enqueue", "queue": c["enqueue"]}}
+               if c.get("enqueue") else {}),
             **({"metadata": c["metadata"]} if "metadata" in c else {})))},
         "register_trigger": lambda c: triggers.append(worker.register_trigger(dict({
             "type": c["type"], "function_id": c["function_id"],
