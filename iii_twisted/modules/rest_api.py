@@ -11,7 +11,7 @@ function with::
      "request_body": <reader ref>, "response": <writer ref>}
 
 The answer is either the function's result (``status_code`` or ``statusCode``,
-``headers``, ``body`` as JSON) or, when the result is null, what the function streams
+``headers``, ``body``: see ``http_response.response_of``) or, when the result is null, what the function streams
 into the ``response`` channel: ``{"type": "set_status", "status_code"}`` and
 ``{"type": "set_headers", "headers"}`` text frames, then binary frames that are the body
 bytes, until the writer closes.
@@ -50,6 +50,7 @@ from ..interfaces import (
     IChannelReaderEnd, IChannelWriterEnd, IModule, ITriggerProvider, TriggerError,
 )
 from ..protocol import InvocationError, encode
+from .http_response import response_of, status_of as _status_of
 
 HTTP_TRIGGER = "http"
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
@@ -461,12 +462,6 @@ def _error_id():
     return "{:x}".format(time.time_ns() & 0xFFFFFFFFFFFF)
 
 
-def _status_of(value):
-    if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
-        return value
-    return None
-
-
 class _Exchange:
     """
     One HTTP request bound to a route: the condition, the call, the two channels and
@@ -580,16 +575,20 @@ class _Exchange:
             return
         if result is None:
             return  # the response channel has the answer
-        if not isinstance(result, dict):
-            self._respond_json(200, {})
+        try:
+            status, headers, data, dropped = response_of(result)
+        except (TypeError, ValueError, RecursionError):
+            self._log.error("HTTP {method} /{path}: {function_id} returned a body that is "
+                            "not JSON; 500", method=self.method,
+                            path=self.route.api_path.lstrip("/"),
+                            function_id=self.trigger.function_id)
+            self._respond_json(500, {"error": "response body is not JSON"})
             return
-        status = _status_of(result.get("status_code"))
-        if status is None:
-            status = _status_of(result.get("statusCode")) or 200
-        headers = result.get("headers")
-        body = result.get("body")
-        self._respond_json(status, {} if body is None else body,
-                           headers if isinstance(headers, dict) else None)
+        if dropped:
+            self._log.warn("HTTP {method} /{path}: invalid response headers skipped: "
+                           "{names}", method=self.method,
+                           path=self.route.api_path.lstrip("/"), names=dropped)
+        self._respond(status, headers, data)
 
     def _failed(self, failure):
         if self.done:
@@ -689,18 +688,22 @@ class _Exchange:
 
     # -- endings ---------------------------------------------------------------------
 
-    def _respond_json(self, status, body, headers=None):
+    def _respond_json(self, status, body):
+        self._respond(status, [("Content-Type", "application/json")], encode(body))
+
+    def _respond(self, status, headers, data):
+        """Answer with ``status``, ``headers`` (name, value) pairs in order, ``data``."""
         request = self.request
-        try:
-            data = encode(body)
-        except (TypeError, ValueError, RecursionError):
-            status, data = 500, b'{"error":"response body is not JSON"}'
         request.setResponseCode(status)
-        request.setHeader(b"content-type", b"application/json")
-        if headers:
-            _set_headers(request, {k.lower(): v for k, v in headers.items()
-                                   if isinstance(v, str) and isinstance(k, str)
-                                   and k.lower() != "content-length"})
+        seen = set()
+        for name, value in headers:
+            key = name.lower().encode("latin-1", "replace")
+            raw = value.encode("latin-1") if _latin1(value) else value.encode("utf-8")
+            if key in seen:
+                request.responseHeaders.addRawHeader(key, raw)
+            else:
+                seen.add(key)
+                request.setHeader(key, raw)
         request.setHeader(b"content-length", str(len(data)).encode("ascii"))
         request.write(data)
         self._finish()
@@ -738,6 +741,14 @@ class _Exchange:
 
 _HOP_BY_HOP = frozenset(["transfer-encoding", "connection", "keep-alive", "upgrade",
                          "te", "trailer", "proxy-connection"])
+
+
+def _latin1(text):
+    try:
+        text.encode("latin-1")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _set_headers(request, headers):

@@ -265,3 +265,33 @@ def test_client_leaving_a_stream_stops_the_writer(api, sdk_worker):
     connection.close()
     [result] = outcome.wait_for(timeout=8)
     assert result != "finished"
+
+
+def test_response_shapes_from_a_real_worker(api, sdk_worker):
+    """
+    Reported input: a text/xml string body goes out raw (it went out JSON-encoded);
+    an ApiResponse model (serialized as statusCode) and "Name: value" header lines work.
+    """
+    from iii import ApiResponse
+
+    worker = sdk_worker(api.url, "http-shapes")
+    worker.register_function({"id": "shapes.xml"}, lambda data: {
+        "status_code": 200, "headers": {"Content-Type": "text/xml"}, "body": "<ok/>"})
+    worker.register_function({"id": "shapes.model"}, lambda data: ApiResponse(
+        statusCode=201, headers={"content-type": "text/plain; charset=utf-8"}, body="made"))
+    worker.register_function({"id": "shapes.lines"}, lambda data: {
+        "status_code": 200, "headers": ["Content-Type: text/csv", "X-Rows: 2"],
+        "body": "a,b\n1,2\n"})
+    for name in ("xml", "model", "lines"):
+        worker.register_trigger({"type": "http", "function_id": "shapes." + name,
+                                 "config": {"api_path": "shapes/" + name,
+                                            "http_method": "GET"}})
+        _wait_for_route(api.base + "/shapes/" + name)
+    status, headers, body = _request(api.base + "/shapes/xml")
+    assert (status, headers.get("content-type"), body) == (200, "text/xml", b"<ok/>")
+    status, headers, body = _request(api.base + "/shapes/model")
+    assert (status, headers.get("content-type"), body) == (
+        201, "text/plain; charset=utf-8", b"made")
+    status, headers, body = _request(api.base + "/shapes/lines")
+    assert (status, headers.get("content-type"), headers.get("x-rows"), body) == (
+        200, "text/csv", "2", b"a,b\n1,2\n")
