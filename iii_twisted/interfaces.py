@@ -204,13 +204,16 @@ class IKvStore(Interface):
 
     def update(group: str, key: str, ops: list) -> "Deferred":
         """
-        Apply update ops (``set``/``merge``/``increment``/``decrement``/``remove`` on
-        top-level fields; see L{iii_twisted.adapters.ops}) atomically. An absent key
-        starts as ``{}`` and is created even when C{ops} is empty.
+        Apply update ops (``set``/``merge``/``append``/``increment``/``decrement``/
+        ``remove``, nested paths for merge and append; see L{iii_twisted.adapters.ops},
+        whose C{apply_update_ops} every adapter uses) atomically. An absent key starts
+        as ``{}`` and is created even when C{ops} is empty.
 
         @return: Deferred firing with C{{"old_value": previous or None, "new_value":
-            result}} once durable; failing with L{InvalidUpdateOp} (nothing changed)
-            for a malformed op, or L{KvStoreError}.
+            result}} once durable, plus C{"errors": [{"op_index", "code", "message"}]}
+            when some ops could not apply (the others did); failing with
+            L{InvalidUpdateOp} (nothing changed) for a malformed op, or
+            L{KvStoreError}.
         """
 
     def list(group: str) -> "Deferred":
