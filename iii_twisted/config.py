@@ -90,7 +90,8 @@ class EngineConfig:
 
     def __init__(self, port=DEFAULT_PORT, host="0.0.0.0", listen=None, modules=(),
                  invocation_timeout=300.0, max_message_size=16 * 1024 * 1024,
-                 ws_ping_interval=30.0, ws_ping_timeout=30.0, source=None):
+                 ws_ping_interval=30.0, ws_ping_timeout=30.0, source=None,
+                 frame_limits=None):
         self.port = port
         self.host = host
         self.listen = listen or "tcp:{}:interface={}".format(port, host)
@@ -100,6 +101,8 @@ class EngineConfig:
         self.ws_ping_interval = ws_ping_interval
         self.ws_ping_timeout = ws_ping_timeout
         self.source = source
+        # peer_limits.PeerFrameLimits (worker_max_frame_size[s]); None: the defaults.
+        self.frame_limits = frame_limits
 
 
 def load_config(path, environ=None):
@@ -223,7 +226,14 @@ def from_dict(data, source=None):
         ws_ping_interval=_get(data, "ws_ping_interval_ms", int, 30000) / 1000.0,
         ws_ping_timeout=_get(data, "ws_ping_timeout_ms", int, 30000) / 1000.0,
         source=source,
+        frame_limits=_frame_limits(data),
     )
+
+
+def _frame_limits(data):
+    from .peer_limits import PeerFrameLimits  # peer_limits imports ConfigError from here
+
+    return PeerFrameLimits.from_config(data)
 
 
 def _kind(value):

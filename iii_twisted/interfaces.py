@@ -28,8 +28,9 @@ class IWorkerConnection(Interface):
         engine's disconnect cleanup is already on its way.
 
         @return: False if the message holds a value JSON cannot carry (it is dropped and
-            logged), so that the engine can answer the call with an error instead;
-            True otherwise.
+            logged), or a falsy L{iii_twisted.peer_limits.NotSent} saying why it was not
+            sent (a frame larger than the peer accepts), so that the engine can answer
+            the call with an error instead; True otherwise.
         """
 
     def disconnect(code: int, reason: str) -> None:

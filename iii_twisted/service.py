@@ -76,6 +76,7 @@ class EngineService(MultiService):
             ping_interval=config.ws_ping_interval,
             ping_timeout=config.ws_ping_timeout,
             channels=self.channels,
+            frame_limits=config.frame_limits,
         )
         self._listener = strports.service(config.listen, self.worker_factory, reactor=reactor)
         self._listener.setServiceParent(self)

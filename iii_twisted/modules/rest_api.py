@@ -49,7 +49,7 @@ from ..config import ConfigError, get_option
 from ..interfaces import (
     IChannelReaderEnd, IChannelWriterEnd, IModule, ITriggerProvider, TriggerError,
 )
-from ..protocol import InvocationError, encode
+from ..protocol import MESSAGE_TOO_LARGE, InvocationError, encode
 from .http_response import response_of, status_of as _status_of
 
 HTTP_TRIGGER = "http"
@@ -614,7 +614,11 @@ class _Exchange:
                               path=self.route.api_path.lstrip("/"), error_id=error_id)
         if self.streaming:
             return  # the status is out; the channel's close ends the body
-        self._respond_json(500, {"error": message, "error_id": error_id})
+        # A request too large for the function's worker to receive (peer_limits) is
+        # the request's size, not a server fault: 413, as for body_limit.
+        status = 413 if failure.check(InvocationError) and \
+            failure.value.code == MESSAGE_TOO_LARGE else 500
+        self._respond_json(status, {"error": message, "error_id": error_id})
 
     def _timed_out(self):
         self._timer = None
