@@ -15,7 +15,9 @@ never say their limit, so the engine learns it from what they do say:
 Built-in limits by runtime (the libraries' defaults): ``python`` 1 MiB
 (``websockets``), ``node`` 100 MiB (``ws`` ``maxPayload``), ``rust`` 16 MiB
 (``tungstenite`` ``max_frame_size``). A runtime not in the table, or a peer that has not
-said, gets ``worker_max_frame_size`` (default 1 MiB). Config::
+said, gets ``worker_max_frame_size`` (default 1 MiB). Config (worker-port keys:
+top level in a v0.10 file, the ``iii-worker-manager`` entry in a current one; declared
+in ``config.LISTENER_SCHEMA``)::
 
     worker_max_frame_size: 1048576        # bytes, for peers that do not say
     worker_max_frame_sizes:               # bytes by runtime, over the built-in table
@@ -25,8 +27,6 @@ A frame the engine would send over the limit is not sent: the send returns a
 L{NotSent} (falsy) with code ``message_too_large``, the call it belonged to fails with
 that error (see ``Engine``), and a warning names the worker, the size and the limit.
 """
-
-from .config import ConfigError
 
 MIB = 1024 * 1024
 DEFAULT_MAX_FRAME = MIB
@@ -65,31 +65,14 @@ class PeerFrameLimits:
         self.by_runtime = dict(RUNTIME_MAX_FRAME)
         self.by_runtime.update(by_runtime or {})
 
-    @classmethod
-    def from_config(cls, data):
-        """
-        @param data: the top-level config mapping.
-        @raise ConfigError: naming ``worker_max_frame_size`` or
-            ``worker_max_frame_sizes`` (or one of its entries) when not a positive
-            integer.
-        """
-        default = data.get("worker_max_frame_size")
-        if default is None:
-            default = DEFAULT_MAX_FRAME
-        elif not _positive_int(default):
-            raise ConfigError("must be a positive integer (bytes), not {!r}".format(default),
-                              "worker_max_frame_size")
-        table = data.get("worker_max_frame_sizes")
-        if table is None:
-            table = {}
-        if not isinstance(table, dict):
-            raise ConfigError("must be a mapping of runtime name to bytes, not {!r}"
-                              .format(table), "worker_max_frame_sizes")
-        for runtime, size in table.items():
-            if not _positive_int(size):
-                raise ConfigError("must be a positive integer (bytes), not {!r}".format(
-                    size), "worker_max_frame_sizes.{}".format(runtime))
-        return cls(default, table)
+    def __eq__(self, other):
+        return isinstance(other, PeerFrameLimits) and (self.default, self.by_runtime) == (
+            other.default, other.by_runtime)
+
+    def __ne__(self, other):
+        return not self == other
+
+    __hash__ = None
 
     def for_user_agent(self, user_agent):
         """The limit of a peer known only by its upgrade request's User-Agent."""
@@ -121,7 +104,3 @@ def too_large(size, limit, who):
     return NotSent(MESSAGE_TOO_LARGE, (
         "message of {} bytes not sent: {} accepts WebSocket frames up to {} bytes"
         .format(size, who, limit)))
-
-
-def _positive_int(value):
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0

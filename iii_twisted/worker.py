@@ -244,8 +244,7 @@ class WorkerFactory(WebSocketServerFactory):
         self.channels = channels
         self.max_message_size = max_message_size
         self.frame_limits = frame_limits if frame_limits is not None else PeerFrameLimits()
-        if engine.frame_limits is None:
-            engine.frame_limits = self.frame_limits  # for engine::workers::register
+        engine.frame_limits = self.frame_limits  # for engine::workers::register
         # Autobahn schedules its handshake, close and ping timers through this object
         # on txaio's global loop (txaio refuses any other reactor); route them to ours,
         # so an injected clock drives them.
