@@ -106,6 +106,10 @@ ENGINE_SCHEMA = Section(
     watch=Key(bool, False, "reload when this file changes (it is polled)"),
     watch_interval_ms=Key(int, 1000, "how often the file is polled when watch is on, "
                           "ms", min=10),
+    log_level=Key(str, "info", "least important log events kept (logsetup.py)",
+                  choices=("debug", "info", "warn", "error", "critical")),
+    log_format=Key(str, "text", "what twist iii writes, also when not on a terminal",
+                   choices=("text", "json")),
 )
 
 # Top-level keys of each format besides the engine's own.
@@ -161,7 +165,7 @@ class EngineConfig:
                  invocation_timeout=300.0, max_message_size=16 * 1024 * 1024,
                  ws_ping_interval=30.0, ws_ping_timeout=30.0, source=None,
                  format=V010, watch=False, watch_interval=1.0, listener_key="",
-                 frame_limits=None):
+                 frame_limits=None, log_level="info", log_format="text"):
         self.port = port
         self.host = host
         self.listen = listen or "tcp:{}:interface={}".format(port, host)
@@ -178,6 +182,8 @@ class EngineConfig:
         self.listener_key = listener_key
         # peer_limits.PeerFrameLimits (worker_max_frame_size[s]); None: the defaults.
         self.frame_limits = frame_limits
+        self.log_level = log_level
+        self.log_format = log_format
 
     def listener_settings(self):
         """@return: what the worker listener is built from (compared on reload)."""
@@ -327,6 +333,8 @@ def from_dict(data, source=None):
         watch_interval=_value(top, "watch_interval_ms", ENGINE_SCHEMA) / 1000.0,
         listener_key=listener_key or "",
         frame_limits=_frame_limits(listener),
+        log_level=_value(top, "log_level", ENGINE_SCHEMA),
+        log_format=_value(top, "log_format", ENGINE_SCHEMA),
     )
 
 

@@ -56,7 +56,7 @@ from .http_response import response_of, status_of as _status_of
 HTTP_TRIGGER = "http"
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
 CONFIG_KEYS = ("port", "host", "default_timeout", "cors", "concurrency_request_limit",
-               "body_limit", "listen")
+               "body_limit", "listen", "access_log")
 CORS_KEYS = ("allowed_origins", "allowed_methods")
 DEFAULT_BODY_LIMIT = 64 * 1024 * 1024
 
@@ -68,6 +68,7 @@ CONFIG_SCHEMA = Section(
     default_timeout=Key(int, 30000, "ms a request waits for its function", min=1),
     concurrency_request_limit=Key(int, 1024, "requests handled at once", min=1),
     body_limit=Key(int, DEFAULT_BODY_LIMIT, "largest request body, bytes", min=0),
+    access_log=Key(bool, False, "one log line per request (namespace iii.access)"),
     cors=Key(Section(
         allowed_origins=Key(ListOf(str), [], "origins allowed; empty or * = any"),
         allowed_methods=Key(ListOf(str), [], "methods allowed; empty = any"),
@@ -219,6 +220,13 @@ class LimitedRequest(Request):
 
     _rejected = False
     _received = 0
+    started = None  # reactor seconds when the request line came (for the access log)
+
+    def __init__(self, channel, *args, **kwargs):
+        Request.__init__(self, channel, *args, **kwargs)
+        site = getattr(channel, "site", None)
+        if site is not None and getattr(site, "access_log", False):
+            self.started = site.reactor.seconds()
 
     def _limit(self):
         limit = getattr(self.channel.site, "body_limit", None) if self.channel else None
@@ -274,22 +282,44 @@ class LimitedRequest(Request):
         transport.loseConnection()
 
 
+# Module level: a Logger that is a class attribute takes its class's namespace.
+_access_log = Logger(namespace="iii.access")
+
+
 class ApiSite(Site):
     """The REST port's C{Site}: bounded bodies, no tracebacks, an idle timeout."""
 
     requestFactory = LimitedRequest
     displayTracebacks = False
 
-    def __init__(self, resource, reactor, body_limit, timeout=60):
+    def __init__(self, resource, reactor, body_limit, timeout=60, access_log=False):
         # No form parsing into request.args: form bodies reach the function as a
         # streamed request_body like any body that is not JSON, and parsing every POST's
         # Content-Type (through the email package) was ~16% of a request's CPU.
         Site.__init__(self, resource, reactor=reactor, timeout=timeout,
                       parsePOSTFormSubmission=False)
         self.body_limit = body_limit
+        self.access_log = access_log
 
     def log(self, request):
-        pass  # one line per request is the access log's job, not the engine log's
+        """
+        The access log (``access_log: true``; off by default): one line per request,
+        ``<client> "<METHOD> <path> HTTP/x" <status> <bytes>B <ms>ms "<user agent>"``.
+        """
+        if not self.access_log:
+            return
+        address = request.getClientAddress()
+        started = getattr(request, "started", None)
+        elapsed = 0.0 if started is None else (self.reactor.seconds() - started) * 1000
+        agent = request.getHeader(b"user-agent")
+        _access_log.info(
+            '{client} "{method} {uri} {version}" {status} {size}B {ms:.1f}ms "{agent}"',
+            client=getattr(address, "host", "-"),
+            method=request.method.decode("latin-1", "replace"),
+            uri=request.uri.decode("latin-1", "replace")[:2000],
+            version=request.clientproto.decode("latin-1", "replace"),
+            status=request.code, size=request.sentLength, ms=elapsed,
+            agent=(agent.decode("latin-1", "replace")[:300] if agent else "-"))
 
 
 @implementer(IModule, ITriggerProvider)
@@ -348,7 +378,8 @@ class RestApiModule(MultiService):
         self.app.route("/", branch=True, strict_slashes=False,
                        merge_slashes=False)(self._handle)
         self.resource = self.app.resource()
-        self.site = ApiSite(self.resource, reactor, body_limit)
+        self.site = ApiSite(self.resource, reactor, body_limit,
+                            access_log=get_option(config, "access_log", bool, False))
         engine.register_trigger_type(
             HTTP_TRIGGER, self,
             "Calls the function for HTTP requests on api_path/http_method")
