@@ -27,7 +27,7 @@ import re
 import yaml
 
 from .limits import LIMITS_SCHEMA
-from .schema import CURRENT, V010, Context, Key, Section, Unsupported, closest
+from .schema import CURRENT, V010, Context, Key, MapOf, Section, Unsupported, closest
 
 DEFAULT_PORT = 49134
 
@@ -89,6 +89,11 @@ LISTENER_SCHEMA = Section(
     max_message_size=Key(int, 16 * 1024 * 1024, "largest worker frame, bytes", min=1),
     ws_ping_interval_ms=Key(int, 30000, "WebSocket ping interval, ms (0: none)", min=0),
     ws_ping_timeout_ms=Key(int, 30000, "time to answer a ping, ms", min=0),
+    worker_max_frame_size=Key(int, 1024 * 1024, "largest frame sent to a worker that "
+                              "does not say its runtime, bytes (peer_limits.py)", min=1),
+    worker_max_frame_sizes=Key(MapOf(Key(int, min=1)), {}, "largest frame sent to a "
+                               "worker by its declared runtime, bytes; over the built-in "
+                               "python 1 MiB, node 100 MiB, rust 16 MiB"),
     handshake_timeout_ms=Key(int, 10000, "ms a client has to finish its WebSocket "
                              "opening handshake (docs/limits.rst)", min=1),
     rbac=Unsupported("worker authentication (rbac) is not supported by this engine yet"),
@@ -105,6 +110,10 @@ ENGINE_SCHEMA = Section(
                           "ms", min=10),
     limits=Key(LIMITS_SCHEMA, None, "what one client may take of the engine "
                "(docs/limits.rst)"),
+    log_level=Key(str, "info", "least important log events kept (logsetup.py)",
+                  choices=("debug", "info", "warn", "error", "critical")),
+    log_format=Key(str, "text", "what twist iii writes, also when not on a terminal",
+                   choices=("text", "json")),
 )
 
 # Top-level keys of each format besides the engine's own.
@@ -163,6 +172,7 @@ class EngineConfig:
                  invocation_timeout=300.0, max_message_size=16 * 1024 * 1024,
                  ws_ping_interval=30.0, ws_ping_timeout=30.0, source=None,
                  format=V010, watch=False, watch_interval=1.0, listener_key="",
+                 frame_limits=None, log_level="info", log_format="text",
                  limits=None, handshake_timeout=10.0):
         self.port = port
         self.host = host
@@ -183,11 +193,15 @@ class EngineConfig:
         self.watch = watch
         self.watch_interval = watch_interval
         self.listener_key = listener_key
+        # peer_limits.PeerFrameLimits (worker_max_frame_size[s]); None: the defaults.
+        self.frame_limits = frame_limits
+        self.log_level = log_level
+        self.log_format = log_format
 
     def listener_settings(self):
         """@return: what the worker listener is built from (compared on reload)."""
         return (self.listen, self.max_message_size, self.ws_ping_interval,
-                self.ws_ping_timeout, self.handshake_timeout)
+                self.ws_ping_timeout, self.frame_limits, self.handshake_timeout)
 
 
 def load_config(path, environ=None):
@@ -332,9 +346,19 @@ def from_dict(data, source=None):
         watch=_value(top, "watch", ENGINE_SCHEMA),
         watch_interval=_value(top, "watch_interval_ms", ENGINE_SCHEMA) / 1000.0,
         listener_key=listener_key or "",
+        frame_limits=_frame_limits(listener),
+        log_level=_value(top, "log_level", ENGINE_SCHEMA),
+        log_format=_value(top, "log_format", ENGINE_SCHEMA),
         limits=Limits.from_config(top.get("limits")),
         handshake_timeout=_value(listener, "handshake_timeout_ms") / 1000.0,
     )
+
+
+def _frame_limits(listener):
+    from .peer_limits import PeerFrameLimits  # peer_limits imports ConfigError from here
+
+    return PeerFrameLimits(_value(listener, "worker_max_frame_size"),
+                           _value(listener, "worker_max_frame_sizes"))
 
 
 def _value(mapping, key, schema=LISTENER_SCHEMA):

@@ -117,6 +117,7 @@ class EngineService(MultiService):
             ping_interval=config.ws_ping_interval,
             ping_timeout=config.ws_ping_timeout,
             channels=self.channels,
+            frame_limits=config.frame_limits,
             handshake_timeout=config.handshake_timeout,
         )
         return factory, Listener(config.listen, factory, self.reactor, LISTENER_NAME)
@@ -156,10 +157,18 @@ class EngineService(MultiService):
         d.addBoth(lambda r: (result.callback(r), r)[1])
         return result
 
+    # A logsetup.LogSettingsService (twistd iii sets it): log_level applied to the
+    # process's log before any port opens, and again on reload.
+    log_settings = None
+
+    def privilegedStartService(self):
+        if self.log_settings is not None:
+            self.log_settings.apply()
+        self._raise_nofile_limit()
+        MultiService.privilegedStartService(self)
+
     def startService(self):
-        # Before any port is bound: idle and slow connections must not leave no
-        # descriptor for a new worker (issue 14).
-        raise_nofile_limit(self._log)
+        self._raise_nofile_limit()
         MultiService.startService(self)
         for line in startup_report(self):
             self._log.info("{line}", line=line)
@@ -167,6 +176,16 @@ class EngineService(MultiService):
         if self.reload_on_sighup and hasattr(signal, "SIGHUP"):
             self._previous_sighup = signal.signal(
                 signal.SIGHUP, lambda *_: self.reactor.callFromThread(self._on_sighup))
+
+    _nofile_raised = False
+
+    def _raise_nofile_limit(self):
+        # Before any port is bound (twistd binds them in privilegedStartService, an
+        # embedding application in startService): idle and slow connections must not
+        # leave no descriptor for a new worker (issue 14).
+        if not self._nofile_raised:
+            self._nofile_raised = True
+            raise_nofile_limit(self._log)
 
     def _on_sighup(self):
         self._log.info("SIGHUP: rereading {path}", path=self.config_path)
@@ -260,6 +279,8 @@ class EngineService(MultiService):
                 self._log.failure("config reload failed part-way")
             self.modules = [self._instances[i][1] for i in before if i in self._instances]
             raise
+        if self.log_settings is not None and new.log_level != self.config.log_level:
+            self.log_settings.set_level(new.log_level)
         self.engine.invocation_timeout = new.invocation_timeout
         self.engine.tracker._timeout = new.invocation_timeout
         self.engine.limits.update_from(new.limits)  # in place: ports and gates hold it
