@@ -44,6 +44,8 @@ MiB = 1024 * 1024
 CONFIG = """
 port: {port}
 host: 127.0.0.1
+# The bench's client receives any frame size (an unknown peer's default is 1 MiB).
+worker_max_frame_size: 16777216
 limits:
 {limits}
 modules:

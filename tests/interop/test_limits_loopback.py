@@ -23,6 +23,8 @@ STATE_CONFIG = """
 port: {port}
 host: 127.0.0.1
 invocation_timeout_ms: 20000
+# The raw clients here receive any frame size (the default for an unknown peer is 1 MiB).
+worker_max_frame_size: 16777216
 limits:
   send_buffer_soft: 4194304
   send_buffer_hard: 33554432
