@@ -94,6 +94,41 @@ def test_a_client_that_never_reads_cannot_grow_the_engine(engines, sdk_worker):
     writer.close()
 
 
+def test_calls_to_a_worker_that_stopped_reading_are_refused_not_piled_up(engines):
+    """Before: a worker stopped with SIGSTOP while others kept calling it grew the
+    engine by about 140 MB. A worker that does not read (stopped, or just never
+    reading) gets no more calls past send_buffer_soft: they fail at once with
+    limit_exceeded, and the engine's memory stays flat."""
+    engine = engines(STATE_CONFIG)
+    stopped = RawClient(engine.port, rcvbuf=64 * 1024)
+    assert stopped.read_message()["type"] == "workerregistered"
+    stopped.send({"type": "registerfunction", "id": "stopped::f"})
+    caller = RawClient(engine.port)
+    assert caller.read_message()["type"] == "workerregistered"
+    caller.send(invoke("list", "engine::functions::list", {}))
+    wait_until(lambda: any(f["function_id"] == "stopped::f"
+                           for f in caller.read_message()["result"]["functions"]), 10,
+               "stopped::f registered")
+    baseline = rss_bytes(engine.process.pid, "VmHWM")
+    data = {"blob": "b" * 50000}
+    refused = 0
+    for i in range(600):  # 30 MB of calls if all were kept
+        caller.send(invoke("c{}".format(i), "stopped::f", data))
+    for i in range(600):
+        answer = caller.read_message()
+        if answer.get("error", {}).get("code") == "limit_exceeded":
+            refused += 1
+    # The first calls filled the kernel's buffers and send_buffer_soft; the rest were
+    # refused, not kept.
+    assert refused > 300
+    growth = rss_bytes(engine.process.pid, "VmHWM") - baseline
+    assert growth < 20 * MiB, "peak memory grew by {} MiB".format(growth // MiB)
+    caller.send(invoke("after", "state::set", {"scope": "s", "key": "k", "value": 1}))
+    assert caller.read_message()["result"]["new_value"] == 1
+    stopped.close()
+    caller.close()
+
+
 def _send_until_refused(sock, data):
     try:
         sock.settimeout(30)
