@@ -6,20 +6,16 @@ A peer that receives a frame over its own limit closes the connection (Python
 ``websockets``: close code 1009), which kills every call in flight on it. The SDKs
 never say their limit, so the engine learns it from what they do say:
 
-- at the upgrade, the ``User-Agent``: Python ``iii-sdk`` connects with the
-  ``websockets`` library (``User-Agent: Python/3.x websockets/N``), whose ``max_size``
-  default is 1 MiB;
+- at the upgrade, the ``User-Agent``: Python ``iii-sdk`` (every version) connects with
+  the ``websockets`` library (``User-Agent: Python/3.x websockets/N``), whose
+  ``max_size`` default, 1 MiB, the SDK never changes;
 - after it, ``engine::workers::register``'s ``runtime`` (``python``, ``node``,
-  ``rust``, ...) and ``version`` (the SDK's).
+  ``rust``, ...).
 
 Built-in limits by runtime (the libraries' defaults): ``python`` 1 MiB
 (``websockets``), ``node`` 100 MiB (``ws`` ``maxPayload``), ``rust`` 16 MiB
-(``tungstenite`` ``max_frame_size``). SDK releases known to raise their own limit
-override that (``SDK_MAX_FRAME``: PyPI ``iii-sdk`` 0.25 connects with
-``max_size=64 MiB``; 0.10.0 keeps the library default). A runtime not in the table, or a
-peer that has not said, gets ``worker_max_frame_size`` (default 1 MiB). A release
-between two known ones gets the older one's limit: refusing a frame it could have taken
-is a clear error, sending one it refuses kills its connection. Config (worker-port keys:
+(``tungstenite`` ``max_frame_size``). A runtime not in the table, or a peer that has not
+said, gets ``worker_max_frame_size`` (default 1 MiB). Config (worker-port keys:
 top level in a v0.10 file, the ``iii-worker-manager`` entry in a current one; declared
 in ``config.LISTENER_SCHEMA``)::
 
@@ -35,27 +31,6 @@ that error (see ``Engine``), and a warning names the worker, the size and the li
 MIB = 1024 * 1024
 DEFAULT_MAX_FRAME = MIB
 RUNTIME_MAX_FRAME = {"python": MIB, "node": 100 * MIB, "rust": 16 * MIB}
-# runtime -> [(first SDK version with this limit, bytes)], oldest first: what SDK
-# releases set themselves (PyPI iii-sdk 0.25.0, iii/iii.py: websockets.connect(...,
-# max_size=64 MiB)).
-SDK_MAX_FRAME = {"python": [((0, 25), 64 * MIB)]}
-
-
-def _version_tuple(version):
-    """C{"0.25.0"} -> C{(0, 25, 0)}; None for anything else."""
-    if not isinstance(version, str):
-        return None
-    parts = []
-    for part in version.split(".")[:3]:
-        digits = ""
-        for char in part:
-            if not char.isdigit():
-                break
-            digits += char
-        if not digits:
-            return None
-        parts.append(int(digits))
-    return tuple(parts)
 
 
 class NotSent:
@@ -89,7 +64,6 @@ class PeerFrameLimits:
         self.default = default
         self.by_runtime = dict(RUNTIME_MAX_FRAME)
         self.by_runtime.update(by_runtime or {})
-        self.configured = frozenset(by_runtime or ())
 
     def __eq__(self, other):
         return isinstance(other, PeerFrameLimits) and (self.default, self.by_runtime) == (
@@ -106,26 +80,11 @@ class PeerFrameLimits:
             return self.by_runtime.get("python", self.default)
         return self.default
 
-    def for_runtime(self, runtime, version=None):
-        """
-        The limit of a peer that said its runtime (and its SDK C{version}): a limit
-        configured for the runtime wins, then a known SDK release's own, then the
-        runtime's library default.
-        """
-        if not isinstance(runtime, str):
-            return self.default
-        runtime = runtime.lower()
-        if runtime in self.configured:
-            return self.by_runtime[runtime]
-        known = _version_tuple(version)
-        if known is not None:
-            limit = None
-            for first, size in SDK_MAX_FRAME.get(runtime, ()):
-                if known >= first:
-                    limit = size
-            if limit is not None:
-                return limit
-        return self.by_runtime.get(runtime, self.default)
+    def for_runtime(self, runtime):
+        """The limit of a peer that said its runtime."""
+        if isinstance(runtime, str):
+            return self.by_runtime.get(runtime.lower(), self.default)
+        return self.default
 
     def learn(self, worker):
         """
@@ -135,7 +94,7 @@ class PeerFrameLimits:
         """
         connection = worker.connection
         if hasattr(connection, "max_frame_size"):
-            connection.max_frame_size = self.for_runtime(worker.runtime, worker.version)
+            connection.max_frame_size = self.for_runtime(worker.runtime)
 
 
 def too_large(size, limit, who):

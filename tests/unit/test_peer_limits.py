@@ -44,7 +44,7 @@ def connect(harness, useragent=None, max_payload=None):
     return client, server
 
 
-def register(client, runtime, name="w", version="0.10.0"):
+def register(client, runtime, name="w", version="1.0"):
     client.send({"type": "invokefunction", "function_id": "engine::workers::register",
                  "data": {"runtime": runtime, "version": version, "name": name, "pid": 7},
                  "action": {"type": "void"}})
@@ -96,7 +96,7 @@ def test_oversized_call_to_a_python_worker_fails_that_call_only():
     assert answer["invocation_id"] == "big-1"
     assert answer["error"]["code"] == "message_too_large"
     assert "accepts WebSocket frames up to 1048576 bytes" in answer["error"]["message"]
-    assert 'worker "math" (python 0.10.0' in answer["error"]["message"]
+    assert 'worker "math" (python 1.0' in answer["error"]["message"]
     # The host was sent only the small call, is still connected, and can answer it.
     [forwarded] = host.of_type("invokefunction")
     assert forwarded["data"]["v"] == 1
@@ -150,7 +150,7 @@ def test_every_disconnect_is_logged_with_close_code_reason_and_name():
     assert 'worker "billing" (go 2.1, pid 7, 10.1.2.3, id ' in text
     assert "disconnected: code 1009 (message too big)" in text
     assert "1 calls in flight failed" in text
-    assert 'worker "web" (node 0.10.0, pid 7, 10.1.2.3, id ' in text
+    assert 'worker "web" (node 1.0, pid 7, 10.1.2.3, id ' in text
     assert "disconnected: code 1000 (normal closure): bye" in text
 
 
@@ -202,20 +202,3 @@ def test_config_sets_the_table():
     assert limits.for_runtime("elixir") == 5000
     assert limits.for_runtime(None) == 5000
     assert limits.for_user_agent(PYTHON_UA) == 2 * MIB
-
-
-@pytest.mark.parametrize("version, limit", [
-    ("0.10.0", MIB),          # websockets' default: the SDK does not change it
-    ("0.24.9", MIB),          # between known releases: the older one's limit
-    ("0.25.0", 64 * MIB),     # iii-sdk 0.25 connects with max_size=64 MiB
-    ("1.2.0rc1", 64 * MIB),
-    ("garbage", MIB),
-    (None, MIB),
-])
-def test_python_sdk_releases_that_raise_their_own_limit(version, limit):
-    assert PeerFrameLimits().for_runtime("python", version) == limit
-
-
-def test_a_configured_runtime_limit_wins_over_a_known_release():
-    limits = from_dict({"worker_max_frame_sizes": {"python": 2 * MIB}}).frame_limits
-    assert limits.for_runtime("python", "0.25.0") == 2 * MIB
