@@ -112,6 +112,9 @@ def register_engine_functions(engine):
         else:
             _update_worker(worker, data)
             current.record_declaration(worker, data)
+            # Reference 0.23: the connection's namespace (see namespaces.py).
+            if not engine.namespaces.declare(worker, data):
+                return {"success": False}
         engine.fire_triggers("engine::workers-available",
                              {"event": "worker_metadata_updated", "worker_id": worker_id})
         return {"success": True}
