@@ -692,10 +692,21 @@ class _Exchange:
 
     def _respond_json(self, status, body, headers=None):
         request = self.request
-        try:
-            data = encode(body)
-        except (TypeError, ValueError, RecursionError):
-            status, data = 500, b'{"error":"response body is not JSON"}'
+        content_type = None
+        if headers:
+            content_type = next((v for k, v in headers.items()
+                                 if isinstance(k, str) and k.lower() == "content-type"
+                                 and isinstance(v, str)), None)
+        if isinstance(body, str) and content_type is not None \
+                and "json" not in content_type.lower():
+            # A text body the function typed itself (XML, HTML, CSV): sent as it is,
+            # as the reference does since 0.11, not as a JSON string.
+            data = body.encode("utf-8")
+        else:
+            try:
+                data = encode(body)
+            except (TypeError, ValueError, RecursionError):
+                status, data = 500, b'{"error":"response body is not JSON"}'
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
         if headers:
