@@ -11,6 +11,7 @@ import time
 from twisted.logger import Logger
 
 from . import discovery_current as current
+from .oplog import describe_worker
 from .protocol import DESERIALIZATION_ERROR, InvocationError
 
 _log = Logger()
@@ -110,11 +111,18 @@ def register_engine_functions(engine):
             _log.info("engine::workers::register for unknown worker {worker_id}",
                       worker_id=worker_id)
         else:
+            first = worker.runtime is None
             _update_worker(worker, data)
             current.record_declaration(worker, data)
             # Reference 0.23: the connection's namespace (see namespaces.py).
             if not engine.namespaces.declare(worker, data):
                 return {"success": False}
+            if engine.frame_limits is not None:
+                engine.frame_limits.learn(worker)
+            if first:
+                # The line that names a worker: its connect line had only an id.
+                _log.info("{worker} registered", worker=describe_worker(worker),
+                          worker_id=worker.id)
         engine.fire_triggers("engine::workers-available",
                              {"event": "worker_metadata_updated", "worker_id": worker_id})
         return {"success": True}

@@ -27,6 +27,8 @@ from . import protocol as P
 from .interfaces import IFunctionHost, ITriggerProvider, TriggerError
 from .invocations import InvocationTracker
 from .namespaces import Namespaces, plain
+from .oplog import describe_agent, describe_close, describe_worker
+from .peer_limits import NotSent
 from .protocol import InvocationError
 
 WORKERS_AVAILABLE = "engine::workers-available"
@@ -243,12 +245,14 @@ class WorkerHost:
             message["baggage"] = baggage
         if metadata is not None:
             message["metadata"] = metadata
-        if not self._worker.connection.send(message):
+        sent = self._worker.connection.send(message)
+        if not sent:
             # The data holds something JSON cannot carry (an in-process caller's
-            # Python object): fail now rather than at the timeout.
-            self._tracker.resolve(invocation_id, self._worker, None, P.error_body(
-                P.INVOCATION_FAILED,
-                "the data for {} cannot be sent: it is not JSON".format(function_id)))
+            # Python object), or makes a frame larger than the worker accepts
+            # (peer_limits): fail now rather than at the timeout.
+            self._tracker.resolve(invocation_id, self._worker, None, not_sent_error(
+                sent, "the data for {} cannot be sent: it is not JSON".format(function_id),
+                "call of {} not forwarded".format(function_id)))
         return d
 
 
@@ -342,6 +346,9 @@ class Engine:
         self.telemetry_sink = None
         self.worker_metrics = None
         self.http_functions = None
+        # The peer_limits.PeerFrameLimits the worker port uses; engine::workers::register
+        # tells it each worker's runtime.
+        self.frame_limits = None
         self._observers = []
         self._detach_hooks = []
         self._functions_available_delay = functions_available_delay
@@ -397,8 +404,9 @@ class Engine:
         connection.send({"type": P.WORKER_REGISTERED, "worker_id": worker.id,
                          "reattach_token": worker.reattach_token,
                          "features": list(P.ENGINE_FEATURES)})
-        self._log.info("worker {worker_id} connected from {ip}", worker_id=worker.id,
-                       ip=worker.ip_address)
+        self._log.info("worker {worker_id} connected from {ip}{agent}",
+                       worker_id=worker.id, ip=worker.ip_address,
+                       agent=describe_agent(connection))
         self.fire_triggers(WORKERS_AVAILABLE,
                            {"event": "worker_connected", "worker_id": worker.id})
         return worker
@@ -418,6 +426,7 @@ class Engine:
             return
         for function_id in list(worker.functions):
             self.unregister_function(function_id, owner=worker)
+        failed_calls = self.tracker.count_for(worker)
         self.tracker.detach(worker)
         self.namespaces.detach(worker)
         for trigger_id in list(worker.triggers):
@@ -429,7 +438,10 @@ class Engine:
                 hook(worker)
             except Exception:
                 self._log.failure("detach hook {hook!r} failed", hook=hook)
-        self._log.info("worker {worker_id} disconnected", worker_id=worker.id)
+        self._log.info("{worker} disconnected: {close}; {calls} calls in flight "
+                       "failed", worker=describe_worker(worker),
+                       close=describe_close(getattr(worker.connection, "close_info", None)),
+                       calls=failed_calls, worker_id=worker.id)
         self.fire_triggers(WORKERS_AVAILABLE,
                            {"event": "worker_disconnected", "worker_id": worker.id})
 
@@ -1021,14 +1033,27 @@ def _answer(result, worker, invocation_id, function_id):
     }
     if result is not None:
         message["result"] = result
-    if not worker.connection.send(message):
-        # An in-process function returned something JSON cannot carry: the caller gets
-        # an error now instead of waiting for its own timeout.
-        del message["result"]
-        message["error"] = P.error_body(
-            P.INVOCATION_FAILED,
-            "the result of {} cannot be sent: it is not JSON".format(function_id))
+    sent = worker.connection.send(message)
+    if not sent:
+        # An in-process function returned something JSON cannot carry, or a result
+        # too large for the caller's WebSocket (peer_limits): the caller gets an error
+        # now instead of waiting for its own timeout, or losing its connection.
+        message.pop("result", None)
+        message["error"] = not_sent_error(
+            sent, "the result of {} cannot be sent: it is not JSON".format(function_id),
+            "the result of {} was not delivered (the call itself completed)".format(
+                function_id))
         worker.connection.send(message)
+
+
+def not_sent_error(sent, not_json, what):
+    """
+    The error body for a message a connection did not send: C{sent} is what its
+    C{send} returned (False: not JSON; a L{NotSent}: why, e.g. too large).
+    """
+    if isinstance(sent, NotSent):
+        return P.error_body(sent.code, "{}: {}".format(what, sent.message))
+    return P.error_body(P.INVOCATION_FAILED, not_json)
 
 
 def _count_down(result, caller):

@@ -33,6 +33,8 @@ from zope.interface import implementer
 from . import __version__
 from . import protocol as P
 from .interfaces import IWorkerConnection
+from .oplog import describe_worker
+from .peer_limits import PeerFrameLimits, too_large
 
 WORKER_PATH = "/"
 OTEL_PATH = "/otel"
@@ -56,6 +58,12 @@ class WorkerProtocol(WebSocketServerProtocol):
     _role = None
     _channel_end = None
     peer_address = None
+    user_agent = None
+    # Largest frame the peer accepts (peer_limits.PeerFrameLimits), or None for no
+    # limit; learned from the User-Agent here and from engine::workers::register.
+    max_frame_size = None
+    # (code, reason, was_clean) once the connection has closed, for the engine's log.
+    close_info = None
 
     def onConnect(self, request):
         try:
@@ -72,6 +80,10 @@ class WorkerProtocol(WebSocketServerProtocol):
             else:
                 raise ConnectionDeny(404, "Not Found")
             self.peer_address = getattr(self.transport.getPeer(), "host", None)
+            if self._role == "worker":
+                self.user_agent = request.headers.get("user-agent")
+                self.max_frame_size = self.factory.frame_limits.for_user_agent(
+                    self.user_agent)
         except ConnectionDeny:
             raise
         except Exception:
@@ -117,6 +129,11 @@ class WorkerProtocol(WebSocketServerProtocol):
                               type=message.get("type"), worker_id=worker.id)
 
     def onClose(self, wasClean, code, reason):
+        if code is None:
+            # No close frame (the TCP connection dropped, or a ping went unanswered):
+            # Autobahn says why in wasNotCleanReason.
+            code, reason = 1006, getattr(self, "wasNotCleanReason", None) or reason
+        self.close_info = (code, reason, wasClean)
         try:
             if self._worker is not None:
                 worker, self._worker = self._worker, None
@@ -136,6 +153,14 @@ class WorkerProtocol(WebSocketServerProtocol):
         except (TypeError, ValueError, RecursionError):
             self._log.failure("dropped an unencodable {type} message", type=message.get("type"))
             return False
+        limit = self.max_frame_size
+        if limit is not None and len(payload) > limit:
+            # The peer would close the connection (1009) and every call on it would die.
+            who = describe_worker(self._worker) if self._worker else "the peer"
+            self._log.warn("not sent to {who}: a {type} message of {size} bytes, over "
+                           "the {limit} bytes it accepts", who=who,
+                           type=message.get("type"), size=len(payload), limit=limit)
+            return too_large(len(payload), limit, who)
         self.sendMessage(payload, False)
         return True
 
@@ -215,8 +240,9 @@ class WorkerFactory(WebSocketServerFactory):
     protocol = WorkerProtocol
 
     def __init__(self, engine, reactor, max_message_size=16 * 1024 * 1024,
-                 ping_interval=30.0, ping_timeout=30.0, channels=None):
+                 ping_interval=30.0, ping_timeout=30.0, channels=None, frame_limits=None):
         """
+        @param frame_limits: the L{PeerFrameLimits} of workers (the defaults when None).
         @param ping_interval: seconds between WebSocket pings the engine sends to detect
             dead peers (0 disables them). The SDKs answer pings automatically.
         @param ping_timeout: seconds a peer has to answer a ping before it is dropped.
@@ -226,6 +252,8 @@ class WorkerFactory(WebSocketServerFactory):
         self.engine = engine
         self.channels = channels
         self.max_message_size = max_message_size
+        self.frame_limits = frame_limits if frame_limits is not None else PeerFrameLimits()
+        engine.frame_limits = self.frame_limits  # for engine::workers::register
         # Autobahn schedules its handshake, close and ping timers through this object
         # on txaio's global loop (txaio refuses any other reactor); route them to ours,
         # so an injected clock drives them.

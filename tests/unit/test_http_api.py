@@ -145,23 +145,6 @@ def test_json_result_makes_the_response(api):
     assert len(api.engine.channels) == 0
 
 
-def test_text_body_with_its_own_content_type_is_sent_as_is(api):
-    """A string body with a non-JSON content-type (XML) is the response's bytes."""
-    api.route("xml", {"api_path": "xml"})
-    xml = '<?xml version="1.0"?><note>h\u00e9</note>'
-    for headers, expected in (({"Content-Type": "text/xml"}, xml.encode("utf-8")),
-                              ({"content-type": "application/json"},
-                               json.dumps(xml, ensure_ascii=False).encode("utf-8")),
-                              ({}, json.dumps(xml, ensure_ascii=False).encode("utf-8"))):
-        d = api.request("GET", "/xml")
-        [call] = api.invocations()[-1:]
-        api.answer(call, {"status_code": 200, "headers": headers, "body": xml})
-        response = _response(d)
-        assert _body(api.treq, response) == expected, headers
-        assert response.headers.getRawHeaders("content-type") == [
-            headers.get("Content-Type") or headers.get("content-type") or "application/json"]
-
-
 def test_body_json_cannot_carry_is_500(api):
     """A body with NaN (a Python worker can send one) is not written as invalid JSON."""
     from iii_twisted.protocol import decode
