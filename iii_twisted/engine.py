@@ -49,12 +49,15 @@ class WorkerRecord:
     @ivar triggers: ids of the triggers it registered.
     @ivar trigger_types: ids of the trigger types it provides.
     @ivar active_calls: its own calls still waiting for a result.
+    @ivar declared: what it declared in ``engine::workers::register`` beyond the v0.10
+        keys (``description``, ``isolation``, ``features``, ``namespace``; see
+        L{iii_twisted.discovery_current}), {} until then.
     """
 
     __slots__ = (
         "id", "connection", "ip_address", "connected_at_ms", "name", "runtime",
         "version", "os", "pid", "telemetry", "functions", "triggers", "trigger_types",
-        "active_calls", "host", "reattach_token", "__weakref__",
+        "active_calls", "host", "reattach_token", "declared", "__weakref__",
     )
 
     def __init__(self, worker_id, connection, ip_address, connected_at_ms):
@@ -70,6 +73,7 @@ class WorkerRecord:
         self.active_calls = 0
         self.host = None
         self.reattach_token = None
+        self.declared = {}
 
     def __repr__(self):
         return "<Worker {} {!r}>".format(self.id, self.name)
@@ -186,7 +190,8 @@ class CallableHost:
     def __init__(self, fn):
         self._fn = fn
 
-    def invoke(self, function_id, invocation_id, data, traceparent, baggage):
+    def invoke(self, function_id, invocation_id, data, traceparent, baggage, metadata=None):
+        # metadata: in-process functions take the data only.
         try:
             result = self._fn(data)
         except InvocationError as e:
@@ -223,7 +228,7 @@ class WorkerHost:
         self._tracker = tracker
         self._worker = worker
 
-    def invoke(self, function_id, invocation_id, data, traceparent, baggage):
+    def invoke(self, function_id, invocation_id, data, traceparent, baggage, metadata=None):
         # Recorded before it is sent: a fast reply must find its entry (the reference
         # engine has this race, engine-core.md §4.5).
         d = self._tracker.add(invocation_id, function_id, self._worker)
@@ -237,6 +242,8 @@ class WorkerHost:
             message["traceparent"] = traceparent
         if baggage is not None:
             message["baggage"] = baggage
+        if metadata is not None:
+            message["metadata"] = metadata
         sent = self._worker.connection.send(message)
         if not sent:
             # The data holds something JSON cannot carry (an in-process caller's
@@ -397,7 +404,8 @@ class Engine:
         self.workers[worker.id] = worker
         worker.reattach_token = secrets.token_urlsafe(24)
         connection.send({"type": P.WORKER_REGISTERED, "worker_id": worker.id,
-                         "reattach_token": worker.reattach_token})
+                         "reattach_token": worker.reattach_token,
+                         "features": list(P.ENGINE_FEATURES)})
         self._log.info("worker {worker_id} connected from {ip}{agent}",
                        worker_id=worker.id, ip=worker.ip_address,
                        agent=describe_agent(connection))
@@ -533,7 +541,7 @@ class Engine:
     # -- calls -----------------------------------------------------------------------
 
     def call(self, function_id, data=None, action=None, caller=None, traceparent=None,
-             baggage=None):
+             baggage=None, metadata=None):
         """
         Call a function by id: the one way every call is made.
 
@@ -541,6 +549,9 @@ class Engine:
             or ``{"type": "enqueue", "queue": NAME}``.
         @param caller: the calling L{WorkerRecord}, or None for the engine and its
             modules.
+        @param metadata: invocation metadata (any JSON value) sent to a worker-hosted
+            function beside C{data} (reference 0.21.3; a fired trigger passes its
+            C{metadata}), or None.
         @return: a Deferred firing with the result (None at once for ``void``;
             ``{"messageReceiptId": ...}`` for ``enqueue``) or failing with
             L{InvocationError}: ``function_not_found`` at once for an unknown id,
@@ -550,16 +561,17 @@ class Engine:
         if action is not None:
             kind = action.get("type")
             if kind == "void":
-                self._invoke(function_id, data, None, traceparent, baggage).addErrback(
+                self._invoke(function_id, data, None, traceparent, baggage,
+                             metadata).addErrback(
                     self._log_void_failure, function_id)
                 return succeed(None)
             if kind == "enqueue":
                 return self._enqueue(function_id, data, action, traceparent, baggage)
             return fail(InvocationError(
                 P.INVALID_MESSAGE, "Unknown action type {!r}".format(kind)))
-        return self._invoke(function_id, data, caller, traceparent, baggage)
+        return self._invoke(function_id, data, caller, traceparent, baggage, metadata)
 
-    def _invoke(self, function_id, data, caller, traceparent, baggage):
+    def _invoke(self, function_id, data, caller, traceparent, baggage, metadata=None):
         entry = self.functions.get(function_id)
         if entry is None:
             self.unknown_calls += 1  # iii_invocations_not_found_total
@@ -569,7 +581,11 @@ class Engine:
         if self._observers:
             finish, traceparent, baggage = self._observe(
                 function_id, invocation_id, caller, traceparent, baggage)
-        d = entry.host.invoke(function_id, invocation_id, data, traceparent, baggage)
+        if metadata is None:
+            d = entry.host.invoke(function_id, invocation_id, data, traceparent, baggage)
+        else:
+            d = entry.host.invoke(function_id, invocation_id, data, traceparent, baggage,
+                                  metadata)
         if not d.called and not isinstance(entry.host, WorkerHost) and self.invocation_timeout:
             # Worker calls time out in the tracker; anything else here.
             d.addTimeout(self.invocation_timeout, self.clock, self._timed_out(function_id))
@@ -788,7 +804,7 @@ class Engine:
         forget (each call's failure is logged).
         """
         for trigger in self.triggers_of_type(type_id):
-            self.call(trigger.function_id, payload, VOID)
+            self.call(trigger.function_id, payload, VOID, metadata=trigger.metadata)
 
     def check_condition(self, trigger, payload):
         """
@@ -863,7 +879,7 @@ class Engine:
             if kind == "void":
                 invocation_id = None  # never answer a void call
         d = self.call(function_id, data, action, worker, message["traceparent"],
-                      message["baggage"])
+                      message["baggage"], message["metadata"])
         if invocation_id is None:
             d.addErrback(self._log_void_failure, function_id)
         else:

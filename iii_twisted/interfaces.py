@@ -40,9 +40,14 @@ class IWorkerConnection(Interface):
 class IFunctionHost(Interface):
     """Something that can run a registered function: a worker, a Python callable, a URL."""
 
-    def invoke(function_id: str, invocation_id: str, data, traceparent, baggage):
+    def invoke(function_id: str, invocation_id: str, data, traceparent, baggage,
+               metadata=None):
         """
         Run the function once.
+
+        @param metadata: the call's invocation metadata (any JSON value, reference
+            0.21.3: sent beside ``data``, never merged into it), or None. Hosts that
+            cannot pass it on ignore it.
 
         @return: Deferred firing with the result (any JSON value), or failing with
             L{iii_twisted.protocol.InvocationError}.

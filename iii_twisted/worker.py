@@ -187,11 +187,13 @@ class WorkerProtocol(WebSocketServerProtocol):
             "dropped a {size}-byte message from worker {worker_id}: over the "
             "{limit}-byte max_message_size", size=len(payload), limit=limit,
             worker_id=self._worker.id)
-        head = payload[:4096]
-        if b'"invokefunction"' in head:
-            invocation_id = _INVOCATION_ID.search(head)
+        # The ids are looked for at both ends: v0.10 SDKs write them before ``data``,
+        # py 0.25 after it (its ``type`` comes last).
+        head, tail = payload[:4096], payload[-4096:]
+        if b'"invokefunction"' in head or b'"invokefunction"' in tail:
+            invocation_id = _INVOCATION_ID.search(head) or _last_match(_INVOCATION_ID, tail)
             if invocation_id:
-                function_id = _FUNCTION_ID.search(head)
+                function_id = _FUNCTION_ID.search(head) or _last_match(_FUNCTION_ID, tail)
                 self._answer_error(
                     invocation_id.group(1).decode("utf-8", "replace"),
                     function_id.group(1).decode("utf-8", "replace") if function_id else None,
@@ -207,6 +209,13 @@ class WorkerProtocol(WebSocketServerProtocol):
             "function_id": function_id if isinstance(function_id, str) else "",
             "error": P.error_body(code, message),
         })
+
+
+def _last_match(pattern, text):
+    match = None
+    for match in pattern.finditer(text):
+        pass
+    return match
 
 
 class _ClockTimer:

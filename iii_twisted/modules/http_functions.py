@@ -396,7 +396,8 @@ class HttpFunctionHost:
         self.spec = spec
         self.auth = auth
 
-    def invoke(self, function_id, invocation_id, data, traceparent, baggage):
+    def invoke(self, function_id, invocation_id, data, traceparent, baggage, metadata=None):
+        # metadata: an HTTP endpoint has nowhere to receive it (as in the reference).
         timeout = self.spec.timeout_ms / 1000.0
         d = Deferred.fromCoroutine(self._invoke(function_id, invocation_id, data,
                                                 traceparent, baggage))

@@ -642,7 +642,8 @@ class OtelModule(MultiService):
             for trigger in triggers:
                 wanted = (trigger.config or {}).get("level") or "all"
                 if wanted == "all" or wanted == level:
-                    self.engine.call(trigger.function_id, record, VOID)
+                    self.engine.call(trigger.function_id, record, VOID,
+                                     metadata=trigger.metadata)
 
     def _store_engine_log(self, record):
         """

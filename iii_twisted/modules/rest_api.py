@@ -643,7 +643,8 @@ class _Exchange:
         payload["request_body"] = self._request_channel.ref(READ)
         payload["response"] = self._response_channel.ref(WRITE)
         self.request.registerProducer(self._response_channel.reader, True)
-        self._call = self.engine.call(self.trigger.function_id, payload)
+        self._call = self.engine.call(self.trigger.function_id, payload,
+                                     metadata=self.trigger.metadata)
         self._call.addCallbacks(self._result, self._failed)
         if not self.done:
             self._pump.start()

@@ -450,7 +450,8 @@ class StreamModule(MultiService):
         unauthorized = False
         for trigger in self._engine.triggers_of_type(kind):
             try:
-                result = await self._engine.call(trigger.function_id, event)
+                result = await self._engine.call(trigger.function_id, event,
+                                                 metadata=trigger.metadata)
             except InvocationError as e:
                 self._log.error("{kind} handler {function_id} failed: {error}", kind=kind,
                                 function_id=trigger.function_id, error=e)
