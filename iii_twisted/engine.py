@@ -349,6 +349,10 @@ class Engine:
         # The peer_limits.PeerFrameLimits the worker port uses; engine::workers::register
         # tells it each worker's runtime.
         self.frame_limits = None
+        # The health.Health the engine service keeps (liveness/readiness endpoints).
+        self.health = None
+        # Calls of ids no one provides (they never reach a call observer).
+        self.unknown_calls = 0
         self._observers = []
         self._detach_hooks = []
         self._functions_available_delay = functions_available_delay
@@ -573,6 +577,7 @@ class Engine:
     def _invoke(self, function_id, data, caller, traceparent, baggage, metadata=None):
         entry = self.functions.get(function_id)
         if entry is None:
+            self.unknown_calls += 1  # iii_invocations_not_found_total
             return fail(self._not_found(function_id))
         invocation_id = next(self._invocation_ids)
         finish = None

@@ -24,7 +24,9 @@ from twisted.logger import Logger
 from . import __version__
 from .channels import install_channels
 from .config import LISTENER_NAME, ConfigError, EngineConfig, from_dict, load_config
+from . import health
 from .engine import Engine
+from .health import Health
 from .listeners import Listener
 from .modules import build_module
 from .reload import diff_configs, handover
@@ -82,6 +84,7 @@ class EngineService(MultiService):
         self.reactor = reactor
         self.reload_on_sighup = False
         self.engine = Engine(reactor, invocation_timeout=config.invocation_timeout)
+        self.engine.health = Health(reactor, lambda: self.modules)
         # Data channels first: modules (the REST API) create channels too, and the
         # sweep stops after them.
         self.channels = install_channels(self.engine, reactor)
@@ -165,6 +168,7 @@ class EngineService(MultiService):
 
     def startService(self):
         MultiService.startService(self)
+        self.engine.health.state = health.RUNNING
         for line in startup_report(self):
             self._log.info("{line}", line=line)
         self._start_watching()
@@ -181,6 +185,8 @@ class EngineService(MultiService):
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
         self._stop_watching()
+        if self.engine.health.state != health.DRAINING:
+            self.engine.health.state = health.STOPPED
         d = MultiService.stopService(self)
 
         def stop_engine(result):

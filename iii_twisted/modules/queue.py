@@ -388,6 +388,14 @@ class QueueModule(Service):
         return {queue.name: len(queue.waiting) + len(queue.delayed)
                 for queue in self.queues.values()}
 
+    def dlq_depths(self):
+        """
+        The observability module's hook for dead-letter metrics.
+
+        @return: ``{queue or topic name: messages in its dead-letter queue}``.
+        """
+        return {queue.name: len(queue.dlq) for queue in self.queues.values()}
+
     def _new_job(self, key, function_id, data, group=None, traceparent=None, baggage=None):
         return Job(str(uuid4()), key, function_id, data, 0, self._now_ms(), group,
                    traceparent, baggage)
