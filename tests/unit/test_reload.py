@@ -292,3 +292,25 @@ def test_reload_without_a_file_needs_a_config():
     result = run.reload(None)
     assert "no config file to reread" in str(result.value)
     run.stop()
+
+
+def test_queue_journal_kept_across_a_restart(tmp_path):
+    """A file-based queue restarted by a reload replays its journal: nothing is lost."""
+    def queue(concurrency):
+        return {"name": "queue", "config": {
+            "adapter": {"name": "builtin", "config": {
+                "store_method": "file_based", "file_path": str(tmp_path / "q")}},
+            "queue_configs": {"jobs": {"concurrency": concurrency}}}}
+    run = Running(seed(extra=[queue(1)]))
+    d = run.engine.call("w::job", {"n": 1}, action={"type": "enqueue", "queue": "jobs"})
+    run.reactor.advance(0)
+    assert d.called and not isinstance(d.result, Exception), d.result
+    old = run.module("iii-queue")
+    assert run.reload(seed(extra=[queue(2)])).changed == ["iii-queue"]
+    assert run.module("iii-queue") is not old
+    # The worker arrives after the reload and gets the message stored before it.
+    run.worker.receive({"type": "registerfunction", "id": "w::job"})
+    run.reactor.advance(1)
+    invocations = [m for m in run.worker.pop_sent() if m["type"] == "invokefunction"]
+    assert [m["data"] for m in invocations] == [{"n": 1}]
+    run.stop()
