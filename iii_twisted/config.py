@@ -1,17 +1,27 @@
 """
-``iii-config.yaml``: loading, ``${VAR:default}`` expansion and validation.
+``iii-config.yaml``: loading, ``${VAR:default}`` expansion and validation of both of the
+reference's file formats into one model, L{EngineConfig}.
 
-The file's shape (../shared/spec/engine-core.md §10)::
+The v0.10 shape (../shared/spec/engine-core.md §10)::
 
     port: 49134                    # worker WebSocket port (0 means 49134)
     modules:                       # then `workers:`, same shape, appended
       - class: modules::state::StateModule
-        config: {...}
+        config: {adapter: {class: modules::state::adapters::KvStore}}
 
-Our own optional top-level keys (the reference ignores unknown keys, so a file using
-them still loads there): ``host`` (interface, default 0.0.0.0), ``listen`` (a Twisted
-endpoint string that overrides port and host), ``invocation_timeout_ms``,
-``max_message_size``, ``ws_ping_interval_ms``, ``ws_ping_timeout_ms``.
+The current shape (reference v0.11 on; ../shared/spec/current-reference.md §3)::
+
+    workers:
+      - name: iii-worker-manager   # the worker listener: port, host, ...
+        config: {port: 49134}
+      - name: state                # or iii-state
+        config: {adapter: {name: kv}}
+
+Every key is declared in a schema (L{iii_twisted.schema}, which says how to add one):
+L{ENGINE_SCHEMA} (top level, both formats), L{LISTENER_SCHEMA} (top level in v0.10,
+``iii-worker-manager`` in the current format), and each module class's
+C{config_schema}. Validation is strict at every depth; an error names the file, the
+key path and the key probably meant. A file mixing the formats is refused.
 
 ``${VAR}`` and ``${VAR:default}`` are expanded in every string value after parsing.
 Deviation from the reference, which substitutes in the raw text: comments are not
@@ -159,8 +169,7 @@ class EngineConfig:
         self.port = port
         self.host = host
         self.listen = listen or "tcp:{}:interface={}".format(port, host)
-        self.modules = [m if isinstance(m, ModuleEntry) else ModuleEntry(*m)
-                        for m in modules]
+        self.modules = _with_instances(modules)
         self.invocation_timeout = invocation_timeout
         self.max_message_size = max_message_size
         self.ws_ping_interval = ws_ping_interval
@@ -274,7 +283,6 @@ def from_dict(data, source=None):
     else:
         listener, listener_key = {}, None
     modules = []
-    seen = {}
     for section in ("modules", "workers"):
         for i, entry in enumerate(top.get(section) or []):
             key = "{}[{}]".format(section, i)
@@ -300,10 +308,7 @@ def from_dict(data, source=None):
                 if extra not in ("class", "name", "config", "image"):
                     raise _misplaced(extra, key, fmt, schema)
             config = schema.validate(entry.get("config"), key + ".config", context)
-            base = _instance_name(name)
-            seen[base] = seen.get(base, 0) + 1
-            instance = base if seen[base] == 1 else "{}#{}".format(base, seen[base])
-            modules.append(ModuleEntry(name, config, key, instance))
+            modules.append((name, config, key))
     port = _value(listener, "port")
     if port == 0:  # as in the reference: 0 means the default port
         port = DEFAULT_PORT
@@ -326,9 +331,21 @@ def _value(mapping, key, schema=LISTENER_SCHEMA):
     return schema.keys[key].default if value is None else value
 
 
-def _instance_name(iii_class):
+def _with_instances(modules):
+    """
+    @return: C{modules} as L{ModuleEntry}s, each with its instance id: the
+        current-format name of its class, ``#2``, ``#3``... for repeats.
+    """
     from .modules import current_name
-    return current_name(iii_class) or iii_class
+
+    seen, result = {}, []
+    for module in modules:
+        name, config, key = module[:3]
+        base = current_name(name) or name
+        seen[base] = seen.get(base, 0) + 1
+        instance = base if seen[base] == 1 else "{}#{}".format(base, seen[base])
+        result.append(ModuleEntry(name, config, key, instance))
+    return result
 
 
 def detect_format(data):

@@ -81,7 +81,8 @@ _EXPORTERS = ("memory", "otlp", "both")
 
 
 def _pos(default, doc, kind=int):
-    return Key(kind, default, doc, min=1 if kind is int else 1e-9)
+    # Numbers must be positive: 0 passes here and the module refuses it, saying so.
+    return Key(kind, default, doc, min=1 if kind is int else 0)
 
 
 def _share(default, doc):

@@ -314,3 +314,38 @@ def test_queue_journal_kept_across_a_restart(tmp_path):
     invocations = [m for m in run.worker.pop_sent() if m["type"] == "invokefunction"]
     assert [m["data"] for m in invocations] == [{"n": 1}]
     run.stop()
+
+
+def test_startup_report(tmp_path, logs):
+    """The start-up log names version, config file, listeners and absolute data paths."""
+    from iii_twisted import __version__
+    path = tmp_path / "iii-config.yaml"
+    path.write_text("port: 4000\nmodules:\n"
+                    "  - class: modules::api::RestApiModule\n    config: {port: 4001}\n"
+                    "  - class: modules::api::RestApiModule\n    config: {port: 4002}\n"
+                    "  - class: modules::state::StateModule\n    config:\n      adapter:\n"
+                    "        class: modules::state::adapters::KvStore\n"
+                    "        config: {store_method: file_based, file_path: rel/state}\n"
+                    "  - class: modules::pubsub::PubSubModule\n")
+    import os
+    cwd = os.getcwd()
+    os.chdir(str(tmp_path))
+    try:
+        reactor = Reactor()
+        service = EngineService.from_file("iii-config.yaml", reactor=reactor)
+        service.privilegedStartService()
+        service.startService()
+    finally:
+        os.chdir(cwd)
+    lines = [_text(e) for e in logs if e.get("log_namespace", "").endswith("EngineService")]
+    assert lines[0] == "iii-twisted {} (the iii engine on Twisted)".format(__version__)
+    assert lines[1] == "config: {} (v0.10 format)".format(path)
+    assert lines[2] == ("worker iii-worker-manager listens on tcp:4000:interface=0.0.0.0, "
+                        "unauthenticated")
+    assert lines[3] == ("module iii-http (modules::api::RestApiModule): iii-http listens "
+                        "on tcp:4001:interface=0.0.0.0, unauthenticated")
+    assert lines[4].startswith("module iii-http#2 ")
+    assert lines[5] == "module iii-state (modules::state::StateModule): data in {}".format(
+        tmp_path / "rel" / "state")
+    assert lines[6] == "module iii-pubsub (modules::pubsub::PubSubModule)"
+    service.stopService()
