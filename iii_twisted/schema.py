@@ -109,7 +109,13 @@ class Key:
     """
 
     def __init__(self, kind, default=None, doc="", min=None, max=None, choices=None,
-                 required=False):
+                 required=False, check=None):
+        """
+        @param check: a callable taking the value and returning None when it is
+            acceptable, or a message saying what is allowed (``host`` must be an IP
+            address, ...).
+        """
+        self.check = check
         self.kind = kind
         self.default = default
         self.doc = doc
@@ -144,6 +150,10 @@ class Key:
                 else:
                     allowed = "at most {}".format(high)
                 raise _error("must be {}, not {}".format(allowed, value), path)
+        if self.check is not None:
+            problem = self.check(value)
+            if problem:
+                raise _error(problem, path)
         return value
 
 
@@ -224,11 +234,14 @@ class Section:
 
     @param _open: accept keys not declared (their values unchecked): only for
         sections the engine ignores as a whole.
+    @param _check: a callable taking the validated mapping and returning None, or
+        C{(key, message)} for a rule across keys (a fifo queue needs its group field).
     """
 
-    def __init__(self, _open=False, **keys):
+    def __init__(self, _open=False, _check=None, **keys):
         self.keys = {}
         self.open = _open
+        self.check = _check
         for name, key in keys.items():
             self.add(name, key)
 
@@ -241,7 +254,7 @@ class Section:
 
     def extend(self, **keys):
         """@return: a new section with this one's keys and C{keys}."""
-        section = Section(_open=self.open, **self.keys)
+        section = Section(_open=self.open, _check=self.check, **self.keys)
         for name, key in keys.items():
             section.add(name, key)
         return section
@@ -283,6 +296,10 @@ class Section:
             if isinstance(key, Key) and key.required and value.get(name) is None:
                 raise _error("is required{}".format(
                     " ({})".format(key.doc) if key.doc else ""), _join(path, name))
+        if self.check is not None:
+            problem = self.check(result)
+            if problem:
+                raise _error(problem[1], _join(path, problem[0]))
         return result
 
     def unknown(self, name, path, context):

@@ -58,6 +58,8 @@ MODULE_ERRORS = [
     ("modules::stream::StreamModule", "iii-stream",
      "adapter: {config: {channel_size: 0}}",
      "adapter.config.channel_size", "must be at least 1"),
+    ("modules::stream::StreamModule", "iii-stream", "host: localhost",
+     "host", "must be an IP address"),
     ("modules::stream::StreamModule", "iii-stream", "auth_fn: x",
      "auth_fn", "unknown key 'auth_fn'"),
     # pub/sub
@@ -76,6 +78,9 @@ MODULE_ERRORS = [
     ("modules::queue::QueueModule", "iii-queue",
      "queue_configs: {orders: {concurrency: 0}}",
      "queue_configs.orders.concurrency", "must be at least 1"),
+    ("modules::queue::QueueModule", "iii-queue",
+     "queue_configs: {orders: {type: fifo}}",
+     "queue_configs.orders.message_group_field", "a fifo queue needs message_group_field"),
     # cron
     ("modules::cron::CronModule", "cron", "adapter: {config: {lock_ttl: 1}}",
      "adapter.config.lock_ttl", "did you mean 'lock_ttl_ms'?"),
@@ -93,6 +98,11 @@ MODULE_ERRORS = [
     ("modules::observability::OtelModule", "iii-observability",
      "alerts: [{name: a, metric: m, threshold: 1, action: {type: mail}}]",
      "alerts[0].action.type", "must be one of log, webhook, function"),
+    ("modules::observability::OtelModule", "iii-observability",
+     "alerts: [{name: a, metric: m, threshold: 1, action: {type: webhook}}]",
+     "alerts[0].action.url", "is required for a webhook action"),
+    ("modules::observability::OtelModule", "iii-observability", "prometheus: true",
+     "prometheus", "must be a mapping {port, host}, an endpoint string or false"),
     ("modules::observability::OtelModule", "iii-observability", "logs_max_cnt: 5",
      "logs_max_cnt", "did you mean 'logs_max_count'?"),
     # HTTP functions
