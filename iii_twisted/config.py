@@ -277,7 +277,10 @@ def from_dict(data, source=None):
         raise ConfigError("the file must hold a mapping, not {}".format(_kind(data)))
     fmt = detect_format(data)
     context = Context(fmt)
-    top = (V010_SCHEMA if fmt == V010 else CURRENT_SCHEMA).validate(data, "", context)
+    top_schema = V010_SCHEMA if fmt == V010 else CURRENT_SCHEMA
+    top = top_schema.validate(data, "", context)
+    # A module's key that belongs at the top level gets a hint saying so.
+    context = context.inside("", top_schema)
     if fmt == V010:
         listener, listener_key = top, ""
     else:

@@ -144,6 +144,9 @@ FILE_ERRORS = [
      "modules[0].port", "it belongs under config: (check the indentation)"),
     ("workers:\n  - name: http\n    port: 3111\n",
      "workers[0].port", "it belongs under config:"),
+    ("modules:\n  - class: modules::api::RestApiModule\n"
+     "    config: {invocation_timeout_ms: 5}\n", "modules[0].config.invocation_timeout_ms",
+     "it belongs at the top level (check the indentation)"),
     ("modules:\n  - class: modules::api::RestApiModule\n    confg: {}\n",
      "modules[0].confg", "did you mean 'config'?"),
     # mixing the formats
