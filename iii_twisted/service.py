@@ -126,6 +126,8 @@ class EngineService(MultiService):
         @raise ConfigError: naming the file and the module's key.
         """
         functions, types = dict(self.engine.functions), dict(self.engine.trigger_types)
+        hooks = _engine_hook_lists(self.engine)
+        before = [list(hook_list) for hook_list in hooks]
         try:
             module = build_module(entry.name, self.engine, entry.config, self.reactor,
                                   **kept)
@@ -137,6 +139,8 @@ class EngineService(MultiService):
             {f: e for f, e in self.engine.functions.items() if functions.get(f) is not e},
             {t: e for t, e in self.engine.trigger_types.items() if types.get(t) is not e},
         )
+        module._iii_hooks = [[h for h in hook_list if h not in old]
+                             for hook_list, old in zip(hooks, before)]
         return module
 
     def listening(self):
@@ -278,6 +282,12 @@ class EngineService(MultiService):
             await maybeDeferred(retire if retire is not None else module.stopService)
         if module in self.modules:
             self.modules.remove(module)
+        # Its call observers and detach hooks go with it (a new instance adds its own).
+        for hook_list, added in zip(_engine_hook_lists(self.engine),
+                                    getattr(module, "_iii_hooks", ())):
+            for hook in added:
+                if hook in hook_list:
+                    hook_list.remove(hook)
 
     def _adopt(self, module):
         """Add a (re)built module before the worker listener, starting it if running."""
@@ -348,6 +358,14 @@ class EngineService(MultiService):
         # Not returned: TimerService would stop polling after a failed reload.
         self.reload().addErrback(lambda _: None)
         return None
+
+
+def _engine_hook_lists(engine):
+    """
+    @return: the engine's lists of call observers and detach hooks, which modules add
+        to (Engine.add_call_observer, add_detach_hook) and a reload takes back.
+    """
+    return [engine._observers, engine._detach_hooks]
 
 
 def _file_state(path):

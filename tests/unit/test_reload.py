@@ -349,3 +349,21 @@ def test_startup_report(tmp_path, logs):
         tmp_path / "rel" / "state")
     assert lines[6] == "module iii-pubsub (modules::pubsub::PubSubModule)"
     service.stopService()
+
+
+def test_restarted_observability_leaves_one_observer():
+    """A restarted module's call observers and detach hooks are taken back."""
+    otel = {"name": "iii-observability", "config": {"exporter": "memory"}}
+    run = Running(seed(extra=[otel]))
+    counts = (len(run.engine._observers), len(run.engine._detach_hooks))
+    changed = {"name": "iii-observability",
+               "config": {"exporter": "memory", "memory_max_spans": 10}}
+    assert run.reload(seed(extra=[changed])).changed == ["iii-observability"]
+    assert (len(run.engine._observers), len(run.engine._detach_hooks)) == counts
+    new = run.module("iii-observability")
+    assert new.tracer in run.engine._observers
+    assert run.engine.telemetry_sink is new
+    run.reload(seed())
+    assert len(run.engine._observers) == counts[0] - 1
+    assert run.engine.telemetry_sink is None
+    run.stop()
