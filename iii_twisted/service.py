@@ -25,9 +25,9 @@ from . import __version__
 from .channels import install_channels
 from .config import LISTENER_NAME, ConfigError, EngineConfig, from_dict, load_config
 from .engine import Engine
-from .listeners import Listener
+from .listeners import Listener, ListenerError
 from .modules import build_module
-from .reload import diff_configs, handover
+from .reload import KeptStore, diff_configs, handover
 from .report import startup_report
 from .worker import WorkerFactory
 
@@ -235,18 +235,15 @@ class EngineService(MultiService):
                 kept = handover(old_module, old_entry, after[instance])
                 await self._retire(old_module)
                 try:
-                    module = self._build(after[instance], new, **kept)
+                    module = await self._start_module(after[instance], new, kept)
                 except ConfigError:
                     # The old config again, so that the engine keeps its module.
-                    module = self._build(old_entry, self.config, **kept)
-                    self._adopt(module)
+                    module = await self._start_module(old_entry, self.config, kept)
                     self._instances[instance] = (old_entry, module)
                     raise
-                self._adopt(module)
                 self._instances[instance] = (after[instance], module)
             for instance in changes.added:
-                module = self._build(after[instance], new)
-                self._adopt(module)
+                module = await self._start_module(after[instance], new, {})
                 self._instances[instance] = (after[instance], module)
             if changes.listener:
                 await self._replace_listener(new)
@@ -288,6 +285,24 @@ class EngineService(MultiService):
             for hook in added:
                 if hook in hook_list:
                     hook_list.remove(hook)
+
+    async def _start_module(self, entry, config, kept):
+        """
+        Build a module and start it in place of its old instance.
+
+        @raise ConfigError: when it refuses its config or cannot bind its port (then
+            it is stopped again, leaving a handed-over store open).
+        """
+        module = self._build(entry, config, **kept)
+        try:
+            self._adopt(module)
+        except ListenerError as e:
+            if "store" in kept:
+                module.store = KeptStore(kept["store"])
+            if module in self.services:
+                await self._retire(module)
+            raise ConfigError(str(e), entry.key + ".config", config.source)
+        return module
 
     def _adopt(self, module):
         """Add a (re)built module before the worker listener, starting it if running."""

@@ -367,3 +367,38 @@ def test_restarted_observability_leaves_one_observer():
     assert len(run.engine._observers) == counts[0] - 1
     assert run.engine.telemetry_sink is None
     run.stop()
+
+
+class BusyPortReactor(Reactor):
+    busy = 4444
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        if port == self.busy:
+            from twisted.internet.error import CannotListenError
+            raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+        return Reactor.listenTCP(self, port, factory, backlog, interface)
+
+
+def test_reload_to_a_busy_port_keeps_the_old_one(logs):
+    """A new REST API port that is taken: refused, logged, the old port still serves."""
+    run = Running.__new__(Running)
+    run.reactor = BusyPortReactor()
+    run.service = EngineService(seed(), reactor=run.reactor)
+    run.service.privilegedStartService()
+    run.service.startService()
+    run.engine = run.service.engine
+    run.worker = FakeWorkerConnection.connect(run.engine)
+    run.worker.receive({"type": "registerfunction", "id": "w::hello"})
+    run.worker.receive({"type": "registertrigger", "id": "t1", "trigger_type": "http",
+                        "function_id": "w::hello",
+                        "config": {"api_path": "hello", "http_method": "GET"}})
+    result = run.reload(seed(http_port=4444))
+    assert isinstance(result.value, ConfigError)
+    assert "port 4444 is in use (iii-http listener)" in str(result.value)
+    http = run.module("iii-http")
+    assert "tcp:3111:interface=0.0.0.0" in run.ports()
+    assert http.running and len(http.routes) == 1
+    assert run.engine.trigger_types["http"].provider is http
+    assert run.service.config.modules[0].config == {"port": 3111}
+    assert any("port 4444 is in use" in _text(e) for e in logs)
+    run.stop()
