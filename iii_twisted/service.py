@@ -21,7 +21,6 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 
-from . import __version__
 from .channels import install_channels
 from .config import LISTENER_NAME, ConfigError, EngineConfig, from_dict, load_config
 from .engine import Engine
