@@ -252,6 +252,9 @@ def _lookup(match, environ, key):
     value = environ.get(name)
     if value is not None:
         return value
+    if default == "__III_ENGINE_VERSION__":  # as the reference: the engine's version
+        from . import __version__
+        return __version__
     if default is not None:
         return default
     raise ConfigError(
@@ -286,6 +289,7 @@ def from_dict(data, source=None):
     else:
         listener, listener_key = {}, None
     modules = []
+    names = {}  # current-format name -> first key using it
     for section in ("modules", "workers"):
         for i, entry in enumerate(top.get(section) or []):
             key = "{}[{}]".format(section, i)
@@ -296,6 +300,7 @@ def from_dict(data, source=None):
                 name = _entry_class(entry, key, MODULE_CLASSES)
             else:
                 name = _entry_name(entry, key, WORKER_NAMES, NOT_IMPLEMENTED)
+                _check_migrated(entry["name"], key, names)
                 if name == LISTENER_NAME:
                     if listener_key is not None:
                         raise ConfigError(
@@ -393,6 +398,24 @@ def detect_format(data):
                     "iii-worker-manager, config: {{{k}: ...}}}}])".format(k=key), key)
         return CURRENT
     return V010
+
+
+# The reference's older names of its built-in workers and their short names (v0.22):
+# a file may use either, not both (engine/src/workers/config.rs,
+# validate_migrated_worker_duplicates).
+MIGRATED_NAMES = {"iii-http": "http", "iii-cron": "cron", "iii-queue": "queue",
+                  "iii-state": "state", "iii-pubsub": "pubsub"}
+
+
+def _check_migrated(name, key, names):
+    names.setdefault(name, key)
+    for old, new in MIGRATED_NAMES.items():
+        if name in (old, new) and old in names and new in names:
+            raise ConfigError(
+                "{old!r} is the older name of {new!r}, and both are present ({first} "
+                "and {second}): use one of them".format(
+                    old=old, new=new, first=names[old if name == new else new],
+                    second=key), key + ".name")
 
 
 def _entry_class(entry, key, known):

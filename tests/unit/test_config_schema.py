@@ -162,6 +162,8 @@ FILE_ERRORS = [
      "modules[0].config.adapter.name", "adapter name: is the current format"),
     ("workers:\n  - {name: iii-http, class: modules::api::RestApiModule}\n",
      "workers[0]", "not both"),
+    ("workers:\n  - name: iii-state\n  - name: http\n  - name: state\n",
+     "workers[2].name", "'iii-state' is the older name of 'state', and both are present"),
     # names this engine refuses or does not know
     ("workers:\n  - name: iii-worker-ops\n", "workers[0].name", "not part of this engine"),
     ("workers:\n  - name: iii-sandbox\n", "workers[0].name", "not part of this engine"),
@@ -273,7 +275,7 @@ def test_worker_port_in_iii_worker_manager():
 def test_repeated_modules_get_instance_ids():
     """A second module of a class is name#2, as the reference's instance ids."""
     config = parse("workers:\n  - name: http\n    config: {port: 1}\n"
-                   "  - name: iii-http\n    config: {port: 2}\n")
+                   "  - name: http\n    config: {port: 2}\n")
     assert [m.instance for m in config.modules] == ["iii-http", "iii-http#2"]
 
 
@@ -325,3 +327,11 @@ def test_example_current_format_is_the_root_config():
     new = load_config(os.path.join(root, "examples", "iii-config.current.yaml"))
     assert new.format == "current"
     assert model(old) == model(new)
+
+
+def test_engine_version_variable():
+    """${VAR:__III_ENGINE_VERSION__} gives the engine's version, as in the reference."""
+    from iii_twisted import __version__
+    config = parse("modules:\n  - class: modules::observability::OtelModule\n"
+                   "    config: {service_version: '${V:__III_ENGINE_VERSION__}'}\n")
+    assert config.modules[0].config["service_version"] == __version__
