@@ -339,6 +339,25 @@ def _value(mapping, key, schema=LISTENER_SCHEMA):
     return schema.keys[key].default if value is None else value
 
 
+def describe_all():
+    """@return: every config key of the engine and its modules, as text."""
+    from .modules import MODULE_CLASSES, WORKER_NAMES, module_schema
+
+    parts = ["Top level (both formats):", ENGINE_SCHEMA.describe("  "),
+             "Worker listener (top level in v0.10; iii-worker-manager config in the "
+             "current format):", LISTENER_SCHEMA.describe("  ")]
+    factories = []
+    for iii_class in WORKER_NAMES.values():
+        if MODULE_CLASSES[iii_class] not in factories:
+            factories.append(MODULE_CLASSES[iii_class])
+    for iii_class in factories:
+        classes = [c for c, f in MODULE_CLASSES.items() if f == iii_class]
+        names = [n for n, c in WORKER_NAMES.items() if c in classes]
+        parts.append("{} ({}):".format(" / ".join(names), ", ".join(classes)))
+        parts.append(module_schema(classes[0]).describe("  ") or "  (no keys)")
+    return "\n".join(parts)
+
+
 def _with_instances(modules):
     """
     @return: C{modules} as L{ModuleEntry}s, each with its instance id: the

@@ -331,15 +331,43 @@ class Section:
                 lines.append("{}{}: refused ({})".format(indent, name, key.why))
                 continue
             kinds = key.kind if isinstance(key.kind, tuple) else (key.kind,)
-            text = "{}{} ({}{}): {}".format(
-                indent, name, " or ".join(_describe(k) for k in kinds),
+            limits = ""
+            if key.choices is not None:
+                limits = ", one of {}".format(", ".join(str(c) for c in key.choices))
+            elif key.min is not None or key.max is not None:
+                limits = ", {}..{}".format("" if key.min is None else key.min,
+                                           "" if key.max is None else key.max)
+            text = "{}{} ({}{}{}{}): {}".format(
+                indent, name, " or ".join(_describe(k) for k in kinds), limits,
                 "" if key.default is None else ", default {!r}".format(key.default),
-                key.doc)
+                ", required" if key.required else "", key.doc)
             lines.append(text.rstrip(": "))
             for kind in kinds:
-                if isinstance(kind, Section):
-                    lines.append(kind.describe(indent + "  "))
+                lines.append(_describe_inner(kind, indent + "  "))
         return "\n".join(line for line in lines if line)
+
+
+def _describe_inner(kind, indent):
+    """@return: the keys inside a nested kind, indented (empty for plain types)."""
+    if isinstance(kind, Section):
+        return kind.describe(indent)
+    if isinstance(kind, (ListOf, MapOf)):
+        inner = kind.item.kind
+        label = "each item" if isinstance(kind, ListOf) else "each entry (by name)"
+        text = _describe_inner(inner, indent + "  ")
+        return "{}{}:\n{}".format(indent, label, text) if text else ""
+    if isinstance(kind, Adapters):
+        lines = []
+        for adapter in kind.adapters:
+            head = "{}name: {} (v0.10 class: {})".format(
+                indent, adapter.name, ", ".join(adapter.classes))
+            if adapter.schema is None:
+                lines.append(head + ": not available in this engine")
+                continue
+            lines.append(head + (", config:" if adapter.schema.keys else ""))
+            lines.append(adapter.schema.describe(indent + "  "))
+        return "\n".join(line for line in lines if line)
+    return ""
 
 
 def _placed(path):

@@ -190,3 +190,15 @@ def test_convert_option(tmp_path, capsys):
     converted = tmp_path / "d.yaml"
     converted.write_text(out)
     assert load_config(str(converted)).port == 5000
+
+
+def test_describe_config(capsys):
+    """--describe-config lists every key with its type, range and default."""
+    with pytest.raises(SystemExit) as e:
+        tap.Options().parseOptions(["--describe-config"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "  port (an integer, 0..65535, default 49134): TCP port workers" in out
+    assert "iii-http / http (modules::api::RestApiModule, " \
+        "modules::rest_api::RestApiModule):\n  port (an integer, 0..65535, default 3111)" in out
+    assert "name: kv (v0.10 class: modules::state::adapters::KvStore), config:" in out
