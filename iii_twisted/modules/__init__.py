@@ -97,11 +97,16 @@ def build_module(name, engine, config, reactor, **kept):
     """
     Build one module from its config.
 
+    @param config: the module's config mapping (checked against the class's
+        C{config_schema} first, so that modules built without a file are held to
+        the same rules).
     @param kept: what a reload hands from the module's old instance (its C{store}).
     @return: the module (an L{IModule} and C{IService}), with C{iii_class} set.
     @raise iii_twisted.config.ConfigError: for a config the module refuses.
     """
-    module = load_module_factory(name)(engine, config, reactor, **kept)
+    factory = load_module_factory(name)
+    config = factory.config_schema.validate(config)
+    module = factory(engine, config, reactor, **kept)
     module.iii_class = name
     verifyObject(IModule, module)
     return module
