@@ -335,3 +335,13 @@ def test_engine_version_variable():
     config = parse("modules:\n  - class: modules::observability::OtelModule\n"
                    "    config: {service_version: '${V:__III_ENGINE_VERSION__}'}\n")
     assert config.modules[0].config["service_version"] == __version__
+
+
+def test_every_module_declares_its_schema():
+    """Each module class has a config_schema, and each current name maps to a class."""
+    from iii_twisted.modules import MODULE_CLASSES, WORKER_NAMES, load_module_factory
+    from iii_twisted.schema import Section
+    for iii_class in MODULE_CLASSES:
+        schema = getattr(load_module_factory(iii_class), "config_schema", None)
+        assert isinstance(schema, Section) and not schema.open, iii_class
+    assert set(WORKER_NAMES.values()) <= set(MODULE_CLASSES)
