@@ -35,7 +35,7 @@ import re
 
 import yaml
 
-from .schema import CURRENT, V010, Context, Key, Section, Unsupported, closest
+from .schema import CURRENT, V010, Context, Key, MapOf, Section, Unsupported, closest
 
 DEFAULT_PORT = 49134
 
@@ -97,6 +97,11 @@ LISTENER_SCHEMA = Section(
     max_message_size=Key(int, 16 * 1024 * 1024, "largest worker frame, bytes", min=1),
     ws_ping_interval_ms=Key(int, 30000, "WebSocket ping interval, ms (0: none)", min=0),
     ws_ping_timeout_ms=Key(int, 30000, "time to answer a ping, ms", min=0),
+    worker_max_frame_size=Key(int, 1024 * 1024, "largest frame sent to a worker that "
+                              "does not say its runtime, bytes (peer_limits.py)", min=1),
+    worker_max_frame_sizes=Key(MapOf(Key(int, min=1)), {}, "largest frame sent to a "
+                               "worker by its declared runtime, bytes; over the built-in "
+                               "python 1 MiB, node 100 MiB, rust 16 MiB"),
     handshake_timeout_ms=Key(int, 10000, "accepted for compatibility (the opening "
                              "handshake deadline is 10 s)", min=0),
     rbac=Unsupported("worker authentication (rbac) is not supported by this engine yet"),
@@ -111,6 +116,10 @@ ENGINE_SCHEMA = Section(
     watch=Key(bool, False, "reload when this file changes (it is polled)"),
     watch_interval_ms=Key(int, 1000, "how often the file is polled when watch is on, "
                           "ms", min=10),
+    log_level=Key(str, "info", "least important log events kept (logsetup.py)",
+                  choices=("debug", "info", "warn", "error", "critical")),
+    log_format=Key(str, "text", "what twist iii writes, also when not on a terminal",
+                   choices=("text", "json")),
 )
 
 # Top-level keys of each format besides the engine's own.
@@ -165,7 +174,8 @@ class EngineConfig:
     def __init__(self, port=DEFAULT_PORT, host="0.0.0.0", listen=None, modules=(),
                  invocation_timeout=300.0, max_message_size=16 * 1024 * 1024,
                  ws_ping_interval=30.0, ws_ping_timeout=30.0, source=None,
-                 format=V010, watch=False, watch_interval=1.0, listener_key=""):
+                 format=V010, watch=False, watch_interval=1.0, listener_key="",
+                 frame_limits=None, log_level="info", log_format="text"):
         self.port = port
         self.host = host
         self.listen = listen or "tcp:{}:interface={}".format(port, host)
@@ -179,11 +189,15 @@ class EngineConfig:
         self.watch = watch
         self.watch_interval = watch_interval
         self.listener_key = listener_key
+        # peer_limits.PeerFrameLimits (worker_max_frame_size[s]); None: the defaults.
+        self.frame_limits = frame_limits
+        self.log_level = log_level
+        self.log_format = log_format
 
     def listener_settings(self):
         """@return: what the worker listener is built from (compared on reload)."""
         return (self.listen, self.max_message_size, self.ws_ping_interval,
-                self.ws_ping_timeout)
+                self.ws_ping_timeout, self.frame_limits)
 
 
 def load_config(path, environ=None):
@@ -331,7 +345,17 @@ def from_dict(data, source=None):
         watch=_value(top, "watch", ENGINE_SCHEMA),
         watch_interval=_value(top, "watch_interval_ms", ENGINE_SCHEMA) / 1000.0,
         listener_key=listener_key or "",
+        frame_limits=_frame_limits(listener),
+        log_level=_value(top, "log_level", ENGINE_SCHEMA),
+        log_format=_value(top, "log_format", ENGINE_SCHEMA),
     )
+
+
+def _frame_limits(listener):
+    from .peer_limits import PeerFrameLimits  # peer_limits imports ConfigError from here
+
+    return PeerFrameLimits(_value(listener, "worker_max_frame_size"),
+                           _value(listener, "worker_max_frame_sizes"))
 
 
 def _value(mapping, key, schema=LISTENER_SCHEMA):
