@@ -64,6 +64,9 @@ def diff_configs(old, new):
         engine.append("invocation_timeout_ms")
     if (old.watch, old.watch_interval) != (new.watch, new.watch_interval):
         engine.append("watch")
+    for name in ("log_level", "log_format"):
+        if getattr(old, name, None) != getattr(new, name, None):
+            engine.append(name)
     return ConfigChanges(
         added=[i for i in after if i not in before],
         removed=[i for i in before if i not in after],

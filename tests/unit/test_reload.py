@@ -402,3 +402,13 @@ def test_reload_to_a_busy_port_keeps_the_old_one(logs):
     assert run.service.config.modules[0].config == {"port": 3111}
     assert any("port 4444 is in use" in _text(e) for e in logs)
     run.stop()
+
+
+def test_engine_settings_change_is_listed():
+    """A change of an engine-wide setting alone is a change, named in the log line."""
+    run = Running(seed())
+    config = dict(seed(), invocation_timeout_ms=1000, log_level="debug")
+    changes = run.reload(config)
+    assert changes.describe() == "changed invocation_timeout_ms, log_level"
+    assert run.engine.invocation_timeout == 1.0
+    run.stop()
