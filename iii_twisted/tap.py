@@ -21,14 +21,16 @@ class Options(usage.Options):
     def postOptions(self):
         """
         Load and validate the config file now, so that a bad one stops twistd with
-        a message naming the file and key.
+        a message naming the file and key, and exit status 1.
 
-        @raise usage.UsageError: for a config that cannot be used.
+        @raise SystemExit: for a config that cannot be used. Not a UsageError: twistd
+            prints those with its whole usage text, and Twisted before 26 (the newest
+            on Python 3.9 / PyPy is 25.5) then exits with status 0.
         """
         try:
             self["engine_config"] = load_config(self["config"])
         except ConfigError as e:
-            raise usage.UsageError(str(e))
+            raise SystemExit("iii: {}".format(e))
 
 
 def makeService(options, reactor=None):

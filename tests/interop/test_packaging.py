@@ -35,7 +35,9 @@ def test_wheel_ships_the_dropin_and_twistd_finds_it(tmp_path):
     elsewhere.mkdir()
     # Only the installed copy is importable: the source tree is not on the path.
     env = dict(os.environ, PYTHONPATH=str(target))
-    code = ("import sys; sys.path = [p for p in sys.path if not p.startswith(%r)]; "
+    # (A virtualenv inside the checkout, as a developer's .venv, stays on it.)
+    code = ("import sys; sys.path = [p for p in sys.path if not p.startswith(%r) "
+            "or 'site-packages' in p]; "
             "from twisted.plugin import getPlugins; from twisted.application.service import "
             "IServiceMaker; import iii_twisted; "
             "print(iii_twisted.__file__); print([p.tapname for p in getPlugins(IServiceMaker)])"
