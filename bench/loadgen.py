@@ -55,8 +55,11 @@ def _children(pid):
         return []
 
 
-def cpu_seconds(pids):
-    """@return: user+system CPU seconds of C{pids} and all their descendants."""
+def cpu_seconds(pids, system_only=False):
+    """
+    @return: user+system CPU seconds of C{pids} and all their descendants (system
+        time only with C{system_only}: the kernel's share, syscalls mostly).
+    """
     total = 0
     seen = set()
     todo = list(pids)
@@ -70,7 +73,8 @@ def cpu_seconds(pids):
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+        # utime, stime (fields 14, 15)
+        total += int(fields[12]) if system_only else int(fields[11]) + int(fields[12])
         todo.extend(_children(pid))
     return total / CLK_TCK
 
@@ -256,6 +260,7 @@ class Window:
     def begin(self):
         self.t0 = time.perf_counter()
         self.server0 = cpu_seconds(self.cpu_pids)
+        self.server_sys0 = cpu_seconds(self.cpu_pids, True)
         self.client0 = time.process_time()
         self.count = 0
         self.errors = 0
@@ -266,6 +271,7 @@ class Window:
         self.recording = False
         seconds = time.perf_counter() - self.t0
         server = cpu_seconds(self.cpu_pids) - self.server0
+        server_sys = cpu_seconds(self.cpu_pids, True) - self.server_sys0
         client = time.process_time() - self.client0
         lat = sorted(self.latencies)
         pick = (lambda q: lat[min(int(q * len(lat)), len(lat) - 1)] / 1000.0) if lat else (
@@ -273,6 +279,7 @@ class Window:
         return {
             "calls": self.count, "seconds": seconds, "rate": self.count / seconds,
             "p50_us": pick(0.5), "p99_us": pick(0.99), "server_cpu_s": server,
+            "server_sys_s": server_sys,
             "client_cpu_s": client, "errors": self.errors,
             "server_rss_kib": rss_kib(self.cpu_pids) if self.cpu_pids else None,
         }

@@ -880,8 +880,8 @@ def main():
                         help="comma-separated subset of iii,iii-pypy,crossbar,relay,echo,"
                              "floor (default: all)")
     parser.add_argument("--jit-warmup", type=float, default=None, metavar="SECONDS",
-                        help="load each engine this long before the rounds (default 12; "
-                             "6 with --quick)")
+                        help="load each engine this long before the rounds (default 20; "
+                             "10 with --quick)")
     parser.add_argument("--no-scale", action="store_true",
                         help="leave out the idle-workers / 10,000-functions section")
     parser.add_argument("--no-sdk", action="store_true",
@@ -890,7 +890,7 @@ def main():
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
     if args.jit_warmup is None:
-        args.jit_warmup = 6.0 if args.quick else 12.0
+        args.jit_warmup = 10.0 if args.quick else 20.0
     systems = set(args.systems.split(",")) if args.systems else None
     # Before the run, not after it: a report path that cannot be written loses nothing.
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
