@@ -149,38 +149,3 @@ class LimitedSite:
             channel._limits = self.limits
         return channel
 
-
-class _LazyFormat:
-    """pformat() of a value, done only if a log observer formats it."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value):
-        self._value = value
-
-    def __str__(self):
-        from pprint import pformat
-        return pformat(self._value)
-
-    __format__ = lambda self, spec: format(str(self), spec)  # noqa: E731
-
-
-def _make_autobahn_connection_setup_cheap():
-    # Autobahn pretty-prints every protocol option for a debug log line on each new
-    # connection, whether or not debug logging is on: about 3 ms of CPU per
-    # connection, so a flood of connects (or 1,000 slow clients) starved the accept
-    # loop and new workers waited on SYN retries. The text is now made only when a
-    # log observer formats it.
-    # Timings.__str__, the one other user of that name, must still return a str.
-    from pprint import pformat
-
-    import autobahn.websocket.protocol as wsprotocol
-
-    if getattr(wsprotocol, "pformat", None) is pformat:
-        wsprotocol.pformat = _LazyFormat
-        timings = getattr(wsprotocol, "Timings", None)
-        if timings is not None:
-            timings.__str__ = lambda self: pformat(self._timings)
-
-
-_make_autobahn_connection_setup_cheap()

@@ -323,9 +323,11 @@ def check_stored(limits, function_id, data):
 def raise_nofile_limit(log=_log):
     """
     Raise this process's soft limit of open descriptors to its hard limit, so that
-    slow or idle connections do not leave none for new workers, and log both.
+    slow or idle connections do not leave none for new workers. (The engine's
+    start-up report logs the result.)
 
-    @return: (soft, hard) after the change, or None where the platform has no
+    @param log: where a failure to raise it is logged.
+    @return: (soft, soft before, hard), or None where the platform has no
         C{resource} module.
     """
     try:
@@ -343,9 +345,7 @@ def raise_nofile_limit(log=_log):
             log.warn("could not raise the open-file limit from {soft} to {hard}: {error}",
                      soft=soft, hard=wanted, error=e)
     new_soft, new_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    log.info("open-file limit: soft {soft} (was {old}), hard {hard}",
-             soft=new_soft, old=soft, hard=new_hard)
-    return new_soft, new_hard
+    return new_soft, soft, new_hard
 
 
 def release_receive_buffers(protocol):

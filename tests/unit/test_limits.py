@@ -331,19 +331,11 @@ def test_soft_descriptor_limit_is_raised_to_the_hard_limit_and_logged():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     lowered = min(soft, hard, 1024) - 1
     resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
-    events = []
-
-    class Log:
-        def info(self, fmt, **kw):
-            events.append(kw)
-
-        def warn(self, fmt, **kw):
-            events.append(kw)
     try:
-        new_soft, new_hard = raise_nofile_limit(Log())
-        assert new_hard == hard
+        new_soft, old, new_hard = raise_nofile_limit()
+        assert new_hard == hard and old == lowered
         assert new_soft == (hard if hard != resource.RLIM_INFINITY else 1048576)
-        assert events[-1]["old"] == lowered and events[-1]["soft"] == new_soft
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (new_soft, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
@@ -375,3 +367,30 @@ def test_docs_list_every_limit():
         assert "``{}``".format(key) in text or "``limits.{}``".format(key) in text, key
     for event in Limits().counters:
         assert "``{}``".format(event) in text, event
+
+
+def test_engine_service_raises_the_descriptor_limit_and_reports_both():
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from iii_twisted.service import EngineService
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, hard, 1024) - 1, hard))
+    try:
+        service = EngineService({"port": 0, "limits": {"max_value_depth": 32}},
+                                reactor=MemoryReactorClock())
+        assert service.engine.limits.value_depth == 32
+        service.privilegedStartService()
+        service.startService()
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == \
+            (hard if hard != resource.RLIM_INFINITY else 1048576)
+        lines = [formatEvent(e) for e in events]
+        assert "open-file limit: soft {} (was {}), hard {}".format(
+            service.nofile_limit[0], min(soft, hard, 1024) - 1, hard) in lines
+        service.stopService()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
