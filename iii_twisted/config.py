@@ -107,7 +107,8 @@ LISTENER_SCHEMA = Section(
                                "worker by its declared runtime, bytes; over the built-in "
                                "python 1 MiB, node 100 MiB, rust 16 MiB"),
     handshake_timeout_ms=Key(int, 10000, "ms a client has to finish its WebSocket "
-                             "opening handshake (docs/limits.rst)", min=1),
+                             "opening handshake (docs/limits.rst; 0: no deadline)",
+                             min=0),
     rbac=Unsupported("worker authentication (rbac) is not supported by this engine yet"),
     middleware_function_id=Unsupported(
         "middleware_function_id is not supported by this engine yet"),
