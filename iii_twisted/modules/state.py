@@ -5,10 +5,15 @@ scoped key-value state for workers, and the ``state`` trigger type.
 Config (unknown keys refused)::
 
     adapter:
-      class: modules::state::adapters::KvStore        # the only adapter
+      class: modules::state::adapters::KvStore        # the default
       config:
         store_method: in_memory | file_based          # default in_memory
         file_path: ./data/state_store.db              # a directory (file_based)
+
+    adapter:                                          # shared by engines (scale-out)
+      class: modules::state::adapters::RedisAdapter
+      config:
+        redis_url: redis://localhost:6379             # the default; rediss:// for TLS
 
 Functions (inputs ignore unknown keys, such as ``_caller_worker_id``):
 
@@ -39,6 +44,7 @@ from ._kvcommon import (
 )
 
 KV_ADAPTER = "modules::state::adapters::KvStore"
+REDIS_ADAPTER = "modules::state::adapters::RedisAdapter"
 TRIGGER_TYPE = "state"
 CONFIG_KEYS = ("adapter",)
 
@@ -70,7 +76,8 @@ class StateModule(Service):
         """
         check_keys(config, CONFIG_KEYS)
         if store is None:
-            store, _ = kv_adapter_from_config(config, reactor, KV_ADAPTER)
+            store, _ = kv_adapter_from_config(config, reactor, KV_ADAPTER,
+                                              redis_class=REDIS_ADAPTER)
         self.store = store
         self._engine = engine
         self._triggers = {}  # trigger id -> (Trigger, scope, key)
