@@ -204,7 +204,14 @@ class RedisClient:
             self, address.safe_url, address.db, pool_size, isLazy=True,
             password=address.password, username=address.username,
             replyTimeout=timeout, convertNumbers=False)
-        self._factory.startConnecting(address.endpoint(reactor, timeout))
+        self._started = False
+
+    def _start(self):
+        # Connect on first use, so that building a module from config (validation,
+        # tests) opens no socket.
+        if not self._started:
+            self._started = True
+            self._factory.startConnecting(self.address.endpoint(self._reactor, self.timeout))
 
     @property
     def connected(self):
@@ -224,6 +231,7 @@ class RedisClient:
         if self._closed:
             return defer.fail(RedisUnavailable("the Redis client for {} is closed".format(
                 self.address.safe_url)))
+        self._start()
         if self._factory.size > 0:
             d = self._send(args)
         else:
