@@ -5,6 +5,15 @@ from twisted.internet import defer
 from iii_twisted.service import EngineService
 
 
+def other_pool(redis_url):
+    """
+    @return: the same Redis under another URL (``localhost`` for ``127.0.0.1``), so
+        that a second engine in this process gets a pool of its own, as a second
+        process would.
+    """
+    return redis_url.replace("127.0.0.1", "localhost")
+
+
 def redis_modules(redis_url, *names, stream_port=0):
     """@return: the ``modules:`` entries for C{names} (state, stream, pubsub, cron) on Redis."""
     adapter = {"redis_url": redis_url}
@@ -48,3 +57,64 @@ class Engines:
 
 def module_of(service, cls):
     return next(m for m in service.modules if isinstance(m, cls))
+
+
+class AutoWorker:
+    """
+    A fake worker (no socket) on an engine that registers functions and triggers and
+    answers every call at once with C{result}, keeping what it was called with.
+
+    @ivar calls: (function id, data) of every call, in order.
+    """
+
+    def __init__(self, engine, *function_ids, result=None):
+        from twisted.internet import reactor
+
+        from iii_twisted.testing import FakeWorkerConnection
+
+        self.calls = []
+        self._result = result
+        self._reactor = reactor
+        self.conn = FakeWorkerConnection.connect(engine)
+        original = self.conn.send
+
+        def send(message):
+            ok = original(message)
+            if message.get("type") == "invokefunction":
+                self.calls.append((message["function_id"], message.get("data")))
+                if message.get("invocation_id"):
+                    reactor.callLater(0, self._answer, message)
+            return ok
+        self.conn.send = send
+        for function_id in function_ids:
+            self.conn.receive({"type": "registerfunction", "id": function_id})
+
+    def _answer(self, message):
+        if self.conn.closed is None:
+            self.conn.receive({"type": "invocationresult",
+                               "invocation_id": message["invocation_id"],
+                               "function_id": message["function_id"],
+                               "result": self._result})
+
+    def trigger(self, trigger_id, trigger_type, function_id, config):
+        self.conn.receive({"type": "registertrigger", "id": trigger_id,
+                           "trigger_type": trigger_type, "function_id": function_id,
+                           "config": config})
+
+    def data_of(self, function_id):
+        return [data for fid, data in self.calls if fid == function_id]
+
+
+async def wait_for(predicate, timeout=10.0, what="condition"):
+    """
+    Wait (on the reactor) until C{predicate()} is true, checking every 10 ms.
+
+    @raise AssertionError: when it is not within C{timeout} seconds.
+    """
+    from twisted.internet import reactor, task
+
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError("timed out after {}s waiting for {}".format(timeout, what))
+        await task.deferLater(reactor, 0.01, lambda: None)
