@@ -238,6 +238,28 @@ class RedisClient:
             d = self._wait_connected().addCallback(lambda _: self._send(args))
         return d.addErrback(self._translate)
 
+    def execute_ordered(self, *args):
+        """
+        Like L{execute}, but every command sent this way goes on the same connection
+        (the pool's first), so Redis runs them in the order they were made (L{execute}
+        spreads commands over the pool, where a later one may overtake).
+        """
+        if self._closed:
+            return defer.fail(RedisUnavailable("the Redis client for {} is closed".format(
+                self.address.safe_url)))
+        self._start()
+
+        def send(_=None):
+            live = [conn for conn in self._factory.pool if conn.connected]
+            if not live:
+                return self._wait_connected().addCallback(send)
+            return live[0].execute_command(*args)
+        try:
+            d = send()
+        except Exception:
+            d = defer.fail()
+        return d.addErrback(self._translate)
+
     def script(self, source):
         """@return: the L{Script} for Lua C{source} (one object per source)."""
         script = self._scripts.get(source)

@@ -10,6 +10,10 @@ Config (unknown keys refused)::
     adapter:
       class: modules::stream::adapters::KvStore
       config: {store_method: in_memory|file_based, file_path: DIR, channel_size: N}
+    # or, shared by every engine on one Redis (items and pushes; docs/scale-out.rst):
+    adapter:
+      class: modules::stream::adapters::RedisAdapter
+      config: {redis_url: redis://localhost:6379}
 
 Client wire protocol (path ``/`` only; anything else is a 404)::
 
@@ -65,6 +69,7 @@ from ._kvcommon import (
 )
 
 KV_ADAPTER = "modules::stream::adapters::KvStore"
+REDIS_ADAPTER = "modules::stream::adapters::RedisAdapter"
 CONFIG_KEYS = ("port", "host", "auth_function", "adapter")
 STREAM_TRIGGER = "stream"
 JOIN_TRIGGER = "stream:join"
@@ -122,10 +127,15 @@ class StreamModule(MultiService):
             raise ConfigError("host must be an IP address (such as 0.0.0.0 or 127.0.0.1), "
                               "not {!r}".format(host), "host")
         self.auth_function = get_option(config, "auth_function", str, None)
+        self._bus = None  # a RedisStreamBus, with the Redis adapter
         if store is None:
             store, _ = kv_adapter_from_config(config, reactor, KV_ADAPTER,
-                                              extra_keys=("channel_size",))
+                                              extra_keys=("channel_size",),
+                                              redis_class=REDIS_ADAPTER,
+                                              redis_prefixes=("", _PREFIX))
             adapter_config = (config.get("adapter") or {}).get("config") or {}
+            if (config.get("adapter") or {}).get("class") == REDIS_ADAPTER:
+                self._bus = self._redis_bus(adapter_config, reactor)
             channel_size = get_option(adapter_config, "channel_size", int, 256,
                                       prefix="adapter.config.")
             if channel_size <= 0:
@@ -159,6 +169,18 @@ class StreamModule(MultiService):
         self._listener = strports.service(listen, self.factory, reactor=reactor)
         self._listener.setServiceParent(self)
 
+    def _redis_bus(self, adapter_config, reactor):
+        from ..extras import redis_client_for, require_extra
+
+        client = redis_client_for(adapter_config, REDIS_ADAPTER, reactor)
+        module = require_extra("iii_twisted.adapters.redis_stream", REDIS_ADAPTER)
+        return module.RedisStreamBus(client, self._push_local)
+
+    def startService(self):
+        MultiService.startService(self)
+        if self._bus is not None:
+            self._bus.start()
+
     def stopService(self):
         d = MultiService.stopService(self)
 
@@ -166,6 +188,8 @@ class StreamModule(MultiService):
             for client in list(self.clients):
                 client.connection.disconnect(1001, "engine shutting down")
             self._events.stop()
+            if self._bus is not None:
+                self._bus.close()
             return self.store.close()
         return d.addBoth(stopped)
 
@@ -376,11 +400,22 @@ class StreamModule(MultiService):
             and (not t_item or t_item == (item or ""))
         ]
         self._events.fire(triggers, message)
-        subscribers = self._subscribers.get((name, group))
-        if not subscribers:
+        if self._bus is not None:
+            # Through Redis to every engine, this one included (one order for all).
+            payload = _encode_push(message, self._log)
+            if payload is not None:
+                self._bus.publish(payload)
+            return
+        if not self._subscribers.get((name, group)):
             return
         payload = _encode_push(message, self._log)
-        if payload is None:
+        if payload is not None:
+            self._push_local(name, group, item, payload)
+
+    def _push_local(self, name, group, item, payload):
+        """Send one encoded push to this engine's clients subscribed to it."""
+        subscribers = self._subscribers.get((name, group))
+        if not subscribers:
             return
         for (client, _), sub_item in list(subscribers.items()):
             if sub_item is None or sub_item == item:

@@ -118,3 +118,73 @@ async def wait_for(predicate, timeout=10.0, what="condition"):
         if reactor.seconds() > deadline:
             raise AssertionError("timed out after {}s waiting for {}".format(timeout, what))
         await task.deferLater(reactor, 0.01, lambda: None)
+
+
+async def stream_port(service):
+    """@return: the port the engine's stream module listens on (config port 0)."""
+    from iii_twisted.modules.stream import StreamModule
+
+    port = await module_of(service, StreamModule)._listener._waitingForPort
+    return port.getHost().port
+
+
+async def stream_client(port):
+    """@return: a real WebSocket client (L{StreamTestClient}) open on a stream port."""
+    from autobahn.twisted.websocket import WebSocketClientFactory
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+
+    factory = WebSocketClientFactory("ws://127.0.0.1:{}/".format(port), reactor=reactor)
+    factory.protocol = StreamTestClient
+    client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+    await client.opened
+    return client
+
+
+def _client_class():
+    import json
+
+    from autobahn.twisted.websocket import WebSocketClientProtocol
+    from twisted.internet.defer import Deferred
+
+    class StreamTestClient(WebSocketClientProtocol):
+        """A browser-like stream client: C{received} holds the decoded pushes."""
+
+        def __init__(self):
+            WebSocketClientProtocol.__init__(self)
+            self.received = []
+            self.opened = Deferred()
+            self.closed = Deferred()
+
+        def onOpen(self):
+            self.opened.callback(self)
+
+        def onClose(self, wasClean, code, reason):
+            if not self.closed.called:
+                self.closed.callback(code)
+
+        def close(self):
+            """Close and wait until closed (before the engines stop: see below)."""
+            # (Engines stopping with stream clients still open try to close them with
+            # code 1001, which Autobahn's sendClose refuses; noted for the stream
+            # socket's owner.)
+            self.sendClose()
+            return self.closed
+
+        def onMessage(self, payload, isBinary):
+            self.received.append(json.loads(payload))
+
+        def join(self, sub, name, group, item=None):
+            data = {"subscriptionId": sub, "streamName": name, "groupId": group}
+            if item is not None:
+                data["id"] = item
+            self.sendMessage(json.dumps({"type": "join", "data": data}).encode())
+
+        def events(self, kind=None):
+            return [m["event"] for m in self.received
+                    if m.get("type") == "stream" and (kind is None or m["event"]["type"] == kind)]
+
+    return StreamTestClient
+
+
+StreamTestClient = _client_class()
