@@ -188,3 +188,12 @@ def _client_class():
 
 
 StreamTestClient = _client_class()
+
+
+def redis_queue_module(redis_url, queue_configs=None, lease_ms=30000):
+    """@return: the queue module's entry on the Redis broker."""
+    return {"class": "modules::queue::QueueModule", "config": {
+        "adapter": {"class": "modules::queue::RedisAdapter",
+                    "config": {"redis_url": redis_url, "lease_ms": lease_ms,
+                               "poll_interval_ms": 50}},
+        "queue_configs": queue_configs or {}}}
