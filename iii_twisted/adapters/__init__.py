@@ -10,8 +10,25 @@ Storage behind the modules' interfaces.
 """
 
 from ..config import ConfigError
+from ..schema import Key, Section
 
 STORE_METHODS = ("in_memory", "file_based")
+
+# The config of the ``KvStore`` adapters (state, stream, cron): declare new keys here.
+KV_STORE_SCHEMA = Section(
+    store_method=Key(str, "in_memory", "in_memory, or file_based (durable, in file_path)",
+                     choices=STORE_METHODS),
+    file_path=Key(str, "kv_store_data.db", "directory of a file_based store"),
+    save_interval_ms=Key(int, 5000, "accepted for compatibility; every write is durable "
+                         "before it is acknowledged", min=0),
+)
+
+# The config of every Redis adapter (state, stream, pub/sub, cron; the queue's adds
+# its own keys): docs/scale-out.rst.
+REDIS_SCHEMA = Section(
+    redis_url=Key(str, "redis://localhost:6379", "the Redis server: redis://[[user]:"
+                  "password@]host[:port][/db], rediss:// for TLS"),
+)
 
 # Keys of the reference BuiltinKvStore config (modules.md §2.1), plus the stream
 # adapter's channel_size.

@@ -37,6 +37,8 @@ from twisted.internet.defer import succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..adapters import KV_STORE_SCHEMA, REDIS_SCHEMA
+from ..schema import Adapter, Adapters, Key, Section
 from ..interfaces import IModule, InvalidUpdateOp, ITriggerProvider, KvStoreError, TriggerError
 from ..protocol import InvocationError
 from ._kvcommon import (
@@ -47,6 +49,15 @@ KV_ADAPTER = "modules::state::adapters::KvStore"
 REDIS_ADAPTER = "modules::state::adapters::RedisAdapter"
 TRIGGER_TYPE = "state"
 CONFIG_KEYS = ("adapter",)
+
+# Every key of the module's config (iii_twisted/schema.py says how to add one).
+CONFIG_SCHEMA = Section(
+    adapter=Key(Adapters(
+        Adapter("kv", (KV_ADAPTER,), KV_STORE_SCHEMA),
+        Adapter("redis", (REDIS_ADAPTER,), REDIS_SCHEMA),
+        Adapter("bridge", ("modules::state::adapters::Bridge",), None),
+    ), None, "where values are kept (default: kv in memory)"),
+)
 
 CREATED = "state:created"
 UPDATED = "state:updated"
@@ -67,6 +78,7 @@ class StateModule(Service):
     """
 
     iii_class = None
+    config_schema = CONFIG_SCHEMA
     _log = Logger()
 
     def __init__(self, engine, config, reactor, store=None):
