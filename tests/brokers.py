@@ -130,3 +130,107 @@ def start_redis(**kwargs):
     if binary is None:
         missing("redis-server")
     return RedisServer(binary, **kwargs).start()
+
+
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+RABBITMQCTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
+
+
+class RabbitMQServer:
+    """
+    One RabbitMQ node on 127.0.0.1 (AMQP, Erlang distribution and epmd on free
+    ports), with its own HOME (cookie), data and logs in a temporary directory.
+
+    The ``epmd`` a node would spawn outlives it, so one is started first on a port of
+    its own and stopped by PID. Started as the current user through the broker's own
+    script (not the /usr/sbin wrapper, which switches to the rabbitmq user).
+
+    @ivar url: ``amqp://guest:guest@127.0.0.1:PORT/%2F``.
+    """
+
+    def __init__(self):
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="iii-rabbit-")
+        self.dist_port = free_port()
+        self.epmd_port = free_port()
+        self.process = None
+        self.epmd = None
+        plugins = os.path.join(self.dir, "enabled_plugins")
+        with open(plugins, "w") as f:
+            f.write("[].\n")
+        # Our own config and env files: the system's (/etc/rabbitmq) would put the
+        # listener on the default port.
+        config = os.path.join(self.dir, "rabbitmq.conf")
+        with open(config, "w") as f:
+            f.write("listeners.tcp.default = 127.0.0.1:{}\nloopback_users = none\n"
+                    .format(self.port))
+        env_file = os.path.join(self.dir, "rabbitmq-env.conf")
+        open(env_file, "w").close()
+        self.env = dict(
+            os.environ, HOME=self.dir, RABBITMQ_NODENAME="rabbit@localhost",
+            RABBITMQ_NODE_IP_ADDRESS="127.0.0.1", RABBITMQ_NODE_PORT=str(self.port),
+            RABBITMQ_DIST_PORT=str(self.dist_port), ERL_EPMD_ADDRESS="127.0.0.1",
+            ERL_EPMD_PORT=str(self.epmd_port),
+            RABBITMQ_MNESIA_BASE=os.path.join(self.dir, "mnesia"),
+            RABBITMQ_LOG_BASE=os.path.join(self.dir, "log"),
+            RABBITMQ_PID_FILE=os.path.join(self.dir, "rabbit.pid"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=plugins, RABBITMQ_CONFIG_FILE=config,
+            RABBITMQ_CONF_ENV_FILE=env_file,
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
+        )
+
+    @property
+    def url(self):
+        return "amqp://guest:guest@127.0.0.1:{}/%2F".format(self.port)
+
+    def start(self, timeout=60.0):
+        if self.epmd is None:
+            self.epmd = subprocess.Popen(  # noqa: the node's own would outlive it
+                ["epmd", "-address", "127.0.0.1", "-port", str(self.epmd_port)],
+                env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [RABBITMQ_SERVER], env=self.env, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError("rabbitmq-server exited with code {} (logs in {})".format(
+                    self.process.returncode, self.dir))
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("rabbitmq-server did not listen on {}".format(
+                        self.port))
+                time.sleep(0.1)  # polling the port for readiness
+
+    def stop(self):
+        """Kill the node (its whole process group) and wait for it."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(20)
+        self.process = None
+
+    def restart(self):
+        self.stop()
+        return self.start()
+
+    def close(self):
+        self.stop()
+        if self.epmd is not None and self.epmd.poll() is None:
+            self.epmd.kill()
+            self.epmd.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def start_rabbitmq():
+    """@return: a started L{RabbitMQServer}, or skip/fail when RabbitMQ is missing."""
+    if not (os.path.exists(RABBITMQ_SERVER) and shutil.which("epmd")):
+        missing("rabbitmq-server")
+    server = RabbitMQServer()
+    try:
+        return server.start()
+    except Exception:
+        server.close()
+        raise

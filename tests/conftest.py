@@ -31,3 +31,12 @@ def own_redis():
     server = brokers.start_redis()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server():
+    """A RabbitMQ node for the whole session (~10 s to start; skipped, or failed in CI,
+    when missing). Tests use queue names of their own."""
+    server = brokers.start_rabbitmq()
+    yield server
+    server.close()

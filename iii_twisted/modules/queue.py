@@ -56,14 +56,15 @@ from ..protocol import InvocationError
 FN_QUEUE_PREFIX = "__fn_queue::"
 BUILTIN_ADAPTER = "modules::queue::BuiltinQueueAdapter"
 REDIS_ADAPTER = "modules::queue::RedisAdapter"
-ADAPTERS = (BUILTIN_ADAPTER, REDIS_ADAPTER)
+RABBITMQ_ADAPTER = "modules::queue::RabbitMQAdapter"
+ADAPTERS = (BUILTIN_ADAPTER, REDIS_ADAPTER, RABBITMQ_ADAPTER)
 
 _MODULE_KEYS = {"adapter", "queue_configs"}
 _QUEUE_KEYS = {"max_retries", "concurrency", "type", "message_group_field", "backoff_ms",
                "poll_interval_ms"}
 _ADAPTER_KEYS = {"store_method", "file_path", "save_interval_ms", "channel_size",
                  "max_attempts", "backoff_ms", "concurrency", "poll_interval_ms", "mode",
-                 "redis_url", "lease_ms"}
+                 "redis_url", "lease_ms", "amqp_url", "prefetch_count", "queue_mode"}
 # Every key of the module's config (iii_twisted/schema.py says how to add one).
 _QUEUE_DEFAULTS = dict(
     concurrency=Key(int, 10, "messages delivered at once", min=1),
@@ -83,7 +84,16 @@ CONFIG_SCHEMA = Section(
             mode=Key(str, "standard", "standard, or fifo (one at a time, in order)",
                      choices=("standard", "fifo")),
             **_QUEUE_DEFAULTS)),
-        Adapter("rabbitmq", ("modules::queue::RabbitMQAdapter",), None),
+        Adapter("rabbitmq", (RABBITMQ_ADAPTER,), Section(
+            amqp_url=Key(str, "amqp://localhost:5672", "the RabbitMQ server: amqp://user:"
+                         "password@host:port/vhost (amqps:// for TLS)"),
+            max_attempts=Key(int, 3, "deliveries before a message is dead-lettered",
+                             min=0),
+            prefetch_count=Key(int, 10, "messages an engine holds unacknowledged at "
+                               "once, per queue (the default concurrency)", min=1),
+            queue_mode=Key(str, "standard", "standard, or fifo (one consumer at a time, "
+                           "in order)", choices=("standard", "fifo")),
+            **_QUEUE_DEFAULTS)),
         Adapter("redis", (REDIS_ADAPTER,), Section(
             redis_url=Key(str, "redis://localhost:6379",
                           "the Redis server (redis:// or rediss:// for TLS, password, db)"),
@@ -969,10 +979,16 @@ def _adapter_settings(config):
         raise ConfigError("must be in_memory or file_based, not {!r}".format(method),
                           prefix + "store_method")
     get_option(adapter_config, "file_path", str, None, prefix)
-    mode = get_option(adapter_config, "mode", str, "standard", prefix)
+    mode = get_option(adapter_config, "mode", str, None, prefix)
+    if mode is None:  # queue_mode: the RabbitMQ adapter's name for it
+        mode = get_option(adapter_config, "queue_mode", str, "standard", prefix)
+    if mode not in ("standard", "fifo"):
+        raise ConfigError("must be standard or fifo, not {!r}".format(mode),
+                          prefix + ("mode" if "mode" in adapter_config else "queue_mode"))
+    default_concurrency = _positive(adapter_config, "prefetch_count", 10, prefix)
     defaults = QueueSettings(
         max_attempts=_positive(adapter_config, "max_attempts", 3, prefix, 0),
-        concurrency=_positive(adapter_config, "concurrency", 10, prefix),
+        concurrency=_positive(adapter_config, "concurrency", default_concurrency, prefix),
         fifo=mode == "fifo",
         backoff_ms=_positive(adapter_config, "backoff_ms", 1000, prefix, 0),
         poll_interval_ms=_positive(adapter_config, "poll_interval_ms", 100, prefix),
@@ -1014,11 +1030,21 @@ def _build_broker(config, adapter_config, defaults, reactor):
     @raise ConfigError: naming the key, or the missing extra.
     """
     cls = (config.get("adapter") or {}).get("class", BUILTIN_ADAPTER)
-    if cls != REDIS_ADAPTER:
-        return None
     from ..extras import redis_client_for, require_extra
 
     prefix = "adapter.config."
+    if cls == RABBITMQ_ADAPTER:
+        url = get_option(adapter_config, "amqp_url", str, "amqp://localhost:5672", prefix)
+        if not url.startswith(("amqp://", "amqps://")):
+            raise ConfigError("must be an amqp:// or amqps:// URL, not {!r}".format(url),
+                              prefix + "amqp_url")
+        module = require_extra("iii_twisted.adapters.rabbitmq_queue", RABBITMQ_ADAPTER)
+        try:
+            return module.RabbitMQBroker(url, reactor, Job.from_record)
+        except Exception as e:
+            raise ConfigError("cannot use this URL: {}".format(e), prefix + "amqp_url")
+    if cls != REDIS_ADAPTER:
+        return None
     lease_ms = _positive(adapter_config, "lease_ms", 30000, prefix, 100)
     try:
         client = redis_client_for(adapter_config, REDIS_ADAPTER, reactor)

@@ -197,3 +197,11 @@ def redis_queue_module(redis_url, queue_configs=None, lease_ms=30000):
                     "config": {"redis_url": redis_url, "lease_ms": lease_ms,
                                "poll_interval_ms": 50}},
         "queue_configs": queue_configs or {}}}
+
+
+def rabbitmq_queue_module(amqp_url, queue_configs=None, **_):
+    """@return: the queue module's entry on the RabbitMQ broker."""
+    return {"class": "modules::queue::QueueModule", "config": {
+        "adapter": {"class": "modules::queue::RabbitMQAdapter",
+                    "config": {"amqp_url": amqp_url, "poll_interval_ms": 50}},
+        "queue_configs": queue_configs or {}}}

@@ -1,9 +1,15 @@
-"""The queue module on the Redis broker: two engines in one process sharing one Redis."""
+"""
+The queue module on a shared broker (Redis, RabbitMQ): two engines in one process
+sharing one server.
+"""
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer
 
-from engines import AutoWorker, module_of, other_pool, redis_queue_module, wait_for
+from engines import (
+    AutoWorker, module_of, other_pool, rabbitmq_queue_module, redis_queue_module, wait_for,
+)
 from iii_twisted.modules.queue import QueueModule
 from iii_twisted.protocol import InvocationError
 
@@ -22,15 +28,26 @@ class Failing(AutoWorker):
                                "error": {"code": "boom", "message": "it failed"}})
 
 
-def two(engines, redis_url, **kwargs):
-    a = engines.start([redis_queue_module(redis_url, QUEUES, **kwargs)])
-    b = engines.start([redis_queue_module(other_pool(redis_url), QUEUES, **kwargs)])
+@pytest.fixture(params=["redis", "rabbitmq"])
+def shared(request):
+    """@return: (module entry factory, URL for engine A, URL for engine B)."""
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+        return redis_queue_module, url, other_pool(url)
+    url = request.getfixturevalue("rabbitmq_server").url
+    return rabbitmq_queue_module, url, url
+
+
+def two(engines, shared, **kwargs):
+    module, url_a, url_b = shared
+    a = engines.start([module(url_a, QUEUES, **kwargs)])
+    b = engines.start([module(url_b, QUEUES, **kwargs)])
     return a, b, module_of(a, QueueModule), module_of(b, QueueModule)
 
 
 @pytest_twisted.ensureDeferred
-async def test_200_messages_across_two_engines_each_processed_once(engines, redis_url):
-    a, b, qa, qb = two(engines, redis_url)
+async def test_200_messages_across_two_engines_each_processed_once(engines, shared):
+    a, b, qa, qb = two(engines, shared)
     on_a = AutoWorker(a.engine, "orders::handle")
     on_b = AutoWorker(b.engine, "orders::handle")
     receipts = await defer.gatherResults(
@@ -48,8 +65,8 @@ async def test_200_messages_across_two_engines_each_processed_once(engines, redi
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_message_waits_for_the_engine_that_has_its_function(engines, redis_url):
-    a, b, qa, qb = two(engines, redis_url)
+async def test_a_message_waits_for_the_engine_that_has_its_function(engines, shared):
+    a, b, qa, qb = two(engines, shared)
     AutoWorker(a.engine, "other::fn")  # A consumes the queue but lacks the function
     await qa.enqueue("once", "only::on_b", {"x": 1})
     on_b = AutoWorker(b.engine, "only::on_b")
@@ -61,8 +78,8 @@ async def test_a_message_waits_for_the_engine_that_has_its_function(engines, red
 
 @pytest_twisted.ensureDeferred
 async def test_retries_then_dead_letter_seen_and_redriven_from_either_engine(
-        engines, redis_url):
-    a, b, qa, qb = two(engines, redis_url)
+        engines, shared):
+    a, b, qa, qb = two(engines, shared)
     failing = Failing(a.engine, "orders::handle")
     receipt = await qb.enqueue("orders", "orders::handle", {"n": 1})
     await wait_for(lambda: len(failing.data_of("orders::handle")) == 3, what="3 attempts")
@@ -94,8 +111,8 @@ async def wait_for_async(check, timeout=10.0, what="condition"):
 
 
 @pytest_twisted.ensureDeferred
-async def test_topic_queue_competing_consumers_on_both_engines(engines, redis_url):
-    a, b, qa, qb = two(engines, redis_url)
+async def test_topic_queue_competing_consumers_on_both_engines(engines, shared):
+    a, b, qa, qb = two(engines, shared)
     on_a = AutoWorker(a.engine, "t::consume")
     on_b = AutoWorker(b.engine, "t::consume")
     on_a.trigger("qa", "queue", "t::consume", {"topic": "jobs"})
