@@ -153,6 +153,10 @@ class RabbitMQBroker:
                                url=self._safe_url)
 
     def _ready(self):
+        if self._publisher is not None and self._publisher.is_closed \
+                and self._connection is not None and self._connection.is_open:
+            # The broker closed the channel (a refused declare): open another.
+            return defer.Deferred.fromCoroutine(self._reopen_publisher())
         if self._publisher is not None:
             return defer.succeed(None)
         d = defer.Deferred()
@@ -166,6 +170,13 @@ class RabbitMQBroker:
         call = self._reactor.callLater(self.timeout, expire)
         d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
         return d
+
+    async def _reopen_publisher(self):
+        publisher = await self._connection.channel()
+        await publisher.confirm_delivery()
+        self._publisher = publisher
+        self._declared.clear()
+        self._delays.clear()
 
     def stop(self):
         self._stopping = True
@@ -283,9 +294,17 @@ class RabbitMQBroker:
     def publish(self, job):
         n = names(job.queue)
         fifo = self._consumers[job.queue].fifo if job.queue in self._consumers else False
-        return defer.Deferred.fromCoroutine(self._publish(
+        d = defer.Deferred.fromCoroutine(self._publish(
             n["exchange"], n["key"], job,
             lambda channel: self._declare(channel, job.queue, fifo)))
+        return d.addErrback(self._named)
+
+    def _named(self, failure):
+        """Say which broker failed (the client's own messages do not)."""
+        if failure.check(RabbitMQUnavailable):
+            return failure
+        raise RabbitMQUnavailable("RabbitMQ at {}: {}".format(
+            self._safe_url, failure.getErrorMessage() or failure.type.__name__))
 
     def ack(self, job):
         held = self._held.pop(job.id, None)

@@ -150,12 +150,14 @@ class StreamModule(MultiService):
                                               redis_class=REDIS_ADAPTER,
                                               redis_prefixes=("", _PREFIX))
             adapter_config = (config.get("adapter") or {}).get("config") or {}
-            if (config.get("adapter") or {}).get("class") == REDIS_ADAPTER:
-                self._bus = self._redis_bus(adapter_config, reactor)
             channel_size = get_option(adapter_config, "channel_size", int, 256,
                                       prefix="adapter.config.")
             if channel_size <= 0:
                 raise ConfigError("must be positive", "adapter.config.channel_size")
+        if (config.get("adapter") or {}).get("class") == REDIS_ADAPTER:
+            # Also for a store handed over on reload: pushes go through Redis.
+            self._bus = self._redis_bus(
+                (config.get("adapter") or {}).get("config") or {}, reactor)
         self.store = store
         self.port = port
         self.host = host

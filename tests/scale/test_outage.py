@@ -9,8 +9,10 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from engines import (
-    AutoWorker, other_pool, redis_modules, stream_client, stream_port, wait_for,
+    AutoWorker, module_of, other_pool, rabbitmq_queue_module, redis_modules,
+    redis_queue_module, stream_client, stream_port, wait_for,
 )
+from iii_twisted.modules.queue import QueueModule
 from iii_twisted.protocol import InvocationError
 
 ALL = ("state", "stream", "pubsub", "cron")
@@ -32,9 +34,11 @@ async def eventually(call, timeout=10.0):
 
 @pytest_twisted.ensureDeferred
 async def test_everything_resumes_after_a_redis_restart(engines, own_redis):
-    a = engines.start(redis_modules(own_redis.url, *ALL))
-    b = engines.start(redis_modules(other_pool(own_redis.url), *ALL))
-    on_a = AutoWorker(a.engine, "sub::a", "job::tick")
+    a = engines.start(redis_modules(own_redis.url, *ALL)
+                      + [redis_queue_module(own_redis.url, {"q": {}})])
+    b = engines.start(redis_modules(other_pool(own_redis.url), *ALL)
+                      + [redis_queue_module(other_pool(own_redis.url), {"q": {}})])
+    on_a = AutoWorker(a.engine, "sub::a", "job::tick", "q::work")
     on_b = AutoWorker(b.engine, "sub::b", "job::tick")
     on_a.trigger("ta", "subscribe", "sub::a", {"topic": "news"})
     on_b.trigger("tb", "subscribe", "sub::b", {"topic": "news"})
@@ -78,6 +82,35 @@ async def test_everything_resumes_after_a_redis_restart(engines, own_redis):
             raise InvocationError("not_yet", "no push yet")
     await eventually(pushed)
     await wait_for(lambda: ticks() >= ticks_before + 2, what="cron firing again")
+    # Queues: consumers resume by themselves.
+    await eventually(lambda: module_of(b, QueueModule).enqueue("q", "q::work", "back"))
+    await wait_for(lambda: "back" in on_a.data_of("q::work"), what="a queued message")
     assert reactor.seconds() - restarted < 10
     assert "lost" not in on_a.data_of("sub::a") + on_b.data_of("sub::b")
     await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rabbitmq_restart_keeps_messages_and_consumers_resume(engines):
+    import brokers
+
+    server = brokers.start_rabbitmq()
+    try:
+        a = engines.start([rabbitmq_queue_module(server.url, {"q": {}})])
+        queue = module_of(a, QueueModule)
+        # No engine has the function yet: the message waits, durably, in RabbitMQ.
+        await queue.enqueue("q", "q::late", {"n": 1})
+        server.stop()
+        started = reactor.seconds()
+        with pytest.raises(InvocationError) as info:
+            await queue.enqueue("q", "q::late", {"n": 2})
+        assert info.value.code == "enqueue_error" and "RabbitMQ" in info.value.message
+        assert reactor.seconds() - started < 8
+        server.start()  # same port and data: durable queues and messages are kept
+        await eventually(lambda: queue.enqueue("q", "q::late", {"n": 3}), timeout=30)
+        worker = AutoWorker(a.engine, "q::late")
+        await wait_for(lambda: sorted(d["n"] for d in worker.data_of("q::late")) == [1, 3],
+                       timeout=20, what="the kept message and the new one")
+    finally:
+        await engines.stop_all()
+        server.close()
