@@ -186,7 +186,7 @@ def _keys(queue):
 
 
 class _Consumer:
-    __slots__ = ("queue", "prefetch", "fifo", "held", "claiming", "again")
+    __slots__ = ("queue", "prefetch", "fifo", "held", "claiming", "again", "scheduled")
 
     def __init__(self, queue, prefetch, fifo):
         self.queue = queue
@@ -195,6 +195,7 @@ class _Consumer:
         self.held = set()  # ids handed out and not settled yet
         self.claiming = False
         self.again = False
+        self.scheduled = False  # a kick is due on the next reactor turn
 
 
 @implementer(IQueueBroker)
@@ -326,7 +327,14 @@ class RedisQueueBroker:
         consumer = self._consumers.get(job.queue)
         if consumer is not None:
             consumer.held.discard(job.id)
-            self._reactor.callLater(0, self._kick, consumer)
+            if not consumer.scheduled:
+                # One claim for every message settled in this reactor turn.
+                consumer.scheduled = True
+                self._reactor.callLater(0, self._scheduled_kick, consumer)
+
+    def _scheduled_kick(self, consumer):
+        consumer.scheduled = False
+        self._kick(consumer)
 
     # -- messages --------------------------------------------------------------------
 
