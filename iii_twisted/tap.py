@@ -5,6 +5,7 @@
     twistd iii --check-config FILE     validate FILE, say what it holds, exit
     twistd iii --convert FILE          print FILE in the other config format, exit
     twistd iii --version               print the engine's version, exit
+    twistd iii --describe-config       print every config key, exit
 
 A config error or a port that cannot be bound is one line on stderr and exit status 1,
 without a traceback (``--debug`` shows it).
@@ -17,6 +18,7 @@ from twisted.python import usage
 from . import __version__
 from .config import ConfigError, load_config
 from .listeners import ListenerError
+from .logsetup import LogSettingsService, configure_twist
 
 
 class Options(usage.Options):
@@ -34,6 +36,8 @@ class Options(usage.Options):
     ]
     optFlags = [
         ["debug", None, "Show the traceback of config and start-up errors."],
+        ["describe-config", None, "Print every config key (type, range, default, "
+                                  "meaning) and exit."],
     ]
 
     def opt_version(self):
@@ -46,6 +50,10 @@ class Options(usage.Options):
         Load and validate the config file now, so that a bad one stops twistd with
         one line naming the file and key (and exit status 1).
         """
+        if self["describe-config"]:
+            from .config import describe_all
+            sys.stdout.write(describe_all() + "\n")
+            sys.exit(0)
         if self["check-config"]:
             self._check(self["check-config"])
         if self["convert"]:
@@ -119,6 +127,9 @@ def makeService(options, reactor=None):
     except ConfigError as e:
         fail(e, options["debug"])
     service.reload_on_sighup = True
+    config = options["engine_config"]
+    service.log_settings = LogSettingsService(config.log_level)
+    configure_twist(getattr(options, "parent", None), config.log_level, config.log_format)
     if not options["debug"]:
         sys.excepthook = _quiet_excepthook(sys.excepthook)
     return service

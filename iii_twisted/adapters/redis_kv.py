@@ -28,7 +28,7 @@ from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
 from zope.interface import implementer
 
 from ..interfaces import IKvStore, KvStoreError
-from .ops import ABSENT, apply_ops, validate_ops
+from .ops import ABSENT, apply_update_ops, update_result, validate_ops
 
 ORDER_PREFIX = "iii:order:"
 SEQ_KEY = "iii:kv_seq"
@@ -192,13 +192,12 @@ class RedisKvStore:
         for _ in range(MAX_UPDATE_ATTEMPTS):
             text = await self._client.execute("HGET", keys[0], key)
             current = ABSENT if text is None else json.loads(text)
-            new = apply_ops(current, ops)
+            new, errors = apply_update_ops(current, ops)
             new_text = _encode(new)
             written = await self._cas.call(
                 keys, [key, "0" if text is None else "1", text or "", new_text])
             if written == 1:
-                return {"old_value": None if current is ABSENT else current,
-                        "new_value": new}
+                return update_result(None if current is ABSENT else current, new, errors)
         raise KvStoreError("update of {!r} gave up after {} conflicting writes".format(
             key, MAX_UPDATE_ATTEMPTS))
 

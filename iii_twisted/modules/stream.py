@@ -74,10 +74,20 @@ KV_ADAPTER = "modules::stream::adapters::KvStore"
 REDIS_ADAPTER = "modules::stream::adapters::RedisAdapter"
 CONFIG_KEYS = ("port", "host", "auth_function", "adapter")
 
+def _ip_address(host):
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return ("must be an IP address (such as 0.0.0.0 or 127.0.0.1), not "
+                "{!r}".format(host))
+    return None
+
+
 # Every key of the module's config (iii_twisted/schema.py says how to add one).
 CONFIG_SCHEMA = Section(
     port=Key(int, 3112, "TCP port of the stream WebSocket", min=0, max=65535),
-    host=Key(str, "0.0.0.0", "interface (an IP address) the port listens on"),
+    host=Key(str, "0.0.0.0", "interface (an IP address) the port listens on",
+             check=_ip_address),
     auth_function=Key(str, None, "function that accepts or refuses a client"),
     adapter=Key(Adapters(
         Adapter("kv", (KV_ADAPTER,), KV_STORE_SCHEMA.extend(
@@ -124,6 +134,8 @@ class StreamModule(MultiService):
 
     iii_class = None
     config_schema = CONFIG_SCHEMA
+    # A reload hands the store to the new instance (iii_twisted/reload.py).
+    reload_handover = ("store",)
     _log = Logger()
 
     def __init__(self, engine, config, reactor, store=None):
@@ -487,7 +499,8 @@ class StreamModule(MultiService):
         unauthorized = False
         for trigger in self._engine.triggers_of_type(kind):
             try:
-                result = await self._engine.call(trigger.function_id, event)
+                result = await self._engine.call(trigger.function_id, event,
+                                                 metadata=trigger.metadata)
             except InvocationError as e:
                 self._log.error("{kind} handler {function_id} failed: {error}", kind=kind,
                                 function_id=trigger.function_id, error=e)
@@ -551,7 +564,10 @@ def _write_result(result):
     if not isinstance(result, dict) or "new_value" not in result:
         raise InvocationError("JSON_ERROR", "Failed to convert result to value: expected "
                               "an object with new_value and optional old_value")
-    return {"old_value": result.get("old_value"), "new_value": result["new_value"]}
+    out = {"old_value": result.get("old_value"), "new_value": result["new_value"]}
+    if isinstance(result.get("errors"), list) and result["errors"]:
+        out["errors"] = result["errors"]  # per-op errors of a custom update function
+    return out
 
 
 class StreamClient:
