@@ -1,14 +1,29 @@
 """
-The Redis queue broker with two ``twistd iii`` processes and iii-sdk 0.10.0 workers:
-an engine killed with SIGKILL mid-call gives its unacknowledged messages back, and
-the other engine processes every one of them.
+The shared queue brokers (Redis, RabbitMQ) with two ``twistd iii`` processes and
+iii-sdk 0.10.0 workers: an engine killed with SIGKILL mid-call gives its
+unacknowledged messages back, and the other engine processes every one of them.
 """
 
 import threading
 
+import pytest
 from iii import TriggerAction
 
 from engine_process import EngineProcess, Waiter
+
+ADAPTERS = {
+    "redis": """
+        class: modules::queue::RedisAdapter
+        config:
+          redis_url: "{url}"
+          lease_ms: 1000
+          poll_interval_ms: 50""",
+    "rabbitmq": """
+        class: modules::queue::RabbitMQAdapter
+        config:
+          amqp_url: "{url}"
+          poll_interval_ms: 50""",
+}
 
 CONFIG = """
 port: {{port}}
@@ -17,12 +32,7 @@ invocation_timeout_ms: 60000
 modules:
   - class: modules::queue::QueueModule
     config:
-      adapter:
-        class: modules::queue::RedisAdapter
-        config:
-          redis_url: "{redis}"
-          lease_ms: 1000
-          poll_interval_ms: 50
+      adapter:{adapter}
       queue_configs:
         orders:
           concurrency: 5
@@ -30,12 +40,22 @@ modules:
 """
 
 
-def test_sigkill_of_the_consuming_engine_redelivers_on_the_other(tmp_path, redis_url,
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker_config(request):
+    """@return: the queue adapter's YAML for a test server of each broker."""
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+    else:
+        url = request.getfixturevalue("rabbitmq_server").url
+    return ADAPTERS[request.param].format(url=url)
+
+
+def test_sigkill_of_the_consuming_engine_redelivers_on_the_other(tmp_path, broker_config,
                                                                  sdk_worker):
     engines = []
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-        engines.append(EngineProcess(CONFIG.format(redis=redis_url), tmp_path / name))
+        engines.append(EngineProcess(CONFIG.format(adapter=broker_config), tmp_path / name))
     a, b = engines
     try:
         a.start()
