@@ -136,8 +136,9 @@ _ENTRY_LISTS = dict(
 )
 V010_SCHEMA = ENGINE_SCHEMA.extend(**LISTENER_SCHEMA.keys).extend(**_ENTRY_LISTS)
 CURRENT_SCHEMA = ENGINE_SCHEMA.extend(
-    registration_namespace_grace_ms=Key(int, 5000, "accepted for compatibility "
-                                        "(this engine has no namespaces)", min=0),
+    registration_namespace_grace_ms=Key(int, 5000, "accepted for compatibility (this "
+                                        "engine applies registrations at once; see "
+                                        "namespaces.py)", min=0),
     **_ENTRY_LISTS)
 
 LISTENER_NAME = "iii-worker-manager"
