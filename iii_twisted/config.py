@@ -11,7 +11,17 @@ The file's shape (../shared/spec/engine-core.md §10)::
 Our own optional top-level keys (the reference ignores unknown keys, so a file using
 them still loads there): ``host`` (interface, default 0.0.0.0), ``listen`` (a Twisted
 endpoint string that overrides port and host), ``invocation_timeout_ms``,
-``max_message_size``, ``ws_ping_interval_ms``, ``ws_ping_timeout_ms``.
+``max_message_size``, ``ws_ping_interval_ms``, ``ws_ping_timeout_ms``, ``auth``
+(tokens and grants of the worker port, L{iii_twisted.auth.parse_auth_config}) and
+``listeners`` (several worker ports, each ``{name, listen, auth}``; when given they
+replace the one of ``port``/``host``/``listen``/``auth``)::
+
+    listeners:
+      - name: trusted
+        listen: unix:/run/iii/workers.sock
+      - name: public
+        listen: ssl:49134:privateKey=key.pem:certKey=cert.pem
+        auth: {tokens: [{name: web, token: "${WEB_TOKEN}", allowed_functions: ["public::*"]}]}
 
 ``${VAR}`` and ``${VAR:default}`` are expanded in every string value after parsing.
 Deviation from the reference, which substitutes in the raw text: comments are not
@@ -75,6 +85,21 @@ _Loader.add_implicit_resolver("!iii-env", _WHOLE_ENV, ["$"])
 _Loader.add_constructor("!iii-env", lambda loader, node: _EnvRef(loader.construct_scalar(node)))
 
 
+class ListenerConfig:
+    """
+    One worker port.
+
+    @ivar name: for logs and metrics (``workers`` for the default one).
+    @ivar listen: its endpoint string.
+    @ivar auth: its L{iii_twisted.auth.AuthConfig}, or None (unauthenticated).
+    """
+
+    def __init__(self, name, listen, auth=None):
+        self.name = name
+        self.listen = listen
+        self.auth = auth
+
+
 class EngineConfig:
     """
     A validated engine configuration.
@@ -85,12 +110,16 @@ class EngineConfig:
     @ivar invocation_timeout: seconds before an unanswered call fails.
     @ivar max_message_size: bytes; larger worker frames are dropped.
     @ivar ws_ping_interval, ws_ping_timeout: seconds.
+    @ivar auth: the default listener's L{iii_twisted.auth.AuthConfig}, or None.
+    @ivar listeners: the L{ListenerConfig}s of the worker ports (the first is the one
+        C{port}/C{listen}/C{auth} describe, unless ``listeners:`` replaced it).
     @ivar source: where it came from (a file name), for messages.
     """
 
     def __init__(self, port=DEFAULT_PORT, host="0.0.0.0", listen=None, modules=(),
                  invocation_timeout=300.0, max_message_size=16 * 1024 * 1024,
-                 ws_ping_interval=30.0, ws_ping_timeout=30.0, source=None):
+                 ws_ping_interval=30.0, ws_ping_timeout=30.0, source=None, auth=None,
+                 listeners=None):
         self.port = port
         self.host = host
         self.listen = listen or "tcp:{}:interface={}".format(port, host)
@@ -100,6 +129,9 @@ class EngineConfig:
         self.ws_ping_interval = ws_ping_interval
         self.ws_ping_timeout = ws_ping_timeout
         self.source = source
+        self.auth = auth
+        self.listeners = list(listeners) if listeners else [
+            ListenerConfig("workers", self.listen, auth)]
 
 
 def load_config(path, environ=None):
@@ -216,8 +248,39 @@ def from_dict(data, source=None):
                 raise ConfigError("config must be a mapping, not {}".format(_kind(config)),
                                   key + ".config")
             modules.append((name, config, key))
+    from .auth import parse_auth_config
+
+    auth = parse_auth_config(data.get("auth"), "auth")
+    listeners = None
+    if data.get("listeners") is not None:
+        listeners, names = [], set()
+        for i, entry in enumerate(_get(data, "listeners", list, [])):
+            key = "listeners[{}]".format(i)
+            if not isinstance(entry, dict):
+                raise ConfigError("each listener must be a mapping with listen", key)
+            unknown = set(entry) - {"name", "listen", "auth"}
+            if unknown:
+                raise ConfigError("unknown key; known keys: name, listen, auth",
+                                  "{}.{}".format(key, sorted(unknown)[0]))
+            listen_at = _get(entry, "listen", str, None, key + ".")
+            if not listen_at:
+                raise ConfigError("missing listen (an endpoint string such as "
+                                  "tcp:49134:interface=127.0.0.1)", key + ".listen")
+            name = _get(entry, "name", str, "workers#{}".format(i + 1), key + ".")
+            if name in names:
+                raise ConfigError("listener name {!r} is used twice".format(name),
+                                  key + ".name")
+            names.add(name)
+            listeners.append(ListenerConfig(
+                name, listen_at, parse_auth_config(entry.get("auth"), key + ".auth")))
+        if not listeners:
+            raise ConfigError("needs at least one listener", "listeners")
+        if auth is not None:
+            raise ConfigError("give each listener its own auth: the top-level auth "
+                              "applies only without listeners", "auth")
     return EngineConfig(
-        port=port, host=host, listen=listen, modules=modules,
+        port=port, host=host, listen=listen, modules=modules, auth=auth,
+        listeners=listeners,
         invocation_timeout=_get(data, "invocation_timeout_ms", int, 300000) / 1000.0,
         max_message_size=_get(data, "max_message_size", int, 16 * 1024 * 1024),
         ws_ping_interval=_get(data, "ws_ping_interval_ms", int, 30000) / 1000.0,

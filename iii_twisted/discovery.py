@@ -48,11 +48,18 @@ def _flag(function_id, data, key):
 def register_engine_functions(engine):
     """Register the ``engine::*`` discovery and worker functions on C{engine}."""
 
+    # Discovery answers only what the calling session may call (engine.current_session;
+    # None = every grant), as the reference's session-filtered lists.
+    def visible(function_id, metadata=None):
+        session = engine.current_session
+        return session is None or session.may_call(function_id, metadata)
+
     def list_functions(data):
         internal = _flag("engine::functions::list", data, "include_internal")
         return {"functions": [
             entry.info() for function_id, entry in engine.functions.items()
-            if internal or not function_id.startswith("engine::")
+            if (internal or not function_id.startswith("engine::"))
+            and visible(function_id, entry.metadata)
         ]}
 
     def list_workers(data):
@@ -60,8 +67,13 @@ def register_engine_functions(engine):
         workers = engine.workers.values()
         if wanted is not None:
             workers = [w for w in workers if w.id == wanted]
+        infos = [_worker_info(engine, w) for w in workers]
+        if engine.current_session is not None:
+            for info in infos:
+                info["functions"] = [f for f in info["functions"] if visible(f)]
+                info["function_count"] = len(info["functions"])
         return {
-            "workers": [_worker_info(engine, w) for w in workers],
+            "workers": infos,
             "timestamp": int(time.time() * 1000),
         }
 
@@ -69,14 +81,18 @@ def register_engine_functions(engine):
         internal = _flag("engine::triggers::list", data, "include_internal")
         return {"triggers": [
             trigger.info() for trigger in engine.triggers.values()
-            if internal or not trigger.function_id.startswith("engine::")
+            if (internal or not trigger.function_id.startswith("engine::"))
+            and visible(trigger.function_id)
         ]}
 
     def list_trigger_types(data):
         internal = _flag("engine::trigger-types::list", data, "include_internal")
         types = []
+        session = engine.current_session
         for trigger_type in engine.trigger_types.values():
             if not internal and trigger_type.id.startswith("engine::"):
+                continue
+            if session is not None and not session.may_register_trigger(trigger_type.id):
                 continue
             info = {"id": trigger_type.id, "description": trigger_type.description}
             if trigger_type.trigger_request_format is not None:

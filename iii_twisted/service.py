@@ -14,6 +14,7 @@ from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 
+from .auth import Authenticator
 from .channels import install_channels
 from .config import ConfigError, EngineConfig, from_dict, load_config
 from .engine import Engine
@@ -33,7 +34,8 @@ class EngineService(MultiService):
     @ivar engine: the L{Engine}; register in-process functions on it and call any
         function with C{engine.call(function_id, data)}.
     @ivar modules: the loaded modules, in config order.
-    @ivar worker_factory: the L{WorkerFactory} of the worker port.
+    @ivar worker_factory: the L{WorkerFactory} of the (first) worker port.
+    @ivar worker_factories: those of every worker port (``listeners:``), in order.
     """
 
     _log = Logger()
@@ -70,15 +72,24 @@ class EngineService(MultiService):
                 raise error
             module.setServiceParent(self)
             self.modules.append(module)
-        self.worker_factory = WorkerFactory(
-            self.engine, reactor,
-            max_message_size=config.max_message_size,
-            ping_interval=config.ws_ping_interval,
-            ping_timeout=config.ws_ping_timeout,
-            channels=self.channels,
-        )
-        self._listener = strports.service(config.listen, self.worker_factory, reactor=reactor)
-        self._listener.setServiceParent(self)
+        self.worker_factories = []
+        self._listeners = []
+        for listener in config.listeners:
+            factory = WorkerFactory(
+                self.engine, reactor,
+                max_message_size=config.max_message_size,
+                ping_interval=config.ws_ping_interval,
+                ping_timeout=config.ws_ping_timeout,
+                channels=self.channels,
+                authenticator=None if listener.auth is None else Authenticator(
+                    self.engine, listener.auth, reactor, listener.name),
+            )
+            service = strports.service(listener.listen, factory, reactor=reactor)
+            service.setServiceParent(self)
+            self.worker_factories.append(factory)
+            self._listeners.append(service)
+        self.worker_factory = self.worker_factories[0]
+        self._listener = self._listeners[0]
 
     @classmethod
     def from_file(cls, path, reactor=None):
@@ -88,8 +99,26 @@ class EngineService(MultiService):
         """
         return cls(load_config(path), reactor=reactor)
 
-    def listening(self):
+    def startService(self):
+        MultiService.startService(self)
+        for listener in self.config.listeners:
+            if listener.auth is None:
+                self._log.warn(
+                    "worker port {name} ({listen}) is unauthenticated: anyone who can "
+                    "reach it may call every function and replace registrations (add "
+                    "auth: to require tokens; see docs/security.rst)",
+                    name=listener.name, listen=listener.listen)
+            else:
+                self._log.info(
+                    "worker port {name} ({listen}) requires authentication: {count} "
+                    "token(s){fn}", name=listener.name, listen=listener.listen,
+                    count=len(listener.auth.tokens),
+                    fn=(", auth function " + listener.auth.auth_function_id
+                        if listener.auth.auth_function_id else ""))
+
+    def listening(self, index=0):
         """
+        @param index: which worker port (``listeners:`` order).
         @return: a Deferred firing with the worker port's C{IListeningPort} once it is
             bound (use C{.getHost().port} when the config asked for port 0).
         """
@@ -97,7 +126,7 @@ class EngineService(MultiService):
         # us no public handle on it.
         from twisted.internet.defer import succeed
 
-        d = self._listener._waitingForPort
+        d = self._listeners[index]._waitingForPort
         if d is None:
             raise RuntimeError("the engine service is not running")
         if d.called:

@@ -14,6 +14,15 @@ Paths (../shared/spec/engine-core.md §1):
   channel manager (``factory.channels``) when one is installed, else 404.
 - anything else: refused with 404 before the upgrade.
 
+Authentication (a listener with ``auth:``, see L{iii_twisted.auth}): ``/`` and
+``/otel`` need a valid token (``Authorization: Bearer`` or ``?token=``) or the auth
+function's consent; without it the upgrade is answered ``401 Unauthorized`` and the
+socket closed, before any worker exists (the reference sends an ``AUTH_ERROR`` frame
+after the upgrade instead; no SDK reads that frame, both just reconnect, and refusing
+before the upgrade costs a refused client nothing on our side but one HTTP answer). A
+channel end is authorized by its ``key`` (a secret only an authenticated session got
+from ``engine::channels::create``); a token it presents must still be valid.
+
 Bad input never closes the connection: undecodable JSON, a non-object, an unknown type
 or a wrong field type is logged and dropped; a malformed ``invokefunction`` that still
 carries an ``invocation_id`` is answered with an ``invalid_message`` error so its
@@ -32,6 +41,7 @@ from zope.interface import implementer
 
 from . import __version__
 from . import protocol as P
+from .auth import AuthRefused, headers_of
 from .interfaces import IWorkerConnection
 
 WORKER_PATH = "/"
@@ -55,9 +65,33 @@ class WorkerProtocol(WebSocketServerProtocol):
     _worker = None
     _role = None
     _channel_end = None
+    _session = None
     peer_address = None
 
     def onConnect(self, request):
+        authenticator = self.factory.authenticator
+        if authenticator is None:
+            return self._accept(request)
+        # Authenticate first: an unauthenticated client learns nothing, not even
+        # whether a channel exists.
+        self.peer_address = getattr(self.transport.getPeer(), "host", None)
+        headers = headers_of(request)
+        if request.path.startswith(CHANNELS_PREFIX) and "authorization" not in headers \
+                and "token" not in request.params:
+            return self._accept(request)
+        d = authenticator.authenticate(headers, request.params, self.peer_address,
+                                       request.path)
+
+        def authenticated(session):
+            self._session = session
+            return self._accept(request)
+
+        def refused(failure):
+            failure.trap(AuthRefused)
+            raise ConnectionDeny(401, "Unauthorized")
+        return d.addCallbacks(authenticated, refused)
+
+    def _accept(self, request):
         try:
             path = request.path
             if path == WORKER_PATH:
@@ -82,7 +116,7 @@ class WorkerProtocol(WebSocketServerProtocol):
     def onOpen(self):
         try:
             if self._role == "worker":
-                self._worker = self.factory.engine.attach(self)
+                self._worker = self.factory.engine.attach(self, self._session)
             elif self._role == "channel":
                 self._channel_end.opened()
         except Exception:
@@ -206,8 +240,11 @@ class WorkerFactory(WebSocketServerFactory):
     protocol = WorkerProtocol
 
     def __init__(self, engine, reactor, max_message_size=16 * 1024 * 1024,
-                 ping_interval=30.0, ping_timeout=30.0, channels=None):
+                 ping_interval=30.0, ping_timeout=30.0, channels=None,
+                 authenticator=None):
         """
+        @param authenticator: the listener's L{iii_twisted.auth.Authenticator}, or
+            None for a listener without auth (every connection has every grant).
         @param ping_interval: seconds between WebSocket pings the engine sends to detect
             dead peers (0 disables them). The SDKs answer pings automatically.
         @param ping_timeout: seconds a peer has to answer a ping before it is dropped.
@@ -216,6 +253,7 @@ class WorkerFactory(WebSocketServerFactory):
             self, url=None, reactor=reactor, server="iii-twisted/{}".format(__version__))
         self.engine = engine
         self.channels = channels
+        self.authenticator = authenticator
         self.max_message_size = max_message_size
         # Autobahn schedules its handshake, close and ping timers through this object
         # on txaio's global loop (txaio refuses any other reactor); route them to ours,
