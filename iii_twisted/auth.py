@@ -388,15 +388,27 @@ class AuthConfig:
     @ivar auth_timeout: seconds the auth function may take.
     @ivar expose_functions: L{FunctionFilter}s for every session, or None.
     @ivar middleware_function_id: str or None.
+    @ivar admit_anyone: whether a connection without credentials gets a session
+        (``rbac:`` without an auth function, or a bare ``middleware_function_id``:
+        the reference admits everyone there, with the listener's restrictions).
+    @ivar raw: what it was read from (compared on reload).
     """
 
     def __init__(self, tokens=(), auth_function_id=None, auth_timeout=5.0,
-                 expose_functions=None, middleware_function_id=None):
+                 expose_functions=None, middleware_function_id=None, admit_anyone=False,
+                 raw=None):
         self.tokens = list(tokens)
         self.auth_function_id = auth_function_id
         self.auth_timeout = auth_timeout
         self.expose_functions = expose_functions
         self.middleware_function_id = middleware_function_id
+        self.admit_anyone = admit_anyone
+        self.raw = raw
+
+    @property
+    def authenticated(self):
+        """Whether a connection must present something (a token or the auth fn's yes)."""
+        return not self.admit_anyone
 
 
 _TOKEN_KEYS = {
@@ -511,13 +523,82 @@ def parse_auth_config(raw, key="auth"):
         raise ConfigError("must be positive", key + ".auth_timeout_ms")
     expose = raw.get("expose_functions")
     if expose is not None:
-        _check(expose, list, key + ".expose_functions")
-        expose = [FunctionFilter.parse(e, "{}.expose_functions[{}]".format(key, i))
-                  for i, e in enumerate(expose)]
+        expose = _filters(expose, key + ".expose_functions")
     middleware = raw.get("middleware_function_id")
     if middleware is not None:
         _check(middleware, str, key + ".middleware_function_id")
-    return AuthConfig(tokens, auth_function_id, timeout / 1000.0, expose, middleware)
+    return AuthConfig(tokens, auth_function_id, timeout / 1000.0, expose, middleware,
+                      raw=repr(sorted(raw.items())))
+
+
+def _filters(raw, key):
+    _check(raw, list, key)
+    return [FunctionFilter.parse(e, "{}[{}]".format(key, i)) for i, e in enumerate(raw)]
+
+
+_RBAC_KEYS = ("auth_function_id", "expose_functions", "auth_timeout_ms")
+_RBAC_HOOKS = ("on_function_registration_function_id",
+               "on_trigger_registration_function_id",
+               "on_trigger_type_registration_function_id")
+
+
+def parse_listener_auth(auth, rbac, middleware, prefix=""):
+    """
+    One listener's authentication from its ``auth:`` (ours), ``rbac:`` and
+    ``middleware_function_id`` (the reference's ``iii-worker-manager`` keys)::
+
+        rbac:
+          auth_function_id: my::auth          # optional
+          expose_functions: ['match("api::*")', {metadata: {public: true}}]
+        middleware_function_id: my::mw        # optional
+
+    ``rbac:`` without an auth function admits every connection, each limited to the
+    exposed functions; a bare ``middleware_function_id`` admits everyone with every
+    grant, every call going through the middleware (as the reference).
+
+    @return: an L{AuthConfig}, or None for none of them.
+    @raise ConfigError: naming the key, for a wrong shape or both ``auth`` and
+        ``rbac``.
+    """
+    if middleware is not None:
+        _check(middleware, str, prefix + "middleware_function_id")
+    if auth is not None:
+        if rbac is not None:
+            raise ConfigError("give auth (tokens) or rbac (the reference's), not both; "
+                              "auth takes auth_function_id and expose_functions too",
+                              prefix + "rbac")
+        config = parse_auth_config(auth, prefix + "auth")
+        if middleware is not None:
+            if config.middleware_function_id is not None:
+                raise ConfigError("middleware_function_id is given twice",
+                                  prefix + "middleware_function_id")
+            config.middleware_function_id = middleware
+        return config
+    if rbac is None:
+        if middleware is None:
+            return None
+        return AuthConfig(middleware_function_id=middleware, admit_anyone=True,
+                          raw=repr(middleware))
+    key = prefix + "rbac"
+    _check(rbac, dict, key)
+    for name in rbac:
+        if name in _RBAC_HOOKS:
+            raise ConfigError("{} is not supported by this engine yet (see "
+                              "docs/security.rst)".format(name), "{}.{}".format(key, name))
+        if name not in _RBAC_KEYS:
+            raise ConfigError("unknown key; known keys: {}".format(", ".join(_RBAC_KEYS)),
+                              "{}.{}".format(key, name))
+    function_id = rbac.get("auth_function_id")
+    if function_id is not None:
+        _check(function_id, str, key + ".auth_function_id")
+    timeout = rbac.get("auth_timeout_ms", 5000)
+    _check(timeout, int, key + ".auth_timeout_ms")
+    if timeout <= 0:
+        raise ConfigError("must be positive", key + ".auth_timeout_ms")
+    expose = _filters(rbac.get("expose_functions") or [], key + ".expose_functions")
+    return AuthConfig((), function_id, timeout / 1000.0, expose, middleware,
+                      admit_anyone=function_id is None,
+                      raw=repr((sorted(rbac.items()), middleware)))
 
 
 def _usable_credential(value):
@@ -611,6 +692,14 @@ class Authenticator:
                                listener=self.listener, **grant.grants)
         if self.config.auth_function_id is not None:
             return self._ask_auth_function(headers, params, ip_address)
+        if self.config.admit_anyone and token is None:
+            # The reference's session without an auth function: every registration
+            # grant, calls limited to what the listener exposes (if rbac: is there).
+            return Session(ip_address=ip_address, allowed_functions=None if
+                           self.config.expose_functions is None else [],
+                           expose_functions=self.config.expose_functions,
+                           middleware_function_id=self.config.middleware_function_id,
+                           listener=self.listener)
         raise AuthRefused("no credentials" if token is None else "wrong token")
 
     def _match(self, token):

@@ -56,6 +56,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from ..config import ConfigError, get_option
+from ..schema import Key, ListOf, Section
 from ..engine import FunctionEntry
 from ..interfaces import IFunctionHost, IModule
 from ..protocol import INVOCATION_FAILED, InvocationError, encode
@@ -63,6 +64,17 @@ from ..protocol import INVOCATION_FAILED, InvocationError, encode
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 DEFAULT_TIMEOUT_MS = 30000
 DEFAULT_MAX_RESPONSE = 16 * 1024 * 1024
+
+# Every key of the module's config (iii_twisted/schema.py says how to add one).
+CONFIG_SCHEMA = Section(
+    security=Key(Section(
+        url_allowlist=Key(ListOf(str), ["*"], "host patterns functions may call"),
+        require_https=Key(bool, True, "refuse plain http URLs"),
+        block_private_ips=Key(bool, True, "refuse private and loopback addresses"),
+    ), None, "what URLs HTTP-invoked functions may reach"),
+    max_response_size=Key(int, DEFAULT_MAX_RESPONSE, "largest response body, bytes",
+                          min=0),
+)
 MAX_REFUSALS = 1000
 
 URL_VALIDATION_FAILED = "url_validation_failed"
@@ -521,6 +533,7 @@ class HttpFunctionsModule(Service):
 
     _log = Logger()
     iii_class = None
+    config_schema = CONFIG_SCHEMA
 
     def __init__(self, engine, config, reactor, client=None, environ=None, resolve=None):
         """

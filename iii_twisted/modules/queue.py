@@ -49,6 +49,7 @@ from zope.interface import implementer
 from .. import protocol as P
 from ..adapters.queue_journal import JournalQueueStore, MemoryQueueStore, thread_runner
 from ..config import ConfigError, get_option
+from ..schema import Adapter, Adapters, Key, MapOf, Section
 from ..interfaces import IEnqueuer, IModule, ITriggerProvider, TriggerError
 from ..protocol import InvocationError
 
@@ -61,6 +62,35 @@ _QUEUE_KEYS = {"max_retries", "concurrency", "type", "message_group_field", "bac
                "poll_interval_ms"}
 _ADAPTER_KEYS = {"store_method", "file_path", "save_interval_ms", "channel_size",
                  "max_attempts", "backoff_ms", "concurrency", "poll_interval_ms", "mode"}
+# Every key of the module's config (iii_twisted/schema.py says how to add one).
+_QUEUE_DEFAULTS = dict(
+    concurrency=Key(int, 10, "messages delivered at once", min=1),
+    backoff_ms=Key(int, 1000, "first retry delay, ms (doubles each attempt)", min=0),
+    poll_interval_ms=Key(int, 100, "how often an idle queue looks for work, ms", min=1),
+)
+CONFIG_SCHEMA = Section(
+    adapter=Key(Adapters(
+        Adapter("builtin", (BUILTIN_ADAPTER,), Section(
+            store_method=Key(str, "in_memory", "in_memory, or file_based (a journal in "
+                             "file_path)", choices=("in_memory", "file_based")),
+            file_path=Key(str, "data/queue_store", "directory of a file_based journal"),
+            save_interval_ms=Key(int, 5000, "accepted for compatibility", min=0),
+            channel_size=Key(int, 256, "accepted for compatibility", min=1),
+            max_attempts=Key(int, 3, "deliveries before a message is dead-lettered",
+                             min=0),
+            mode=Key(str, "standard", "standard, or fifo (one at a time, in order)",
+                     choices=("standard", "fifo")),
+            **_QUEUE_DEFAULTS)),
+        Adapter("rabbitmq", ("modules::queue::RabbitMQAdapter",), None),
+        Adapter("redis", ("modules::queue::RedisAdapter",), None),
+    ), None, "where messages are kept (default: builtin in memory)"),
+    queue_configs=Key(MapOf(Section(
+        max_retries=Key(int, 3, "deliveries before dead-lettering", min=0),
+        type=Key(str, "standard", "standard or fifo", choices=("standard", "fifo")),
+        message_group_field=Key(str, None, "data field naming a fifo message's group"),
+        **_QUEUE_DEFAULTS)), None, "named queues (for the Enqueue action), by name"),
+)
+
 _SUBSCRIPTION_KEYS = {"type", "concurrency", "maxRetries", "visibilityTimeout",
                       "delaySeconds", "backoffType", "backoffDelayMs"}
 
@@ -210,6 +240,7 @@ class QueueModule(Service):
     """
 
     iii_class = None
+    config_schema = CONFIG_SCHEMA
     _log = Logger()
 
     def __init__(self, engine, config, reactor, store=None):

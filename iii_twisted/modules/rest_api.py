@@ -35,7 +35,6 @@ import time
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 from klein import Klein
-from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, succeed
 from twisted.internet.interfaces import IPushProducer
@@ -46,6 +45,8 @@ from zope.interface import implementer
 
 from ..channels import CLOSE_DROPPED, FRAME_BYTES, READ, WRITE, install_channels
 from ..config import ConfigError, get_option
+from ..listeners import Listener
+from ..schema import Key, ListOf, Section
 from ..interfaces import (
     IChannelReaderEnd, IChannelWriterEnd, IModule, ITriggerProvider, TriggerError,
 )
@@ -57,6 +58,20 @@ CONFIG_KEYS = ("port", "host", "default_timeout", "cors", "concurrency_request_l
                "body_limit", "listen")
 CORS_KEYS = ("allowed_origins", "allowed_methods")
 DEFAULT_BODY_LIMIT = 64 * 1024 * 1024
+
+# Every key of the module's config (iii_twisted/schema.py says how to add one).
+CONFIG_SCHEMA = Section(
+    port=Key(int, 3111, "TCP port of the HTTP API", min=0, max=65535),
+    host=Key(str, "0.0.0.0", "interface the port listens on"),
+    listen=Key(str, None, "a Twisted endpoint string; overrides port and host"),
+    default_timeout=Key(int, 30000, "ms a request waits for its function", min=1),
+    concurrency_request_limit=Key(int, 1024, "requests handled at once", min=1),
+    body_limit=Key(int, DEFAULT_BODY_LIMIT, "largest request body, bytes", min=0),
+    cors=Key(Section(
+        allowed_origins=Key(ListOf(str), [], "origins allowed; empty or * = any"),
+        allowed_methods=Key(ListOf(str), [], "methods allowed; empty = any"),
+    ), None, "CORS answers"),
+)
 CHANNEL_BUFFER = 64  # frames, as the reference's HTTP channels
 CHANNEL_BYTES = 1024 * 1024  # and at most this many bytes buffered per channel
 
@@ -290,6 +305,7 @@ class RestApiModule(MultiService):
 
     _log = Logger()
     iii_class = None
+    config_schema = CONFIG_SCHEMA
 
     def __init__(self, engine, config, reactor):
         """
@@ -335,7 +351,7 @@ class RestApiModule(MultiService):
         engine.register_trigger_type(
             HTTP_TRIGGER, self,
             "Calls the function for HTTP requests on api_path/http_method")
-        strports.service(self.listen, self.site, reactor=reactor).setServiceParent(self)
+        Listener(self.listen, self.site, reactor, "iii-http").setServiceParent(self)
 
     # -- ITriggerProvider ------------------------------------------------------------
 
@@ -427,6 +443,15 @@ class RestApiModule(MultiService):
     def stopService(self):
         for exchange in list(self._exchanges):
             exchange.cancel()
+        return MultiService.stopService(self)
+
+    def retire(self):
+        """
+        Close the port but let the requests in flight finish (a reload does this to
+        the old instance of a restarted module; its routes live on in the new one).
+
+        @return: Deferred firing once the port is closed.
+        """
         return MultiService.stopService(self)
 
 

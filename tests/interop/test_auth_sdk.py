@@ -38,7 +38,7 @@ auth:
 modules: []
 """
 
-REFUSED = "refused a connection to {} on workers from 127.0.0.1: {}"
+REFUSED = "refused a connection to {} on iii-worker-manager from 127.0.0.1: {}"
 
 
 @pytest.fixture
@@ -137,6 +137,8 @@ def test_python_025_with_iii_token(auth_engine, backend, newer_worker, newer_pyt
 
     full = newer_worker(auth_engine.url, "backend-025", env={"III_TOKEN": BACKEND})
     full.request("register_function", function_id="private::new")
+    # Its own list is the barrier: its registration is in when the list is answered.
+    assert "private::new" in {f["function_id"] for f in full.request("list_functions")["result"]}
     assert backend.trigger({"function_id": "private::new", "payload": {"n": 3}})[
         "handled_by"] == "backend-025"
     assert "anonymous-025" not in _worker_names(backend)

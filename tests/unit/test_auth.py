@@ -168,7 +168,7 @@ def test_config_reads_tokens_from_the_environment():
 
 def test_config_without_auth_has_an_open_listener():
     config = parse_config("port: 0\n")
-    assert [(l.name, l.auth) for l in config.listeners] == [("workers", None)]
+    assert [(l.name, l.auth) for l in config.listeners] == [("iii-worker-manager", None)]
 
 
 @pytest.mark.parametrize("auth,key", [
@@ -196,6 +196,26 @@ def test_config_errors_name_the_key(auth, key):
     assert e.value.key == key
 
 
+def test_current_format_rbac_and_several_worker_managers():
+    """Each iii-worker-manager entry is a listener; rbac: and middleware as the reference."""
+    config = parse_config(
+        "workers:\n"
+        "  - name: iii-worker-manager\n    config: {listen: 'unix:/tmp/t.sock'}\n"
+        "  - name: iii-worker-manager\n    config:\n      port: 0\n"
+        "      middleware_function_id: mw::all\n"
+        "      rbac: {auth_function_id: my::auth, expose_functions: ['match(\"api::*\")']}\n")
+    first, second = config.listeners
+    assert (first.name, first.listen, first.auth) == (
+        "iii-worker-manager", "unix:/tmp/t.sock", None)
+    assert second.name == "iii-worker-manager#2"
+    assert second.auth.auth_function_id == "my::auth"
+    assert second.auth.middleware_function_id == "mw::all"
+    assert second.auth.expose_functions[0].matches("api::x")
+    open_rbac = parse_config("workers:\n  - name: iii-worker-manager\n    config:\n"
+                             "      rbac: {expose_functions: ['match(\"api::*\")']}\n")
+    assert open_rbac.listeners[0].auth.admit_anyone
+
+
 def test_several_listeners():
     """listeners: replaces the default port; each has its own endpoint and auth."""
     config = parse_config(
@@ -205,8 +225,9 @@ def test_several_listeners():
         "    auth: {tokens: [{name: web, token: abcdefghijklmnopq}]}\n")
     assert [(l.name, l.listen, l.auth is None) for l in config.listeners] == [
         ("trusted", "unix:/tmp/iii.sock", True), ("public", "tcp:0", False)]
-    for text, key in (("listeners: [{name: a}]", "listeners[0].listen"),
-                      ("listeners: [{listen: 'tcp:1', port: 3}]", "listeners[0].port"),
+    for text, key in (("listeners: [{name: a, auth: {tokens: []}}]", "listeners[0].auth"),
+                      ("listeners: [{name: a}]\nport: 1", "port"),
+                      ("listeners: [{listen: 'tcp:1', colour: 3}]", "listeners[0].colour"),
                       ("listeners: [{listen: 'tcp:1', name: a}, {listen: 'tcp:2', name: a}]",
                        "listeners[1].name"),
                       ("listeners: []", "listeners")):
