@@ -101,3 +101,43 @@ def test_channels_go_by_key_and_refuse_a_wrong_token():
     assert not wrong.opened
     right, _, _ = h.connect(path)
     assert right.opened
+
+
+# -- the stream socket ----------------------------------------------------------------
+
+STREAM_TOKEN = "stream-" + "s" * 30
+
+
+def test_stream_socket_tokens():
+    """auth: tokens on the stream port: 401 without, a client with; counted."""
+    from test_stream import StreamHarness
+
+    h = StreamHarness({"auth": {"tokens": [{"name": "web", "token": STREAM_TOKEN}]}})
+    for path in ("/", "/?token=nope"):
+        client = h.connect(path)
+        h.flush()
+        assert not client.opened
+    client = h.connect("/?token=" + STREAM_TOKEN)
+    h.flush()
+    assert client.opened
+    [stream_client] = h.module.clients
+    assert stream_client.context == {"token": "web"}
+    assert h.engine.auth_stats.refused == 2
+
+
+def test_stream_tokens_then_the_auth_function():
+    """With both, the token is checked first; then the auth function gives the context."""
+    from test_stream import Handler, StreamHarness
+
+    h = StreamHarness({"auth_function": "auth",
+                       "auth": {"tokens": [{"name": "web", "token": STREAM_TOKEN}]}})
+    handler = Handler(h.engine, "auth")
+    refused = h.connect("/")
+    h.flush()
+    assert not refused.opened and handler.calls() == []
+    client = h.connect("/?token=" + STREAM_TOKEN)
+    [auth] = handler.calls()
+    handler.answer(auth, {"context": {"user": "u"}})
+    h.flush()
+    assert client.opened
+    assert [c.context for c in h.module.clients] == [{"user": "u"}]
