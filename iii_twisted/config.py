@@ -38,7 +38,7 @@ import re
 
 import yaml
 
-from .schema import CURRENT, V010, Context, Key, Section, closest
+from .schema import CURRENT, V010, Context, Key, MapOf, Section, Unsupported, closest
 
 DEFAULT_PORT = 49134
 
@@ -100,6 +100,11 @@ LISTENER_SCHEMA = Section(
     max_message_size=Key(int, 16 * 1024 * 1024, "largest worker frame, bytes", min=1),
     ws_ping_interval_ms=Key(int, 30000, "WebSocket ping interval, ms (0: none)", min=0),
     ws_ping_timeout_ms=Key(int, 30000, "time to answer a ping, ms", min=0),
+    worker_max_frame_size=Key(int, 1024 * 1024, "largest frame sent to a worker that "
+                              "does not say its runtime, bytes (peer_limits.py)", min=1),
+    worker_max_frame_sizes=Key(MapOf(Key(int, min=1)), {}, "largest frame sent to a "
+                               "worker by its declared runtime, bytes; over the built-in "
+                               "python 1 MiB, node 100 MiB, rust 16 MiB"),
     handshake_timeout_ms=Key(int, 10000, "accepted for compatibility (the opening "
                              "handshake deadline is 10 s)", min=0),
     auth=Key(dict, None, "tokens and grants of connections to this port "
@@ -121,6 +126,10 @@ ENGINE_SCHEMA = Section(
     watch=Key(bool, False, "reload when this file changes (it is polled)"),
     watch_interval_ms=Key(int, 1000, "how often the file is polled when watch is on, "
                           "ms", min=10),
+    log_level=Key(str, "info", "least important log events kept (logsetup.py)",
+                  choices=("debug", "info", "warn", "error", "critical")),
+    log_format=Key(str, "text", "what twist iii writes, also when not on a terminal",
+                   choices=("text", "json")),
 )
 
 # Top-level keys of each format besides the engine's own.
@@ -166,10 +175,12 @@ class ListenerConfig:
     @ivar auth: its L{iii_twisted.auth.AuthConfig}, or None (unauthenticated).
     @ivar max_message_size: bytes; C{ws_ping_interval}, C{ws_ping_timeout}: seconds.
     @ivar key: where it is in the file, for messages.
+    @ivar frame_limits: its peer_limits.PeerFrameLimits, or None for the defaults.
     """
 
     def __init__(self, name, listen, auth=None, max_message_size=16 * 1024 * 1024,
-                 ws_ping_interval=30.0, ws_ping_timeout=30.0, key=""):
+                 ws_ping_interval=30.0, ws_ping_timeout=30.0, key="", frame_limits=None):
+        self.frame_limits = frame_limits
         self.name = name
         self.listen = listen
         self.auth = auth
@@ -181,7 +192,8 @@ class ListenerConfig:
     def settings(self):
         """@return: what its listener is built from (compared on reload)."""
         return (self.name, self.listen, self.max_message_size, self.ws_ping_interval,
-                self.ws_ping_timeout, self.auth.raw if self.auth is not None else None)
+                self.ws_ping_timeout, self.frame_limits,
+                self.auth.raw if self.auth is not None else None)
 
 
 class EngineConfig:
@@ -207,7 +219,8 @@ class EngineConfig:
     def __init__(self, port=DEFAULT_PORT, host="0.0.0.0", listen=None, modules=(),
                  invocation_timeout=300.0, max_message_size=16 * 1024 * 1024,
                  ws_ping_interval=30.0, ws_ping_timeout=30.0, source=None,
-                 format=V010, watch=False, watch_interval=1.0, listener_key="", auth=None,
+                 format=V010, watch=False, watch_interval=1.0, listener_key="",
+                 frame_limits=None, log_level="info", log_format="text", auth=None,
                  listeners=None):
         self.port = port
         self.host = host
@@ -223,9 +236,13 @@ class EngineConfig:
         self.watch = watch
         self.watch_interval = watch_interval
         self.listener_key = listener_key
+        # peer_limits.PeerFrameLimits (worker_max_frame_size[s]); None: the defaults.
+        self.frame_limits = frame_limits
+        self.log_level = log_level
+        self.log_format = log_format
         self.listeners = list(listeners) if listeners else [ListenerConfig(
             LISTENER_NAME, self.listen, auth, max_message_size, ws_ping_interval,
-            ws_ping_timeout, listener_key)]
+            ws_ping_timeout, listener_key, frame_limits)]
         self.auth = self.listeners[0].auth
 
     def listener_settings(self):
@@ -404,7 +421,17 @@ def from_dict(data, source=None):
         watch=_value(top, "watch", ENGINE_SCHEMA),
         watch_interval=_value(top, "watch_interval_ms", ENGINE_SCHEMA) / 1000.0,
         listener_key=listener_key or "", listeners=listeners,
+        frame_limits=_frame_limits(listener),
+        log_level=_value(top, "log_level", ENGINE_SCHEMA),
+        log_format=_value(top, "log_format", ENGINE_SCHEMA),
     )
+
+
+def _frame_limits(listener):
+    from .peer_limits import PeerFrameLimits  # peer_limits imports ConfigError from here
+
+    return PeerFrameLimits(_value(listener, "worker_max_frame_size"),
+                           _value(listener, "worker_max_frame_sizes"))
 
 
 def _listener(values, key, name):
@@ -421,7 +448,7 @@ def _listener(values, key, name):
                             values.get("middleware_function_id"), prefix),
         _value(values, "max_message_size"),
         _value(values, "ws_ping_interval_ms") / 1000.0,
-        _value(values, "ws_ping_timeout_ms") / 1000.0, key)
+        _value(values, "ws_ping_timeout_ms") / 1000.0, key, _frame_limits(values))
 
 
 def _value(mapping, key, schema=LISTENER_SCHEMA):

@@ -34,6 +34,8 @@ class Listener(StreamServerEndpointService):
         # As strports.service: a bind failure raises from startService, so that
         # twistd stops at once with a non-zero exit.
         self._raiseSynchronously = True
+        # No "Starting factory <... at 0x...>" lines: the start-up report names ports.
+        factory.noisy = False
         self.description = description
         self.name = name
         self.authenticated = authenticated

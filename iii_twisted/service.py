@@ -122,6 +122,7 @@ class EngineService(MultiService):
                 ping_interval=listener.ws_ping_interval,
                 ping_timeout=listener.ws_ping_timeout,
                 channels=self.channels,
+                frame_limits=listener.frame_limits,
                 authenticator=None if auth is None else Authenticator(
                     self.engine, auth, self.reactor, listener.name),
             )
@@ -170,6 +171,15 @@ class EngineService(MultiService):
         result = Deferred()
         d.addBoth(lambda r: (result.callback(r), r)[1])
         return result
+
+    # A logsetup.LogSettingsService (twistd iii sets it): log_level applied to the
+    # process's log before any port opens, and again on reload.
+    log_settings = None
+
+    def privilegedStartService(self):
+        if self.log_settings is not None:
+            self.log_settings.apply()
+        MultiService.privilegedStartService(self)
 
     def startService(self):
         MultiService.startService(self)
@@ -272,6 +282,8 @@ class EngineService(MultiService):
                 self._log.failure("config reload failed part-way")
             self.modules = [self._instances[i][1] for i in before if i in self._instances]
             raise
+        if self.log_settings is not None and new.log_level != self.config.log_level:
+            self.log_settings.set_level(new.log_level)
         self.engine.invocation_timeout = new.invocation_timeout
         self.engine.tracker._timeout = new.invocation_timeout
         self.modules = [self._instances[i][1] for i in after]

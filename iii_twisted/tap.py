@@ -17,6 +17,7 @@ from twisted.python import usage
 from . import __version__
 from .config import ConfigError, load_config
 from .listeners import ListenerError
+from .logsetup import LogSettingsService, configure_twist
 
 
 class Options(usage.Options):
@@ -119,6 +120,9 @@ def makeService(options, reactor=None):
     except ConfigError as e:
         fail(e, options["debug"])
     service.reload_on_sighup = True
+    config = options["engine_config"]
+    service.log_settings = LogSettingsService(config.log_level)
+    configure_twist(getattr(options, "parent", None), config.log_level, config.log_format)
     if not options["debug"]:
         sys.excepthook = _quiet_excepthook(sys.excepthook)
     return service

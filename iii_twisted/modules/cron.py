@@ -155,7 +155,8 @@ class _CronJob:
 
         def proceed(ok):
             if ok:
-                return engine.call(self.trigger.function_id, payload)
+                return engine.call(self.trigger.function_id, payload,
+                                   metadata=self.trigger.metadata)
         return d.addCallback(proceed)
 
     def _done(self, _, tick):

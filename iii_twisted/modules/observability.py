@@ -36,12 +36,12 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger, globalLogPublisher
-from twisted.web.server import Site
 from zope.interface import implementer
 
 from .. import __version__
 from ..config import ConfigError
 from ..listeners import Listener
+from ..logsetup import QuietSite
 from ..schema import Key, ListOf, MapOf, Section
 from ..engine import VOID
 from ..interfaces import IModule, ITelemetrySink, ITriggerProvider, TriggerError
@@ -485,7 +485,9 @@ class OtelModule(MultiService):
             alerts.clock = reactor
             alerts.setServiceParent(self)
         if o.prometheus is not None:
-            Listener(o.prometheus, Site(PrometheusResource(self.metrics), reactor=reactor),
+            # Scrapes are not logged (logsetup.QuietSite).
+            Listener(o.prometheus, QuietSite(PrometheusResource(self.metrics),
+                                             reactor=reactor),
                      reactor, "prometheus").setServiceParent(self)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -640,7 +642,8 @@ class OtelModule(MultiService):
             for trigger in triggers:
                 wanted = (trigger.config or {}).get("level") or "all"
                 if wanted == "all" or wanted == level:
-                    self.engine.call(trigger.function_id, record, VOID)
+                    self.engine.call(trigger.function_id, record, VOID,
+                                     metadata=trigger.metadata)
 
     def _store_engine_log(self, record):
         """

@@ -462,7 +462,8 @@ class StreamModule(MultiService):
         unauthorized = False
         for trigger in self._engine.triggers_of_type(kind):
             try:
-                result = await self._engine.call(trigger.function_id, event)
+                result = await self._engine.call(trigger.function_id, event,
+                                                 metadata=trigger.metadata)
             except InvocationError as e:
                 self._log.error("{kind} handler {function_id} failed: {error}", kind=kind,
                                 function_id=trigger.function_id, error=e)
@@ -526,7 +527,10 @@ def _write_result(result):
     if not isinstance(result, dict) or "new_value" not in result:
         raise InvocationError("JSON_ERROR", "Failed to convert result to value: expected "
                               "an object with new_value and optional old_value")
-    return {"old_value": result.get("old_value"), "new_value": result["new_value"]}
+    out = {"old_value": result.get("old_value"), "new_value": result["new_value"]}
+    if isinstance(result.get("errors"), list) and result["errors"]:
+        out["errors"] = result["errors"]  # per-op errors of a custom update function
+    return out
 
 
 class StreamClient:
