@@ -181,3 +181,83 @@ def test_many_failed_attempts_leave_the_engine_serving(auth_engine, backend):
     logged = [line for line in auth_engine.log().splitlines() if "refused a connection" in line]
     assert logged and "from 127.0.0.1: wrong token" in logged[0]
 
+
+
+RBAC_CONFIG = """
+invocation_timeout_ms: 20000
+listeners:
+  - name: trusted
+    listen: tcp:{trusted}:interface=127.0.0.1
+  - name: public
+    listen: tcp:{port}:interface=127.0.0.1
+    auth:
+      auth_function_id: my::auth
+      auth_timeout_ms: 5000
+      expose_functions: ['match("public::*")', {{metadata: {{open: true}}}}]
+      middleware_function_id: mw::audit
+modules: []
+"""
+
+
+def test_rbac_auth_function_on_a_trusted_listener(start_engine, sdk_worker, unconnected_010):
+    """
+    Two listeners: a trusted one (no auth) hosting the auth function and the
+    middleware, and a public one whose sessions come from that auth function, as the
+    reference's RBAC: exposed functions, prefixed registrations, middleware on every
+    call, refused when the auth function throws.
+    """
+    engine = start_engine(RBAC_CONFIG, trusted=True)
+    trusted_url = "ws://127.0.0.1:{}".format(engine.ports["trusted"])
+    trusted = sdk_worker(trusted_url, "trusted")
+    asked = []
+
+    def authenticate(data):
+        asked.append(data)
+        if data["query_params"].get("user") != ["alice"]:
+            raise ValueError("unknown user")
+        return {"allowed_functions": ["alice::*"], "context": {"user": "alice"},
+                "function_registration_prefix": "alice"}
+
+    audited = []
+
+    async def audit(data):
+        audited.append(data)
+        result = await trusted.trigger_async({"function_id": data["function_id"],
+                                              "payload": data["payload"]})
+        return {"audited": True, "result": result}
+
+    trusted.register_function({"id": "my::auth"}, authenticate)
+    trusted.register_function({"id": "mw::audit"}, audit)
+    trusted.register_function({"id": "public::hello"}, lambda data: "hello")
+    trusted.register_function({"id": "open::meta", "metadata": {"open": True}},
+                              lambda data: "meta")
+    trusted.register_function({"id": "private::x"}, lambda data: "secret")
+    listed = trusted.trigger({"function_id": "engine::functions::list", "payload": {}})
+    assert "my::auth" in {f["function_id"] for f in listed["functions"]}
+
+    stranger = unconnected_010(engine.url + "/?user=mallory", "mallory")
+    wait_until(lambda: "auth function my::auth failed" in engine.log(),
+               what="the auth function's refusal")
+    assert stranger._connection_state != "connected"
+
+    alice = sdk_worker(engine.url + "/?user=alice", "alice")
+    assert asked[-1]["query_params"] == {"user": ["alice"]}
+    assert asked[-1]["ip_address"] == "127.0.0.1"
+    assert alice.trigger({"function_id": "public::hello", "payload": {}}) == {
+        "audited": True, "result": "hello"}
+    assert alice.trigger({"function_id": "open::meta", "payload": {}})["result"] == "meta"
+    assert audited[0]["function_id"] == "public::hello"
+    assert audited[0]["context"] == {"user": "alice"}
+    with pytest.raises(Exception) as denied:
+        alice.trigger({"function_id": "private::x", "payload": {}})
+    assert "function 'private::x' not allowed (add to rbac.expose_functions)" in str(
+        denied.value)
+
+    # Registered under its prefix; the engine calls it by the id it registered.
+    alice.register_function({"id": "echo"}, lambda data: {"alice": data["n"]})
+    alice.register_function({"id": "barrier"}, lambda data: None)
+    wait_until(lambda: "alice::barrier" in {f["function_id"] for f in trusted.trigger(
+        {"function_id": "engine::functions::list", "payload": {}})["functions"]},
+        what="alice's registrations")
+    assert trusted.trigger({"function_id": "alice::echo", "payload": {"n": 5}}) == {
+        "alice": 5}
