@@ -583,3 +583,86 @@ class OwnershipTests(SynchronousTestCase):
         assert (victim.worker.name, victim.worker.runtime) == ("victim", "python")
         assert attacker.worker.name == "evil"
         assert all(s.get("_caller_worker_id") in (attacker.worker_id, None) for s in seen)
+
+
+# -- the service: listeners, the start-up report, reload --------------------------------
+
+
+def test_rbac_without_auth_function_admits_everyone_limited_to_exposed():
+    """The reference's rbac: without auth_function_id: everyone in, exposed functions only."""
+    from iii_twisted.auth import parse_listener_auth
+
+    engine, clock = make_engine()
+    config = parse_listener_auth(None, {"expose_functions": ['match("api::*")']}, None)
+    session = Authenticator(engine, config, clock).authenticate({}, {}, "1.1.1.1")
+    s = []
+    session.addCallback(s.append)
+    assert s[0].may_call("api::x") and not s[0].may_call("state::get")
+    assert s[0].may_call("engine::workers::register")
+    only_mw = parse_listener_auth(None, None, "mw::x")
+    d = Authenticator(engine, only_mw, clock).authenticate({}, {}, "1.1.1.1")
+    d.addCallback(s.append)
+    assert s[1].may_call("state::get") and s[1].middleware_function_id == "mw::x"
+    assert not config.authenticated
+
+
+def test_service_with_a_trusted_and_a_public_listener():
+    """Each listener its own port and auth; the report says which is authenticated."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from iii_twisted.report import startup_report
+    from iii_twisted.service import EngineService
+
+    reactor = MemoryReactorClock()
+    service = EngineService({
+        "listeners": [
+            {"name": "trusted", "listen": "tcp:4001:interface=127.0.0.1"},
+            {"name": "public", "port": 4002,
+             "auth": {"tokens": [{"name": "web", "token": "p" * 32}]}},
+        ]}, reactor=reactor)
+    service.privilegedStartService()
+    service.startService()
+    try:
+        assert sorted((p, i) for p, f, b, i in reactor.tcpServers) == [
+            (4001, "127.0.0.1"), (4002, "0.0.0.0")]
+        trusted, public = service.worker_factories
+        assert trusted.authenticator is None
+        assert public.authenticator.config.tokens[0].name == "web"
+        report = "\n".join(startup_report(service))
+        assert "worker trusted listens on tcp:4001:interface=127.0.0.1, unauthenticated" \
+            in report
+        assert "worker public listens on tcp:4002:interface=0.0.0.0, authenticated" in report
+    finally:
+        service.stopService()
+
+
+def test_reload_applies_new_tokens_and_keeps_connected_sessions():
+    from twisted.internet.testing import MemoryReactorClock
+
+    from iii_twisted.service import EngineService
+
+    def config(token):
+        return {"port": 4003, "auth": {"tokens": [{"name": "web", "token": token}]}}
+    reactor = MemoryReactorClock()
+    service = EngineService(config("a" * 32), reactor=reactor)
+    service.privilegedStartService()
+    service.startService()
+    try:
+        conn = connect(service.engine, Session(name="web"))
+        results = []
+        service.reload(config("b" * 32)).addBoth(results.append)
+        assert results and results[0].listener
+        authenticator = service.worker_factory.authenticator
+        refused = authenticator.authenticate({}, {"token": ["a" * 32]}, "x")
+        refused.addErrback(lambda f: results.append(f.check(AuthRefused)))
+        assert results[-1] is AuthRefused
+        ok = []
+        authenticator.authenticate({}, {"token": ["b" * 32]}, "x").addCallback(ok.append)
+        assert ok[0].name == "web"
+        assert conn.worker.id in service.engine.workers
+        # The same config again changes nothing.
+        again = []
+        service.reload(config("b" * 32)).addBoth(again.append)
+        assert not again[0].listener
+    finally:
+        service.stopService()
