@@ -47,6 +47,23 @@ def test_wildcard(pattern, value, expected):
     assert wildcard_match(pattern, value) is expected
 
 
+def test_compiled_grants_answer_as_each_pattern():
+    """Session's one-regex check gives grant_matches' answers, on random patterns."""
+    import random
+
+    from iii_twisted.auth import compile_grants, grant_matches
+
+    rng = random.Random(13)
+    alphabet = "ab:*.+?()[]\\$^"
+    for _ in range(2000):
+        grants = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6)))
+                  for _ in range(rng.randint(1, 3))]
+        value = "".join(rng.choice("ab:.+?()[]\\$^\n") for _ in range(rng.randint(0, 7)))
+        compiled = compile_grants(grants)
+        assert bool(compiled.match(value)) == any(grant_matches(g, value) for g in grants), (
+            grants, value)
+
+
 def test_metadata_filter():
     """A metadata filter matches functions whose metadata has every key, exactly or by pattern."""
     f = FunctionFilter.parse({"metadata": {"public": True, "team": 'match("web-*")'}}, "k")
@@ -124,7 +141,7 @@ def test_denial_messages():
 def test_auth_answer_defaults_are_the_references():
     """Absent keys take the reference's defaults; anything else than the shape is refused."""
     s = session_from_answer({})
-    assert s.allowed_functions == [] and s.forbidden_functions == []
+    assert s.allowed_functions == () and s.forbidden_functions == ()
     assert s.allowed_trigger_types is None
     assert s.allow_function_registration is True
     assert s.allow_trigger_type_registration is False
@@ -428,7 +445,8 @@ class EngineGrantTests(SynchronousTestCase):
         invoke(self.web, "engine::functions::list")
         # engine::functions::list itself is not granted to web:
         assert self.web.sent_of_type("invocationresult")[0]["error"]["code"] == "FORBIDDEN"
-        self.web.worker.session.allowed_functions.append("engine::*")
+        self.web.worker.session = Session(
+            name="web", allowed_functions=["public::*", "engine::*"])
         self.web.pop_sent()
         invoke(self.web, "engine::functions::list")
         [answer] = self.web.sent_of_type("invocationresult")
