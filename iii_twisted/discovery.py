@@ -93,7 +93,12 @@ def register_engine_functions(engine):
         if current.current_shape(engine, data):
             # Since reference 0.13 this name lists trigger types (instances moved to
             # engine::registered-triggers::list): see discovery_current.
-            return current.list_trigger_types(engine, data)
+            listed = current.list_trigger_types(engine, data)
+            session = engine.current_session
+            if session is not None:
+                listed["triggers"] = [t for t in listed["triggers"]
+                                      if session.may_register_trigger(t["id"])]
+            return listed
         return {"triggers": [
             trigger.info() for trigger in engine.triggers.values()
             if (internal or not trigger.function_id.startswith("engine::"))

@@ -684,3 +684,42 @@ def test_reload_applies_new_tokens_and_keeps_connected_sessions():
         assert not again[0].listener
     finally:
         service.stopService()
+
+
+class CurrentDiscoveryTests(SynchronousTestCase):
+    """The discovery functions since reference 0.13 answer per session too."""
+
+    def setUp(self):
+        self.engine, _ = make_engine()
+        self.engine.register_function("public::a", lambda d: 1)
+        self.engine.register_function("private::b", lambda d: 2)
+        self.session = Session(name="web", allowed_functions=["public::*", "engine::*"],
+                               allowed_trigger_types=["cron"])
+
+    def call(self, function_id, data):
+        return self.engine.call(function_id, data, session=self.session)
+
+    def test_functions_info(self):
+        f = self.failureResultOf(self.call("engine::functions::info",
+                                           {"function_id": "private::b"}), InvocationError)
+        assert f.value.code == "FORBIDDEN"
+        batch = self.successResultOf(self.call(
+            "engine::functions::info", {"function_ids": ["public::a", "private::b", "x"]}))
+        assert [f.get("error") for f in batch["functions"]] == [None, "forbidden",
+                                                                 "not_found"]
+
+    def test_registered_triggers_and_register_trigger(self):
+        self.successResultOf(self.engine.register_trigger("t1", "cron", "private::b", {}))
+        self.successResultOf(self.engine.register_trigger("t2", "cron", "public::a", {}))
+        listed = self.successResultOf(self.call("engine::registered-triggers::list", {}))
+        assert [t["id"] for t in listed["registered_triggers"]] == ["t2"]
+        for data, words in (({"trigger_type": "http", "function_id": "public::a"},
+                             "Trigger type 'http' is not allowed"),
+                            ({"trigger_type": "cron", "function_id": "private::b"},
+                             "function 'private::b' not allowed")):
+            f = self.failureResultOf(self.call("engine::register_trigger", data),
+                                     InvocationError)
+            assert f.value.code == "FORBIDDEN" and words in f.value.message
+        assert self.successResultOf(self.call(
+            "engine::register_trigger", {"trigger_type": "cron", "function_id": "public::a",
+                                         "config": {}}))["id"]
