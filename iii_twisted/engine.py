@@ -1054,8 +1054,8 @@ class Engine:
         have not seen it close) and the token is the one it was given, retire it
         now, before the new connection's replay: its calls fail with
         ``invocation_stopped`` at once instead of waiting for a ping timeout.
-        Anything else (an id we do not know, e.g. after an engine restart, or a
-        wrong token) is ignored.
+        Anything else (an id we do not know, e.g. after an engine restart, a wrong
+        token, or, with auth, a connection of another principal) is ignored.
         """
         previous = self.workers.get(message["previous_worker_id"])
         token = message["reattach_token"]
@@ -1065,6 +1065,12 @@ class Engine:
                 token.encode("utf-8"), previous.reattach_token.encode("utf-8")):
             self._log.warn("worker {worker_id} tried to reattach {previous_id} with a "
                            "wrong token", worker_id=worker.id, previous_id=previous.id)
+            return
+        if not auth.may_take_over(worker, previous):
+            # A connection of another principal (token) may not retire this one,
+            # even with its token.
+            self._log.warn("worker {worker_id} tried to reattach {previous_id} of another "
+                           "principal", worker_id=worker.id, previous_id=previous.id)
             return
         self._log.info("worker {worker_id} reattached: retiring {previous_id}",
                        worker_id=worker.id, previous_id=previous.id)

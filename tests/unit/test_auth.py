@@ -723,3 +723,17 @@ class CurrentDiscoveryTests(SynchronousTestCase):
         assert self.successResultOf(self.call(
             "engine::register_trigger", {"trigger_type": "cron", "function_id": "public::a",
                                          "config": {}}))["id"]
+
+
+def test_reattach_needs_the_same_principal():
+    """With auth, another token's connection cannot retire a worker, even with its token."""
+    engine, _ = make_engine()
+    victim = connect(engine, Session(name="backend"))
+    other = connect(engine, Session(name="web"))
+    other.receive({"type": "reattach", "previous_worker_id": victim.worker_id,
+                   "reattach_token": victim.worker.reattach_token})
+    assert victim.worker_id in engine.workers and victim.closed is None
+    same = connect(engine, Session(name="backend"))
+    same.receive({"type": "reattach", "previous_worker_id": victim.worker_id,
+                  "reattach_token": victim.worker.reattach_token})
+    assert victim.worker_id not in engine.workers
