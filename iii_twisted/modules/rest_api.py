@@ -727,7 +727,8 @@ class _Exchange:
         status = 413 if failure.check(InvocationError) and \
             failure.value.code == MESSAGE_TOO_LARGE else 500
         if status == 413:
-            message = "request too large for the function's worker"
+            # The engine's own explanation (the worker's frame limit), not worker text.
+            message = failure.value.message
         self._respond_json(status, {"error": message, "error_id": error_id})
 
     def _timed_out(self):
