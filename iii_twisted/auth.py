@@ -49,6 +49,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .config import ConfigError
+from .namespaces import DEFAULT as DEFAULT_NAMESPACE, split as split_key
 from .protocol import InvocationError
 
 FORBIDDEN = "FORBIDDEN"
@@ -359,6 +360,11 @@ def gate_call(engine, session, function_id, data, action):
     entry = engine.functions.get(function_id)
     if not session.may_call(function_id, entry.metadata if entry is not None else None):
         stats_of(engine).forbidden_calls += 1
+        namespace, plain_id = split_key(function_id)
+        if namespace != DEFAULT_NAMESPACE:
+            # Grants cover the default namespace (the reference's allowed_functions).
+            return fail(InvocationError(FORBIDDEN, "function '{}' not allowed in namespace "
+                                        "'{}'".format(plain_id, namespace)))
         return fail(session.denial(function_id))
     middleware = session.middleware_function_id
     if middleware is None or (entry is not None and entry.owner is None

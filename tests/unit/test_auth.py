@@ -737,3 +737,29 @@ def test_reattach_needs_the_same_principal():
     same.receive({"type": "reattach", "previous_worker_id": victim.worker_id,
                   "reattach_token": victim.worker.reattach_token})
     assert victim.worker_id not in engine.workers
+
+
+def test_prefixed_registrations_unregister_and_trigger_by_the_workers_own_id():
+    engine, _ = make_engine()
+    conn = connect(engine, session_from_answer(
+        {"function_registration_prefix": "p", "allowed_functions": ["p::*"],
+         "allow_trigger_type_registration": True}))
+    conn.receive({"type": "registerfunction", "id": "f"})
+    conn.receive({"type": "registertrigger", "id": "t", "trigger_type": "cron",
+                  "function_id": "f", "config": {}})
+    assert engine.triggers["t"].function_id == "p::f"
+    conn.receive({"type": "unregisterfunction", "id": "f"})
+    assert "p::f" not in engine.functions
+
+
+def test_restricted_session_and_namespaced_calls():
+    """Grants cover the default namespace, as the reference's allowed_functions."""
+    engine, _ = make_engine()
+    engine.register_function("public::a", lambda d: 1)
+    conn = connect(engine, Session(name="web", allowed_functions=["public::*"]))
+    invoke(conn, "public::a", {}, namespace="default")
+    invoke(conn, "public::a", {}, invocation_id="i2", namespace="team")
+    first, second = conn.sent_of_type("invocationresult")
+    assert first["result"] == 1
+    assert second["error"] == {"code": "FORBIDDEN", "message":
+                               "function 'public::a' not allowed in namespace 'team'"}
