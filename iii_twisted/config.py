@@ -41,6 +41,9 @@ when given they replace the one the top-level keys describe)::
 
 In the current format each ``iii-worker-manager`` entry is one listener.
 
+The engine's ``limits:`` section (what one client may take of the engine) is
+L{iii_twisted.limits.LIMITS_SCHEMA}; docs/limits.rst lists its keys.
+
 ``${VAR}`` and ``${VAR:default}`` are expanded in every string value after parsing.
 Deviation from the reference, which substitutes in the raw text: comments are not
 expanded, and an unset variable without a default is an error naming the file and the
@@ -53,6 +56,7 @@ import re
 
 import yaml
 
+from .limits import LIMITS_SCHEMA
 from .schema import CURRENT, V010, Context, Key, MapOf, Section, Unsupported, closest
 
 DEFAULT_PORT = 49134
@@ -120,8 +124,8 @@ LISTENER_SCHEMA = Section(
     worker_max_frame_sizes=Key(MapOf(Key(int, min=1)), {}, "largest frame sent to a "
                                "worker by its declared runtime, bytes; over the built-in "
                                "python 1 MiB, node 100 MiB, rust 16 MiB"),
-    handshake_timeout_ms=Key(int, 10000, "accepted for compatibility (the opening "
-                             "handshake deadline is 10 s)", min=0),
+    handshake_timeout_ms=Key(int, 10000, "ms a client has to finish its WebSocket "
+                             "opening handshake (docs/limits.rst)", min=1),
     auth=Key(dict, None, "tokens and grants of connections to this port "
              "(docs/security.rst); absent: unauthenticated, every grant"),
     rbac=Key(dict, None, "the reference's RBAC: auth_function_id, expose_functions "
@@ -141,6 +145,8 @@ ENGINE_SCHEMA = Section(
     watch=Key(bool, False, "reload when this file changes (it is polled)"),
     watch_interval_ms=Key(int, 1000, "how often the file is polled when watch is on, "
                           "ms", min=10),
+    limits=Key(LIMITS_SCHEMA, None, "what one client may take of the engine "
+               "(docs/limits.rst)"),
     log_level=Key(str, "info", "least important log events kept (logsetup.py)",
                   choices=("debug", "info", "warn", "error", "critical")),
     log_format=Key(str, "text", "what twist iii writes, also when not on a terminal",
@@ -156,8 +162,9 @@ V010_SCHEMA = ENGINE_SCHEMA.extend(**LISTENER_SCHEMA.keys).extend(**_ENTRY_LISTS
     listeners=Key(list, None, "several worker ports, each {name, listen, auth, ...}; "
                   "they replace the one of port/host/listen"))
 CURRENT_SCHEMA = ENGINE_SCHEMA.extend(
-    registration_namespace_grace_ms=Key(int, 5000, "accepted for compatibility "
-                                        "(this engine has no namespaces)", min=0),
+    registration_namespace_grace_ms=Key(int, 5000, "accepted for compatibility (this "
+                                        "engine applies registrations at once; see "
+                                        "namespaces.py)", min=0),
     **_ENTRY_LISTS)
 
 LISTENER_NAME = "iii-worker-manager"
@@ -194,8 +201,10 @@ class ListenerConfig:
     """
 
     def __init__(self, name, listen, auth=None, max_message_size=16 * 1024 * 1024,
-                 ws_ping_interval=30.0, ws_ping_timeout=30.0, key="", frame_limits=None):
+                 ws_ping_interval=30.0, ws_ping_timeout=30.0, key="", frame_limits=None,
+                 handshake_timeout=10.0):
         self.frame_limits = frame_limits
+        self.handshake_timeout = handshake_timeout
         self.name = name
         self.listen = listen
         self.auth = auth
@@ -207,7 +216,7 @@ class ListenerConfig:
     def settings(self):
         """@return: what its listener is built from (compared on reload)."""
         return (self.name, self.listen, self.max_message_size, self.ws_ping_interval,
-                self.ws_ping_timeout, self.frame_limits,
+                self.ws_ping_timeout, self.frame_limits, self.handshake_timeout,
                 self.auth.raw if self.auth is not None else None)
 
 
@@ -222,6 +231,9 @@ class EngineConfig:
     @ivar invocation_timeout: seconds before an unanswered call fails.
     @ivar max_message_size: bytes; larger worker frames are dropped.
     @ivar ws_ping_interval, ws_ping_timeout: seconds.
+    @ivar limits: the L{iii_twisted.limits.Limits} (the ``limits:`` mapping).
+    @ivar handshake_timeout: seconds a client has to finish its WebSocket opening
+        handshake on the worker port (``handshake_timeout_ms``).
     @ivar source: where it came from (a file name), for messages.
     @ivar format: ``v0.10`` or ``current``: which format the file was written in.
     @ivar watch: reload when the file changes; C{watch_interval}: seconds between polls.
@@ -235,8 +247,8 @@ class EngineConfig:
                  invocation_timeout=300.0, max_message_size=16 * 1024 * 1024,
                  ws_ping_interval=30.0, ws_ping_timeout=30.0, source=None,
                  format=V010, watch=False, watch_interval=1.0, listener_key="",
-                 frame_limits=None, log_level="info", log_format="text", auth=None,
-                 listeners=None):
+                 frame_limits=None, log_level="info", log_format="text",
+                 limits=None, handshake_timeout=10.0, auth=None, listeners=None):
         self.port = port
         self.host = host
         self.listen = listen or "tcp:{}:interface={}".format(port, host)
@@ -245,6 +257,11 @@ class EngineConfig:
         self.max_message_size = max_message_size
         self.ws_ping_interval = ws_ping_interval
         self.ws_ping_timeout = ws_ping_timeout
+        self.handshake_timeout = handshake_timeout
+        if limits is None:
+            from .limits import Limits
+            limits = Limits()
+        self.limits = limits
         self.source = source
         self.format = format
         self.watch = watch
@@ -256,7 +273,7 @@ class EngineConfig:
         self.log_format = log_format
         self.listeners = list(listeners) if listeners else [ListenerConfig(
             LISTENER_NAME, self.listen, auth, max_message_size, ws_ping_interval,
-            ws_ping_timeout, listener_key, frame_limits)]
+            ws_ping_timeout, listener_key, frame_limits, handshake_timeout)]
         self.auth = self.listeners[0].auth
 
     def listener_settings(self):
@@ -350,6 +367,7 @@ def from_dict(data, source=None):
         key probably meant), a wrong type, a value out of range, an unknown module or
         adapter, a name this engine does not implement, or a file mixing the formats.
     """
+    from .limits import Limits
     from .modules import MODULE_CLASSES, NOT_IMPLEMENTED, WORKER_NAMES, module_schema
 
     if data is None:
@@ -442,6 +460,8 @@ def from_dict(data, source=None):
         frame_limits=listeners[0].frame_limits,
         log_level=_value(top, "log_level", ENGINE_SCHEMA),
         log_format=_value(top, "log_format", ENGINE_SCHEMA),
+        limits=Limits.from_config(top.get("limits")),
+        handshake_timeout=listeners[0].handshake_timeout,
     )
 
 
@@ -466,7 +486,8 @@ def _listener(values, key, name):
                             values.get("middleware_function_id"), prefix),
         _value(values, "max_message_size"),
         _value(values, "ws_ping_interval_ms") / 1000.0,
-        _value(values, "ws_ping_timeout_ms") / 1000.0, key, _frame_limits(values))
+        _value(values, "ws_ping_timeout_ms") / 1000.0, key, _frame_limits(values),
+        _value(values, "handshake_timeout_ms") / 1000.0)
 
 
 def _value(mapping, key, schema=LISTENER_SCHEMA):
