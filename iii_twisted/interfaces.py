@@ -19,6 +19,9 @@ class IWorkerConnection(Interface):
     """
 
     peer_address = Attribute("The peer's IP address as a string, or None.")
+    congested = Attribute(
+        "True while the peer does not read what it was sent (over "
+        "limits.send_buffer_soft): the engine forwards it no calls then.")
 
     def send(message: dict) -> bool:
         """

@@ -41,6 +41,7 @@ from ..adapters import KV_STORE_SCHEMA, REDIS_SCHEMA
 from ..schema import Adapter, Adapters, Key, Section
 from ..interfaces import IModule, InvalidUpdateOp, ITriggerProvider, KvStoreError, TriggerError
 from ..protocol import InvocationError
+from ..limits import check_stored
 from ._kvcommon import (
     EventDispatcher, check_keys, input_error, kv_adapter_from_config, read_input,
 )
@@ -121,6 +122,7 @@ class StateModule(Service):
             InvocationError (``deserialization_error``, ``SET_ERROR``).
         """
         read_input("state::set", data, strings=("scope", "key"))
+        check_stored(self._engine.limits, "state::set", data)
         if "value" in data:
             value = data["value"]
         elif "data" in data:
@@ -160,6 +162,7 @@ class StateModule(Service):
             ``deserialization_error`` naming a malformed op, or ``UPDATE_ERROR``.
         """
         read_input("state::update", data, strings=("scope", "key"))
+        check_stored(self._engine.limits, "state::update", data)
         scope, key = data["scope"], data["key"]
         d = self.store.update(scope, key, data.get("ops"))
 

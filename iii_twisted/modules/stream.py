@@ -45,7 +45,6 @@ item_id?, condition_function_id?}``), ``stream:join`` and ``stream:leave``.
 """
 
 import ipaddress
-import json
 from collections import deque
 from urllib.parse import quote, unquote
 from uuid import uuid4
@@ -64,8 +63,9 @@ from ..config import ConfigError, get_option
 from ..listeners import Listener
 from ..schema import Adapter, Adapters, Key, Section
 from ..interfaces import IModule, InvalidUpdateOp, ITriggerProvider, KvStoreError, TriggerError
-from ..protocol import InvocationError, encode
+from ..protocol import InvocationError, encode, loads
 from ..adapters.ops import validate_ops
+from ..limits import check_stored
 from ._kvcommon import (
     EventDispatcher, check_keys, input_error, kv_adapter_from_config, read_input,
 )
@@ -255,6 +255,7 @@ class StreamModule(MultiService):
             ``JSON_ERROR``.
         """
         read_input("stream::set", data, strings=("stream_name", "group_id", "item_id"))
+        check_stored(self._engine.limits, "stream::set", data)
         name, group, item = data["stream_name"], data["group_id"], data["item_id"]
         return await self._write("set", name, group, item, "data", data.get("data"),
                                  "STREAM_SET_ERROR", "set value")
@@ -266,6 +267,7 @@ class StreamModule(MultiService):
             ``STREAM_UPDATE_ERROR``, ``JSON_ERROR``.
         """
         read_input("stream::update", data, strings=("stream_name", "group_id", "item_id"))
+        check_stored(self._engine.limits, "stream::update", data)
         name, group, item = data["stream_name"], data["group_id"], data["item_id"]
         ops = data.get("ops")
         try:
@@ -784,7 +786,7 @@ class StreamProtocol(WebSocketServerProtocol):
         if self.client is None:
             return
         try:
-            message = json.loads(payload)
+            message = loads(payload)
         except (ValueError, RecursionError):
             self._log.debug("stream client {id}: dropped a frame that is not JSON",
                             id=self.client.id)
