@@ -26,6 +26,7 @@ from zope.interface import implementer
 from . import protocol as P
 from .interfaces import IFunctionHost, ITriggerProvider, TriggerError
 from .invocations import InvocationTracker
+from .limits import LIMIT_EXCEEDED, Limits, check_stored
 from .namespaces import Namespaces, plain
 from .oplog import describe_agent, describe_close, describe_worker
 from .peer_limits import NotSent
@@ -215,7 +216,9 @@ class CallableHost:
         return Failure(InvocationError(
             P.INVOCATION_FAILED,
             failure.getErrorMessage(),
-            "".join(traceback.format_exception(failure.value)),
+            # The three-argument form: Python 3.9 (PyPy) has no one-argument one.
+            "".join(traceback.format_exception(
+                type(failure.value), failure.value, failure.value.__traceback__)),
         ))
 
 
@@ -223,13 +226,16 @@ class CallableHost:
 class WorkerHost:
     """Runs a function on a worker: ``invokefunction`` out, ``invocationresult`` back."""
 
-    __slots__ = ("_tracker", "_worker")
+    __slots__ = ("_tracker", "_worker", "_limits")
 
-    def __init__(self, tracker, worker):
+    def __init__(self, tracker, worker, limits=None):
         self._tracker = tracker
         self._worker = worker
+        self._limits = limits
 
     def invoke(self, function_id, invocation_id, data, traceparent, baggage, metadata=None):
+        if self._worker.connection.congested:
+            return fail(self._congested(function_id))
         # Recorded before it is sent: a fast reply must find its entry (the reference
         # engine has this race, engine-core.md §4.5).
         d = self._tracker.add(invocation_id, function_id, self._worker)
@@ -254,6 +260,14 @@ class WorkerHost:
                 sent, "the data for {} cannot be sent: it is not JSON".format(function_id),
                 "call of {} not forwarded".format(function_id)))
         return d
+
+    def _congested(self, function_id):
+        # Backpressure: the worker does not read what it was sent (limits.rst).
+        if self._limits is not None:
+            self._limits.count("calls_refused_congested")
+        return InvocationError(LIMIT_EXCEEDED, (
+            "worker {} does not read its connection (over limits.send_buffer_soft): "
+            "call of {} not forwarded").format(self._worker.id, function_id))
 
 
 @implementer(ITriggerProvider)
@@ -338,6 +352,8 @@ class Engine:
         self.triggers = {}
         self._triggers_by_type = {}
         self.services = {}
+        self._services_by_worker = {}  # worker id -> names it registered
+        self.limits = Limits()  # EngineService sets the configured ones
         self.tracker = InvocationTracker(clock, invocation_timeout)
         # Invocation ids need not be unguessable: a result is accepted only from the
         # worker the call went to (InvocationTracker.resolve).
@@ -349,6 +365,10 @@ class Engine:
         # The peer_limits.PeerFrameLimits the worker port uses; engine::workers::register
         # tells it each worker's runtime.
         self.frame_limits = None
+        # The health.Health the engine service keeps (liveness/readiness endpoints).
+        self.health = None
+        # Calls of ids no one provides (they never reach a call observer).
+        self.unknown_calls = 0
         self._observers = []
         self._detach_hooks = []
         self._functions_available_delay = functions_available_delay
@@ -398,7 +418,7 @@ class Engine:
             str(uuid4()), connection, connection.peer_address,
             int(time.time() * 1000),
         )
-        worker.host = WorkerHost(self.tracker, worker)
+        worker.host = WorkerHost(self.tracker, worker, self.limits)
         self.workers[worker.id] = worker
         worker.reattach_token = secrets.token_urlsafe(24)
         connection.send({"type": P.WORKER_REGISTERED, "worker_id": worker.id,
@@ -433,6 +453,7 @@ class Engine:
             self.unregister_trigger(trigger_id, owner=worker)
         for type_id in list(worker.trigger_types):
             self.unregister_trigger_type(type_id, owner=worker)
+        self._forget_services(worker)
         for hook in self._detach_hooks:
             try:
                 hook(worker)
@@ -573,6 +594,7 @@ class Engine:
     def _invoke(self, function_id, data, caller, traceparent, baggage, metadata=None):
         entry = self.functions.get(function_id)
         if entry is None:
+            self.unknown_calls += 1  # iii_invocations_not_found_total
             return fail(self._not_found(function_id))
         invocation_id = next(self._invocation_ids)
         finish = None
@@ -598,6 +620,7 @@ class Engine:
         # Says why, when the id is an HTTP function whose registration was refused.
         refusal = self.http_functions.refusal(function_id) \
             if self.http_functions is not None else None
+        refusal = refusal or self.limits.refusal(function_id)
         if refusal is None:
             return self.namespaces.not_found(function_id)
         return InvocationError(P.FUNCTION_NOT_FOUND, "Function {} not found ({})".format(
@@ -619,6 +642,10 @@ class Engine:
             return fail(InvocationError(P.ENQUEUE_ERROR, "QueueModule not loaded"))
         if not isinstance(queue, str):
             return fail(InvocationError(P.ENQUEUE_ERROR, "enqueue action needs a queue name"))
+        try:
+            check_stored(self.limits, function_id, data)
+        except InvocationError as e:
+            return fail(e)
         d = maybeDeferred(self.enqueuer.enqueue, queue, function_id, data, traceparent, baggage)
         return d.addCallbacks(_receipt, _as_enqueue_error)
 
@@ -915,6 +942,8 @@ class Engine:
                 invocation_id=message["invocation_id"], worker_id=worker.id)
 
     def _handle_registerfunction(self, worker, message):
+        if self.limits.refuse_function(worker, message):
+            return  # logged; a call of it fails saying why (_not_found)
         function_id = message["id"]
         if message["invocation"] is not None:
             if self.http_functions is None:
@@ -941,6 +970,8 @@ class Engine:
                                  owner=worker)
 
     def _handle_registertriggertype(self, worker, message):
+        if self.limits.refuse_trigger_type(worker, message):
+            return  # logged
         self.register_trigger_type(
             message["id"], WorkerTriggerProvider(worker), message["description"], worker,
             message["trigger_request_format"], message["call_request_format"],
@@ -950,6 +981,14 @@ class Engine:
         self.unregister_trigger_type(message["id"], owner=worker)
 
     def _handle_registertrigger(self, worker, message):
+        reason = self.limits.refuse_trigger(worker, message)
+        if reason:
+            worker.connection.send({
+                "type": P.TRIGGER_REGISTRATION_RESULT, "id": message["id"],
+                "trigger_type": message["trigger_type"],
+                "function_id": message["function_id"],
+                "error": P.error_body(LIMIT_EXCEEDED, reason)})
+            return
         try:
             function_key = self.namespaces.trigger_function_key(message)
         except InvocationError as e:
@@ -988,10 +1027,21 @@ class Engine:
             trigger.owner.connection.send(dict(message, type=P.TRIGGER_REGISTRATION_RESULT))
 
     def _handle_registerservice(self, worker, message):
+        owned = self._services_by_worker.setdefault(worker.id, set())
         name = message["name"] or message["id"]
+        if self.limits.refuse_service(worker, message, owned):
+            return  # logged
         self.services[name] = {"id": message["id"],
                                "parent_service_id": message["parent_service_id"],
-                               "functions": set()}
+                               "functions": set(), "owner": worker}
+        owned.add(name)
+
+    def _forget_services(self, worker):
+        # Nothing a connection registered outlives it, services included.
+        for name in self._services_by_worker.pop(worker.id, ()):
+            service = self.services.get(name)
+            if service is not None and service.get("owner") is worker:
+                del self.services[name]
 
     def _handle_reattach(self, worker, message):
         """

@@ -83,6 +83,12 @@ def read_records(data):
             record = json.loads(payload)
         except ValueError:
             break
+        except RecursionError:
+            # Intact (its CRC matched) but nested deeper than this interpreter reads:
+            # skip it rather than stop the replay of everything after it.
+            Logger().error("skipped a stored record nested too deeply to read")
+            offset = start + length
+            continue
         if not _valid_record(record):
             break
         records.append(record)
@@ -307,6 +313,16 @@ class FileKvStore(KvStoreBase):
         self._kick()
 
     # -- closing ---------------------------------------------------------------------
+
+    def health(self):
+        """None when writes can succeed; else why not (broken log, lost directory)."""
+        if self._closed:
+            return "closed"
+        if self._broken is not None:
+            return "writes failed, refusing writes until restarted: {}".format(self._broken)
+        if not os.path.isdir(self.directory) or not os.access(self.directory, os.W_OK):
+            return "directory {} is gone or not writable".format(self.directory)
+        return None
 
     def close(self):
         """

@@ -30,7 +30,6 @@ empty); a route unregistered by one trigger leaves another trigger's registratio
 the same route in place; ``body_limit`` exists.
 """
 
-import json
 import time
 from urllib.parse import parse_qsl, unquote_to_bytes
 
@@ -44,13 +43,15 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from ..channels import CLOSE_DROPPED, FRAME_BYTES, READ, WRITE, install_channels
+from ..connlimits import LimitedSite
 from ..config import ConfigError, get_option
 from ..listeners import Listener
 from ..schema import Key, ListOf, Section
 from ..interfaces import (
     IChannelReaderEnd, IChannelWriterEnd, IModule, ITriggerProvider, TriggerError,
 )
-from ..protocol import MESSAGE_TOO_LARGE, InvocationError, encode
+from ..protocol import MESSAGE_TOO_LARGE, InvocationError, encode, loads
+from ..health import render as health_render
 from .http_response import response_of, status_of as _status_of
 
 HTTP_TRIGGER = "http"
@@ -58,6 +59,8 @@ METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
 CONFIG_KEYS = ("port", "host", "default_timeout", "cors", "concurrency_request_limit",
                "body_limit", "listen", "access_log")
 CORS_KEYS = ("allowed_origins", "allowed_methods")
+# Liveness and readiness on this port (iii_twisted.health): /_iii/health/live|ready.
+HEALTH_PREFIX = "/_iii/health/"
 DEFAULT_BODY_LIMIT = 64 * 1024 * 1024
 
 # Every key of the module's config (iii_twisted/schema.py says how to add one).
@@ -293,6 +296,11 @@ class LimitedRequest(Request):
 
     def _reject(self):
         self._rejected = True
+        site = getattr(self.channel, "site", None)
+        if site is not None and hasattr(site, "status_counts"):
+            method = self.method if isinstance(self.method, bytes) else b"-"
+            key = (method.decode("latin-1", "replace")[:16], 413)
+            site.status_counts[key] = site.status_counts.get(key, 0) + 1
         self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" after this
         body = b'{"error":"Request body too large"}'
         transport = self.channel.transport
@@ -307,13 +315,17 @@ class LimitedRequest(Request):
 _access_log = Logger(namespace="iii.access")
 
 
-class ApiSite(Site):
-    """The REST port's C{Site}: bounded bodies, no tracebacks, an idle timeout."""
+class ApiSite(LimitedSite, Site):
+    """
+    The REST port's C{Site}: bounded bodies, no tracebacks, header and idle timeouts
+    and connections per client address (L{LimitedSite}, from C{limits}).
+    """
 
     requestFactory = LimitedRequest
     displayTracebacks = False
 
-    def __init__(self, resource, reactor, body_limit, timeout=60, access_log=False):
+    def __init__(self, resource, reactor, body_limit, timeout=60, access_log=False,
+                 limits=None):
         # No form parsing into request.args: form bodies reach the function as a
         # streamed request_body like any body that is not JSON, and parsing every POST's
         # Content-Type (through the email package) was ~16% of a request's CPU.
@@ -321,12 +333,20 @@ class ApiSite(Site):
                       parsePOSTFormSubmission=False)
         self.body_limit = body_limit
         self.access_log = access_log
+        if limits is not None:
+            self.limit_connections(limits)
+        # (method, status) -> responses, for iii_http_responses_total.
+        self.status_counts = {}
 
     def log(self, request):
         """
         The access log (``access_log: true``; off by default): one line per request,
         ``<client> "<METHOD> <path> HTTP/x" <status> <bytes>B <ms>ms "<user agent>"``.
         """
+        key = (request.method.decode("latin-1", "replace")[:16], request.code)
+        counts = self.status_counts
+        if key in counts or len(counts) < 1000:  # bounded: methods x statuses
+            counts[key] = counts.get(key, 0) + 1
         if not self.access_log:
             return
         address = request.getClientAddress()
@@ -400,7 +420,14 @@ class RestApiModule(MultiService):
                        merge_slashes=False)(self._handle)
         self.resource = self.app.resource()
         self.site = ApiSite(self.resource, reactor, body_limit,
-                            access_log=get_option(config, "access_log", bool, False))
+                            access_log=get_option(config, "access_log", bool, False),
+                            limits=getattr(engine, "limits", None))
+        # The observability module reads REST status counts here (one table for the
+        # engine; a second REST module adds to it).
+        if getattr(engine, "http_responses", None) is None:
+            engine.http_responses = self.site.status_counts
+        else:
+            self.site.status_counts = engine.http_responses
         engine.register_trigger_type(
             HTTP_TRIGGER, self,
             "Calls the function for HTTP requests on api_path/http_method")
@@ -431,6 +458,10 @@ class RestApiModule(MultiService):
                 return self._preflight(request, origin)
             self._cors_headers(request, origin)
         path = request.path.decode("utf-8", "replace")
+        if path.startswith(HEALTH_PREFIX) and method in ("GET", "HEAD"):
+            which = path[len(HEALTH_PREFIX):]
+            if which in ("live", "ready"):
+                return health_render(request, self.engine.health, which)
         route, extra = self.routes.lookup(method, path)
         if route is None:
             if extra:
@@ -603,7 +634,7 @@ class _Exchange:
             content = request.content
             content.seek(0)
             try:
-                body = json.loads(content.read())
+                body = loads(content.read())
             except (ValueError, RecursionError):
                 body = None
         return {
@@ -730,7 +761,7 @@ class _Exchange:
         if self.done or self.streaming:
             return  # text after the first binary frame is discarded
         try:
-            message = json.loads(payload)
+            message = loads(payload)
         except (ValueError, RecursionError):
             return
         if not isinstance(message, dict):

@@ -12,7 +12,11 @@ import sys
 import threading
 import time
 
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+#: The Python that runs the engine: this one, or the one named by III_ENGINE_PYTHON
+#: (e.g. a PyPy venv's bin/python), so that tests driving it with official SDK workers,
+#: which need CPython >= 3.10, check the engine on PyPy (README, "Running on PyPy").
+ENGINE_PYTHON = os.environ.get("III_ENGINE_PYTHON") or sys.executable
+TWISTD = os.path.join(os.path.dirname(ENGINE_PYTHON), "twistd")
 
 
 def free_port():
@@ -76,13 +80,18 @@ class EngineProcess:
         self.env = dict(os.environ, **(env or {}))
         self.process = None
 
-    def start(self, timeout=20.0):
-        """Start the process and wait for its worker port. @return: self."""
+    def start(self, timeout=20.0, preexec_fn=None):
+        """
+        Start the process and wait for its worker port.
+
+        @param preexec_fn: run in the child before twistd (e.g. to lower a limit).
+        @return: self.
+        """
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "iii", "--config", self.config_path],
             cwd=self.workdir, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=preexec_fn,
         )
         wait_for_port(self.port, timeout, self.process)
         for port in self.ports.values():
