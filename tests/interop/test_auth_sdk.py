@@ -261,3 +261,77 @@ def test_rbac_auth_function_on_a_trusted_listener(start_engine, sdk_worker, unco
         what="alice's registrations")
     assert trusted.trigger({"function_id": "alice::echo", "payload": {"n": 5}}) == {
         "alice": 5}
+
+
+HTTP_AUTH_CONFIG = """
+port: {port}
+host: 127.0.0.1
+invocation_timeout_ms: 20000
+modules:
+  - class: modules::api::RestApiModule
+    config:
+      host: 127.0.0.1
+      port: {http}
+      default_timeout: 10000
+      auth:
+        tokens:
+          - {{name: web, token: "${{III_TEST_WEB_TOKEN}}", allowed_functions: ["public::*"]}}
+          - {{name: admin, token: "${{III_TEST_BACKEND_TOKEN}}"}}
+      middleware:
+        - {{function_id: "mw::tenant", priority: 1}}
+"""
+
+
+def _http(url, headers=None):
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=20) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_rest_api_tokens_and_middleware_with_a_real_worker(start_engine, sdk_worker):
+    """
+    The REST API with auth: and a global middleware hosted by a 0.10.0 worker: 401
+    without a token, 403 for a route outside the token's grants, the middleware's own
+    answer, and the routes' answers.
+    """
+    engine = start_engine(HTTP_AUTH_CONFIG, env=TOKENS, http=True)
+    base = "http://127.0.0.1:{}".format(engine.ports["http"])
+    worker = sdk_worker(engine.url, "http-auth")
+    seen = []
+
+    def tenant(data):
+        seen.append(data)
+        if data["request"]["headers"].get("x-tenant") == "blocked":
+            return {"action": "respond",
+                    "response": {"status_code": 429, "body": {"error": "slow down"}}}
+        return {"action": "continue"}
+
+    worker.register_function({"id": "mw::tenant"}, tenant)
+    worker.register_function({"id": "public::hello"},
+                             lambda data: {"status_code": 200, "body": {"hi": 1}})
+    worker.register_function({"id": "admin::stats"},
+                             lambda data: {"status_code": 200, "body": {"stats": 2}})
+    worker.register_trigger({"type": "http", "function_id": "public::hello",
+                             "config": {"api_path": "hello"}})
+    worker.register_trigger({"type": "http", "function_id": "admin::stats",
+                             "config": {"api_path": "stats"}})
+    web = {"Authorization": "Bearer " + WEB}
+    wait_until(lambda: _http(base + "/stats", web)[0] == 403, what="the routes")
+
+    assert _http(base + "/hello")[0] == 401
+    assert _http(base + "/hello", {"Authorization": "Bearer nope"})[0] == 401
+    status, body = _http(base + "/hello", web)
+    assert (status, json.loads(body)) == (200, {"hi": 1})
+    assert _http(base + "/hello?token=" + WEB)[0] == 200
+    status, body = _http(base + "/stats", {"Authorization": "Bearer " + BACKEND})
+    assert (status, json.loads(body)) == (200, {"stats": 2})
+    status, body = _http(base + "/hello", dict(web, **{"X-Tenant": "blocked"}))
+    assert (status, json.loads(body)) == (429, {"error": "slow down"})
+    assert seen[-1]["phase"] == "preHandler" and seen[-1]["request"]["method"] == "GET"
+    assert "refused a connection to /hello on iii-http from 127.0.0.1" in engine.log()
