@@ -175,13 +175,32 @@ class RouteTable:
         self._by_key = {}
         self._by_length = {}
         self._by_trigger = {}
+        self._by_shape = {}  # (method, segments with parameter names blanked) -> key
 
     def __len__(self):
         return len(self._by_key)
 
     def add(self, route):
+        """
+        @raise TriggerError: when another live route has the same method and shape
+            with other parameter names (``a/:x/:y`` and ``a/:y/:x``): which one a
+            request means cannot be told, so the second is refused (reference
+            0.19.2), and the first keeps serving.
+        """
         key = (route.method, tuple(route.segments))
+        shape = (route.method, tuple(None if is_param else part
+                                     for part, is_param in route.segments))
+        other = self._by_shape.get(shape)
+        previous = self._by_trigger.get(route.trigger.id)
+        if other is not None and other != key and not (
+                previous is not None and previous[0] == other
+                and len(self._by_key[other]) == 1):
+            raise TriggerError(
+                "route {} /{} conflicts with already-registered route {} /{}".format(
+                    route.method, route.api_path.lstrip("/"), other[0],
+                    "/".join(":" + p if is_param else p for p, is_param in other[1])))
         self.remove(route.trigger)
+        self._by_shape[shape] = key
         stack = self._by_key.get(key)
         if stack is None:
             stack = self._by_key[key] = []
@@ -198,6 +217,8 @@ class RouteTable:
         stack.remove(route)
         if not stack:
             del self._by_key[key]
+            self._by_shape.pop((key[0], tuple(None if is_param else part
+                                              for part, is_param in key[1])), None)
             same_length = self._by_length[len(key[1])]
             del same_length[key]
             if not same_length:

@@ -231,6 +231,26 @@ def test_later_registration_wins_and_unregistering_it_uncovers_the_first(api):
     assert api.invocations()[0]["function_id"] == "first"
 
 
+def test_same_shape_with_other_parameter_names_is_refused(api):
+    """a/:x/:y then a/:y/:x: the second is refused, the worker told; the first serves."""
+    api.route("first", {"api_path": "c/:listId/:userId"}, trigger_id="t1")
+    api.route("second", {"api_path": "c/:userId/:listId"}, trigger_id="t2")
+    [refused] = [m for m in api.worker.sent if m.get("type") == "triggerregistrationresult"]
+    assert refused["id"] == "t2"
+    assert "conflicts with already-registered route GET /c/:listId/:userId" in \
+        refused["error"]["message"]
+    api.request("GET", "/c/l1/u1")
+    [call] = api.invocations()
+    assert call["function_id"] == "first"
+    assert call["data"]["path_params"] == {"listId": "l1", "userId": "u1"}
+    # Once the first is gone the shape is free; another method never conflicts.
+    api.worker.receive({"type": "unregistertrigger", "id": "t1"})
+    api.route("second", {"api_path": "c/:userId/:listId"}, trigger_id="t2")
+    api.route("third", {"api_path": "c/:a/:b", "http_method": "POST"}, trigger_id="t3")
+    assert [m for m in api.worker.sent
+            if m.get("type") == "triggerregistrationresult"] == []
+
+
 @pytest.mark.parametrize("config, words", [
     (None, "api_path is required"),
     ({"http_method": "GET"}, "api_path is required"),
