@@ -202,6 +202,7 @@ class Session:
     @ivar function_registration_prefix: str or None; see L{registration_id}.
     @ivar middleware_function_id: the listener's middleware, or None.
     @ivar listener: the name of the listener it came in on (for logs and metrics).
+    @ivar hooks: the listener's registration hooks, message type -> function id.
     """
 
     __slots__ = (
@@ -209,15 +210,19 @@ class Session:
         "expose_functions", "allowed_trigger_types", "allow_function_registration",
         "allow_trigger_type_registration", "function_registration_prefix",
         "middleware_function_id", "listener", "restricted", "_principal", "_allowed",
-        "_forbidden",
+        "_forbidden", "hooks", "hook_timeout",
     )
 
     def __init__(self, name=None, context=None, ip_address=None, allowed_functions=None,
                  forbidden_functions=(), expose_functions=None, allowed_trigger_types=None,
                  allow_function_registration=True, allow_trigger_type_registration=True,
                  function_registration_prefix=None, middleware_function_id=None,
-                 listener=None):
+                 listener=None, hooks=None, hook_timeout=5.0):
         self.name = name
+        # message type (registerfunction, registertrigger, registertriggertype) -> the
+        # listener's registration hook function id (see held_for_hook).
+        self.hooks = dict(hooks or {})
+        self.hook_timeout = hook_timeout
         self.context = {} if context is None else context
         self.ip_address = ip_address
         # Tuples: the grants are fixed for the session's life (compiled once below).
@@ -420,7 +425,8 @@ class AuthConfig:
 
     def __init__(self, tokens=(), auth_function_id=None, auth_timeout=5.0,
                  expose_functions=None, middleware_function_id=None, admit_anyone=False,
-                 raw=None):
+                 raw=None, hooks=None):
+        self.hooks = dict(hooks or {})
         self.tokens = list(tokens)
         self.auth_function_id = auth_function_id
         self.auth_timeout = auth_timeout
@@ -441,8 +447,23 @@ _TOKEN_KEYS = {
     "allow_trigger_type_registration": bool, "function_registration_prefix": str,
     "context": None,
 }
+# The reference's registration hooks (rbac_config.rs) and the message each sees.
+HOOK_KEYS = {
+    "on_function_registration_function_id": "registerfunction",
+    "on_trigger_registration_function_id": "registertrigger",
+    "on_trigger_type_registration_function_id": "registertriggertype",
+}
 _AUTH_KEYS = ("tokens", "auth_function_id", "auth_timeout_ms", "expose_functions",
-              "middleware_function_id")
+              "middleware_function_id") + tuple(HOOK_KEYS)
+
+
+def _hooks(raw, key):
+    hooks = {}
+    for name, message_type in HOOK_KEYS.items():
+        value = raw.get(name)
+        if value is not None:
+            hooks[message_type] = _check(value, str, "{}.{}".format(key, name))
+    return hooks
 
 
 def _check(value, kind, key):
@@ -477,6 +498,8 @@ def parse_auth_config(raw, key="auth"):
           auth_timeout_ms: 5000            # optional
           expose_functions: ['match("public::*")']   # optional, for auth fn sessions
           middleware_function_id: my::mw   # optional
+          on_function_registration_function_id: my::hook   # optional (and the
+          # trigger and trigger type ones): see held_for_hook
 
     @return: an L{AuthConfig}, or None for a null C{raw}.
     @raise ConfigError: naming the key, for a wrong shape, an unknown key, an empty,
@@ -552,7 +575,7 @@ def parse_auth_config(raw, key="auth"):
     if middleware is not None:
         _check(middleware, str, key + ".middleware_function_id")
     return AuthConfig(tokens, auth_function_id, timeout / 1000.0, expose, middleware,
-                      raw=repr(sorted(raw.items())))
+                      raw=repr(sorted(raw.items())), hooks=_hooks(raw, key))
 
 
 def _filters(raw, key):
@@ -560,10 +583,7 @@ def _filters(raw, key):
     return [FunctionFilter.parse(e, "{}[{}]".format(key, i)) for i, e in enumerate(raw)]
 
 
-_RBAC_KEYS = ("auth_function_id", "expose_functions", "auth_timeout_ms")
-_RBAC_HOOKS = ("on_function_registration_function_id",
-               "on_trigger_registration_function_id",
-               "on_trigger_type_registration_function_id")
+_RBAC_KEYS = ("auth_function_id", "expose_functions", "auth_timeout_ms") + tuple(HOOK_KEYS)
 
 
 def parse_listener_auth(auth, rbac, middleware, prefix=""):
@@ -576,8 +596,9 @@ def parse_listener_auth(auth, rbac, middleware, prefix=""):
           expose_functions: ['match("api::*")', {metadata: {public: true}}]
         middleware_function_id: my::mw        # optional
 
-    ``rbac:`` without an auth function admits every connection, each limited to the
-    exposed functions; a bare ``middleware_function_id`` admits everyone with every
+    ``rbac:`` (which also takes the three ``on_*_registration_function_id`` hooks)
+    without an auth function admits every connection, each limited to the exposed
+    functions; a bare ``middleware_function_id`` admits everyone with every
     grant, every call going through the middleware (as the reference).
 
     @return: an L{AuthConfig}, or None for none of them.
@@ -606,9 +627,6 @@ def parse_listener_auth(auth, rbac, middleware, prefix=""):
     key = prefix + "rbac"
     _check(rbac, dict, key)
     for name in rbac:
-        if name in _RBAC_HOOKS:
-            raise ConfigError("{} is not supported by this engine yet (see "
-                              "docs/security.rst)".format(name), "{}.{}".format(key, name))
         if name not in _RBAC_KEYS:
             raise ConfigError("unknown key; known keys: {}".format(", ".join(_RBAC_KEYS)),
                               "{}.{}".format(key, name))
@@ -622,7 +640,7 @@ def parse_listener_auth(auth, rbac, middleware, prefix=""):
     expose = _filters(rbac.get("expose_functions") or [], key + ".expose_functions")
     return AuthConfig((), function_id, timeout / 1000.0, expose, middleware,
                       admit_anyone=function_id is None,
-                      raw=repr((sorted(rbac.items()), middleware)))
+                      raw=repr((sorted(rbac.items()), middleware)), hooks=_hooks(rbac, key))
 
 
 def _usable_credential(value):
@@ -713,7 +731,8 @@ class Authenticator:
                 return Session(name=grant.name, ip_address=ip_address,
                                expose_functions=self.config.expose_functions,
                                middleware_function_id=self.config.middleware_function_id,
-                               listener=self.listener, **grant.grants)
+                               listener=self.listener, hooks=self.config.hooks,
+                               hook_timeout=self.config.auth_timeout, **grant.grants)
         if self.config.auth_function_id is not None:
             return self._ask_auth_function(headers, params, ip_address)
         if self.config.admit_anyone and token is None:
@@ -723,7 +742,8 @@ class Authenticator:
                            self.config.expose_functions is None else [],
                            expose_functions=self.config.expose_functions,
                            middleware_function_id=self.config.middleware_function_id,
-                           listener=self.listener)
+                           listener=self.listener, hooks=self.config.hooks,
+                           hook_timeout=self.config.auth_timeout)
         raise AuthRefused("no credentials" if token is None else "wrong token")
 
     def _match(self, token):
@@ -746,11 +766,14 @@ class Authenticator:
 
         def answered(answer):
             try:
-                return session_from_answer(
+                session = session_from_answer(
                     answer, ip_address, self.config.expose_functions or [],
                     self.config.middleware_function_id, self.listener)
             except ValueError as e:
                 raise AuthRefused("auth function {} answered {}".format(function_id, e))
+            session.hooks = dict(self.config.hooks)
+            session.hook_timeout = self.config.auth_timeout
+            return session
 
         def failed(failure):
             if failure.check(TimeoutError):
@@ -958,3 +981,112 @@ def tell_trigger_type_taken(engine, worker, type_id, owner):
         "message": "trigger type '{}' is provided by another {}".format(
             type_id, "worker" if owner is not None else "part of the engine"),
     })
+
+
+# -- the reference's registration hooks -------------------------------------------------
+
+_HOOKED = "_iii_hooked"  # set on a message its hook has approved (and maybe rewritten)
+
+# message type -> (the hook's input from the message, {answer key: message key} that
+# the answer may rewrite), as the reference's engine/mod.rs builds them.
+_HOOK_SHAPES = {
+    "registerfunction": (
+        lambda m: {"function_id": m["id"], "description": m.get("description"),
+                   "metadata": m.get("metadata"), "namespace": "default"},
+        (("function_id", "id", str), ("description", "description", str),
+         ("metadata", "metadata", None))),
+    "registertrigger": (
+        lambda m: {"trigger_id": m["id"], "trigger_type": m["trigger_type"],
+                   "function_id": m["function_id"], "config": m.get("config"),
+                   "metadata": m.get("metadata"),
+                   "namespace": m.get("namespace") or "default"},
+        (("trigger_id", "id", str), ("trigger_type", "trigger_type", str),
+         ("function_id", "function_id", str), ("config", "config", None))),
+    "registertriggertype": (
+        lambda m: {"trigger_type_id": m["id"], "description": m.get("description")},
+        (("trigger_type_id", "id", str), ("description", "description", str))),
+}
+
+
+def held_for_hook(engine, worker, message, handler):
+    """
+    The reference's ``on_function_registration_function_id``,
+    ``on_trigger_registration_function_id`` and
+    ``on_trigger_type_registration_function_id``: a registration from a session of a
+    listener with such a hook is first shown to that function with the session's
+    ``context``. An object answer may rewrite the registration (``function_id``,
+    ``description``, ``metadata``; ``trigger_id``, ``trigger_type``, ``function_id``,
+    ``config``; ``trigger_type_id``, ``description``) and lets it through
+    C{handler} (the grants and limits then apply as to any registration); anything
+    else (``null``, a failure, no answer within ``auth_timeout_ms``) refuses it, and
+    the worker is told as for any refused registration. Meanwhile the worker's later
+    messages wait (L{Engine.handle_message}), so they still take effect in order.
+
+    @return: True when the message is held for the hook (the caller stops there).
+    """
+    session = worker.session
+    if session is None or not session.hooks or message.get(_HOOKED):
+        return False
+    hook = session.hooks.get(message["type"])
+    if hook is None:
+        return False
+    kind = message["type"]
+    # A registration the grants refuse anyway is refused without asking the hook.
+    if (kind == "registerfunction" and not session.allow_function_registration) or (
+            kind == "registertriggertype" and not session.allow_trigger_type_registration):
+        return False
+    make_input, rewritable = _HOOK_SHAPES[kind]
+    data = make_input(message)
+    data["context"] = session.context
+    worker.held = []
+    d = engine.call(hook, data)
+    d.addTimeout(session.hook_timeout, engine.clock)
+
+    def decided(answer):
+        if engine.workers.get(worker.id) is not worker:
+            return  # it left meanwhile
+        if isinstance(answer, dict):
+            for answer_key, message_key, kind_of in rewritable:
+                value = answer.get(answer_key)
+                if value is not None and (kind_of is None or isinstance(value, kind_of)):
+                    message[message_key] = value
+            message[_HOOKED] = True
+            handler(worker, message)
+            return
+        reason = answer.getErrorMessage() if hasattr(answer, "getErrorMessage") else \
+            "answered {}".format("null" if answer is None else type(answer).__name__)
+        _log.warn("registration hook {hook} refused {kind} {item_id} of worker "
+                  "{worker_id}: {reason}", hook=hook, kind=kind, item_id=message["id"],
+                  worker_id=worker.id, reason=reason)
+        _tell_hook_refusal(engine, worker, message)
+
+    def release(_):
+        held, worker.held = worker.held, None
+        while held:
+            if worker.held is not None:  # held again, for the next hook
+                worker.held.extend(held)
+                break
+            if engine.workers.get(worker.id) is not worker:
+                break
+            engine.handle_message(worker, held.pop(0))
+
+    d.addBoth(decided)
+    d.addErrback(lambda f: _log.failure("registration hook {hook} handling failed", f,
+                                        hook=hook))
+    d.addBoth(release)
+    return True
+
+
+def _tell_hook_refusal(engine, worker, message):
+    kind = message["type"]
+    message_text = "registration denied by the listener's hook"
+    if kind == "registertrigger":
+        stats_of(engine).refused_registrations += 1
+        worker.connection.send({
+            "type": "triggerregistrationresult", "id": message["id"],
+            "trigger_type": message["trigger_type"], "function_id": message["function_id"],
+            "error": {"code": FORBIDDEN, "message": message_text}})
+    elif kind == "registerfunction":
+        _tell_rejected(engine, worker, FORBIDDEN, message_text, function_id=message["id"])
+    else:
+        _tell_rejected(engine, worker, FORBIDDEN, message_text, trigger_type_id=message["id"])

@@ -195,6 +195,7 @@ listeners:
       auth_timeout_ms: 5000
       expose_functions: ['match("public::*")', {{metadata: {{open: true}}}}]
       middleware_function_id: mw::audit
+      on_function_registration_function_id: hook::functions
 modules: []
 """
 
@@ -226,6 +227,15 @@ def test_rbac_auth_function_on_a_trusted_listener(start_engine, sdk_worker, unco
                                               "payload": data["payload"]})
         return {"audited": True, "result": result}
 
+    hooked = []
+
+    def registration_hook(data):
+        hooked.append(data)
+        if data["function_id"] == "refused":
+            return None
+        return {"description": "checked by the hook"}
+
+    trusted.register_function({"id": "hook::functions"}, registration_hook)
     trusted.register_function({"id": "my::auth"}, authenticate)
     trusted.register_function({"id": "mw::audit"}, audit)
     trusted.register_function({"id": "public::hello"}, lambda data: "hello")
@@ -255,10 +265,18 @@ def test_rbac_auth_function_on_a_trusted_listener(start_engine, sdk_worker, unco
 
     # Registered under its prefix; the engine calls it by the id it registered.
     alice.register_function({"id": "echo"}, lambda data: {"alice": data["n"]})
+    alice.register_function({"id": "refused"}, lambda data: None)
     alice.register_function({"id": "barrier"}, lambda data: None)
     wait_until(lambda: "alice::barrier" in {f["function_id"] for f in trusted.trigger(
         {"function_id": "engine::functions::list", "payload": {}})["functions"]},
         what="alice's registrations")
+    # The reference's registration hook saw each (with alice's context) and decided.
+    functions = {f["function_id"]: f for f in trusted.trigger(
+        {"function_id": "engine::functions::list", "payload": {}})["functions"]}
+    assert functions["alice::echo"]["description"] == "checked by the hook"
+    assert "alice::refused" not in functions
+    assert [h["function_id"] for h in hooked] == ["echo", "refused", "barrier"]
+    assert hooked[0]["context"] == {"user": "alice"}
     assert trusted.trigger({"function_id": "alice::echo", "payload": {"n": 5}}) == {
         "alice": 5}
 
