@@ -62,7 +62,7 @@ class WorkerRecord:
     __slots__ = (
         "id", "connection", "ip_address", "connected_at_ms", "name", "runtime",
         "version", "os", "pid", "telemetry", "functions", "triggers", "trigger_types",
-        "active_calls", "host", "reattach_token", "session", "declared",
+        "active_calls", "host", "reattach_token", "session", "declared", "held",
         "__weakref__",
     )
 
@@ -80,6 +80,8 @@ class WorkerRecord:
         self.host = None
         self.reattach_token = None
         self.session = None
+        # Messages waiting while a registration hook decides (iii_twisted.auth), or None.
+        self.held = None
         self.declared = {}
 
     def __repr__(self):
@@ -491,8 +493,13 @@ class Engine:
         Act on one decoded message (L{iii_twisted.protocol.decode}) from C{worker}.
 
         Runs synchronously up to the point where a call is handed to its host, so the
-        messages of one connection take effect in the order they arrived.
+        messages of one connection take effect in the order they arrived. While a
+        registration hook of the worker's session decides (L{iii_twisted.auth}), its
+        later messages wait, in order.
         """
+        if worker.held is not None:
+            worker.held.append(message)
+            return
         self._handlers[message["type"]](worker, message)
 
     def ingest_telemetry(self, kind, payload, worker_id):
@@ -1012,6 +1019,8 @@ class Engine:
                 invocation_id=message["invocation_id"], worker_id=worker.id)
 
     def _handle_registerfunction(self, worker, message):
+        if auth.held_for_hook(self, worker, message, self._handle_registerfunction):
+            return
         if self.limits.refuse_function(worker, message):
             return  # logged; a call of it fails saying why (_not_found)
         function_id = message["id"]
@@ -1047,6 +1056,8 @@ class Engine:
                                  owner=worker)
 
     def _handle_registertriggertype(self, worker, message):
+        if auth.held_for_hook(self, worker, message, self._handle_registertriggertype):
+            return
         if auth.refuse_trigger_type_registration(self, worker, message["id"]):
             return
         if self.limits.refuse_trigger_type(worker, message):
@@ -1060,6 +1071,8 @@ class Engine:
         self.unregister_trigger_type(message["id"], owner=worker)
 
     def _handle_registertrigger(self, worker, message):
+        if auth.held_for_hook(self, worker, message, self._handle_registertrigger):
+            return
         reason = self.limits.refuse_trigger(worker, message)
         if reason:
             worker.connection.send({

@@ -629,7 +629,8 @@ class _Exchange:
             peer = request.getClientAddress()
             d = Deferred.fromCoroutine(gate.admit(
                 payload, getattr(peer, "host", None), self.route.middleware,
-                lambda: self.engine.check_condition(self.trigger, dict(payload))))
+                lambda: self.engine.check_condition(self.trigger, dict(payload)),
+                request.path.decode("utf-8", "replace")))
             self._call = d
             d.addCallbacks(self._admitted, self._failed, callbackArgs=(payload,))
         elif isinstance(self.trigger.config, dict) and \
