@@ -125,7 +125,8 @@ LISTENER_SCHEMA = Section(
                                "worker by its declared runtime, bytes; over the built-in "
                                "python 1 MiB, node 100 MiB, rust 16 MiB"),
     handshake_timeout_ms=Key(int, 10000, "ms a client has to finish its WebSocket "
-                             "opening handshake (docs/limits.rst)", min=1),
+                             "opening handshake (docs/limits.rst; 0: no deadline)",
+                             min=0),
     auth=Key(dict, None, "tokens and grants of connections to this port "
              "(docs/security.rst); absent: unauthenticated, every grant"),
     rbac=Key(dict, None, "the reference's RBAC: auth_function_id, expose_functions "

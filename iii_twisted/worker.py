@@ -85,11 +85,9 @@ class WorkerProtocol(LargeFrames, ReadHolds, WebSocketServerProtocol):
     def clock(self):
         return self.factory.reactor
 
-    @property
-    def congested(self):
-        """True while the peer does not read what it was sent (L{SendGate})."""
-        gate = self._gate
-        return gate is not None and gate.congested
+    # True while the peer does not read what it was sent (set by its L{SendGate}); a
+    # plain attribute, read for every call forwarded to a worker.
+    congested = False
 
     def onConnect(self, request):
         authenticator = self.factory.authenticator
@@ -154,6 +152,8 @@ class WorkerProtocol(LargeFrames, ReadHolds, WebSocketServerProtocol):
             self.sendClose(1011)
 
     def onMessage(self, payload, isBinary):
+        if self.frame_bytes:
+            self.large_message_done()
         if self._role == "channel":
             self._channel_end.frame(payload, isBinary)
             return

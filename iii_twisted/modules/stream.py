@@ -68,7 +68,8 @@ from ..schema import Adapter, Adapters, Key, Section
 from ..interfaces import IModule, InvalidUpdateOp, ITriggerProvider, KvStoreError, TriggerError
 from ..protocol import InvocationError, encode, loads
 from ..adapters.ops import validate_ops
-from ..limits import check_stored
+from ..connlimits import AddressCounter
+from ..limits import check_stored, release_receive_buffers
 from ._kvcommon import (
     EventDispatcher, check_keys, input_error, kv_adapter_from_config, read_input,
 )
@@ -824,6 +825,15 @@ class StreamProtocol(WebSocketServerProtocol):
             return
         self.client.received(message)
 
+    counted_host = None
+
+    def connectionLost(self, reason):
+        WebSocketServerProtocol.connectionLost(self, reason)
+        release_receive_buffers(self)
+        if self.factory.addresses is not None:
+            self.factory.addresses.release(self.counted_host)
+            self.counted_host = None
+
     def onClose(self, wasClean, code, reason):
         client, self.client = self.client, None
         if client is not None:
@@ -905,3 +915,14 @@ class StreamSocketFactory(WebSocketServerFactory):
             failByDrop=False,
             perMessageCompressionAccept=lambda offers: None,
         )
+        limits = getattr(getattr(module, "_engine", None), "limits", None)
+        # Connections per client address (docs/limits.rst), as on the worker port.
+        self.addresses = AddressCounter(limits, "stream") if limits is not None else None
+
+    def buildProtocol(self, addr):
+        host = self.addresses.admit(addr) if self.addresses is not None else None
+        if host is False:
+            return None  # Twisted closes the new socket at once
+        protocol = WebSocketServerFactory.buildProtocol(self, addr)
+        protocol.counted_host = host
+        return protocol
