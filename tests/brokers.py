@@ -194,8 +194,8 @@ class RabbitMQServer:
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError("rabbitmq-server exited with code {} (logs in {})".format(
-                    self.process.returncode, self.dir))
+                raise RuntimeError("rabbitmq-server exited with code {}: {}".format(
+                    self.process.returncode, self.first_error()))
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                     return self
@@ -204,6 +204,19 @@ class RabbitMQServer:
                     raise TimeoutError("rabbitmq-server did not listen on {}".format(
                         self.port))
                 time.sleep(0.1)  # polling the port for readiness
+
+    def first_error(self):
+        """@return: the first error line of the node's log (why it did not start)."""
+        log_dir = os.path.join(self.dir, "log")
+        try:
+            for name in sorted(os.listdir(log_dir)):
+                with open(os.path.join(log_dir, name), errors="replace") as f:
+                    for line in f:
+                        if "[error]" in line:
+                            return line.strip()[:400]
+        except OSError:
+            pass
+        return "no error in its log"
 
     def stop(self):
         """Kill the node (its whole process group) and wait for it."""
@@ -228,9 +241,15 @@ def start_rabbitmq():
     """@return: a started L{RabbitMQServer}, or skip/fail when RabbitMQ is missing."""
     if not (os.path.exists(RABBITMQ_SERVER) and shutil.which("epmd")):
         missing("rabbitmq-server")
-    server = RabbitMQServer()
-    try:
-        return server.start()
-    except Exception:
-        server.close()
-        raise
+    # Free ports are only free when chosen: on a busy machine another process may take
+    # one during the node's seconds-long boot, so a failed start is tried again on
+    # other ports.
+    for attempt in range(3):
+        server = RabbitMQServer()
+        try:
+            return server.start()
+        except (RuntimeError, TimeoutError) as e:
+            server.close()
+            if attempt == 2:
+                raise
+            print("rabbitmq-server did not start ({}); trying other ports".format(e))
