@@ -18,6 +18,16 @@ _INCLUDE_INTERNAL = {
     "type": "object",
     "properties": {"include_internal": {"type": "boolean", "default": False}},
 }
+_LIST_FUNCTIONS = {
+    "type": "object",
+    "properties": {"include_internal": {"type": "boolean", "default": False},
+                   "include_host": {"type": "boolean", "default": False}},
+}
+_LIST_TRIGGERS = {
+    "type": "object",
+    "properties": {"include_internal": {"type": "boolean", "default": False},
+                   "include_refused": {"type": "boolean", "default": False}},
+}
 
 
 def _input(function_id, data):
@@ -50,10 +60,15 @@ def register_engine_functions(engine):
 
     def list_functions(data):
         internal = _flag("engine::functions::list", data, "include_internal")
-        return {"functions": [
-            entry.info() for function_id, entry in engine.functions.items()
-            if internal or not function_id.startswith("engine::")
-        ]}
+        host = _flag("engine::functions::list", data, "include_host")
+        functions = []
+        for function_id, entry in engine.functions.items():
+            if internal or not function_id.startswith("engine::"):
+                info = entry.info()
+                if host:
+                    _add_host(info, entry)
+                functions.append(info)
+        return {"functions": functions}
 
     def list_workers(data):
         wanted = _input("engine::workers::list", data).get("worker_id")
@@ -67,10 +82,13 @@ def register_engine_functions(engine):
 
     def list_triggers(data):
         internal = _flag("engine::triggers::list", data, "include_internal")
-        return {"triggers": [
+        result = {"triggers": [
             trigger.info() for trigger in engine.triggers.values()
             if internal or not trigger.function_id.startswith("engine::")
         ]}
+        if _flag("engine::triggers::list", data, "include_refused"):
+            result["refused"] = list(engine.refused_triggers)
+        return result
 
     def list_trigger_types(data):
         internal = _flag("engine::trigger-types::list", data, "include_internal")
@@ -105,8 +123,9 @@ def register_engine_functions(engine):
 
     engine.register_function(
         "engine::functions::list", list_functions,
-        "List registered functions (engine::* ones only with include_internal)",
-        _INCLUDE_INTERNAL,
+        "List registered functions (engine::* ones only with include_internal; with "
+        "include_host, each says where it runs: host worker|in-process|http, worker_id)",
+        _LIST_FUNCTIONS,
         {"type": "object", "properties": {"functions": {"type": "array"}}},
     )
     engine.register_function(
@@ -119,8 +138,8 @@ def register_engine_functions(engine):
     engine.register_function(
         "engine::triggers::list", list_triggers,
         "List registered triggers (those bound to engine::* functions only with "
-        "include_internal)",
-        _INCLUDE_INTERNAL,
+        "include_internal; with include_refused, also the latest refused ones and why)",
+        _LIST_TRIGGERS,
         {"type": "object", "properties": {"triggers": {"type": "array"}}},
     )
     engine.register_function(
@@ -138,6 +157,12 @@ def register_engine_functions(engine):
             "pid": {"type": "integer"}, "telemetry": {"type": "object"}}},
         {"type": "object", "properties": {"success": {"type": "boolean"}}},
     )
+
+
+def _add_host(info, entry):
+    """Say where a function runs: ``host`` (worker, in-process, http) and ``worker_id``."""
+    info["host"] = getattr(entry.host, "host_kind", "in-process")
+    info["worker_id"] = entry.owner.id if entry.owner is not None else None
 
 
 def _update_worker(worker, data):

@@ -31,6 +31,7 @@ MODULE_CLASSES = {
     "modules::observability::OtelModule": "iii_twisted.modules.observability:OtelModule",
     "modules::observability::ObservabilityModule":
         "iii_twisted.modules.observability:OtelModule",
+    "modules::console::ConsoleModule": "iii_twisted.modules.console:ConsoleModule",
 }
 
 
