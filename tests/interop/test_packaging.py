@@ -1,7 +1,7 @@
 """
 The twistd plugin is found after a plain ``pip install .`` outside the source tree
 (STYLE.md §C): the wheel must carry ``twisted/plugins/iii_plugin.py`` and no
-``twisted/plugins/__init__.py``.
+``twisted/plugins/__init__.py``; and the web console's static assets.
 """
 
 import os
@@ -28,6 +28,12 @@ def test_wheel_ships_the_dropin_and_twistd_finds_it(tmp_path):
     assert "twisted/plugins/__init__.py" not in names
     assert "twisted/__init__.py" not in names
     assert not any(name.endswith("dropin.cache") for name in names)
+    # The web console's assets ship inside the package (no Node toolchain to install).
+    static = os.path.join(ROOT, "iii_twisted", "modules", "console", "static")
+    assets = sorted(os.listdir(static))
+    assert {"index.html", "app.js", "style.css"} <= set(assets)
+    for asset in assets:
+        assert "iii_twisted/modules/console/static/" + asset in names
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                     str(target), str(wheel)], check=True, capture_output=True)
@@ -35,7 +41,10 @@ def test_wheel_ships_the_dropin_and_twistd_finds_it(tmp_path):
     elsewhere.mkdir()
     # Only the installed copy is importable: the source tree is not on the path.
     env = dict(os.environ, PYTHONPATH=str(target))
-    code = ("import sys; sys.path = [p for p in sys.path if not p.startswith(%r)]; "
+    # (Keeping this interpreter's own site-packages, which a venv inside the clone
+    # would otherwise lose too.)
+    code = ("import sys; sys.path = [p for p in sys.path if not p.startswith(%r) "
+            "or p.startswith(sys.prefix)]; "
             "from twisted.plugin import getPlugins; from twisted.application.service import "
             "IServiceMaker; import iii_twisted; "
             "print(iii_twisted.__file__); print([p.tapname for p in getPlugins(IServiceMaker)])"
