@@ -223,7 +223,10 @@ class Views:
         return result
 
     async def view_workers(self, grants, params):
-        return await self.part(grants, "engine::workers::list", {})
+        workers = await self.part(grants, "engine::workers::list", {})
+        # Without the answer's own timestamp, an unchanged list is not pushed again.
+        workers.pop("timestamp", None)
+        return workers
 
     async def view_functions(self, grants, params):
         functions = await self.part(grants, "engine::functions::list",

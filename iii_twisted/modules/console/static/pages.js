@@ -173,7 +173,9 @@ function triggers(root) {
         ["Config", (t) => h("pre", null, json(t.config, 400))],
         ["Status", (t) => [badge(t.status, t.status), t.error ? h("div.error-text", null, t.error.message) : null]],
       ], byType[name]) : null));
-    const refused = d.triggers.refused || [];
+    // Refused by a module (gone from the registry) or failed by a worker provider.
+    const refused = (d.triggers.refused || []).concat(
+      d.triggers.triggers.filter((t) => t.status === "failed"));
     return [
       h("h2", null, "Refused"),
       table([

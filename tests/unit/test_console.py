@@ -1,0 +1,445 @@
+"""
+The console's server side (iii_twisted.modules.console): its Klein resource through
+treq's StubTreq on an engine with a MemoryReactorClock; the pages computed by its views;
+the event stream on a DummyRequest. The browser side is tested in a real browser
+(tests/interop/test_console_browser.py).
+"""
+
+import json
+
+import pytest
+from treq.testing import StubTreq
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.testing import MemoryReactorClock
+from twisted.web.test.requesthelper import DummyRequest
+
+from iii_twisted.config import ConfigError
+from iii_twisted.engine import Engine
+from iii_twisted.modules import build_module
+from iii_twisted.modules.console import ConsoleModule
+from iii_twisted.modules.console.auth import OpenAccess, access_for
+from iii_twisted.modules.console.views import History, merged_quantiles
+from iii_twisted.modules.console.web import COOKIE, EventStream
+from iii_twisted.protocol import InvocationError
+from iii_twisted.testing import FakeWorkerConnection
+
+BASE = "http://127.0.0.1:3113"
+
+
+class Grants:
+    def __init__(self, allowed):
+        self.allowed = set(allowed)
+
+    def allows(self, function_id):
+        return function_id in self.allowed
+
+
+class TokenAuth:
+    """What the console needs of the engine's authentication (auth.py's seam)."""
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def authenticate(self, token):
+        allowed = self.tokens.get(token)
+        return None if allowed is None else Grants(allowed)
+
+
+class Console:
+    def __init__(self, config=None, auth=None):
+        self.clock = MemoryReactorClock()
+        self.engine = Engine(self.clock, invocation_timeout=60)
+        if auth is not None:
+            self.engine.auth = auth
+        self.calls = []
+        self.engine.register_function("app::echo", self._echo)
+        self.module = ConsoleModule(self.engine, config or {}, self.clock)
+
+    def _echo(self, data):
+        self.calls.append(data)
+        return {"echo": data}
+
+    def request(self, method, path, **kwargs):
+        # A fresh client each time: its cookie jar would carry the session otherwise.
+        self.treq = StubTreq(self.module.web.resource)
+        d = self.treq.request(method, BASE + path, **kwargs)
+        self.treq.flush()
+        return resolve(d)
+
+    def session(self):
+        """@return: (cookies, csrf token) of a new browser session."""
+        response = self.request("GET", "/api/session")
+        cookies = {COOKIE: response.cookies()[COOKIE]}
+        return cookies, body(self, response)["csrf_token"]
+
+    def post(self, path, payload, cookies=None, token=None, headers=None):
+        all_headers = {"Content-Type": "application/json"}
+        if token is not None:
+            all_headers["X-CSRF-Token"] = token
+        all_headers.update(headers or {})
+        return self.request("POST", path, data=json.dumps(payload).encode(),
+                            headers=all_headers, cookies=cookies)
+
+
+def resolve(d):
+    results = []
+    d.addBoth(results.append)
+    assert results, "the Deferred did not fire"
+    if hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]
+
+
+def body(console, response):
+    d = response.content()
+    console.treq.flush()
+    return json.loads(resolve(d))
+
+
+def render(console, page, grants=None, params=None):
+    grants = grants if grants is not None else OpenAccess().authenticate(None)
+    return resolve(ensureDeferred(console.module.views.render(page, grants, params or {})))
+
+
+# -- config ------------------------------------------------------------------------------
+
+
+def test_defaults_listen_on_loopback_3113():
+    console = Console()
+    assert console.module.listen == "tcp:3113:interface=127.0.0.1"
+    assert console.module.web.loopback_only
+    assert console.module.web.push_interval == 1.0
+
+
+def test_loaded_by_class_name():
+    clock = MemoryReactorClock()
+    module = build_module("modules::console::ConsoleModule", Engine(clock), {"port": 0},
+                          clock)
+    assert module.iii_class == "modules::console::ConsoleModule"
+
+
+@pytest.mark.parametrize("config, key", [
+    ({"port": "3113"}, "port"),
+    ({"port": 70000}, "port"),
+    ({"host": 127}, "host"),
+    ({"listen": 3113}, "listen"),
+    ({"push_interval": "fast"}, "push_interval"),
+    ({"push_interval": 0}, "push_interval"),
+    ({"sample_interval": -1}, "sample_interval"),
+    ({"history": 1}, "history"),
+    ({"colour": "blue"}, "colour"),
+])
+def test_bad_config_names_the_key(config, key):
+    with pytest.raises(ConfigError) as raised:
+        Console(config)
+    assert raised.value.key == key
+
+
+def test_not_loopback_when_configured_so():
+    console = Console({"host": "0.0.0.0"})
+    assert not console.module.web.loopback_only
+
+
+# -- CSRF and sessions -------------------------------------------------------------------
+
+
+def test_page_sets_a_strict_httponly_session_cookie_and_a_csp():
+    console = Console()
+    response = console.request("GET", "/")
+    assert response.code == 200
+    cookie = response.headers.getRawHeaders("set-cookie")[0]
+    assert cookie.startswith(COOKIE + "=")
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie
+    csp = response.headers.getRawHeaders("content-security-policy")[0]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+
+
+def test_a_call_with_session_and_token_is_made():
+    console = Console()
+    cookies, token = console.session()
+    response = console.post("/api/call", {"function_id": "app::echo", "payload": {"x": 1}},
+                            cookies, token)
+    assert body(console, response) == {"ok": True, "result": {"echo": {"x": 1}}}
+    assert console.calls == [{"x": 1}]
+
+
+@pytest.mark.parametrize("case", ["no session", "no token", "wrong token", "form",
+                                  "other origin", "null origin"])
+def test_csrf_refusals(case):
+    console = Console()
+    cookies, token = console.session()
+    headers = {}
+    if case == "no session":
+        cookies = None
+    elif case == "no token":
+        token = None
+    elif case == "wrong token":
+        token = token[:-1] + ("A" if token[-1] != "A" else "B")
+    elif case == "form":
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    elif case == "other origin":
+        headers["Origin"] = "http://evil.example"
+    elif case == "null origin":
+        headers["Origin"] = "null"
+    response = console.post("/api/call", {"function_id": "app::echo", "payload": 1},
+                            cookies, token, headers)
+    assert response.code in (403, 415)
+    assert body(console, response)["error"]["code"] == "csrf"
+    assert console.calls == []
+
+
+def test_same_origin_is_accepted():
+    console = Console()
+    cookies, token = console.session()
+    response = console.post("/api/call", {"function_id": "app::echo", "payload": 2},
+                            cookies, token, {"Origin": BASE})
+    assert body(console, response)["ok"]
+
+
+def test_a_token_of_another_session_is_refused():
+    console = Console()
+    cookies, _ = console.session()
+    _, other_token = console.session()
+    response = console.post("/api/call", {"function_id": "app::echo"}, cookies, other_token)
+    assert response.code == 403
+
+
+def test_wrong_host_is_refused_on_loopback():
+    """A DNS-rebinding page reaches us with its own host name: it gets nothing."""
+    console = Console()
+    response = console.request("GET", "/api/session", headers={"Host": "evil.example"})
+    assert response.code == 421
+    assert console.module.web.sessions.__len__() == 0
+
+
+def test_bad_bodies_are_400():
+    console = Console()
+    cookies, token = console.session()
+    for data in (b"not json", b"[1]", b'{"function_id": 3}'):
+        response = console.request("POST", "/api/call", data=data, cookies=cookies,
+                                   headers={"Content-Type": "application/json",
+                                            "X-CSRF-Token": token})
+        assert response.code == 400
+
+
+def test_function_errors_come_back_as_errors():
+    console = Console()
+    cookies, token = console.session()
+    response = console.post("/api/call", {"function_id": "nope::nope"}, cookies, token)
+    answer = body(console, response)
+    assert answer["ok"] is False and answer["error"]["code"] == "function_not_found"
+
+
+def test_sessions_are_bounded():
+    console = Console()
+    console.module.web.sessions.limit = 3
+    first, _ = console.session()
+    for _ in range(3):
+        console.session()
+    assert len(console.module.web.sessions) == 3
+    assert console.module.web.sessions.get(first[COOKIE]) is None
+
+
+def test_static_serves_only_shipped_assets():
+    console = Console()
+    assert console.request("GET", "/static/app.js").headers.getRawHeaders(
+        "content-type")[0].startswith("text/javascript")
+    for path in ("/static/..%2f__init__.py", "/static/web.py", "/static/nope.js"):
+        assert console.request("GET", path).code == 404
+
+
+# -- grants ------------------------------------------------------------------------------
+
+
+def test_open_console_when_no_auth():
+    assert not access_for(Engine(MemoryReactorClock())).auth_required
+
+
+def test_with_auth_a_token_is_asked_and_its_grants_apply():
+    console = Console(auth=TokenAuth({"reader": ["engine::workers::list"],
+                                      "caller": ["app::echo"]}))
+    cookies, token = console.session()
+    info = body(console, console.request("GET", "/api/session", cookies=cookies))
+    assert info["auth_required"] and not info["authenticated"]
+    # Nothing before a token.
+    response = console.post("/api/call", {"function_id": "app::echo"}, cookies, token)
+    assert body(console, response)["error"]["code"] == "unauthenticated"
+    assert console.request("GET", "/api/events?page=workers", cookies=cookies).code == 401
+    # A wrong token is refused.
+    assert console.post("/api/login", {"token": "guess"}, cookies, token).code == 401
+    # The reader may read workers, not call app::echo.
+    assert body(console, console.post("/api/login", {"token": "reader"}, cookies, token)) \
+        == {"authenticated": True}
+    response = console.post("/api/call", {"function_id": "app::echo"}, cookies, token)
+    assert body(console, response)["error"]["code"] == "forbidden"
+    assert console.calls == []
+    session = console.module.web.sessions.get(cookies[COOKIE])
+    assert "workers" in render(console, "workers", session.grants)
+    functions = render(console, "functions", session.grants)
+    assert functions["error"]["code"] == "forbidden"
+
+
+def test_login_needs_the_csrf_token_too():
+    console = Console(auth=TokenAuth({"caller": ["app::echo"]}))
+    cookies, _ = console.session()
+    assert console.post("/api/login", {"token": "caller"}, cookies).code == 403
+
+
+def test_forbidden_parts_leave_the_rest_of_the_page():
+    console = Console()
+    page = render(console, "overview", Grants(["engine::workers::list"]))
+    assert page["workers"] == {"count": 0, "names": []}
+    assert page["engine"]["error"]["code"] == "forbidden"
+    assert page["calls"]["error"]["code"] == "forbidden"
+    assert page["queues"]["error"]["code"] == "forbidden"
+
+
+# -- views -------------------------------------------------------------------------------
+
+
+def test_functions_page_says_where_each_runs_and_its_triggers():
+    console = Console()
+    worker = FakeWorkerConnection.connect(console.engine)
+    worker.receive({"type": "registerfunction", "id": "w::f", "description": "<b>x</b>"})
+    worker.receive({"type": "registertriggertype", "id": "tick", "description": "ticks"})
+    worker.receive({"type": "registertrigger", "id": "t1", "trigger_type": "tick",
+                    "function_id": "w::f", "config": {}})
+    rows = {f["function_id"]: f for f in render(console, "functions")["functions"]}
+    assert rows["w::f"]["host"] == "worker"
+    assert rows["w::f"]["worker_id"] == worker.worker_id
+    assert rows["w::f"]["description"] == "<b>x</b>"  # escaped by the page, not here
+    assert rows["w::f"]["triggers"] == [{"id": "t1", "trigger_type": "tick"}]
+    assert rows["app::echo"]["host"] == "in-process"
+
+
+def test_triggers_page_lists_refused_triggers_with_the_reason():
+    console = Console()
+    worker = FakeWorkerConnection.connect(console.engine)
+    worker.receive({"type": "registerfunction", "id": "w::f"})
+    worker.receive({"type": "registertriggertype", "id": "tick"})
+    worker.receive({"type": "registertrigger", "id": "t1", "trigger_type": "tick",
+                    "function_id": "w::f", "config": {"every": "never"}})
+    assert [t["id"] for t in render(console, "triggers")["triggers"]["triggers"]] == ["t1"]
+    worker.receive({"type": "triggerregistrationresult", "id": "t1", "trigger_type": "tick",
+                    "function_id": "w::f",
+                    "error": {"code": "bad_config", "message": "every: not a duration"}})
+    # A worker provider's refusal keeps the trigger, failed, with the reason.
+    [failed] = render(console, "triggers")["triggers"]["triggers"]
+    assert failed["status"] == "failed"
+    assert failed["error"]["message"] == "every: not a duration"
+
+
+def test_triggers_page_lists_triggers_a_module_refused_with_the_reason():
+    from iii_twisted.modules.rest_api import RestApiModule
+    console = Console()
+    RestApiModule(console.engine, {"port": 0}, console.clock)
+    worker = FakeWorkerConnection.connect(console.engine)
+    worker.receive({"type": "registerfunction", "id": "w::f"})
+    worker.receive({"type": "registertrigger", "id": "t2", "trigger_type": "http",
+                    "function_id": "w::f", "config": {"api_path": "x",
+                                                      "http_method": "FETCH"}})
+    page = render(console, "triggers")
+    assert page["triggers"]["triggers"] == []
+    [refused] = page["triggers"]["refused"]
+    assert refused["id"] == "t2" and refused["status"] == "refused"
+    assert "http_method must be one of" in refused["error"]["message"]
+    assert refused["refused_at_ms"] > 0
+
+
+def test_pages_of_missing_modules_say_so():
+    console = Console()
+    for name in ("traces", "logs"):
+        page = render(console, name)
+        part = page["list"] if name == "traces" else page
+        assert part["error"]["code"] == "function_not_found"
+    assert render(console, "queues")["error"]["code"] == "function_not_found"
+
+
+def test_modules_list_without_a_service():
+    console = Console()
+    info = resolve(console.engine.call("engine::modules::list", {}))
+    assert info["modules"] == [] and info["version"]
+
+
+def test_history_rates():
+    history = History(size=3)
+    assert history.rates() == (None, None)
+    history.add({"t": 0, "calls": 10, "errors": 0, "depths": {}})
+    history.add({"t": 2000, "calls": 30, "errors": 5, "depths": {}})
+    assert history.rates() == (10.0, 0.25)
+
+
+def test_sample_counts_user_calls_only():
+    console = Console()
+    console.engine.register_function("engine::metrics::list", lambda data: {
+        "engine_metrics": {"invocations": {"by_function": {
+            "app::a": {"calls": 4, "errors": 1}, "engine::workers::list": {"calls": 99,
+                                                                          "errors": 0}}}}})
+    sample = resolve(ensureDeferred(console.module.views.sample(Grants(
+        ["engine::metrics::list"]))))
+    assert (sample["calls"], sample["errors"]) == (4, 1)
+    assert sample["depths"] == {}  # no queue module, and not granted
+
+
+def test_merged_quantiles():
+    bounds = [1.0, 2.0, 4.0]
+    p50, p99 = merged_quantiles({"a": {"buckets": [10, 0, 0, 0]},
+                                 "b": {"buckets": [0, 0, 10, 0]}}, bounds)
+    assert p50 == 1.0 and 3.9 < p99 <= 4.0
+    assert merged_quantiles({}, bounds) == (None, None)
+
+
+# -- the event stream ----------------------------------------------------------------------
+
+
+def test_event_stream_pushes_changes_only_and_keeps_framing():
+    console = Console({"push_interval": 1})
+    web = console.module.web
+    worker = FakeWorkerConnection.connect(console.engine)
+    console.engine.workers[worker.worker_id].name = "evil\n\ndata: {\"page\": \"x\"}"
+    session = web.sessions.new()
+    request = DummyRequest([b""])
+    stream = EventStream(web, request, session, "workers", {})
+    web.streams.add(stream)
+    stream.start()
+    frames = b"".join(request.written).split(b"\n\n")
+    data = [f for f in frames if f.startswith(b"data: ")]
+    assert len(data) == 1
+    assert b"\n" not in data[0]  # a worker's newline cannot start an SSE field
+    message = json.loads(data[0][len(b"data: "):])
+    assert message["data"]["workers"][0]["name"].startswith("evil\n")
+    console.clock.advance(1)
+    assert len([f for f in b"".join(request.written).split(b"\n\n")
+                if f.startswith(b"data: ")]) == 1  # unchanged: not sent again
+    worker.disconnect()
+    console.clock.advance(1)
+    assert len([f for f in b"".join(request.written).split(b"\n\n")
+                if f.startswith(b"data: ")]) == 2
+    console.module.stopService()
+    assert not web.streams
+
+
+def test_closed_browser_stops_the_stream():
+    console = Console()
+    web = console.module.web
+    request = DummyRequest([b""])
+    stream = EventStream(web, request, web.sessions.new(), "workers", {})
+    web.streams.add(stream)
+    stream.start()
+    request.finish()
+    assert not web.streams
+    assert not stream._loop.running
+
+
+def test_unknown_page_is_404():
+    console = Console()
+    cookies, _ = console.session()
+    response = console.request("GET", "/api/events?page=secrets", cookies=cookies)
+    assert response.code == 404
+
+
+def test_check_raises_invocation_errors():
+    from iii_twisted.modules.console.auth import check
+    with pytest.raises(InvocationError) as raised:
+        check(None, "x")
+    assert raised.value.code == "unauthenticated"
