@@ -76,7 +76,7 @@ function show(name) {
   const root = replace(main);
   current = { name, params, source: null, view: null };
   const ctx = {
-    params,
+    get params() { return current.params; },
     setParams(next) {
       paramsByPage[name] = next;
       current.params = next;

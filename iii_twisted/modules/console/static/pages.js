@@ -6,11 +6,12 @@ import {
   lineChart,
 } from "./dom.js";
 
-function livePage(root, title, draw, before) {
+function livePage(root, title, draw, before, after) {
   root.append(h("h1", null, title));
   if (before) root.append(before);
   const live = h("div", { id: "live" }, h("div.notice", null, "loading…"));
   root.append(live);
+  if (after) root.append(after);
   return {
     update(data) { replace(live, draw(data)); },
     failed(error) { replace(live, errorNote(error)); },
@@ -164,7 +165,8 @@ function triggers(root) {
     for (const t of d.triggers.triggers) (byType[t.trigger_type] = byType[t.trigger_type] || []).push(t);
     const names = Array.from(new Set(types.map((t) => t.id).concat(Object.keys(byType)))).sort();
     const described = Object.fromEntries(types.map((t) => [t.id, t.description]));
-    const sections = names.map((name) => h("div.panel", null,
+    const empty = names.filter((name) => !(byType[name] || []).length);
+    const sections = names.filter((name) => (byType[name] || []).length).map((name) => h("div.panel", null,
       h("h3", null, h("code", null, name), " ",
         h("span.muted", null, described[name] || ""), " ", badge(String((byType[name] || []).length))),
       (byType[name] || []).length ? table([
@@ -186,6 +188,8 @@ function triggers(root) {
         ["Reason", (t) => h("span.error-text", null, t.error.code + ": " + t.error.message)],
       ], refused.slice().reverse(), { empty: "no trigger refused", attrs: { "data-testid": "refused-triggers" } }),
       h("h2", null, "By type"), sections,
+      empty.length ? h("p.muted", null, "Types with no trigger: ",
+        empty.map((name) => h("span", { title: described[name] || "" }, badge(name)))) : null,
     ];
   });
 }
@@ -210,9 +214,9 @@ function waterfall(roots) {
     bar.style.width = (100 * (span.end_time_unix_nano - span.start_time_unix_nano) / total).toFixed(2) + "%";
     const name = h("div.name", { title: span.name }, span.name);
     name.style.paddingLeft = (depth * 14) + "px";
-    return h("div.row", null, name, h("div.track", null, bar),
-      h("div.muted", null, ms(spanMs(span)),
-        span.status === "error" ? h("div.error-text", null, span.status_description || "error") : null));
+    return h("div.row", null, name, h("div.track", null, bar), h("div.muted.num", null, ms(spanMs(span))),
+      span.status === "error"
+        ? h("div.span-error.error-text", null, span.status_description || "error") : null);
   }));
 }
 
@@ -292,7 +296,7 @@ function queues(root, ctx) {
         h("button.small.danger", { onclick: () => act("iii::queue::discard", { queue: x.name },
           "Discard every dead-lettered message of " + x.name + "?") }, "Discard all")),
       part(x.dlq, (messages) => table([
-        ["Failed at", (m) => time(m.failed_at)],
+        ["Failed at", (m) => time(m.failed_at * 1000)], // seconds, as the reference
         ["Message", (m) => h("span.mono", null, m.id)],
         ["Error", (m) => h("span.error-text", { "data-testid": "dlq-error" }, typeof m.error === "string" ? m.error : json(m.error))],
         ["Retries", (m) => String(m.retries), "num"],
@@ -364,7 +368,7 @@ function state(root, ctx) {
         { function_id: "state::delete", payload: { scope: d.scope, key: x.key } },
         "Delete " + x.key + " from " + d.scope + "?") }, "Delete")]],
     ], items, { attrs: { "data-testid": "state-items" } }))] : null,
-  ], edit.form);
+  ], null, edit.form);
 }
 
 function streams(root, ctx) {
@@ -389,7 +393,7 @@ function streams(root, ctx) {
           payload: { stream_name: d.stream, group_id: d.group, item_id: x.key } },
         "Delete item " + x.key + "?") }, "Delete")]],
       ], items))] : null,
-  ], edit.form);
+  ], null, edit.form);
 }
 
 export const PAGES = { overview, workers, functions, triggers, traces, logs, queues, state, streams };
