@@ -428,7 +428,8 @@ def test_closed_browser_stops_the_stream():
     stream.start()
     request.finish()
     assert not web.streams
-    assert not stream._loop.running
+    assert not stream.running
+    assert not console.clock.getDelayedCalls()
 
 
 def test_unknown_page_is_404():
@@ -443,3 +444,28 @@ def test_check_raises_invocation_errors():
     with pytest.raises(InvocationError) as raised:
         check(None, "x")
     assert raised.value.code == "unauthenticated"
+
+
+def test_an_expensive_page_slows_itself_down():
+    """A page that takes 0.5 s to compute is next computed 19 x 0.5 s later (5 %)."""
+    console = Console({"push_interval": 1})
+    web = console.module.web
+    renders = []
+
+    async def slow_render(page, grants, params):
+        renders.append(console.clock.seconds())
+        console.clock.advance(0.5)
+        return {"n": len(renders)}
+
+    web.views.render = slow_render
+    request = DummyRequest([b""])
+    stream = EventStream(web, request, web.sessions.new(), "workers", {})
+    stream.start()
+    [due] = console.clock.getDelayedCalls()
+    assert due.getTime() == pytest.approx(0.5 + 9.5)
+    console.clock.advance(9.4)
+    assert len(renders) == 1
+    console.clock.advance(0.2)
+    assert len(renders) == 2
+    stream.stop()
+    assert not console.clock.getDelayedCalls()

@@ -266,7 +266,7 @@ class Views:
         return {"triggers": triggers, "trigger_types": types}
 
     async def view_traces(self, grants, params):
-        query = {"limit": 100, "sort_by": "start_time", "sort_order": "desc"}
+        query = {"limit": 50, "sort_by": "start_time", "sort_order": "desc"}
         name = _str(params, "function")
         if name:
             query["name"] = name

@@ -38,7 +38,6 @@ from urllib.parse import urlsplit
 
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.server import Site
 
@@ -60,6 +59,7 @@ LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
 MAX_SESSIONS = 256
 MAX_BODY = 1024 * 1024
 KEEPALIVE_SECONDS = 15.0
+PAGE_BUDGET = 0.05  # at most this share of the engine's time per open page
 _SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 
@@ -319,8 +319,12 @@ class EventStream:
     """
     One open page: computes it every C{push_interval} seconds and sends it as an SSE
     ``data:`` line when it changed (a comment line every L{KEEPALIVE_SECONDS}
-    otherwise). A page whose computation is still running skips a tick rather than
-    piling up.
+    otherwise).
+
+    A computation never overlaps the next, and an expensive page slows itself down: the
+    next one starts at least C{push_interval} after the last started, and at least
+    C{(1 / PAGE_BUDGET - 1)} times its duration after it ended, so one open page takes
+    at most about L{PAGE_BUDGET} of the engine's time however big the stores it reads.
     """
 
     def __init__(self, web, request, session, page, params):
@@ -331,10 +335,8 @@ class EventStream:
         self.params = params if isinstance(params, dict) else {}
         self._last = None
         self._last_sent = 0.0
-        self._busy = False
         self._closed = False
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = web.clock
+        self._next = None
         self.done = Deferred(self._cancelled)
 
     def start(self):
@@ -344,7 +346,7 @@ class EventStream:
         request.write(b"retry: 2000\n\n")
         # The browser went away: stop computing (Klein cancels self.done then).
         request.notifyFinish().addBoth(lambda _: self.stop(finish=False))
-        self._loop.start(self.web.push_interval, now=True)
+        self._tick()
         return self.done
 
     def _cancelled(self, d):
@@ -354,22 +356,32 @@ class EventStream:
         """Stop pushing; with C{finish}, end the response too (the console stops)."""
         self.web.streams.discard(self)
         self._closed = True
-        if self._loop.running:
-            self._loop.stop()
+        if self._next is not None and self._next.active():
+            self._next.cancel()
+        self._next = None
         if finish and not self.done.called:
             self.done.callback(b"")
 
+    @property
+    def running(self):
+        """Whether a next computation is due (the stream is open)."""
+        return not self._closed
+
     def _tick(self):
-        if self._busy:
-            return
-        self._busy = True
+        self._next = None
+        clock = self.web.clock
+        started = clock.seconds()
         d = ensureDeferred(self.web.views.render(self.page, self.session.grants,
                                                  self.params))
         d.addCallbacks(self._send, self._failed)
-        d.addBoth(self._idle)
+        d.addBoth(lambda _: self._schedule(started, clock.seconds()))
 
-    def _idle(self, _):
-        self._busy = False
+    def _schedule(self, started, ended):
+        if self._closed:
+            return
+        took = max(0.0, ended - started)
+        delay = max(self.web.push_interval - took, took * (1.0 / PAGE_BUDGET - 1.0))
+        self._next = self.web.clock.callLater(delay, self._tick)
 
     def _failed(self, failure):
         if failure.check(CancelledError):
