@@ -469,3 +469,71 @@ def test_an_expensive_page_slows_itself_down():
     assert len(renders) == 2
     stream.stop()
     assert not console.clock.getDelayedCalls()
+
+
+# -- engine additions the console reads ------------------------------------------------
+
+
+def test_functions_list_without_include_host_is_unchanged():
+    console = Console()
+    [echo] = [f for f in resolve(console.engine.call("engine::functions::list", {}))[
+        "functions"] if f["function_id"] == "app::echo"]
+    assert set(echo) == {"function_id", "description", "request_format",
+                         "response_format", "metadata"}
+
+
+def test_include_flags_must_be_booleans():
+    console = Console()
+    for function_id, flag in (("engine::functions::list", "include_host"),
+                              ("engine::triggers::list", "include_refused")):
+        with pytest.raises(InvocationError) as raised:
+            resolve(console.engine.call(function_id, {flag: "yes"}))
+        assert raised.value.code == "deserialization_error"
+
+
+def test_refused_triggers_are_bounded():
+    from iii_twisted.modules.rest_api import RestApiModule
+    console = Console()
+    RestApiModule(console.engine, {"port": 0}, console.clock)
+    worker = FakeWorkerConnection.connect(console.engine)
+    worker.receive({"type": "registerfunction", "id": "w::f"})
+    for i in range(150):
+        worker.receive({"type": "registertrigger", "id": "t{}".format(i),
+                        "trigger_type": "http", "function_id": "w::f", "config": {}})
+    refused = resolve(console.engine.call("engine::triggers::list",
+                                          {"include_refused": True}))["refused"]
+    assert len(refused) == 100 and refused[-1]["id"] == "t149"
+
+
+def test_quantile_from_histogram():
+    from iii_twisted.observability.metrics import BUCKETS, FunctionStats, quantile_ms
+    stats = FunctionStats()
+    assert stats.to_dict()["p50_duration_ms"] == 0
+    counts = [0] * (len(BUCKETS) + 1)
+    counts[BUCKETS.index(0.01)] = 100  # all between 5 and 10 ms
+    assert 5.0 < quantile_ms(counts, 0.5) <= 10.0
+    counts[-1] = 1000  # most over the last bound
+    assert quantile_ms(counts, 0.99) == BUCKETS[-1] * 1000
+
+
+def test_state_list_with_keys():
+    from iii_twisted.modules.state import StateModule
+    console = Console()
+    StateModule(console.engine, {}, console.clock)
+    resolve(console.engine.call("state::set", {"scope": "s", "key": "k", "value": 1}))
+    assert resolve(console.engine.call("state::list", {"scope": "s"})) == [1]
+    assert resolve(console.engine.call("state::list", {"scope": "s", "with_keys": True})) \
+        == [{"key": "k", "value": 1}]
+    page = render(console, "state", params={"scope": "s"})
+    assert page["groups"] == {"groups": ["s"]} and page["items"] == [{"key": "k", "value": 1}]
+
+
+def test_stream_list_with_keys():
+    from iii_twisted.modules.stream import StreamModule
+    console = Console()
+    StreamModule(console.engine, {"port": 0}, console.clock)
+    resolve(console.engine.call("stream::set", {"stream_name": "chat", "group_id": "g",
+                                                "item_id": "m1", "data": {"t": 1}}))
+    page = render(console, "streams", params={"stream": "chat", "group": "g"})
+    assert page["streams"]["stream"] == [{"id": "chat", "groups": ["g"]}]
+    assert page["items"] == [{"key": "m1", "value": {"t": 1}}]
