@@ -9,7 +9,7 @@ import json
 
 import pytest
 from treq.testing import StubTreq
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import ensureDeferred, succeed
 from twisted.internet.testing import MemoryReactorClock
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -17,7 +17,7 @@ from iii_twisted.config import ConfigError
 from iii_twisted.engine import Engine
 from iii_twisted.modules import build_module
 from iii_twisted.modules.console import ConsoleModule
-from iii_twisted.modules.console.auth import OpenAccess, access_for
+from iii_twisted.modules.console.auth import AllGrants, access_for
 from iii_twisted.modules.console.views import History, merged_quantiles
 from iii_twisted.modules.console.web import COOKIE, EventStream
 from iii_twisted.protocol import InvocationError
@@ -34,26 +34,28 @@ class Grants:
         return function_id in self.allowed
 
 
-class TokenAuth:
-    """What the console needs of the engine's authentication (auth.py's seam)."""
+class TokenAccess:
+    """An access policy with named tokens and their grants (auth.py's seam)."""
+
+    auth_required = True
 
     def __init__(self, tokens):
         self.tokens = tokens
 
-    def authenticate(self, token):
+    def authenticate(self, token, ip_address=None):
         allowed = self.tokens.get(token)
-        return None if allowed is None else Grants(allowed)
+        return succeed(None if allowed is None else Grants(allowed))
 
 
 class Console:
     def __init__(self, config=None, auth=None):
         self.clock = MemoryReactorClock()
         self.engine = Engine(self.clock, invocation_timeout=60)
-        if auth is not None:
-            self.engine.auth = auth
         self.calls = []
         self.engine.register_function("app::echo", self._echo)
         self.module = ConsoleModule(self.engine, config or {}, self.clock)
+        if auth is not None:
+            self.module.web.set_access(auth)
 
     def _echo(self, data):
         self.calls.append(data)
@@ -97,7 +99,7 @@ def body(console, response):
 
 
 def render(console, page, grants=None, params=None):
-    grants = grants if grants is not None else OpenAccess().authenticate(None)
+    grants = grants if grants is not None else AllGrants()
     return resolve(ensureDeferred(console.module.views.render(page, grants, params or {})))
 
 
@@ -252,12 +254,17 @@ def test_static_serves_only_shipped_assets():
 
 
 def test_open_console_when_no_auth():
-    assert not access_for(Engine(MemoryReactorClock())).auth_required
+    clock = MemoryReactorClock()
+    assert not access_for(Engine(clock), None, clock).auth_required
+    console = Console()
+    console.module.startService()
+    assert not console.module.web.access.auth_required
+    console.module.stopService()
 
 
 def test_with_auth_a_token_is_asked_and_its_grants_apply():
-    console = Console(auth=TokenAuth({"reader": ["engine::workers::list"],
-                                      "caller": ["app::echo"]}))
+    console = Console(auth=TokenAccess({"reader": ["engine::workers::list"],
+                                        "caller": ["app::echo"]}))
     cookies, token = console.session()
     info = body(console, console.request("GET", "/api/session", cookies=cookies))
     assert info["auth_required"] and not info["authenticated"]
@@ -271,16 +278,16 @@ def test_with_auth_a_token_is_asked_and_its_grants_apply():
     assert body(console, console.post("/api/login", {"token": "reader"}, cookies, token)) \
         == {"authenticated": True}
     response = console.post("/api/call", {"function_id": "app::echo"}, cookies, token)
-    assert body(console, response)["error"]["code"] == "forbidden"
+    assert body(console, response)["error"]["code"] == "FORBIDDEN"
     assert console.calls == []
     session = console.module.web.sessions.get(cookies[COOKIE])
     assert "workers" in render(console, "workers", session.grants)
     functions = render(console, "functions", session.grants)
-    assert functions["error"]["code"] == "forbidden"
+    assert functions["error"]["code"] == "FORBIDDEN"
 
 
 def test_login_needs_the_csrf_token_too():
-    console = Console(auth=TokenAuth({"caller": ["app::echo"]}))
+    console = Console(auth=TokenAccess({"caller": ["app::echo"]}))
     cookies, _ = console.session()
     assert console.post("/api/login", {"token": "caller"}, cookies).code == 403
 
@@ -289,9 +296,9 @@ def test_forbidden_parts_leave_the_rest_of_the_page():
     console = Console()
     page = render(console, "overview", Grants(["engine::workers::list"]))
     assert page["workers"] == {"count": 0, "names": []}
-    assert page["engine"]["error"]["code"] == "forbidden"
-    assert page["calls"]["error"]["code"] == "forbidden"
-    assert page["queues"]["error"]["code"] == "forbidden"
+    assert page["engine"]["error"]["code"] == "FORBIDDEN"
+    assert page["calls"]["error"]["code"] == "FORBIDDEN"
+    assert page["queues"]["error"]["code"] == "FORBIDDEN"
 
 
 # -- views -------------------------------------------------------------------------------

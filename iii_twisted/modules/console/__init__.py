@@ -38,7 +38,7 @@ from zope.interface import implementer
 from ... import __version__
 from ...config import ConfigError, get_option
 from ...interfaces import IModule
-from .auth import AllGrants, access_for
+from .auth import AllGrants, OpenAccess, access_for
 from .views import History, Views
 from .web import LOOPBACK_NAMES, ConsoleSite, ConsoleWeb
 
@@ -105,7 +105,7 @@ class ConsoleModule(MultiService):
         self.views = Views(engine, self.history, reactor)
         interface = _interface(self.listen)
         self.web = ConsoleWeb(
-            self.views, access_for(engine), reactor, push_interval,
+            self.views, OpenAccess(), reactor, push_interval,
             loopback_only=self.listen.startswith(("tcp:", "tcp6:"))
             and (interface or "0.0.0.0") in LOOPBACK_NAMES)
         self.site = ConsoleSite(self.web.resource, reactor=reactor)
@@ -121,6 +121,10 @@ class ConsoleModule(MultiService):
                                               "modules": {"type": "array"}}})
 
     def startService(self):
+        # The engine's auth: is known now (the service holds the config); before the
+        # port opens, so no session is ever open by mistake.
+        self.web.set_access(access_for(self.engine, getattr(self.parent, "config", None),
+                                       self.clock))
         MultiService.startService(self)
         self._sampler.start(self.sample_interval, now=True)
 

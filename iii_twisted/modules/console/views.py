@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import deque
 
 from ...protocol import InvocationError
-from .auth import check
+from .auth import call, check
 
 #: Read functions each view may call (the grants a read-only console token needs).
 READS = {
@@ -148,12 +148,12 @@ class Views:
 
     async def call(self, grants, function_id, data=None):
         """
-        Call C{function_id} as the session: its grants are checked first.
+        Call C{function_id} as the session (L{auth.call}: through the engine's checks
+        of its grants).
 
-        @raise InvocationError: ``forbidden``/``unauthenticated``, or the call's own.
+        @raise InvocationError: ``FORBIDDEN``/``unauthenticated``, or the call's own.
         """
-        check(grants, function_id)
-        return await self.engine.call(function_id, data)
+        return await call(self.engine, grants, function_id, data)
 
     async def part(self, grants, function_id, data=None):
         """@return: the call's result, or ``{"error": ...}`` in its place."""

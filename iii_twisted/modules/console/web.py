@@ -42,7 +42,7 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from ...protocol import InvocationError, encode
-from .auth import check
+from .auth import AllGrants, OpenAccess, call
 from .views import READS
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.realpath(__file__)), "static")
@@ -93,7 +93,7 @@ class Sessions:
 
     def new(self):
         # An open console grants everything at once; otherwise a token must come first.
-        grants = None if self.access.auth_required else self.access.authenticate(None)
+        grants = None if self.access.auth_required else AllGrants()
         session = ConsoleSession(grants)
         self._by_id[session.id] = session
         while len(self._by_id) > self.limit:
@@ -129,7 +129,7 @@ class ConsoleWeb:
     The console's Klein app.
 
     @param views: the L{views.Views} that compute pages.
-    @param access: the L{auth} access policy.
+    @param access: the L{auth} access policy (L{set_access} changes it).
     @param clock: the reactor (timers of the event streams).
     @param push_interval: seconds between two computations of a page for a stream.
     @param loopback_only: answer only requests whose Host is a loopback name.
@@ -143,7 +143,7 @@ class ConsoleWeb:
         self.clock = clock
         self.push_interval = push_interval
         self.loopback_only = loopback_only
-        self.sessions = Sessions(access)
+        self.sessions = Sessions(access or OpenAccess())
         self.streams = set()
         self.assets = shipped_assets()
         app = self.app = Klein()
@@ -155,6 +155,11 @@ class ConsoleWeb:
         app.route("/api/events", methods=["GET"])(self._events)
         app.handle_errors(_Refused)(self._refused)
         self.resource = app.resource()
+
+    def set_access(self, access):
+        """Apply another access policy (the engine's auth, known once it starts)."""
+        self.access = access
+        self.sessions.access = access
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -262,12 +267,17 @@ class ConsoleWeb:
     def _login(self, request):
         session = self._post_session(request)
         token = self._body(request).get("token")
-        grants = self.access.authenticate(token) if self.access.auth_required else \
-            self.access.authenticate(None)
-        if grants is None:
-            raise _Refused(401, "unauthenticated", "unknown token")
-        session.grants = grants
-        return _json(request, {"authenticated": True})
+
+        def authenticated(grants):
+            if grants is None:
+                request.setResponseCode(401)
+                return _json(request, {"error": {"code": "unauthenticated",
+                                                 "message": "token refused"}})
+            session.grants = grants
+            return _json(request, {"authenticated": True})
+        address = getattr(request.getClientAddress(), "host", None)
+        return self.access.authenticate(token, address) \
+            .addCallback(authenticated)
 
     def _call(self, request):
         session = self._post_session(request)
@@ -278,8 +288,8 @@ class ConsoleWeb:
 
         async def run():
             try:
-                check(session.grants, function_id)
-                result = await self.views.engine.call(function_id, body.get("payload"))
+                result = await call(self.views.engine, session.grants, function_id,
+                                    body.get("payload"))
             except InvocationError as e:
                 return {"ok": False, "error": {"code": e.code, "message": e.message}}
             return {"ok": True, "result": result}
