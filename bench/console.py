@@ -84,7 +84,9 @@ class ConsoleTab:
         connection.request("GET", "/api/session", headers={"Host": "127.0.0.1"})
         response = connection.getresponse()
         response.read()
-        cookie = response.getheader("Set-Cookie").split(";")[0]
+        cookie = self.cookie = response.getheader("Set-Cookie").split(";")[0]
+        self.stats_before = self.stats()
+        self.opened = time.monotonic()
         self._connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         self._connection.request("GET", "/api/events?page=" + self.page,
                                  headers={"Host": "127.0.0.1", "Cookie": cookie,
@@ -93,6 +95,23 @@ class ConsoleTab:
         assert self._response.status == 200, self._response.status
         self._thread.start()
         return self
+
+    def stats(self):
+        """@return: the console's own counters (GET /api/stats)."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        connection.request("GET", "/api/stats", headers={"Host": "127.0.0.1",
+                                                         "Cookie": self.cookie})
+        stats = json.loads(connection.getresponse().read())
+        connection.close()
+        return stats
+
+    def cost(self):
+        """@return: (render ms per computation, share of one core) while open."""
+        after = self.stats()
+        renders = after["renders"] - self.stats_before["renders"]
+        seconds = after["render_seconds"] - self.stats_before["render_seconds"]
+        return (seconds / renders * 1000 if renders else 0.0,
+                seconds / (time.monotonic() - self.opened))
 
     def _run(self):
         try:
@@ -185,9 +204,11 @@ def main():
                             "callers": args.callers, "workers": args.workers,
                             "payload": 64, "warmup": args.warmup,
                             "duration": args.duration, "cpu_pids": [engine.pid]})
+                        render_ms, share = tab.cost() if tab else (0.0, 0.0)
                     finally:
                         if tab is not None:
                             tab.stop()
+                    result["render_ms"], result["share"] = render_ms, share
                     result["events"] = tab.events if tab else 0
                     result["event_bytes"] = tab.bytes if tab else 0
                     results[cell].append(result)
@@ -221,20 +242,22 @@ def render(results, cells, args):
             args.push_interval, args.callers, args.workers),
         "",
         "| console open | calls/s | vs none | p50 µs | p99 µs | engine CPU µs/call "
-        "| pushes/s | push KiB/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| pushes/s | push KiB/s | ms per page computation | console's share of a core |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in cells:
         rows = results[cell]
         rate = statistics.median(r["rate"] for r in rows)
         cpu = [r["server_cpu_s"] / r["calls"] * 1e6 for r in rows]
         seconds = [r["seconds"] + args.warmup for r in rows]
-        lines.append("| {} | {} | {:+.1f} % | {} | {} | {} | {} | {} |".format(
+        lines.append("| {} | {} | {:+.1f} % | {} | {} | {} | {} | {} | {} | {} |".format(
             cell, spread([r["rate"] for r in rows]), (rate / base - 1) * 100,
             spread([r["p50_us"] for r in rows]), spread([r["p99_us"] for r in rows]),
             spread(cpu, "{:.1f}"),
             spread([r["events"] / s for r, s in zip(rows, seconds)], "{:.2f}"),
-            spread([r["event_bytes"] / 1024 / s for r, s in zip(rows, seconds)], "{:.1f}")))
+            spread([r["event_bytes"] / 1024 / s for r, s in zip(rows, seconds)], "{:.1f}"),
+            spread([r["render_ms"] for r in rows], "{:.2f}"),
+            spread([r["share"] * 100 for r in rows], "{:.2f} %")))
     lines += ["", "Engine CPU per call with no console: {:.1f} µs.".format(base_cpu), ""]
     return "\n".join(lines)
 

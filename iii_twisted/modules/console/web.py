@@ -10,6 +10,8 @@ Routes (all on the console's own port)::
     POST /api/login          {"token"}  -> {"authenticated": true} | 401
     POST /api/call           {"function_id", "payload"} -> {"ok", "result"|"error"}
     GET  /api/events?page=P&params=JSON   text/event-stream of {"page", "data"}
+    GET  /api/stats          what the console itself costs: {"open_pages", "renders",
+                             "render_seconds", "pushes", "push_bytes"} since start
 
 Safety (issue 19, "Safe by default"):
 
@@ -33,6 +35,7 @@ import json
 import os
 import re
 import secrets
+import time
 from collections import OrderedDict
 from urllib.parse import urlsplit
 
@@ -145,6 +148,7 @@ class ConsoleWeb:
         self.loopback_only = loopback_only
         self.sessions = Sessions(access or OpenAccess())
         self.streams = set()
+        self.stats = {"renders": 0, "render_seconds": 0.0, "pushes": 0, "push_bytes": 0}
         self.assets = shipped_assets()
         app = self.app = Klein()
         app.route("/", methods=["GET", "HEAD"])(self._index)
@@ -153,6 +157,7 @@ class ConsoleWeb:
         app.route("/api/login", methods=["POST"])(self._login)
         app.route("/api/call", methods=["POST"])(self._call)
         app.route("/api/events", methods=["GET"])(self._events)
+        app.route("/api/stats", methods=["GET"])(self._stats)
         app.handle_errors(_Refused)(self._refused)
         self.resource = app.resource()
 
@@ -320,6 +325,12 @@ class ConsoleWeb:
         self.streams.add(stream)
         return stream.start()
 
+    def _stats(self, request):
+        self._check_host(request)
+        if self._cookie_session(request) is None:
+            raise _Refused(401, "unauthenticated", "no console session")
+        return _json(request, dict(self.stats, open_pages=len(self.streams)))
+
     def stop(self):
         for stream in list(self.streams):
             stream.stop()
@@ -381,12 +392,16 @@ class EventStream:
         self._next = None
         clock = self.web.clock
         started = clock.seconds()
+        timer = time.perf_counter()
         d = ensureDeferred(self.web.views.render(self.page, self.session.grants,
                                                  self.params))
         d.addCallbacks(self._send, self._failed)
-        d.addBoth(lambda _: self._schedule(started, clock.seconds()))
+        d.addBoth(lambda _: self._schedule(started, clock.seconds(), timer))
 
-    def _schedule(self, started, ended):
+    def _schedule(self, started, ended, timer):
+        stats = self.web.stats
+        stats["renders"] += 1
+        stats["render_seconds"] += time.perf_counter() - timer
         if self._closed:
             return
         took = max(0.0, ended - started)
@@ -420,6 +435,8 @@ class EventStream:
         self._last = text
         self._last_sent = now
         self.request.write(b"data: " + text + b"\n\n")
+        self.web.stats["pushes"] += 1
+        self.web.stats["push_bytes"] += len(text) + 8
 
 
 def _json(request, value):
