@@ -220,6 +220,7 @@ def main():
             os.killpg(engine.pid, signal.SIGTERM)
             engine.wait(10)
 
+    args.load = os.getloadavg()
     report = render(results, cells, args)
     print(report)
     with open(args.out, "w") as f:
@@ -238,8 +239,10 @@ def render(results, cells, args):
         "Engine: queue, observability (memory), console (push every {} s). Load: {} "
         "closed-loop callers, {} lean workers, 64-byte payloads (bench/loadgen.py). "
         "A console page is one EventSource-style client on `/api/events?page=...`. "
-        "Median (min–max) over rounds; cells interleaved.".format(
-            args.push_interval, args.callers, args.workers),
+        "Median (min–max) over rounds; cells interleaved. Load average at the end: "
+        "{:.1f} (the machine is shared: calls/s and latency move with it; the last two "
+        "columns, timed inside the engine, do not).".format(
+            args.push_interval, args.callers, args.workers, args.load[0]),
         "",
         "| console open | calls/s | vs none | p50 µs | p99 µs | engine CPU µs/call "
         "| pushes/s | push KiB/s | ms per page computation | console's share of a core |",

@@ -12,9 +12,6 @@ import platform
 
 import pytest
 
-from console_scene import HOSTILE, Scene
-from engine_process import wait_until
-
 CHROMIUM = "/usr/bin/chromium"
 PAGES = ("overview", "workers", "functions", "triggers", "traces", "logs", "queues",
          "state", "streams")
@@ -35,6 +32,9 @@ if not os.path.exists(CHROMIUM):
         raise RuntimeError("CI must install Debian's chromium (.ci/run does)")
     pytest.skip("no {}: apt-get install chromium to run the browser tests".format(CHROMIUM),
                 allow_module_level=True)
+
+from console_scene import HOSTILE, Scene  # noqa: E402
+from engine_process import wait_until  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -77,8 +77,12 @@ class ConsoleModule(MultiService):
     iii_class = None
     _log = Logger()
 
-    def __init__(self, engine, config, reactor):
-        """@raise ConfigError: for an unknown key or a bad value, naming the key."""
+    def __init__(self, engine, config, reactor, **kept):
+        """
+        @param kept: what a config reload hands over from the previous instance
+            (nothing the console needs: its sessions end with it).
+        @raise ConfigError: for an unknown key or a bad value, naming the key.
+        """
         MultiService.__init__(self)
         config = config or {}
         if not isinstance(config, dict):

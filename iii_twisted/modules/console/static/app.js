@@ -53,7 +53,14 @@ function openStream() {
   const source = new EventSource("/api/events?" + query.toString());
   current.source = source;
   source.onopen = () => setStatus("live", "live");
-  source.onerror = () => setStatus("reconnecting…", "down");
+  source.onerror = () => {
+    setStatus("reconnecting…", "down");
+    // The browser retries a dropped stream by itself; a refused one (the engine
+    // restarted and forgot this session) needs a new session first.
+    if (source.readyState === EventSource.CLOSED && current.source === source) {
+      setTimeout(() => { if (current.source === source) start().catch(() => openStream()); }, 2000);
+    }
+  };
   source.onmessage = (event) => {
     if (current.source !== source) return;
     const message = JSON.parse(event.data);
@@ -116,6 +123,7 @@ async function start() {
   session.csrf = info.csrf_token;
   session.authenticated = info.authenticated;
   if (!info.authenticated) {
+    if (current && current.source) current.source.close();
     login();
     return;
   }
