@@ -208,3 +208,17 @@ def test_an_action_without_the_csrf_token_is_refused(page, scene):
         return r.status;
     }""")
     assert status == 403
+
+
+def test_logs_filter_by_level_and_text(page, scene):
+    scene.call("engine::log::info", {"message": "console-test info line"})
+    scene.call("engine::log::error", {"message": "console-test error line"})
+    open_page(page, scene, "logs")
+    logs = page.get_by_test_id("logs")
+    expect(logs).to_contain_text("console-test info line")
+    page.fill("input[name=text]", "console-test")
+    page.select_option("select[name=severity_min]", "17")
+    page.click("text=Filter")
+    expect(logs).to_contain_text("console-test error line")
+    expect(logs).not_to_contain_text("console-test info line")
+    expect(logs.locator("tbody tr")).to_have_count(1)
