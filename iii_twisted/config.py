@@ -25,6 +25,8 @@ import re
 
 import yaml
 
+from .schema import CURRENT, V010, Context, Key, MapOf, Section, Unsupported, closest
+
 DEFAULT_PORT = 49134
 
 _ENV = re.compile(r"\$\{([^}:]+)(?::([^}]*))?\}")
@@ -75,31 +77,118 @@ _Loader.add_implicit_resolver("!iii-env", _WHOLE_ENV, ["$"])
 _Loader.add_constructor("!iii-env", lambda loader, node: _EnvRef(loader.construct_scalar(node)))
 
 
+# The worker listener's keys: top-level in a v0.10 file, the ``iii-worker-manager``
+# entry's config in a current one (iii_twisted/schema.py says how to add a key).
+LISTENER_SCHEMA = Section(
+    port=Key(int, DEFAULT_PORT, "TCP port workers connect to (0 means 49134)",
+             min=0, max=65535),
+    host=Key(str, "0.0.0.0", "interface the port listens on"),
+    listen=Key(str, None, "a Twisted endpoint string; overrides port and host"),
+    max_message_size=Key(int, 16 * 1024 * 1024, "largest worker frame, bytes", min=1),
+    ws_ping_interval_ms=Key(int, 30000, "WebSocket ping interval, ms (0: none)", min=0),
+    ws_ping_timeout_ms=Key(int, 30000, "time to answer a ping, ms", min=0),
+    worker_max_frame_size=Key(int, 1024 * 1024, "largest frame sent to a worker that "
+                              "does not say its runtime, bytes (peer_limits.py)", min=1),
+    worker_max_frame_sizes=Key(MapOf(Key(int, min=1)), {}, "largest frame sent to a "
+                               "worker by its declared runtime, bytes; over the built-in "
+                               "python 1 MiB, node 100 MiB, rust 16 MiB"),
+    handshake_timeout_ms=Key(int, 10000, "accepted for compatibility (the opening "
+                             "handshake deadline is 10 s)", min=0),
+    rbac=Unsupported("worker authentication (rbac) is not supported by this engine yet"),
+    middleware_function_id=Unsupported(
+        "middleware_function_id is not supported by this engine yet"),
+)
+
+# The engine's own top-level keys, in both formats.
+ENGINE_SCHEMA = Section(
+    invocation_timeout_ms=Key(int, 300000, "ms before an unanswered call fails "
+                              "(0: never)", min=0),
+    watch=Key(bool, False, "reload when this file changes (it is polled)"),
+    watch_interval_ms=Key(int, 1000, "how often the file is polled when watch is on, "
+                          "ms", min=10),
+    log_level=Key(str, "info", "least important log events kept (logsetup.py)",
+                  choices=("debug", "info", "warn", "error", "critical")),
+    log_format=Key(str, "text", "what twist iii writes, also when not on a terminal",
+                   choices=("text", "json")),
+)
+
+# Top-level keys of each format besides the engine's own.
+_ENTRY_LISTS = dict(
+    modules=Key(list, [], "the modules, in start order"),
+    workers=Key(list, [], "more modules (same shape as modules), after them"),
+)
+V010_SCHEMA = ENGINE_SCHEMA.extend(**LISTENER_SCHEMA.keys).extend(**_ENTRY_LISTS)
+CURRENT_SCHEMA = ENGINE_SCHEMA.extend(
+    registration_namespace_grace_ms=Key(int, 5000, "accepted for compatibility "
+                                        "(this engine has no namespaces)", min=0),
+    **_ENTRY_LISTS)
+
+LISTENER_NAME = "iii-worker-manager"
+
+
+class ModuleEntry(tuple):
+    """
+    One module of the config, as the tuple C{(iii class, config, key)}.
+
+    @ivar instance: its identity across reloads: the current-format name of its class,
+        with ``#2``, ``#3``... for the second and later modules of the same class.
+    """
+
+    def __new__(cls, name, config, key, instance=None):
+        entry = tuple.__new__(cls, (name, config, key))
+        entry.instance = instance or name
+        return entry
+
+    name = property(lambda self: self[0])
+    config = property(lambda self: self[1])
+    key = property(lambda self: self[2])
+
+
 class EngineConfig:
     """
-    A validated engine configuration.
+    A validated engine configuration: what both file formats load into.
 
     @ivar listen: the worker port's endpoint string (``tcp:49134:interface=0.0.0.0``).
     @ivar port: the worker port (the configured one; 0 only with an explicit listen).
-    @ivar modules: a list of (class name, config dict, key) in load order.
+    @ivar modules: a list of L{ModuleEntry} (C{(class name, config dict, key)}) in
+        load order.
     @ivar invocation_timeout: seconds before an unanswered call fails.
     @ivar max_message_size: bytes; larger worker frames are dropped.
     @ivar ws_ping_interval, ws_ping_timeout: seconds.
     @ivar source: where it came from (a file name), for messages.
+    @ivar format: ``v0.10`` or ``current``: which format the file was written in.
+    @ivar watch: reload when the file changes; C{watch_interval}: seconds between polls.
+    @ivar listener_key: the key path of the listener's settings (for messages).
     """
 
     def __init__(self, port=DEFAULT_PORT, host="0.0.0.0", listen=None, modules=(),
                  invocation_timeout=300.0, max_message_size=16 * 1024 * 1024,
-                 ws_ping_interval=30.0, ws_ping_timeout=30.0, source=None):
+                 ws_ping_interval=30.0, ws_ping_timeout=30.0, source=None,
+                 format=V010, watch=False, watch_interval=1.0, listener_key="",
+                 frame_limits=None, log_level="info", log_format="text"):
         self.port = port
         self.host = host
         self.listen = listen or "tcp:{}:interface={}".format(port, host)
-        self.modules = list(modules)
+        self.modules = [m if isinstance(m, ModuleEntry) else ModuleEntry(*m)
+                        for m in modules]
         self.invocation_timeout = invocation_timeout
         self.max_message_size = max_message_size
         self.ws_ping_interval = ws_ping_interval
         self.ws_ping_timeout = ws_ping_timeout
         self.source = source
+        self.format = format
+        self.watch = watch
+        self.watch_interval = watch_interval
+        self.listener_key = listener_key
+        # peer_limits.PeerFrameLimits (worker_max_frame_size[s]); None: the defaults.
+        self.frame_limits = frame_limits
+        self.log_level = log_level
+        self.log_format = log_format
+
+    def listener_settings(self):
+        """@return: what the worker listener is built from (compared on reload)."""
+        return (self.listen, self.max_message_size, self.ws_ping_interval,
+                self.ws_ping_timeout, self.frame_limits)
 
 
 def load_config(path, environ=None):
@@ -177,53 +266,183 @@ def _lookup(match, environ, key):
 
 def from_dict(data, source=None):
     """
-    Validate an expanded config tree.
+    Validate an expanded config tree of either format (the v0.10 ``modules:
+    [{class}]`` or the current ``workers: [{name}]``) into the one model.
 
     @return: an L{EngineConfig}.
-    @raise ConfigError: for a wrong shape or type, or an unknown module class.
+    @raise ConfigError: naming the key path, for an unknown or misplaced key (with the
+        key probably meant), a wrong type, a value out of range, an unknown module or
+        adapter, a name this engine does not implement, or a file mixing the formats.
     """
-    from .modules import MODULE_CLASSES
+    from .modules import MODULE_CLASSES, NOT_IMPLEMENTED, WORKER_NAMES, module_schema
 
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("the file must hold a mapping, not {}".format(_kind(data)))
-    port = _get(data, "port", int, DEFAULT_PORT)
-    if not 0 <= port <= 65535:
-        raise ConfigError("port must be between 0 and 65535, not {}".format(port), "port")
-    if port == 0:  # as in the reference: 0 means the default port
-        port = DEFAULT_PORT
-    host = _get(data, "host", str, "0.0.0.0")
-    listen = _get(data, "listen", str, None)
+    fmt = detect_format(data)
+    context = Context(fmt)
+    top = (V010_SCHEMA if fmt == V010 else CURRENT_SCHEMA).validate(data, "", context)
+    if fmt == V010:
+        listener, listener_key = top, ""
+    else:
+        listener, listener_key = {}, None
     modules = []
+    seen = {}
     for section in ("modules", "workers"):
-        entries = _get(data, section, list, [])
-        for i, entry in enumerate(entries):
+        for i, entry in enumerate(top.get(section) or []):
             key = "{}[{}]".format(section, i)
             if not isinstance(entry, dict):
-                raise ConfigError("each module must be a mapping with a class", key)
-            name = entry.get("class")
-            if not isinstance(name, str):
-                raise ConfigError("missing or non-string class", key + ".class")
-            if name not in MODULE_CLASSES:
-                raise ConfigError(
-                    "unknown module class {}; known classes: {}".format(
-                        name, ", ".join(sorted(MODULE_CLASSES))), key + ".class")
-            config = entry.get("config")
-            if config is None:
-                config = {}
-            if not isinstance(config, dict):
-                raise ConfigError("config must be a mapping, not {}".format(_kind(config)),
-                                  key + ".config")
-            modules.append((name, config, key))
+                raise ConfigError("each entry must be a mapping with a {}, not {}".format(
+                    "class" if fmt == V010 else "name", _kind(entry)), key)
+            if fmt == V010:
+                name = _entry_class(entry, key, MODULE_CLASSES)
+            else:
+                name = _entry_name(entry, key, WORKER_NAMES, NOT_IMPLEMENTED)
+                if name == LISTENER_NAME:
+                    if listener_key is not None:
+                        raise ConfigError(
+                            "a second iii-worker-manager entry: several worker listeners "
+                            "are not supported yet (the first is {})".format(listener_key),
+                            key + ".name")
+                    listener_key = key + ".config"
+                    listener = LISTENER_SCHEMA.validate(
+                        entry.get("config"), listener_key, context)
+                    continue
+            schema = module_schema(name)
+            for extra in entry:
+                if extra not in ("class", "name", "config", "image"):
+                    raise _misplaced(extra, key, fmt, schema)
+            config = schema.validate(entry.get("config"), key + ".config", context)
+            base = _instance_name(name)
+            seen[base] = seen.get(base, 0) + 1
+            instance = base if seen[base] == 1 else "{}#{}".format(base, seen[base])
+            modules.append(ModuleEntry(name, config, key, instance))
+    port = _value(listener, "port")
+    if port == 0:  # as in the reference: 0 means the default port
+        port = DEFAULT_PORT
     return EngineConfig(
-        port=port, host=host, listen=listen, modules=modules,
-        invocation_timeout=_get(data, "invocation_timeout_ms", int, 300000) / 1000.0,
-        max_message_size=_get(data, "max_message_size", int, 16 * 1024 * 1024),
-        ws_ping_interval=_get(data, "ws_ping_interval_ms", int, 30000) / 1000.0,
-        ws_ping_timeout=_get(data, "ws_ping_timeout_ms", int, 30000) / 1000.0,
-        source=source,
+        port=port, host=_value(listener, "host"), listen=_value(listener, "listen"),
+        modules=modules,
+        invocation_timeout=_value(top, "invocation_timeout_ms", ENGINE_SCHEMA) / 1000.0,
+        max_message_size=_value(listener, "max_message_size"),
+        ws_ping_interval=_value(listener, "ws_ping_interval_ms") / 1000.0,
+        ws_ping_timeout=_value(listener, "ws_ping_timeout_ms") / 1000.0,
+        source=source, format=fmt,
+        watch=_value(top, "watch", ENGINE_SCHEMA),
+        watch_interval=_value(top, "watch_interval_ms", ENGINE_SCHEMA) / 1000.0,
+        listener_key=listener_key or "",
+        frame_limits=_frame_limits(listener),
+        log_level=_value(top, "log_level", ENGINE_SCHEMA),
+        log_format=_value(top, "log_format", ENGINE_SCHEMA),
     )
+
+
+def _frame_limits(listener):
+    from .peer_limits import PeerFrameLimits  # peer_limits imports ConfigError from here
+
+    return PeerFrameLimits(_value(listener, "worker_max_frame_size"),
+                           _value(listener, "worker_max_frame_sizes"))
+
+
+def _value(mapping, key, schema=LISTENER_SCHEMA):
+    value = mapping.get(key)
+    return schema.keys[key].default if value is None else value
+
+
+def _instance_name(iii_class):
+    from .modules import current_name
+    return current_name(iii_class) or iii_class
+
+
+def detect_format(data):
+    """
+    @return: L{V010} or L{CURRENT}: entries with ``class:`` are v0.10, entries with
+        ``name:`` are current; a file without entries is v0.10 unless it has a key only
+        the current format has.
+    @raise ConfigError: for a file that mixes the two (saying where), or an entry with
+        both class and name.
+    """
+    classes, names = [], []
+    for section in ("modules", "workers"):
+        entries = data.get(section)
+        if not isinstance(entries, list):
+            continue
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                continue
+            key = "{}[{}]".format(section, i)
+            if "class" in entry and "name" in entry:
+                raise ConfigError(
+                    "an entry has either class: (v0.10 format) or name: (current "
+                    "format), not both", key)
+            if "class" in entry:
+                classes.append(key)
+            elif "name" in entry:
+                names.append(key)
+    if classes and names:
+        first, second = sorted([(classes[0], "class: (v0.10 format)"),
+                                (names[0], "name: (current format)")])
+        raise ConfigError(
+            "this file mixes the two config formats: {} uses {} and {} uses {}; "
+            "write every entry one way (twistd iii --convert FILE rewrites a file)".format(
+                first[0], first[1], second[0], second[1]), second[0])
+    if names or (not classes and "registration_namespace_grace_ms" in data):
+        for key in data:
+            if key in LISTENER_SCHEMA.keys:
+                raise ConfigError(
+                    "this file mixes the two config formats: top-level {k}: is the v0.10 "
+                    "format, but its entries use name: (current format), where {k} goes "
+                    "in the iii-worker-manager entry (workers: [{{name: "
+                    "iii-worker-manager, config: {{{k}: ...}}}}])".format(k=key), key)
+        return CURRENT
+    return V010
+
+
+def _entry_class(entry, key, known):
+    name = entry.get("class")
+    if not isinstance(name, str):
+        raise ConfigError("missing or non-string class (the module's class name)",
+                          key + ".class")
+    if name not in known:
+        hint = closest(name, known)
+        raise ConfigError("unknown module class {}{}; known classes: {}".format(
+            name, "; did you mean {}?".format(hint) if hint else "",
+            ", ".join(sorted(known))), key + ".class")
+    return name
+
+
+def _entry_name(entry, key, known, refused):
+    if entry.get("image") is not None:
+        raise ConfigError("worker images (image:) are not part of this engine: start "
+                          "such a worker yourself and let it connect", key + ".image")
+    name = entry.get("name")
+    if not isinstance(name, str):
+        raise ConfigError("missing or non-string name (the worker's name)", key + ".name")
+    if name == LISTENER_NAME:
+        return name
+    if name in refused:
+        raise ConfigError("{}: {}".format(name, refused[name]), key + ".name")
+    if name not in known:
+        choices = [LISTENER_NAME] + list(known)
+        hint = closest(name, choices)
+        raise ConfigError(
+            "unknown worker name {}{}; this engine runs these built-in workers: {} "
+            "(any other worker is a process that connects to it)".format(
+                name, "; did you mean {}?".format(hint) if hint else "",
+                ", ".join(choices)), key + ".name")
+    return known[name]
+
+
+def _misplaced(extra, key, fmt, schema):
+    where = "{}.{}".format(key, extra)
+    if extra in schema.known():
+        return ConfigError("unknown key {!r} beside config:; it belongs under config: "
+                           "(check the indentation)".format(extra), where)
+    wanted = ("class", "config") if fmt == V010 else ("name", "config")
+    hint = closest(extra, wanted)
+    return ConfigError("unknown key {!r}; an entry has {} and config{}".format(
+        extra, wanted[0], "; did you mean {!r}?".format(hint) if hint else ""), where)
 
 
 def _kind(value):

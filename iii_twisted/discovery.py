@@ -10,6 +10,8 @@ pydantic models require the WorkerInfo keys listed there.
 import time
 from twisted.logger import Logger
 
+from . import discovery_current as current
+from .oplog import describe_worker
 from .protocol import DESERIALIZATION_ERROR, InvocationError
 
 _log = Logger()
@@ -60,28 +62,37 @@ def register_engine_functions(engine):
 
     def list_functions(data):
         internal = _flag("engine::functions::list", data, "include_internal")
+        data = _input("engine::functions::list", data)
         host = _flag("engine::functions::list", data, "include_host")
-        functions = []
+        shape = current.current_shape(engine, data)
+        rows = []
         for function_id, entry in engine.functions.items():
-            if internal or not function_id.startswith("engine::"):
-                info = entry.info()
+            if internal or not function_id.startswith("engine::") \
+                    or (shape and function_id.startswith("engine::queue::")):
+                row = current.function_row(engine, entry)
                 if host:
-                    _add_host(info, entry)
-                functions.append(info)
-        return {"functions": functions}
+                    _add_host(row, entry)
+                rows.append(row)
+        return {"functions": current.filter_functions(rows, data, shape)}
 
     def list_workers(data):
         wanted = _input("engine::workers::list", data).get("worker_id")
         workers = engine.workers.values()
         if wanted is not None:
             workers = [w for w in workers if w.id == wanted]
+        rows = [current.worker_row(engine, w, _worker_info(engine, w)) for w in workers]
         return {
-            "workers": [_worker_info(engine, w) for w in workers],
+            "workers": current.filter_workers(rows, _input("engine::workers::list", data)),
             "timestamp": int(time.time() * 1000),
         }
 
     def list_triggers(data):
         internal = _flag("engine::triggers::list", data, "include_internal")
+        data = _input("engine::triggers::list", data)
+        if current.current_shape(engine, data):
+            # Since reference 0.13 this name lists trigger types (instances moved to
+            # engine::registered-triggers::list): see discovery_current.
+            return current.list_trigger_types(engine, data)
         result = {"triggers": [
             trigger.info() for trigger in engine.triggers.values()
             if internal or not trigger.function_id.startswith("engine::")
@@ -116,7 +127,15 @@ def register_engine_functions(engine):
             _log.info("engine::workers::register for unknown worker {worker_id}",
                       worker_id=worker_id)
         else:
+            first = worker.runtime is None
             _update_worker(worker, data)
+            current.record_declaration(worker, data)
+            if engine.frame_limits is not None:
+                engine.frame_limits.learn(worker)
+            if first:
+                # The line that names a worker: its connect line had only an id.
+                _log.info("{worker} registered", worker=describe_worker(worker),
+                          worker_id=worker.id)
         engine.fire_triggers("engine::workers-available",
                              {"event": "worker_metadata_updated", "worker_id": worker_id})
         return {"success": True}
@@ -148,6 +167,7 @@ def register_engine_functions(engine):
         _INCLUDE_INTERNAL,
         {"type": "object", "properties": {"trigger_types": {"type": "array"}}},
     )
+    current.register_current_functions(engine, _input, _worker_info)
     engine.register_function(
         "engine::workers::register", register_worker,
         "Record the calling worker's metadata (sent by the SDKs on connect)",

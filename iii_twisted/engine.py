@@ -27,6 +27,8 @@ from zope.interface import implementer
 from . import protocol as P
 from .interfaces import IFunctionHost, ITriggerProvider, TriggerError
 from .invocations import InvocationTracker
+from .oplog import describe_agent, describe_close, describe_worker
+from .peer_limits import NotSent
 from .protocol import InvocationError
 
 WORKERS_AVAILABLE = "engine::workers-available"
@@ -48,12 +50,15 @@ class WorkerRecord:
     @ivar triggers: ids of the triggers it registered.
     @ivar trigger_types: ids of the trigger types it provides.
     @ivar active_calls: its own calls still waiting for a result.
+    @ivar declared: what it declared in ``engine::workers::register`` beyond the v0.10
+        keys (``description``, ``isolation``, ``features``, ``namespace``; see
+        L{iii_twisted.discovery_current}), {} until then.
     """
 
     __slots__ = (
         "id", "connection", "ip_address", "connected_at_ms", "name", "runtime",
         "version", "os", "pid", "telemetry", "functions", "triggers", "trigger_types",
-        "active_calls", "host", "reattach_token", "__weakref__",
+        "active_calls", "host", "reattach_token", "declared", "__weakref__",
     )
 
     def __init__(self, worker_id, connection, ip_address, connected_at_ms):
@@ -69,6 +74,7 @@ class WorkerRecord:
         self.active_calls = 0
         self.host = None
         self.reattach_token = None
+        self.declared = {}
 
     def __repr__(self):
         return "<Worker {} {!r}>".format(self.id, self.name)
@@ -186,7 +192,8 @@ class CallableHost:
     def __init__(self, fn):
         self._fn = fn
 
-    def invoke(self, function_id, invocation_id, data, traceparent, baggage):
+    def invoke(self, function_id, invocation_id, data, traceparent, baggage, metadata=None):
+        # metadata: in-process functions take the data only.
         try:
             result = self._fn(data)
         except InvocationError as e:
@@ -224,7 +231,7 @@ class WorkerHost:
         self._tracker = tracker
         self._worker = worker
 
-    def invoke(self, function_id, invocation_id, data, traceparent, baggage):
+    def invoke(self, function_id, invocation_id, data, traceparent, baggage, metadata=None):
         # Recorded before it is sent: a fast reply must find its entry (the reference
         # engine has this race, engine-core.md §4.5).
         d = self._tracker.add(invocation_id, function_id, self._worker)
@@ -238,12 +245,16 @@ class WorkerHost:
             message["traceparent"] = traceparent
         if baggage is not None:
             message["baggage"] = baggage
-        if not self._worker.connection.send(message):
+        if metadata is not None:
+            message["metadata"] = metadata
+        sent = self._worker.connection.send(message)
+        if not sent:
             # The data holds something JSON cannot carry (an in-process caller's
-            # Python object): fail now rather than at the timeout.
-            self._tracker.resolve(invocation_id, self._worker, None, P.error_body(
-                P.INVOCATION_FAILED,
-                "the data for {} cannot be sent: it is not JSON".format(function_id)))
+            # Python object), or makes a frame larger than the worker accepts
+            # (peer_limits): fail now rather than at the timeout.
+            self._tracker.resolve(invocation_id, self._worker, None, not_sent_error(
+                sent, "the data for {} cannot be sent: it is not JSON".format(function_id),
+                "call of {} not forwarded".format(function_id)))
         return d
 
 
@@ -337,6 +348,9 @@ class Engine:
         self.telemetry_sink = None
         self.worker_metrics = None
         self.http_functions = None
+        # The peer_limits.PeerFrameLimits the worker port uses; engine::workers::register
+        # tells it each worker's runtime.
+        self.frame_limits = None
         self._observers = []
         self._detach_hooks = []
         self._functions_available_delay = functions_available_delay
@@ -392,9 +406,11 @@ class Engine:
         self.workers[worker.id] = worker
         worker.reattach_token = secrets.token_urlsafe(24)
         connection.send({"type": P.WORKER_REGISTERED, "worker_id": worker.id,
-                         "reattach_token": worker.reattach_token})
-        self._log.info("worker {worker_id} connected from {ip}", worker_id=worker.id,
-                       ip=worker.ip_address)
+                         "reattach_token": worker.reattach_token,
+                         "features": list(P.ENGINE_FEATURES)})
+        self._log.info("worker {worker_id} connected from {ip}{agent}",
+                       worker_id=worker.id, ip=worker.ip_address,
+                       agent=describe_agent(connection))
         self.fire_triggers(WORKERS_AVAILABLE,
                            {"event": "worker_connected", "worker_id": worker.id})
         return worker
@@ -414,6 +430,7 @@ class Engine:
             return
         for function_id in list(worker.functions):
             self.unregister_function(function_id, owner=worker)
+        failed_calls = self.tracker.count_for(worker)
         self.tracker.detach(worker)
         for trigger_id in list(worker.triggers):
             self.unregister_trigger(trigger_id, owner=worker)
@@ -424,7 +441,10 @@ class Engine:
                 hook(worker)
             except Exception:
                 self._log.failure("detach hook {hook!r} failed", hook=hook)
-        self._log.info("worker {worker_id} disconnected", worker_id=worker.id)
+        self._log.info("{worker} disconnected: {close}; {calls} calls in flight "
+                       "failed", worker=describe_worker(worker),
+                       close=describe_close(getattr(worker.connection, "close_info", None)),
+                       calls=failed_calls, worker_id=worker.id)
         self.fire_triggers(WORKERS_AVAILABLE,
                            {"event": "worker_disconnected", "worker_id": worker.id})
 
@@ -523,7 +543,7 @@ class Engine:
     # -- calls -----------------------------------------------------------------------
 
     def call(self, function_id, data=None, action=None, caller=None, traceparent=None,
-             baggage=None):
+             baggage=None, metadata=None):
         """
         Call a function by id: the one way every call is made.
 
@@ -531,6 +551,9 @@ class Engine:
             or ``{"type": "enqueue", "queue": NAME}``.
         @param caller: the calling L{WorkerRecord}, or None for the engine and its
             modules.
+        @param metadata: invocation metadata (any JSON value) sent to a worker-hosted
+            function beside C{data} (reference 0.21.3; a fired trigger passes its
+            C{metadata}), or None.
         @return: a Deferred firing with the result (None at once for ``void``;
             ``{"messageReceiptId": ...}`` for ``enqueue``) or failing with
             L{InvocationError}: ``function_not_found`` at once for an unknown id,
@@ -540,16 +563,17 @@ class Engine:
         if action is not None:
             kind = action.get("type")
             if kind == "void":
-                self._invoke(function_id, data, None, traceparent, baggage).addErrback(
+                self._invoke(function_id, data, None, traceparent, baggage,
+                             metadata).addErrback(
                     self._log_void_failure, function_id)
                 return succeed(None)
             if kind == "enqueue":
                 return self._enqueue(function_id, data, action, traceparent, baggage)
             return fail(InvocationError(
                 P.INVALID_MESSAGE, "Unknown action type {!r}".format(kind)))
-        return self._invoke(function_id, data, caller, traceparent, baggage)
+        return self._invoke(function_id, data, caller, traceparent, baggage, metadata)
 
-    def _invoke(self, function_id, data, caller, traceparent, baggage):
+    def _invoke(self, function_id, data, caller, traceparent, baggage, metadata=None):
         entry = self.functions.get(function_id)
         if entry is None:
             return fail(self._not_found(function_id))
@@ -558,7 +582,11 @@ class Engine:
         if self._observers:
             finish, traceparent, baggage = self._observe(
                 function_id, invocation_id, caller, traceparent, baggage)
-        d = entry.host.invoke(function_id, invocation_id, data, traceparent, baggage)
+        if metadata is None:
+            d = entry.host.invoke(function_id, invocation_id, data, traceparent, baggage)
+        else:
+            d = entry.host.invoke(function_id, invocation_id, data, traceparent, baggage,
+                                  metadata)
         if not d.called and not isinstance(entry.host, WorkerHost) and self.invocation_timeout:
             # Worker calls time out in the tracker; anything else here.
             d.addTimeout(self.invocation_timeout, self.clock, self._timed_out(function_id))
@@ -780,7 +808,7 @@ class Engine:
         forget (each call's failure is logged).
         """
         for trigger in self.triggers_of_type(type_id):
-            self.call(trigger.function_id, payload, VOID)
+            self.call(trigger.function_id, payload, VOID, metadata=trigger.metadata)
 
     def check_condition(self, trigger, payload):
         """
@@ -855,7 +883,7 @@ class Engine:
             if kind == "void":
                 invocation_id = None  # never answer a void call
         d = self.call(function_id, data, action, worker, message["traceparent"],
-                      message["baggage"])
+                      message["baggage"], message["metadata"])
         if invocation_id is None:
             d.addErrback(self._log_void_failure, function_id)
         else:
@@ -990,14 +1018,27 @@ def _answer(result, worker, invocation_id, function_id):
     }
     if result is not None:
         message["result"] = result
-    if not worker.connection.send(message):
-        # An in-process function returned something JSON cannot carry: the caller gets
-        # an error now instead of waiting for its own timeout.
-        del message["result"]
-        message["error"] = P.error_body(
-            P.INVOCATION_FAILED,
-            "the result of {} cannot be sent: it is not JSON".format(function_id))
+    sent = worker.connection.send(message)
+    if not sent:
+        # An in-process function returned something JSON cannot carry, or a result
+        # too large for the caller's WebSocket (peer_limits): the caller gets an error
+        # now instead of waiting for its own timeout, or losing its connection.
+        message.pop("result", None)
+        message["error"] = not_sent_error(
+            sent, "the result of {} cannot be sent: it is not JSON".format(function_id),
+            "the result of {} was not delivered (the call itself completed)".format(
+                function_id))
         worker.connection.send(message)
+
+
+def not_sent_error(sent, not_json, what):
+    """
+    The error body for a message a connection did not send: C{sent} is what its
+    C{send} returned (False: not JSON; a L{NotSent}: why, e.g. too large).
+    """
+    if isinstance(sent, NotSent):
+        return P.error_body(sent.code, "{}: {}".format(what, sent.message))
+    return P.error_body(P.INVOCATION_FAILED, not_json)
 
 
 def _count_down(result, caller):

@@ -28,8 +28,9 @@ class IWorkerConnection(Interface):
         engine's disconnect cleanup is already on its way.
 
         @return: False if the message holds a value JSON cannot carry (it is dropped and
-            logged), so that the engine can answer the call with an error instead;
-            True otherwise.
+            logged), or a falsy L{iii_twisted.peer_limits.NotSent} saying why it was not
+            sent (a frame larger than the peer accepts), so that the engine can answer
+            the call with an error instead; True otherwise.
         """
 
     def disconnect(code: int, reason: str) -> None:
@@ -39,9 +40,14 @@ class IWorkerConnection(Interface):
 class IFunctionHost(Interface):
     """Something that can run a registered function: a worker, a Python callable, a URL."""
 
-    def invoke(function_id: str, invocation_id: str, data, traceparent, baggage):
+    def invoke(function_id: str, invocation_id: str, data, traceparent, baggage,
+               metadata=None):
         """
         Run the function once.
+
+        @param metadata: the call's invocation metadata (any JSON value, reference
+            0.21.3: sent beside ``data``, never merged into it), or None. Hosts that
+            cannot pass it on ignore it.
 
         @return: Deferred firing with the result (any JSON value), or failing with
             L{iii_twisted.protocol.InvocationError}.
@@ -204,13 +210,16 @@ class IKvStore(Interface):
 
     def update(group: str, key: str, ops: list) -> "Deferred":
         """
-        Apply update ops (``set``/``merge``/``increment``/``decrement``/``remove`` on
-        top-level fields; see L{iii_twisted.adapters.ops}) atomically. An absent key
-        starts as ``{}`` and is created even when C{ops} is empty.
+        Apply update ops (``set``/``merge``/``append``/``increment``/``decrement``/
+        ``remove``, nested paths for merge and append; see L{iii_twisted.adapters.ops},
+        whose C{apply_update_ops} every adapter uses) atomically. An absent key starts
+        as ``{}`` and is created even when C{ops} is empty.
 
         @return: Deferred firing with C{{"old_value": previous or None, "new_value":
-            result}} once durable; failing with L{InvalidUpdateOp} (nothing changed)
-            for a malformed op, or L{KvStoreError}.
+            result}} once durable, plus C{"errors": [{"op_index", "code", "message"}]}
+            when some ops could not apply (the others did); failing with
+            L{InvalidUpdateOp} (nothing changed) for a malformed op, or
+            L{KvStoreError}.
         """
 
     def list(group: str) -> "Deferred":

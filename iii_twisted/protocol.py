@@ -36,6 +36,16 @@ REATTACH = "reattach"  # newer SDKs (engine-core.md §11), first after a reconne
 PING = "ping"
 PONG = "pong"
 
+# The capability flags this engine announces in ``workerregistered.features`` (a
+# 0.25 engine's ``observe.v1``, ``local-dispatch.v1``): only what it implements.
+# None yet; an SDK that finds a flag missing keeps that feature off (py 0.25: its
+# observe API reports UNSUPPORTED; every call goes through the engine).
+ENGINE_FEATURES = ()
+
+# What a worker may declare in engine::workers::register ``features`` that the engine
+# acts on: it reads JSON messages up to 64 MiB (py 0.25), see discovery_current.
+LARGE_MESSAGES_V1 = "large-messages.v1"
+
 # Binary frame prefixes that carry telemetry (OTLP JSON follows the prefix).
 TELEMETRY_PREFIXES = (b"OTLP", b"LOGS", b"MTRC")
 
@@ -96,6 +106,9 @@ _SCHEMAS = {
         "traceparent": (_OPT_STR, False),
         "baggage": (_OPT_STR, False),
         "action": (_OPT_DICT, False),
+        # Reference 0.21.3: a per-call side channel beside ``data``, never merged
+        # into it; forwarded to the function's worker as it came.
+        "metadata": (_ANY, False),
     },
     INVOCATION_RESULT: {
         "invocation_id": (_STR, True),

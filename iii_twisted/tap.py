@@ -2,45 +2,127 @@
 ``twistd iii``: command-line options and the service they make. Wiring only.
 
     twistd -n --pidfile= iii --config iii-config.yaml
+    twistd iii --check-config FILE     validate FILE, say what it holds, exit
+    twistd iii --convert FILE          print FILE in the other config format, exit
+    twistd iii --version               print the engine's version, exit
+
+A config error or a port that cannot be bound is one line on stderr and exit status 1,
+without a traceback (``--debug`` shows it).
 """
+
+import sys
 
 from twisted.python import usage
 
+from . import __version__
 from .config import ConfigError, load_config
+from .listeners import ListenerError
+from .logsetup import LogSettingsService, configure_twist
 
 
 class Options(usage.Options):
     """Options of ``twistd iii``."""
 
     synopsis = "[options]"
-    longdesc = "Run the iii engine: workers connect on the configured port (49134)."
+    longdesc = ("Run the iii engine: workers connect on the configured port (49134). "
+                "SIGHUP rereads the config file.")
     optParameters = [
         ["config", "c", "iii-config.yaml", "The engine configuration file (YAML)."],
+        ["check-config", None, None, "Validate this config file and exit."],
+        ["convert", None, None,
+         "Print this config file converted to the other format (v0.10 <-> current) "
+         "and exit."],
     ]
+    optFlags = [
+        ["debug", None, "Show the traceback of config and start-up errors."],
+    ]
+
+    def opt_version(self):
+        """Print the engine's version and exit."""
+        print("iii-twisted {}".format(__version__))
+        sys.exit(0)
 
     def postOptions(self):
         """
         Load and validate the config file now, so that a bad one stops twistd with
-        a message naming the file and key.
-
-        @raise usage.UsageError: for a config that cannot be used.
+        one line naming the file and key (and exit status 1).
         """
+        if self["check-config"]:
+            self._check(self["check-config"])
+        if self["convert"]:
+            self._convert(self["convert"])
         try:
             self["engine_config"] = load_config(self["config"])
         except ConfigError as e:
-            raise usage.UsageError(str(e))
+            fail(e, self["debug"])
+
+    def _check(self, path):
+        try:
+            config = load_config(path)
+        except ConfigError as e:
+            fail(e, self["debug"])
+        print("{}: valid ({} format); workers listen on {}; modules: {}".format(
+            path, config.format, config.listen,
+            ", ".join(m.instance for m in config.modules) or "none"))
+        sys.exit(0)
+
+    def _convert(self, path):
+        from .convert import convert_file
+        try:
+            _, text = convert_file(path)
+        except ConfigError as e:
+            fail(e, self["debug"])
+        sys.stdout.write(text)
+        sys.exit(0)
+
+
+def fail(error, debug=False):
+    """
+    Stop with C{error} as one line on stderr and exit status 1 (with C{debug}, raise
+    it, so that its traceback shows).
+    """
+    if debug:
+        raise error
+    sys.stderr.write("iii: error: {}\n".format(error))
+    sys.stderr.flush()
+    raise SystemExit(1)
+
+
+def _quiet_excepthook(previous):
+    """
+    A C{sys.excepthook} that prints a listener's bind failure as its one line: twistd
+    raises it from its start-up, after this module has returned.
+    """
+    def hook(kind, value, tb):
+        if isinstance(value, ListenerError):
+            # twistd has pointed sys.stderr at its log by now: say it there and on
+            # the real stderr.
+            for stream in {id(s): s for s in (sys.stderr, sys.__stderr__) if s}.values():
+                stream.write("iii: error: {}\n".format(value))
+                stream.flush()
+            return
+        previous(kind, value, tb)
+    return hook
 
 
 def makeService(options, reactor=None):
     """
-    @return: the L{iii_twisted.service.EngineService} for parsed C{options}.
-    @raise usage.UsageError: when a module refuses its config.
+    @return: the L{iii_twisted.service.EngineService} for parsed C{options}; it
+        rereads the config file on SIGHUP and (with ``watch: true``) when it changes.
     """
     from .service import EngineService
 
     if reactor is None:
         from twisted.internet import reactor
     try:
-        return EngineService(options["engine_config"], reactor=reactor)
+        service = EngineService(options["engine_config"], reactor=reactor,
+                                config_path=options["config"])
     except ConfigError as e:
-        raise usage.UsageError(str(e))
+        fail(e, options["debug"])
+    service.reload_on_sighup = True
+    config = options["engine_config"]
+    service.log_settings = LogSettingsService(config.log_level)
+    configure_twist(getattr(options, "parent", None), config.log_level, config.log_format)
+    if not options["debug"]:
+        sys.excepthook = _quiet_excepthook(sys.excepthook)
+    return service

@@ -13,6 +13,7 @@ from zope.interface import implementer
 from .adapters.memory import MemoryKvStore  # noqa: F401 (the IKvStore double for tests)
 from .engine import Engine
 from .interfaces import IWorkerConnection
+from .peer_limits import too_large
 from .protocol import decode, encode
 
 
@@ -27,6 +28,10 @@ class FakeWorkerConnection:
     @ivar worker: the engine's L{iii_twisted.engine.WorkerRecord} once attached.
     @ivar closed: the (code, reason) it was disconnected with, or None.
     """
+
+    # Set it (bytes) to see how the engine treats a peer with a frame limit (as a
+    # Python SDK's 1 MiB); None: no limit.
+    max_frame_size = None
 
     def __init__(self, engine, peer_address="127.0.0.1"):
         self.engine = engine
@@ -47,12 +52,18 @@ class FakeWorkerConnection:
         return self.worker.id
 
     def send(self, message):
-        """@return: False for a message JSON cannot carry (dropped), as on a socket."""
+        """
+        @return: False for a message JSON cannot carry (dropped), and a
+            L{NotSent} for one over C{max_frame_size}, as on a socket.
+        """
         if self.closed is None:
             try:
-                self.sent.append(_through_json(message))
+                payload = encode(message)
             except (TypeError, ValueError, RecursionError):
                 return False
+            if self.max_frame_size is not None and len(payload) > self.max_frame_size:
+                return too_large(len(payload), self.max_frame_size, "the fake worker")
+            self.sent.append(_through_json(message))
         return True
 
     def disconnect(self, code=1000, reason=None):

@@ -33,6 +33,8 @@ from zope.interface import implementer
 from . import __version__
 from . import protocol as P
 from .interfaces import IWorkerConnection
+from .oplog import describe_worker
+from .peer_limits import PeerFrameLimits, too_large
 
 WORKER_PATH = "/"
 OTEL_PATH = "/otel"
@@ -56,6 +58,12 @@ class WorkerProtocol(WebSocketServerProtocol):
     _role = None
     _channel_end = None
     peer_address = None
+    user_agent = None
+    # Largest frame the peer accepts (peer_limits.PeerFrameLimits), or None for no
+    # limit; learned from the User-Agent here and from engine::workers::register.
+    max_frame_size = None
+    # (code, reason, was_clean) once the connection has closed, for the engine's log.
+    close_info = None
 
     def onConnect(self, request):
         try:
@@ -72,6 +80,10 @@ class WorkerProtocol(WebSocketServerProtocol):
             else:
                 raise ConnectionDeny(404, "Not Found")
             self.peer_address = getattr(self.transport.getPeer(), "host", None)
+            if self._role == "worker":
+                self.user_agent = request.headers.get("user-agent")
+                self.max_frame_size = self.factory.frame_limits.for_user_agent(
+                    self.user_agent)
         except ConnectionDeny:
             raise
         except Exception:
@@ -117,6 +129,11 @@ class WorkerProtocol(WebSocketServerProtocol):
                               type=message.get("type"), worker_id=worker.id)
 
     def onClose(self, wasClean, code, reason):
+        if code is None:
+            # No close frame (the TCP connection dropped, or a ping went unanswered):
+            # Autobahn says why in wasNotCleanReason.
+            code, reason = 1006, getattr(self, "wasNotCleanReason", None) or reason
+        self.close_info = (code, reason, wasClean)
         try:
             if self._worker is not None:
                 worker, self._worker = self._worker, None
@@ -136,6 +153,14 @@ class WorkerProtocol(WebSocketServerProtocol):
         except (TypeError, ValueError, RecursionError):
             self._log.failure("dropped an unencodable {type} message", type=message.get("type"))
             return False
+        limit = self.max_frame_size
+        if limit is not None and len(payload) > limit:
+            # The peer would close the connection (1009) and every call on it would die.
+            who = describe_worker(self._worker) if self._worker else "the peer"
+            self._log.warn("not sent to {who}: a {type} message of {size} bytes, over "
+                           "the {limit} bytes it accepts", who=who,
+                           type=message.get("type"), size=len(payload), limit=limit)
+            return too_large(len(payload), limit, who)
         self.sendMessage(payload, False)
         return True
 
@@ -162,11 +187,13 @@ class WorkerProtocol(WebSocketServerProtocol):
             "dropped a {size}-byte message from worker {worker_id}: over the "
             "{limit}-byte max_message_size", size=len(payload), limit=limit,
             worker_id=self._worker.id)
-        head = payload[:4096]
-        if b'"invokefunction"' in head:
-            invocation_id = _INVOCATION_ID.search(head)
+        # The ids are looked for at both ends: v0.10 SDKs write them before ``data``,
+        # py 0.25 after it (its ``type`` comes last).
+        head, tail = payload[:4096], payload[-4096:]
+        if b'"invokefunction"' in head or b'"invokefunction"' in tail:
+            invocation_id = _INVOCATION_ID.search(head) or _last_match(_INVOCATION_ID, tail)
             if invocation_id:
-                function_id = _FUNCTION_ID.search(head)
+                function_id = _FUNCTION_ID.search(head) or _last_match(_FUNCTION_ID, tail)
                 self._answer_error(
                     invocation_id.group(1).decode("utf-8", "replace"),
                     function_id.group(1).decode("utf-8", "replace") if function_id else None,
@@ -182,6 +209,13 @@ class WorkerProtocol(WebSocketServerProtocol):
             "function_id": function_id if isinstance(function_id, str) else "",
             "error": P.error_body(code, message),
         })
+
+
+def _last_match(pattern, text):
+    match = None
+    for match in pattern.finditer(text):
+        pass
+    return match
 
 
 class _ClockTimer:
@@ -206,8 +240,9 @@ class WorkerFactory(WebSocketServerFactory):
     protocol = WorkerProtocol
 
     def __init__(self, engine, reactor, max_message_size=16 * 1024 * 1024,
-                 ping_interval=30.0, ping_timeout=30.0, channels=None):
+                 ping_interval=30.0, ping_timeout=30.0, channels=None, frame_limits=None):
         """
+        @param frame_limits: the L{PeerFrameLimits} of workers (the defaults when None).
         @param ping_interval: seconds between WebSocket pings the engine sends to detect
             dead peers (0 disables them). The SDKs answer pings automatically.
         @param ping_timeout: seconds a peer has to answer a ping before it is dropped.
@@ -217,6 +252,8 @@ class WorkerFactory(WebSocketServerFactory):
         self.engine = engine
         self.channels = channels
         self.max_message_size = max_message_size
+        self.frame_limits = frame_limits if frame_limits is not None else PeerFrameLimits()
+        engine.frame_limits = self.frame_limits  # for engine::workers::register
         # Autobahn schedules its handshake, close and ping timers through this object
         # on txaio's global loop (txaio refuses any other reactor); route them to ours,
         # so an injected clock drives them.

@@ -8,8 +8,18 @@ Storage behind the modules' interfaces.
 """
 
 from ..config import ConfigError
+from ..schema import Key, Section
 
 STORE_METHODS = ("in_memory", "file_based")
+
+# The config of the ``KvStore`` adapters (state, stream, cron): declare new keys here.
+KV_STORE_SCHEMA = Section(
+    store_method=Key(str, "in_memory", "in_memory, or file_based (durable, in file_path)",
+                     choices=STORE_METHODS),
+    file_path=Key(str, "kv_store_data.db", "directory of a file_based store"),
+    save_interval_ms=Key(int, 5000, "accepted for compatibility; every write is durable "
+                         "before it is acknowledged", min=0),
+)
 
 # Keys of the reference BuiltinKvStore config (modules.md §2.1), plus the stream
 # adapter's channel_size.

@@ -9,7 +9,7 @@ from twisted.internet.defer import fail, succeed
 from zope.interface import implementer
 
 from ..interfaces import IKvStore, KvStoreError
-from .ops import ABSENT, apply_ops, validate_ops
+from .ops import ABSENT, apply_update_ops, update_result, validate_ops
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
@@ -81,14 +81,14 @@ class KvStoreBase:
             validate_ops(ops)
             items = self._groups.get(group)
             current = ABSENT if items is None else items.get(key, ABSENT)
-            new = apply_ops(current, ops)
+            new, errors = apply_update_ops(current, ops)
             record = encode_record(["s", group, key, new])
         except KvStoreError as e:
             return fail(e)
         self._store(group, key, new)
         old = None if current is ABSENT else current
         return self._persist(record).addCallback(
-            lambda _: {"old_value": old, "new_value": new})
+            lambda _: update_result(old, new, errors))
 
     def delete(self, group, key):
         try:

@@ -17,8 +17,8 @@ from ..interfaces import IModule
 
 MODULE_CLASSES = {
     # The reference's mandatory modules: ours are built into the engine core.
-    "modules::worker::WorkerModule": "iii_twisted.modules.core:BuiltinModule",
-    "modules::telemetry::TelemetryModule": "iii_twisted.modules.core:BuiltinModule",
+    "modules::worker::WorkerModule": "iii_twisted.modules.core:WorkerModule",
+    "modules::telemetry::TelemetryModule": "iii_twisted.modules.core:TelemetryModule",
     "modules::queue::QueueModule": "iii_twisted.modules.queue:QueueModule",
     "modules::pubsub::PubSubModule": "iii_twisted.modules.pubsub:PubSubModule",
     "modules::cron::CronModule": "iii_twisted.modules.cron:CronModule",
@@ -34,6 +34,57 @@ MODULE_CLASSES = {
     "modules::console::ConsoleModule": "iii_twisted.modules.console:ConsoleModule",
 }
 
+# The current format's worker names (reference v0.11 on; short aliases from v0.22) and
+# the v0.10 class each stands for (../shared/spec/current-reference.md §3.1). The first
+# name given for a class is the one ``iii-convert`` writes. ``iii-worker-manager`` is
+# the worker listener, not a module: see iii_twisted.config.
+WORKER_NAMES = {
+    "iii-engine-functions": "modules::worker::WorkerModule",
+    "iii-telemetry": "modules::telemetry::TelemetryModule",
+    "iii-http": "modules::api::RestApiModule",
+    "http": "modules::api::RestApiModule",
+    "iii-state": "modules::state::StateModule",
+    "state": "modules::state::StateModule",
+    "iii-stream": "modules::stream::StreamModule",
+    "iii-pubsub": "modules::pubsub::PubSubModule",
+    "pubsub": "modules::pubsub::PubSubModule",
+    "iii-queue": "modules::queue::QueueModule",
+    "queue": "modules::queue::QueueModule",
+    "iii-cron": "modules::cron::CronModule",
+    "cron": "modules::cron::CronModule",
+    "iii-observability": "modules::observability::OtelModule",
+    "iii-http-functions": "modules::http_functions::HttpFunctionsModule",
+    # Ours: the reference's console is a separate app, not a worker entry.
+    "iii-console": "modules::console::ConsoleModule",
+}
+
+# Reference names this engine refuses, with the reason.
+NOT_IMPLEMENTED = {
+    "iii-exec": "runs shell commands at start-up; not implemented by this engine",
+    "iii-bridge": "links to another engine; not implemented by this engine yet",
+    "configuration": "the configuration worker (configuration::*) is not implemented "
+                     "by this engine; settings live in this file",
+    "iii-worker-ops": "not part of this engine (the reference's worker process manager)",
+    "iii-sandbox": "not part of this engine (the reference's sandboxed workers)",
+    "sandbox": "not part of this engine (the reference's sandboxed workers)",
+    "compose": "not part of this engine (the reference's compose daemon)",
+    "iii-compose": "not part of this engine (the reference's compose daemon)",
+}
+
+
+def current_name(iii_class):
+    """@return: the current-format worker name of a v0.10 class (or None)."""
+    canonical = MODULE_CLASSES.get(iii_class)
+    for name, cls in WORKER_NAMES.items():
+        if MODULE_CLASSES[cls] == canonical:
+            return name
+    return None
+
+
+def module_schema(iii_class):
+    """@return: the L{iii_twisted.schema.Section} of a module class's config."""
+    return load_module_factory(iii_class).config_schema
+
 
 def load_module_factory(name):
     """
@@ -44,14 +95,15 @@ def load_module_factory(name):
     return getattr(import_module(module_name), attribute)
 
 
-def build_module(name, engine, config, reactor):
+def build_module(name, engine, config, reactor, **kept):
     """
     Build one module from its config.
 
+    @param kept: what a reload hands from the module's old instance (its C{store}).
     @return: the module (an L{IModule} and C{IService}), with C{iii_class} set.
     @raise iii_twisted.config.ConfigError: for a config the module refuses.
     """
-    module = load_module_factory(name)(engine, config, reactor)
+    module = load_module_factory(name)(engine, config, reactor, **kept)
     module.iii_class = name
     verifyObject(IModule, module)
     return module

@@ -159,7 +159,8 @@ class EventDispatcher:
         if not proceed:
             return
         try:
-            await self._engine.call(trigger.function_id, payload)
+            await self._engine.call(trigger.function_id, payload,
+                                        metadata=trigger.metadata)
         except InvocationError as e:
             self._log.error(
                 "handler {function_id} of {kind} trigger {trigger_id} failed: {error}",

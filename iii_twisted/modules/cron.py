@@ -22,7 +22,9 @@ from twisted.internet.defer import fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..adapters import KV_STORE_SCHEMA
 from ..config import ConfigError, get_option
+from ..schema import Adapter, Adapters, Key, Section
 from ..cronexpr import CronError, CronSchedule
 from ..interfaces import ICronLock, IModule, ITriggerProvider, TriggerError
 
@@ -30,6 +32,16 @@ KV_CRON_ADAPTER = "modules::cron::KvCronAdapter"
 ADAPTERS = (KV_CRON_ADAPTER,)
 _ADAPTER_KEYS = {"lock_ttl_ms", "lock_index", "store_method", "file_path",
                  "save_interval_ms"}
+
+# Every key of the module's config (iii_twisted/schema.py says how to add one).
+CONFIG_SCHEMA = Section(
+    adapter=Key(Adapters(
+        Adapter("kv", (KV_CRON_ADAPTER,), KV_STORE_SCHEMA.extend(
+            lock_ttl_ms=Key(int, 30000, "how long a job's lock is held, ms", min=0),
+            lock_index=Key(str, "cron_locks", "name of the lock table"))),
+        Adapter("redis", ("modules::cron::RedisCronAdapter",), None),
+    ), None, "where job locks are kept (default: kv in memory)"),
+)
 
 
 @implementer(ICronLock)
@@ -143,7 +155,8 @@ class _CronJob:
 
         def proceed(ok):
             if ok:
-                return engine.call(self.trigger.function_id, payload)
+                return engine.call(self.trigger.function_id, payload,
+                                   metadata=self.trigger.metadata)
         return d.addCallback(proceed)
 
     def _done(self, _, tick):
@@ -163,6 +176,7 @@ class CronModule(Service):
     """
 
     iii_class = None
+    config_schema = CONFIG_SCHEMA
     _log = Logger()
 
     def __init__(self, engine, config, reactor, lock=None):

@@ -38,7 +38,6 @@ import json
 import os
 from collections import OrderedDict
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from urllib.parse import urlsplit
 from uuid import uuid4
 
 from treq import collect
@@ -56,13 +55,26 @@ from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from ..config import ConfigError, get_option
+from ..schema import Key, ListOf, Section
 from ..engine import FunctionEntry
 from ..interfaces import IFunctionHost, IModule
 from ..protocol import INVOCATION_FAILED, InvocationError, encode
+from .http_urls import InvalidUrl, canonical_pattern, parse_url
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 DEFAULT_TIMEOUT_MS = 30000
 DEFAULT_MAX_RESPONSE = 16 * 1024 * 1024
+
+# Every key of the module's config (iii_twisted/schema.py says how to add one).
+CONFIG_SCHEMA = Section(
+    security=Key(Section(
+        url_allowlist=Key(ListOf(str), ["*"], "host patterns functions may call"),
+        require_https=Key(bool, True, "refuse plain http URLs"),
+        block_private_ips=Key(bool, True, "refuse private and loopback addresses"),
+    ), None, "what URLs HTTP-invoked functions may reach"),
+    max_response_size=Key(int, DEFAULT_MAX_RESPONSE, "largest response body, bytes",
+                          min=0),
+)
 MAX_REFUSALS = 1000
 
 URL_VALIDATION_FAILED = "url_validation_failed"
@@ -128,7 +140,7 @@ class SecurityPolicy:
         @param resolve: C{resolve(host, port) -> Deferred[list of IP strings]}
             (failing with C{DNSLookupError}).
         """
-        self.allowlist = [p.lower() for p in allowlist] or ["*"]
+        self.allowlist = [canonical_pattern(p) for p in allowlist] or ["*"]
         self.require_https = require_https
         self.block_private_ips = block_private_ips
         self._resolve = resolve
@@ -137,30 +149,31 @@ class SecurityPolicy:
         """
         The checks that need no DNS.
 
-        @return: (scheme, host, port) of the URL.
+        @return: (scheme, host, port) of the URL (host in ASCII, an IPv6 address
+            without brackets; see L{http_urls.parse_url}).
         @raise UrlRejected: ``Invalid URL``, ``HTTPS is required``, ``URL not in
             allowlist``, ``Private IP blocked``.
         """
-        if not isinstance(url, str):
-            raise UrlRejected("Invalid URL")
+        target = self.target(url)
+        return target.scheme, target.host, target.port
+
+    def target(self, url):
+        """
+        L{check_url}, returning the whole L{http_urls.TargetUrl} (with the URL to
+        request).
+        """
         try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError:
+            target = parse_url(url)
+        except InvalidUrl:
             raise UrlRejected("Invalid URL")
-        scheme = parts.scheme.lower()
-        host = (parts.hostname or "").lower()
-        if scheme not in ("http", "https") or not host:
-            raise UrlRejected("Invalid URL")
-        if self.require_https and scheme != "https":
+        if self.require_https and target.scheme != "https":
             raise UrlRejected("HTTPS is required")
+        host = target.host
         if not any(fnmatch.fnmatchcase(host, pattern) for pattern in self.allowlist):
             raise UrlRejected("URL not in allowlist")
-        if self.block_private_ips and _is_ip(host) and address_blocked(host):
+        if self.block_private_ips and target.is_ip and address_blocked(host):
             raise UrlRejected("Private IP blocked")
-        if port is None:
-            port = 443 if scheme == "https" else 80
-        return scheme, host, port
+        return target
 
     def needs_dns_check(self, host):
         """@return: True if only a DNS lookup can tell whether C{host} is allowed."""
@@ -230,8 +243,10 @@ class CheckedEndpointFactory:
         self.tls_policy = tls_policy or BrowserLikePolicyForHTTPS()
 
     def endpointForURI(self, uri):
+        # The host is ASCII already (http_urls.parse_url made it so): an IPv6
+        # address must not go through IDNA.
         return CheckedEndpoint(self, uri.scheme.decode("ascii"),
-                               uri.host.decode("idna"), uri.port)
+                               uri.host.decode("ascii"), uri.port)
 
 
 @implementer(IStreamClientEndpoint)
@@ -257,7 +272,7 @@ class CheckedEndpoint:
                             timeout=factory.connect_timeout)
             if self.scheme == "https":
                 endpoint = wrapClientTLS(factory.tls_policy.creatorForNetloc(
-                    self.host.encode("idna"), self.port), endpoint)
+                    self.host.encode("ascii"), self.port), endpoint)
             try:
                 return await endpoint.connect(protocol_factory)
             except CancelledError:
@@ -382,7 +397,8 @@ class HttpFunctionHost:
         self.spec = spec
         self.auth = auth
 
-    def invoke(self, function_id, invocation_id, data, traceparent, baggage):
+    def invoke(self, function_id, invocation_id, data, traceparent, baggage, metadata=None):
+        # metadata: an HTTP endpoint has nowhere to receive it (as in the reference).
         timeout = self.spec.timeout_ms / 1000.0
         d = Deferred.fromCoroutine(self._invoke(function_id, invocation_id, data,
                                                 traceparent, baggage))
@@ -396,7 +412,7 @@ class HttpFunctionHost:
         module = self.module
         spec = self.spec
         try:
-            module.policy.check_url(spec.url)
+            target = module.policy.target(spec.url)
         except UrlRejected as e:
             raise InvocationError(URL_VALIDATION_FAILED, e.message)
         try:
@@ -429,7 +445,7 @@ class HttpFunctionHost:
                 headers[header] = secret
         try:
             response = await module.client.request(
-                spec.method, spec.url, headers=headers, data=body,
+                spec.method, target.request_url, headers=headers, data=body,
                 allow_redirects=False, unbuffered=True)
         except CancelledError:
             raise
@@ -481,9 +497,10 @@ def _describe(error):
 
 def _map_response(code, content):
     """
-    2xx empty -> None; 2xx JSON -> it; 2xx other -> ``invalid_response``; non-2xx
-    ``{"error": {"code", "message"}}`` -> that error; other non-2xx -> ``http_error``
-    ``HTTP <status>``.
+    2xx empty -> None; 2xx JSON -> it; 2xx other -> ``invalid_response``; 1xx and
+    3xx (redirects are not followed) -> its JSON body, else None (a success);
+    4xx/5xx ``{"error": {"code", "message"}}`` -> that error; other 4xx/5xx ->
+    ``http_error`` ``HTTP <status>``.
 
     @return: the call's result.
     @raise InvocationError: for the error cases.
@@ -496,6 +513,14 @@ def _map_response(code, content):
         except (ValueError, RecursionError):
             raise InvocationError(INVALID_RESPONSE, "HTTP {} response is not JSON".format(
                 code))
+    if code < 200 or 300 <= code < 400:
+        # A redirect (never followed) or an informational answer is neither an error
+        # nor a result: a success with no result, or its JSON body if it has one (the
+        # current reference, engine/src/invocation/http_invoker.rs).
+        try:
+            return json.loads(content) if content.strip() else None
+        except (ValueError, RecursionError):
+            return None
     error = None
     try:
         parsed = json.loads(content) if content.strip() else None
@@ -522,6 +547,7 @@ class HttpFunctionsModule(Service):
 
     _log = Logger()
     iii_class = None
+    config_schema = CONFIG_SCHEMA
 
     def __init__(self, engine, config, reactor, client=None, environ=None, resolve=None):
         """

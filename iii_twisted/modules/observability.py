@@ -32,16 +32,17 @@ import os
 import threading
 from random import Random
 
-from twisted.application import strports
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger, globalLogPublisher
-from twisted.web.server import Site
 from zope.interface import implementer
 
 from .. import __version__
 from ..config import ConfigError
+from ..listeners import Listener
+from ..logsetup import QuietSite
+from ..schema import Key, ListOf, MapOf, Section
 from ..engine import VOID
 from ..interfaces import IModule, ITelemetrySink, ITriggerProvider, TriggerError
 from ..observability import otlp
@@ -74,6 +75,93 @@ logs_max_count logs_retention_seconds logs_batch_size logs_flush_interval_ms
 logs_sampling_ratio logs_console_output alerts level log_level format prometheus
 max_frame_bytes limits
 """.split())
+
+# Every key of the module's config (iii_twisted/schema.py says how to add one).
+_EXPORTERS = ("memory", "otlp", "both")
+
+
+def _pos(default, doc, kind=int):
+    return Key(kind, default, doc, min=1 if kind is int else 1e-9)
+
+
+def _share(default, doc):
+    return Key(float, default, doc, min=0.0, max=1.0)
+
+
+CONFIG_SCHEMA = Section(
+    enabled=Key(bool, None, "on or off (default: env OTEL_ENABLED, else on)"),
+    service_name=Key(str, "iii", "service.name of what is exported"),
+    service_version=Key(str, "unknown", "service.version of what is exported"),
+    service_namespace=Key(str, None, "service.namespace of what is exported"),
+    exporter=Key(str, "memory", "where spans go", choices=_EXPORTERS),
+    endpoint=Key(str, None, "OTLP collector URL (default per protocol)"),
+    protocol=Key(str, "http/protobuf", "OTLP protocol",
+                 choices=("http", "http/protobuf", "grpc")),
+    headers=Key(MapOf(str), {}, "headers sent to the collector"),
+    export_interval_ms=_pos(5000, "how often spans are exported, ms"),
+    shutdown_timeout_ms=_pos(5000, "how long a stop waits for the exporter, ms"),
+    max_frame_bytes=_pos(4 * 1024 * 1024, "largest telemetry frame from a worker"),
+    sampling_ratio=_share(1.0, "share of traces kept"),
+    sampling=Key(Section(
+        default=_share(None, "share of traces kept (overrides sampling_ratio)"),
+        parent_based=Key(bool, True, "follow the parent span's decision"),
+        rules=Key(ListOf(Section(
+            operation=Key(str, None, "span name pattern"),
+            service=Key(str, None, "service name pattern"),
+            rate=Key(float, None, "share kept", min=0.0, max=1.0, required=True),
+        )), [], "per-operation sampling"),
+        rate_limit=Key(Section(
+            max_traces_per_second=_pos(None, "cap on traces kept", float),
+        ), None, "cap on traces kept"),
+    ), None, "trace sampling"),
+    memory_max_spans=_pos(1000, "spans kept in memory"),
+    traces_retention_seconds=_pos(3600, "how long spans are kept", float),
+    trace_internal=Key(bool, False, "also trace the engine's own functions"),
+    metrics_enabled=Key(bool, True, "keep metrics"),
+    metrics_exporter=Key(str, "memory", "where metrics go", choices=_EXPORTERS),
+    metrics_retention_seconds=_pos(3600, "how long metrics are kept", float),
+    metrics_max_count=_pos(10000, "metric points kept"),
+    metrics_export_interval_ms=_pos(60000, "how often metrics are exported, ms"),
+    max_functions=_pos(1000, "functions tracked in metrics"),
+    logs_enabled=Key(bool, True, "keep logs"),
+    logs_exporter=Key(str, "memory", "where logs go", choices=_EXPORTERS),
+    logs_max_count=_pos(1000, "log records kept"),
+    logs_retention_seconds=_pos(3600, "how long logs are kept", float),
+    logs_batch_size=_pos(100, "log records per export"),
+    logs_flush_interval_ms=_pos(5000, "how often logs are exported, ms"),
+    logs_sampling_ratio=_share(1.0, "share of log records kept"),
+    logs_console_output=Key(bool, True, "accepted for compatibility"),
+    level=Key(str, "info", "lowest engine log level stored with the logs",
+              choices=tuple(THRESHOLDS)),
+    log_level=Key(str, "info", "same as level (level wins)", choices=tuple(THRESHOLDS)),
+    format=Key(str, "default", "accepted for compatibility", choices=("default", "json")),
+    alerts=Key(ListOf(Section(
+        name=Key(str, None, "alert name", required=True),
+        metric=Key(str, None, "metric watched", required=True),
+        threshold=Key(float, None, "value compared", required=True),
+        operator=Key(str, ">", "comparison", choices=tuple(_OPERATORS)),
+        window_seconds=_pos(60, "window the metric is read over"),
+        cooldown_seconds=Key(int, 60, "quiet time after firing", min=0),
+        enabled=Key(bool, True, "on or off"),
+        action=Key(Section(
+            type=Key(str, "log", "what firing does",
+                     choices=("log", "webhook", "function")),
+            url=Key(str, None, "webhook URL"),
+            path=Key(str, None, "function id to call"),
+        ), None, "what firing does (default: log)"),
+    )), [], "alerts on metrics"),
+    prometheus=Key((str, bool, Section(
+        port=Key(int, 9464, "TCP port of /metrics", min=0, max=65535),
+        host=Key(str, "127.0.0.1", "interface"),
+        listen=Key(str, None, "a Twisted endpoint string; overrides port and host"),
+    )), None, "Prometheus /metrics listener (an endpoint string, a mapping, or false)"),
+    limits=Key(Section(
+        attributes=_pos(128, "attributes per span"),
+        events=_pos(128, "events per span"),
+        string=_pos(4096, "characters per attribute value"),
+        data_points=_pos(1000, "data points per metric"),
+    ), None, "size limits on what is stored"),
+)
 
 NOT_ENABLED_MESSAGE = ("In-memory span storage is not available. Set exporter: memory "
                        "or both in config.")
@@ -344,6 +432,7 @@ class OtelModule(MultiService):
     """
 
     iii_class = None
+    config_schema = CONFIG_SCHEMA
     # Where the engine's own log lines are captured from (tests give their own).
     log_publisher = globalLogPublisher
 
@@ -396,9 +485,10 @@ class OtelModule(MultiService):
             alerts.clock = reactor
             alerts.setServiceParent(self)
         if o.prometheus is not None:
-            strports.service(o.prometheus, Site(PrometheusResource(self.metrics),
-                                                reactor=reactor),
-                             reactor=reactor).setServiceParent(self)
+            # Scrapes are not logged (logsetup.QuietSite).
+            Listener(o.prometheus, QuietSite(PrometheusResource(self.metrics),
+                                             reactor=reactor),
+                     reactor, "prometheus").setServiceParent(self)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -552,7 +642,8 @@ class OtelModule(MultiService):
             for trigger in triggers:
                 wanted = (trigger.config or {}).get("level") or "all"
                 if wanted == "all" or wanted == level:
-                    self.engine.call(trigger.function_id, record, VOID)
+                    self.engine.call(trigger.function_id, record, VOID,
+                                     metadata=trigger.metadata)
 
     def _store_engine_log(self, record):
         """

@@ -18,11 +18,20 @@ from zope.interface import implementer
 
 from .. import protocol as P
 from ..config import ConfigError, get_option
+from ..schema import Adapter, Adapters, Key, Section
 from ..interfaces import IModule, IPubSubAdapter, ITriggerProvider, TriggerError
 from ..protocol import InvocationError
 
 LOCAL_ADAPTER = "modules::pubsub::LocalAdapter"
 ADAPTERS = (LOCAL_ADAPTER,)
+
+# Every key of the module's config (iii_twisted/schema.py says how to add one).
+CONFIG_SCHEMA = Section(
+    adapter=Key(Adapters(
+        Adapter("local", (LOCAL_ADAPTER,), Section()),
+        Adapter("redis", ("modules::pubsub::RedisAdapter",), None),
+    ), None, "how messages travel (default: local, in this process)"),
+)
 VOID = {"type": "void"}
 
 
@@ -65,6 +74,7 @@ class PubSubModule(Service):
     """The ``publish`` function and the ``subscribe`` trigger type."""
 
     iii_class = None
+    config_schema = CONFIG_SCHEMA
     _log = Logger()
 
     def __init__(self, engine, config, reactor, adapter=None):

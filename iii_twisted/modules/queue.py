@@ -41,7 +41,7 @@ from collections import deque
 from uuid import uuid4
 
 from twisted.application.service import Service
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import fail, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -49,6 +49,7 @@ from zope.interface import implementer
 from .. import protocol as P
 from ..adapters.queue_journal import JournalQueueStore, MemoryQueueStore, thread_runner
 from ..config import ConfigError, get_option
+from ..schema import Adapter, Adapters, Key, MapOf, Section
 from ..interfaces import IEnqueuer, IModule, ITriggerProvider, TriggerError
 from ..protocol import InvocationError
 
@@ -61,18 +62,58 @@ _QUEUE_KEYS = {"max_retries", "concurrency", "type", "message_group_field", "bac
                "poll_interval_ms"}
 _ADAPTER_KEYS = {"store_method", "file_path", "save_interval_ms", "channel_size",
                  "max_attempts", "backoff_ms", "concurrency", "poll_interval_ms", "mode"}
+# Every key of the module's config (iii_twisted/schema.py says how to add one).
+_QUEUE_DEFAULTS = dict(
+    concurrency=Key(int, 10, "messages delivered at once", min=1),
+    backoff_ms=Key(int, 1000, "first retry delay, ms (doubles each attempt)", min=0),
+    poll_interval_ms=Key(int, 100, "how often an idle queue looks for work, ms", min=1),
+)
+CONFIG_SCHEMA = Section(
+    adapter=Key(Adapters(
+        Adapter("builtin", (BUILTIN_ADAPTER,), Section(
+            store_method=Key(str, "in_memory", "in_memory, or file_based (a journal in "
+                             "file_path)", choices=("in_memory", "file_based")),
+            file_path=Key(str, "data/queue_store", "directory of a file_based journal"),
+            save_interval_ms=Key(int, 5000, "accepted for compatibility", min=0),
+            channel_size=Key(int, 256, "accepted for compatibility", min=1),
+            max_attempts=Key(int, 3, "deliveries before a message is dead-lettered",
+                             min=0),
+            mode=Key(str, "standard", "standard, or fifo (one at a time, in order)",
+                     choices=("standard", "fifo")),
+            **_QUEUE_DEFAULTS)),
+        Adapter("rabbitmq", ("modules::queue::RabbitMQAdapter",), None),
+        Adapter("redis", ("modules::queue::RedisAdapter",), None),
+    ), None, "where messages are kept (default: builtin in memory)"),
+    queue_configs=Key(MapOf(Section(
+        max_retries=Key(int, 3, "deliveries before dead-lettering", min=0),
+        type=Key(str, "standard", "standard or fifo", choices=("standard", "fifo")),
+        message_group_field=Key(str, None, "data field naming a fifo message's group"),
+        **_QUEUE_DEFAULTS)), None, "named queues (for the Enqueue action), by name"),
+)
+
 _SUBSCRIPTION_KEYS = {"type", "concurrency", "maxRetries", "visibilityTimeout",
-                      "delaySeconds", "backoffType", "backoffDelayMs"}
+                      "delaySeconds", "backoffType", "backoffDelayMs", "maxPriority"}
+# Per-subscriber settings the reference knows that this queue does not implement: a
+# trigger naming one is refused (rather than run with the setting silently off).
+_UNSUPPORTED_SUBSCRIPTION_KEYS = {
+    "visibilityTimeout": "there is no visibility timeout (a delivery lasts until its "
+                         "call ends or times out: invocation_timeout_ms)",
+    "delaySeconds": "deliveries are not delayed",
+    "maxPriority": "there are no priority queues (RabbitMQ only in the reference)",
+}
+DURABLE_SUBSCRIBER = "durable:subscriber"
+_DURABLE_PREFIX = "__durable::"
 
 
 class QueueSettings:
     """How one queue delivers: attempts, parallelism, order, retry delay."""
 
     __slots__ = ("max_attempts", "concurrency", "fifo", "group_field", "backoff_ms",
-                 "poll_interval_ms")
+                 "poll_interval_ms", "fixed_backoff")
 
     def __init__(self, max_attempts=3, concurrency=10, fifo=False, group_field=None,
-                 backoff_ms=1000, poll_interval_ms=100):
+                 backoff_ms=1000, poll_interval_ms=100, fixed_backoff=False):
+        self.fixed_backoff = fixed_backoff  # backoffType "fixed": no doubling
         self.max_attempts = max_attempts
         self.concurrency = concurrency
         self.fifo = fifo
@@ -125,15 +166,21 @@ class Job:
 
 
 class _Subscription:
-    """A ``queue`` trigger: one consumer of a topic."""
+    """
+    A ``queue`` or ``durable:subscriber`` trigger: one consumer of a topic.
 
-    __slots__ = ("trigger", "concurrency", "fifo", "inflight")
+    @ivar settings: the L{QueueSettings} its ``queue_config`` gives for retries (they
+        apply to the attempts it makes), or None for the queue's.
+    """
 
-    def __init__(self, trigger, concurrency, fifo):
+    __slots__ = ("trigger", "concurrency", "fifo", "inflight", "settings")
+
+    def __init__(self, trigger, concurrency, fifo, settings=None):
         self.trigger = trigger
         self.concurrency = concurrency
         self.fifo = fifo
         self.inflight = 0
+        self.settings = settings
 
 
 class _Queue:
@@ -210,6 +257,7 @@ class QueueModule(Service):
     """
 
     iii_class = None
+    config_schema = CONFIG_SCHEMA
     _log = Logger()
 
     def __init__(self, engine, config, reactor, store=None):
@@ -236,8 +284,17 @@ class QueueModule(Service):
         engine.enqueuer = self
         engine.register_trigger_type(
             "queue", self, "Consume the messages `enqueue` puts on a topic")
+        engine.register_trigger_type(
+            DURABLE_SUBSCRIBER, self, "Receive a copy of every message "
+            "`iii::durable::publish` puts on a topic (replicas of one function compete)")
         functions = [
             ("enqueue", self._fn_enqueue, "Put a message {topic, data} on a topic queue"),
+            ("iii::durable::publish", self._fn_durable_publish,
+             "Put a copy of {data} in the queue of every function subscribed to {topic} "
+             "(durable:subscriber)"),
+            ("engine::queue::enqueue", self._fn_engine_enqueue,
+             "Put {data} for {function_id} on the named queue {queue} "
+             "(messageReceiptId optional); returns {messageReceiptId}"),
             ("iii::queue::redrive", self._fn_redrive,
              "Move every dead-lettered message of {queue} back to its queue"),
             ("iii::queue::redrive_message", self._fn_redrive_message,
@@ -365,6 +422,10 @@ class QueueModule(Service):
                 self._log.warn("queue {name} is not in queue_configs any more; its stored "
                                "messages are delivered with default settings", name=name)
                 queue = _Queue(key, name, QueueSettings(), topic=False)
+            elif key.startswith(_DURABLE_PREFIX):
+                # One queue per (topic, function), named as the reference's builtin
+                # adapter names it: "{topic}::{function_id}".
+                queue = _Queue(key, key[len(_DURABLE_PREFIX):], self.defaults, topic=True)
             else:
                 queue = _Queue(key, key, self.defaults, topic=True)
             self.queues[key] = queue
@@ -457,10 +518,12 @@ class QueueModule(Service):
         self._maybe_forget(queue)
 
     def _failed(self, failure, queue, job):
-        self._finish(queue, job)
+        subscription = self._finish(queue, job)
         job.attempts += 1
         error = _error_text(failure)
         settings = queue.settings
+        if subscription is not None and subscription.settings is not None:
+            settings = subscription.settings
         if job.attempts >= settings.max_attempts:
             failed_at = self._now_ms()
             queue.dlq[job.id] = (job, error, failed_at)
@@ -471,7 +534,9 @@ class QueueModule(Service):
                 "attempt(s): {error}", queue=queue.name, job_id=job.id,
                 attempts=job.attempts, error=error)
         else:
-            delay_ms = settings.backoff_ms * (2 ** (job.attempts - 1))
+            delay_ms = settings.backoff_ms
+            if not settings.fixed_backoff:
+                delay_ms *= 2 ** (job.attempts - 1)
             self._record({"op": "nack", "id": job.id, "attempts": job.attempts})
             self._log.info(
                 "queue {queue}: message {job_id} failed (attempt {attempts}), retry in "
@@ -567,58 +632,107 @@ class QueueModule(Service):
 
     def register_trigger(self, trigger):
         """
-        Start consuming a topic for C{trigger.function_id}.
+        Start consuming a topic for C{trigger.function_id}: a ``queue`` trigger
+        competes with every other consumer of the topic; a ``durable:subscriber``
+        consumes its function's own copy of each message (replicas of one function
+        compete).
+
+        The trigger's ``queue_config`` applies to the attempts it makes:
+        ``concurrency``, ``type`` (standard or fifo), ``maxRetries`` (``queue``:
+        attempts in all, as v0.10; ``durable:subscriber``: retries after the first
+        attempt, as the reference since 0.11), ``backoffDelayMs`` (the first retry's
+        delay, in ms) and ``backoffType`` (``exponential``, doubling, or ``fixed``).
+        ``visibilityTimeout``, ``delaySeconds`` and ``maxPriority`` are refused:
+        this queue does not implement them.
 
         @return: Deferred firing with None, or failing with L{TriggerError} for a
-            config without a topic or with a malformed ``queue_config``.
+            config without a topic, a malformed ``queue_config`` or a setting this
+            queue does not implement.
         """
+        try:
+            key, subscription = self._subscription(trigger)
+        except TriggerError as e:
+            return fail(e)
+        queue = self._queue(key)
+        queue.subscriptions[trigger.id] = subscription
+        self._pump(queue)
+        return succeed(None)
+
+    def _subscription(self, trigger):
+        """@return: (queue key, L{_Subscription}); @raise TriggerError: a bad config."""
+        kind_name = trigger.trigger_type
         config = trigger.config if trigger.config is not None else {}
         if not isinstance(config, dict):
-            return fail(TriggerError("queue trigger {}: config must be an object with a "
-                                     "'topic'".format(trigger.id)))
+            raise TriggerError("{} trigger {}: config must be an object with a "
+                               "'topic'".format(kind_name, trigger.id))
         topic = config.get("topic")
         if not isinstance(topic, str) or not topic:
-            return fail(TriggerError(
-                "queue trigger {}: config needs a non-empty string 'topic' (the topic "
-                "the `enqueue` function writes to)".format(trigger.id)))
-        if topic.startswith(FN_QUEUE_PREFIX):
-            return fail(TriggerError("queue trigger {}: topic names may not start with "
-                                     "{}".format(trigger.id, FN_QUEUE_PREFIX)))
+            raise TriggerError(
+                "{} trigger {}: config needs a non-empty string 'topic' (the topic "
+                "the `{}` function writes to)".format(
+                    kind_name, trigger.id,
+                    "iii::durable::publish" if kind_name == DURABLE_SUBSCRIBER
+                    else "enqueue"))
+        if topic.startswith(FN_QUEUE_PREFIX) or topic.startswith(_DURABLE_PREFIX):
+            raise TriggerError("{} trigger {}: topic names may not start with {} or "
+                               "{}".format(kind_name, trigger.id, FN_QUEUE_PREFIX,
+                                           _DURABLE_PREFIX))
         condition = config.get("condition_function_id")
         if condition is not None and not isinstance(condition, str):
-            return fail(TriggerError("queue trigger {}: condition_function_id must be a "
-                                     "string".format(trigger.id)))
+            raise TriggerError("{} trigger {}: condition_function_id must be a "
+                               "string".format(kind_name, trigger.id))
         sub_config = config.get("queue_config")
         if sub_config is None:
             sub_config = {}
         if not isinstance(sub_config, dict):
-            return fail(TriggerError("queue trigger {}: queue_config must be an "
-                                     "object".format(trigger.id)))
+            raise TriggerError("{} trigger {}: queue_config must be an object".format(
+                kind_name, trigger.id))
+        where = "{} trigger {}: queue_config.".format(kind_name, trigger.id)
+        for key, why in sorted(_UNSUPPORTED_SUBSCRIPTION_KEYS.items()):
+            if sub_config.get(key) is not None:
+                raise TriggerError("{}{} is not supported by this engine's queue: "
+                                   "{}".format(where, key, why))
         kind = sub_config.get("type")
+        if kind == "concurrent":  # the reference reads any non-fifo mode as standard
+            kind = "standard"
         if kind not in (None, "standard", "fifo"):
-            return fail(TriggerError(
-                "queue trigger {}: queue_config.type must be 'standard' or 'fifo', not "
-                "{!r}".format(trigger.id, kind)))
-        concurrency = sub_config.get("concurrency")
-        if concurrency is None:
-            concurrency = self.defaults.concurrency
-        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
-            return fail(TriggerError(
-                "queue trigger {}: queue_config.concurrency must be a positive integer, "
-                "not {!r}".format(trigger.id, concurrency)))
+            raise TriggerError("{}type must be 'standard' or 'fifo', not {!r}".format(
+                where, kind))
+        concurrency = _sub_int(sub_config, "concurrency", self.defaults.concurrency,
+                               where, 1)
         fifo = kind == "fifo" or (kind is None and self.defaults.fifo)
+        settings = None
+        retries = _sub_int(sub_config, "maxRetries", None, where, 0)
+        backoff = _sub_int(sub_config, "backoffDelayMs", None, where, 0)
+        backoff_type = sub_config.get("backoffType")
+        if backoff_type not in (None, "exponential", "fixed"):
+            raise TriggerError("{}backoffType must be 'exponential' or 'fixed', not "
+                               "{!r}".format(where, backoff_type))
+        if retries is not None or backoff is not None or backoff_type is not None:
+            base = self.defaults
+            attempts = base.max_attempts
+            if retries is not None:
+                attempts = retries + 1 if kind_name == DURABLE_SUBSCRIBER else max(retries, 1)
+            settings = QueueSettings(
+                max_attempts=attempts, concurrency=concurrency, fifo=fifo,
+                backoff_ms=base.backoff_ms if backoff is None else backoff,
+                poll_interval_ms=base.poll_interval_ms,
+                fixed_backoff=backoff_type == "fixed")
         for key in set(sub_config) - _SUBSCRIPTION_KEYS:
-            self._log.warn("queue trigger {trigger_id}: unknown queue_config key {key} "
-                           "ignored", trigger_id=trigger.id, key=key)
-        queue = self._queue(topic)
-        queue.subscriptions[trigger.id] = _Subscription(trigger, 1 if fifo else concurrency, fifo)
-        self._pump(queue)
-        return succeed(None)
+            self._log.warn("{kind} trigger {trigger_id}: unknown queue_config key {key} "
+                           "ignored", kind=kind_name, trigger_id=trigger.id, key=key)
+        subscription = _Subscription(trigger, 1 if fifo else concurrency, fifo, settings)
+        if kind_name == DURABLE_SUBSCRIBER:
+            return _durable_key(topic, trigger.function_id), subscription
+        return topic, subscription
 
     def unregister_trigger(self, trigger):
         """Stop consuming for C{trigger}. @return: Deferred firing with None."""
         topic = trigger.config.get("topic") if isinstance(trigger.config, dict) else None
-        queue = self.queues.get(topic) if isinstance(topic, str) else None
+        key = topic
+        if isinstance(topic, str) and trigger.trigger_type == DURABLE_SUBSCRIBER:
+            key = _durable_key(topic, trigger.function_id)
+        queue = self.queues.get(key) if isinstance(key, str) else None
         if queue is not None and queue.subscriptions.pop(trigger.id, None) is not None:
             if not queue.subscriptions and queue.poll is not None:
                 queue.poll.cancel()
@@ -639,6 +753,57 @@ class QueueModule(Service):
                 FN_QUEUE_PREFIX))
         job = self._new_job(topic, None, data.get("data"))
         return self._accept(job).addCallback(lambda _: None)
+
+    def _fn_durable_publish(self, data):
+        """
+        ``iii::durable::publish`` ``{topic, data}``: one message per function
+        subscribed to the topic with ``durable:subscriber`` (reference 0.11: fan-out),
+        each stored before the call returns; none when nobody subscribes.
+
+        @return: Deferred firing with None.
+        """
+        fid = "iii::durable::publish"
+        topic = _input(data, fid).get("topic")
+        if topic is None or topic == "":
+            raise InvocationError("topic_not_set", "Topic is not set")
+        if not isinstance(topic, str):
+            raise _bad_input(fid, "topic must be a string")
+        keys = sorted(set(
+            _durable_key(topic, sub.trigger.function_id)
+            for queue in self.queues.values()
+            for sub in queue.subscriptions.values()
+            if sub.trigger.trigger_type == DURABLE_SUBSCRIBER
+            and sub.trigger.config.get("topic") == topic))
+        stored = [self._accept(self._new_job(key, None, data.get("data"))) for key in keys]
+        return gatherResults(stored, consumeErrors=True).addCallbacks(
+            lambda _: None, lambda f: f.value.subFailure)
+
+    def _fn_engine_enqueue(self, data):
+        """
+        ``engine::queue::enqueue`` ``{queue, function_id, data, messageReceiptId?,
+        traceparent?, baggage?}``: what the reference (0.21.5) calls for an
+        ``enqueue`` action, here on the same named queues. The receipt id is always
+        this engine's (a caller's ``messageReceiptId`` could name another message);
+        the answer says which.
+
+        @return: Deferred firing with ``{"messageReceiptId"}``.
+        """
+        fid = "engine::queue::enqueue"
+        data = _input(data, fid)
+        values = {}
+        for key, required in (("queue", True), ("function_id", True),
+                              ("messageReceiptId", False), ("traceparent", False),
+                              ("baggage", False)):
+            value = data.get(key)
+            if value is None and not required:
+                values[key] = None
+            elif not isinstance(value, str) or not value:
+                raise _bad_input(fid, "{} must be a non-empty string".format(key))
+            else:
+                values[key] = value
+        d = self.enqueue(values["queue"], values["function_id"], data.get("data"),
+                         values["traceparent"], values["baggage"])
+        return d.addCallback(lambda receipt: {"messageReceiptId": receipt})
 
     def _resolve(self, data, function_id, key="queue", code="queue_not_set",
                  message="Queue is not set"):
@@ -766,6 +931,20 @@ class QueueModule(Service):
             "retries": job.attempts,
             "size_bytes": len(json.dumps(job.data).encode("utf-8")),
         } for job, error, failed_at in entries[offset:offset + limit]]
+
+
+def _durable_key(topic, function_id):
+    return "{}{}::{}".format(_DURABLE_PREFIX, topic, function_id)
+
+
+def _sub_int(config, key, default, where, minimum):
+    value = config.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise TriggerError("{}{} must be an integer of at least {}, not {!r}".format(
+            where, key, minimum, value))
+    return value
 
 
 def _input(data, function_id):

@@ -11,7 +11,7 @@ function with::
      "request_body": <reader ref>, "response": <writer ref>}
 
 The answer is either the function's result (``status_code`` or ``statusCode``,
-``headers``, ``body`` as JSON) or, when the result is null, what the function streams
+``headers``, ``body``: see ``http_response.response_of``) or, when the result is null, what the function streams
 into the ``response`` channel: ``{"type": "set_status", "status_code"}`` and
 ``{"type": "set_headers", "headers"}`` text frames, then binary frames that are the body
 bytes, until the writer closes.
@@ -35,7 +35,6 @@ import time
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 from klein import Klein
-from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, succeed
 from twisted.internet.interfaces import IPushProducer
@@ -46,17 +45,35 @@ from zope.interface import implementer
 
 from ..channels import CLOSE_DROPPED, FRAME_BYTES, READ, WRITE, install_channels
 from ..config import ConfigError, get_option
+from ..listeners import Listener
+from ..schema import Key, ListOf, Section
 from ..interfaces import (
     IChannelReaderEnd, IChannelWriterEnd, IModule, ITriggerProvider, TriggerError,
 )
-from ..protocol import InvocationError, encode
+from ..protocol import MESSAGE_TOO_LARGE, InvocationError, encode
+from .http_response import response_of, status_of as _status_of
 
 HTTP_TRIGGER = "http"
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
 CONFIG_KEYS = ("port", "host", "default_timeout", "cors", "concurrency_request_limit",
-               "body_limit", "listen")
+               "body_limit", "listen", "access_log")
 CORS_KEYS = ("allowed_origins", "allowed_methods")
 DEFAULT_BODY_LIMIT = 64 * 1024 * 1024
+
+# Every key of the module's config (iii_twisted/schema.py says how to add one).
+CONFIG_SCHEMA = Section(
+    port=Key(int, 3111, "TCP port of the HTTP API", min=0, max=65535),
+    host=Key(str, "0.0.0.0", "interface the port listens on"),
+    listen=Key(str, None, "a Twisted endpoint string; overrides port and host"),
+    default_timeout=Key(int, 30000, "ms a request waits for its function", min=1),
+    concurrency_request_limit=Key(int, 1024, "requests handled at once", min=1),
+    body_limit=Key(int, DEFAULT_BODY_LIMIT, "largest request body, bytes", min=0),
+    access_log=Key(bool, False, "one log line per request (namespace iii.access)"),
+    cors=Key(Section(
+        allowed_origins=Key(ListOf(str), [], "origins allowed; empty or * = any"),
+        allowed_methods=Key(ListOf(str), [], "methods allowed; empty = any"),
+    ), None, "CORS answers"),
+)
 CHANNEL_BUFFER = 64  # frames, as the reference's HTTP channels
 CHANNEL_BYTES = 1024 * 1024  # and at most this many bytes buffered per channel
 
@@ -203,6 +220,13 @@ class LimitedRequest(Request):
 
     _rejected = False
     _received = 0
+    started = None  # reactor seconds when the request line came (for the access log)
+
+    def __init__(self, channel, *args, **kwargs):
+        Request.__init__(self, channel, *args, **kwargs)
+        site = getattr(channel, "site", None)
+        if site is not None and getattr(site, "access_log", False):
+            self.started = site.reactor.seconds()
 
     def _limit(self):
         limit = getattr(self.channel.site, "body_limit", None) if self.channel else None
@@ -258,22 +282,44 @@ class LimitedRequest(Request):
         transport.loseConnection()
 
 
+# Module level: a Logger that is a class attribute takes its class's namespace.
+_access_log = Logger(namespace="iii.access")
+
+
 class ApiSite(Site):
     """The REST port's C{Site}: bounded bodies, no tracebacks, an idle timeout."""
 
     requestFactory = LimitedRequest
     displayTracebacks = False
 
-    def __init__(self, resource, reactor, body_limit, timeout=60):
+    def __init__(self, resource, reactor, body_limit, timeout=60, access_log=False):
         # No form parsing into request.args: form bodies reach the function as a
         # streamed request_body like any body that is not JSON, and parsing every POST's
         # Content-Type (through the email package) was ~16% of a request's CPU.
         Site.__init__(self, resource, reactor=reactor, timeout=timeout,
                       parsePOSTFormSubmission=False)
         self.body_limit = body_limit
+        self.access_log = access_log
 
     def log(self, request):
-        pass  # one line per request is the access log's job, not the engine log's
+        """
+        The access log (``access_log: true``; off by default): one line per request,
+        ``<client> "<METHOD> <path> HTTP/x" <status> <bytes>B <ms>ms "<user agent>"``.
+        """
+        if not self.access_log:
+            return
+        address = request.getClientAddress()
+        started = getattr(request, "started", None)
+        elapsed = 0.0 if started is None else (self.reactor.seconds() - started) * 1000
+        agent = request.getHeader(b"user-agent")
+        _access_log.info(
+            '{client} "{method} {uri} {version}" {status} {size}B {ms:.1f}ms "{agent}"',
+            client=getattr(address, "host", "-"),
+            method=request.method.decode("latin-1", "replace"),
+            uri=request.uri.decode("latin-1", "replace")[:2000],
+            version=request.clientproto.decode("latin-1", "replace"),
+            status=request.code, size=request.sentLength, ms=elapsed,
+            agent=(agent.decode("latin-1", "replace")[:300] if agent else "-"))
 
 
 @implementer(IModule, ITriggerProvider)
@@ -290,6 +336,7 @@ class RestApiModule(MultiService):
 
     _log = Logger()
     iii_class = None
+    config_schema = CONFIG_SCHEMA
 
     def __init__(self, engine, config, reactor):
         """
@@ -331,11 +378,12 @@ class RestApiModule(MultiService):
         self.app.route("/", branch=True, strict_slashes=False,
                        merge_slashes=False)(self._handle)
         self.resource = self.app.resource()
-        self.site = ApiSite(self.resource, reactor, body_limit)
+        self.site = ApiSite(self.resource, reactor, body_limit,
+                            access_log=get_option(config, "access_log", bool, False))
         engine.register_trigger_type(
             HTTP_TRIGGER, self,
             "Calls the function for HTTP requests on api_path/http_method")
-        strports.service(self.listen, self.site, reactor=reactor).setServiceParent(self)
+        Listener(self.listen, self.site, reactor, "iii-http").setServiceParent(self)
 
     # -- ITriggerProvider ------------------------------------------------------------
 
@@ -429,6 +477,15 @@ class RestApiModule(MultiService):
             exchange.cancel()
         return MultiService.stopService(self)
 
+    def retire(self):
+        """
+        Close the port but let the requests in flight finish (a reload does this to
+        the old instance of a restarted module; its routes live on in the new one).
+
+        @return: Deferred firing once the port is closed.
+        """
+        return MultiService.stopService(self)
+
 
 def _parse_cors(cors):
     if cors is None:
@@ -459,12 +516,6 @@ def _empty(request, code):
 
 def _error_id():
     return "{:x}".format(time.time_ns() & 0xFFFFFFFFFFFF)
-
-
-def _status_of(value):
-    if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
-        return value
-    return None
 
 
 class _Exchange:
@@ -568,7 +619,8 @@ class _Exchange:
         payload["request_body"] = self._request_channel.ref(READ)
         payload["response"] = self._response_channel.ref(WRITE)
         self.request.registerProducer(self._response_channel.reader, True)
-        self._call = self.engine.call(self.trigger.function_id, payload)
+        self._call = self.engine.call(self.trigger.function_id, payload,
+                                     metadata=self.trigger.metadata)
         self._call.addCallbacks(self._result, self._failed)
         if not self.done:
             self._pump.start()
@@ -580,16 +632,20 @@ class _Exchange:
             return
         if result is None:
             return  # the response channel has the answer
-        if not isinstance(result, dict):
-            self._respond_json(200, {})
+        try:
+            status, headers, data, dropped = response_of(result)
+        except (TypeError, ValueError, RecursionError):
+            self._log.error("HTTP {method} /{path}: {function_id} returned a body that is "
+                            "not JSON; 500", method=self.method,
+                            path=self.route.api_path.lstrip("/"),
+                            function_id=self.trigger.function_id)
+            self._respond_json(500, {"error": "response body is not JSON"})
             return
-        status = _status_of(result.get("status_code"))
-        if status is None:
-            status = _status_of(result.get("statusCode")) or 200
-        headers = result.get("headers")
-        body = result.get("body")
-        self._respond_json(status, {} if body is None else body,
-                           headers if isinstance(headers, dict) else None)
+        if dropped:
+            self._log.warn("HTTP {method} /{path}: invalid response headers skipped: "
+                           "{names}", method=self.method,
+                           path=self.route.api_path.lstrip("/"), names=dropped)
+        self._respond(status, headers, data)
 
     def _failed(self, failure):
         if self.done:
@@ -615,7 +671,11 @@ class _Exchange:
                               path=self.route.api_path.lstrip("/"), error_id=error_id)
         if self.streaming:
             return  # the status is out; the channel's close ends the body
-        self._respond_json(500, {"error": message, "error_id": error_id})
+        # A request too large for the function's worker to receive (peer_limits) is
+        # the request's size, not a server fault: 413, as for body_limit.
+        status = 413 if failure.check(InvocationError) and \
+            failure.value.code == MESSAGE_TOO_LARGE else 500
+        self._respond_json(status, {"error": message, "error_id": error_id})
 
     def _timed_out(self):
         self._timer = None
@@ -689,18 +749,22 @@ class _Exchange:
 
     # -- endings ---------------------------------------------------------------------
 
-    def _respond_json(self, status, body, headers=None):
+    def _respond_json(self, status, body):
+        self._respond(status, [("Content-Type", "application/json")], encode(body))
+
+    def _respond(self, status, headers, data):
+        """Answer with ``status``, ``headers`` (name, value) pairs in order, ``data``."""
         request = self.request
-        try:
-            data = encode(body)
-        except (TypeError, ValueError, RecursionError):
-            status, data = 500, b'{"error":"response body is not JSON"}'
         request.setResponseCode(status)
-        request.setHeader(b"content-type", b"application/json")
-        if headers:
-            _set_headers(request, {k.lower(): v for k, v in headers.items()
-                                   if isinstance(v, str) and isinstance(k, str)
-                                   and k.lower() != "content-length"})
+        seen = set()
+        for name, value in headers:
+            key = name.lower().encode("latin-1", "replace")
+            raw = value.encode("latin-1") if _latin1(value) else value.encode("utf-8")
+            if key in seen:
+                request.responseHeaders.addRawHeader(key, raw)
+            else:
+                seen.add(key)
+                request.setHeader(key, raw)
         request.setHeader(b"content-length", str(len(data)).encode("ascii"))
         request.write(data)
         self._finish()
@@ -738,6 +802,14 @@ class _Exchange:
 
 _HOP_BY_HOP = frozenset(["transfer-encoding", "connection", "keep-alive", "upgrade",
                          "te", "trailer", "proxy-connection"])
+
+
+def _latin1(text):
+    try:
+        text.encode("latin-1")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _set_headers(request, headers):

@@ -32,6 +32,8 @@ from twisted.internet.defer import succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..adapters import KV_STORE_SCHEMA
+from ..schema import Adapter, Adapters, Key, Section
 from ..interfaces import IModule, InvalidUpdateOp, ITriggerProvider, KvStoreError, TriggerError
 from ..protocol import InvocationError
 from ._kvcommon import (
@@ -41,6 +43,15 @@ from ._kvcommon import (
 KV_ADAPTER = "modules::state::adapters::KvStore"
 TRIGGER_TYPE = "state"
 CONFIG_KEYS = ("adapter",)
+
+# Every key of the module's config (iii_twisted/schema.py says how to add one).
+CONFIG_SCHEMA = Section(
+    adapter=Key(Adapters(
+        Adapter("kv", (KV_ADAPTER,), KV_STORE_SCHEMA),
+        Adapter("redis", ("modules::state::adapters::RedisAdapter",), None),
+        Adapter("bridge", ("modules::state::adapters::Bridge",), None),
+    ), None, "where values are kept (default: kv in memory)"),
+)
 
 CREATED = "state:created"
 UPDATED = "state:updated"
@@ -61,6 +72,7 @@ class StateModule(Service):
     """
 
     iii_class = None
+    config_schema = CONFIG_SCHEMA
     _log = Logger()
 
     def __init__(self, engine, config, reactor, store=None):

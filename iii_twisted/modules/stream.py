@@ -48,7 +48,6 @@ from uuid import uuid4
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
@@ -56,7 +55,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .. import __version__
+from ..adapters import KV_STORE_SCHEMA
 from ..config import ConfigError, get_option
+from ..listeners import Listener
+from ..schema import Adapter, Adapters, Key, Section
 from ..interfaces import IModule, InvalidUpdateOp, ITriggerProvider, KvStoreError, TriggerError
 from ..protocol import InvocationError, encode
 from ..adapters.ops import validate_ops
@@ -66,6 +68,19 @@ from ._kvcommon import (
 
 KV_ADAPTER = "modules::stream::adapters::KvStore"
 CONFIG_KEYS = ("port", "host", "auth_function", "adapter")
+
+# Every key of the module's config (iii_twisted/schema.py says how to add one).
+CONFIG_SCHEMA = Section(
+    port=Key(int, 3112, "TCP port of the stream WebSocket", min=0, max=65535),
+    host=Key(str, "0.0.0.0", "interface (an IP address) the port listens on"),
+    auth_function=Key(str, None, "function that accepts or refuses a client"),
+    adapter=Key(Adapters(
+        Adapter("kv", (KV_ADAPTER,), KV_STORE_SCHEMA.extend(
+            channel_size=Key(int, 256, "events buffered per subscriber", min=1))),
+        Adapter("redis", ("modules::stream::adapters::RedisAdapter",), None),
+        Adapter("bridge", ("modules::stream::adapters::Bridge",), None),
+    ), None, "where items are kept (default: kv in memory)"),
+)
 STREAM_TRIGGER = "stream"
 JOIN_TRIGGER = "stream:join"
 LEAVE_TRIGGER = "stream:leave"
@@ -103,6 +118,7 @@ class StreamModule(MultiService):
     """
 
     iii_class = None
+    config_schema = CONFIG_SCHEMA
     _log = Logger()
 
     def __init__(self, engine, config, reactor, store=None):
@@ -156,7 +172,7 @@ class StreamModule(MultiService):
         engine.register_trigger_type(STREAM_TRIGGER, self, "Stream trigger")
         self.factory = StreamSocketFactory(self, reactor)
         listen = "tcp:{}:interface={}".format(port, host.replace(":", "\\:"))
-        self._listener = strports.service(listen, self.factory, reactor=reactor)
+        self._listener = Listener(listen, self.factory, reactor, "iii-stream")
         self._listener.setServiceParent(self)
 
     def stopService(self):
@@ -438,7 +454,8 @@ class StreamModule(MultiService):
         unauthorized = False
         for trigger in self._engine.triggers_of_type(kind):
             try:
-                result = await self._engine.call(trigger.function_id, event)
+                result = await self._engine.call(trigger.function_id, event,
+                                                 metadata=trigger.metadata)
             except InvocationError as e:
                 self._log.error("{kind} handler {function_id} failed: {error}", kind=kind,
                                 function_id=trigger.function_id, error=e)
@@ -502,7 +519,10 @@ def _write_result(result):
     if not isinstance(result, dict) or "new_value" not in result:
         raise InvocationError("JSON_ERROR", "Failed to convert result to value: expected "
                               "an object with new_value and optional old_value")
-    return {"old_value": result.get("old_value"), "new_value": result["new_value"]}
+    out = {"old_value": result.get("old_value"), "new_value": result["new_value"]}
+    if isinstance(result.get("errors"), list) and result["errors"]:
+        out["errors"] = result["errors"]  # per-op errors of a custom update function
+    return out
 
 
 class StreamClient:

@@ -116,10 +116,65 @@ class KvStoreContract:
             {"type": "set", "path": "a.b", "value": [1]},
             {"type": "merge", "value": {"m": True, "n": 10}},
         ]))
-        expected = {"n": 10, "f": 2, "s": 0, "new": -2, "a.b": [1], "m": True}
+        # The current reference (engine/src/update_ops.rs): a float is incremented, a
+        # string is not a number (a per-op error; the other ops apply).
+        expected = {"n": 10, "f": 3.5, "s": "x", "new": -2, "a.b": [1], "m": True}
         self.assertEqual(result, {
-            "old_value": {"n": 1, "f": 1.5, "s": "x", "gone": 1}, "new_value": expected})
+            "old_value": {"n": 1, "f": 1.5, "s": "x", "gone": 1}, "new_value": expected,
+            "errors": [{"op_index": 2, "code": "decrement.not_number",
+                        "message": "Expected number at path 's', got string."}]})
         self.assertEqual(self.ok(self.store.get("g", "k")), expected)
+
+    def test_update_merge_at_a_path_reported_input(self):
+        """Reported: merge at path "sess" left the value unchanged, with no error."""
+        self.ok(self.store.set("g", "k", {"sess": {"a": 1}, "other": 1}))
+        result = self.ok(self.store.update("g", "k", [
+            {"type": "merge", "path": "sess", "value": {"b": 2}}]))
+        self.assertEqual(result, {"old_value": {"sess": {"a": 1}, "other": 1},
+                                  "new_value": {"sess": {"a": 1, "b": 2}, "other": 1}})
+        self.assertEqual(self.ok(self.store.get("g", "k")),
+                         {"sess": {"a": 1, "b": 2}, "other": 1})
+
+    def test_update_nested_paths_and_append(self):
+        self.ok(self.store.set("g", "k", {"a": {"b": {"c": 1}, "x": 5}, "log": ["one"],
+                                          "text": "ab"}))
+        result = self.ok(self.store.update("g", "k", [
+            {"type": "merge", "path": ["a", "b"], "value": {"d": 2}},
+            {"type": "merge", "path": ["new", "deep"], "value": {"e": 3}},
+            {"type": "append", "path": "log", "value": "two"},
+            {"type": "append", "path": "text", "value": "c"},
+            {"type": "append", "path": ["a", "list"], "value": {"n": 1}},
+            {"type": "append", "path": "fresh", "value": 1},
+            {"type": "append", "path": "fresh_text", "value": "t"},
+        ]))
+        self.assertEqual(result["new_value"], {
+            "a": {"b": {"c": 1, "d": 2}, "x": 5, "list": [{"n": 1}]},
+            "new": {"deep": {"e": 3}}, "log": ["one", "two"], "text": "abc",
+            "fresh": [1], "fresh_text": "t"})
+        self.assertNotIn("errors", result)
+        self.assertEqual(self.ok(self.store.get("g", "k")), result["new_value"])
+
+    def test_update_per_op_errors_keep_the_good_ops(self):
+        self.ok(self.store.set("g", "k", {"n": 1, "s": "x", "list": [1]}))
+        result = self.ok(self.store.update("g", "k", [
+            {"type": "merge", "path": ["__proto__"], "value": {"polluted": True}},
+            {"type": "increment", "path": "n", "by": 1},
+            {"type": "merge", "path": "n2", "value": {"constructor": {}}},
+            {"type": "set", "path": "prototype", "value": 1},
+            {"type": "append", "path": "s", "value": 5},
+            {"type": "append", "path": "n", "value": 5},
+            {"type": "merge", "path": "m", "value": [1]},
+            {"type": "merge", "path": ["a", ""], "value": {}},
+            {"type": "merge", "path": ["x"] * 33, "value": {}},
+            {"type": "remove", "path": "list"},
+        ]))
+        self.assertEqual(result["new_value"], {"n": 2, "s": "x"})
+        self.assertEqual([(e["op_index"], e["code"]) for e in result["errors"]], [
+            (0, "merge.path.proto_polluted"), (2, "merge.value.proto_polluted"),
+            (3, "set.path.proto_polluted"), (4, "append.type_mismatch"),
+            (5, "append.type_mismatch"), (6, "merge.value.not_an_object"),
+            (7, "merge.path.empty_segment"), (8, "merge.path.too_deep")])
+        self.assertEqual(self.ok(self.store.get("g", "k")), {"n": 2, "s": "x"})
 
     def test_update_does_not_mutate_previous_value(self):
         self.ok(self.store.set("g", "k", {"n": 1}))
@@ -131,7 +186,12 @@ class KvStoreContract:
         self.ok(self.store.set("g", "k", 5))
         result = self.ok(self.store.update("g", "k", [
             {"type": "increment", "path": "n", "by": 1}]))
-        self.assertEqual(result, {"old_value": 5, "new_value": 5})
+        self.assertEqual(result, {"old_value": 5, "new_value": 5, "errors": [
+            {"op_index": 0, "code": "increment.target_not_object",
+             "message": "Cannot increment at path 'n': target is number, expected object."}]})
+        result = self.ok(self.store.update("g", "k", [
+            {"type": "increment", "path": "", "by": 2}]))
+        self.assertEqual(result["new_value"], 7)
         result = self.ok(self.store.update("g", "k", [
             {"type": "set", "path": "", "value": {"x": 1}},
             {"type": "set", "path": "y"}]))

@@ -52,7 +52,40 @@ def test_port_taken_exits_non_zero(tmp_path):
         port = taken.getsockname()[1]
         result = run_twistd("port: {}\nhost: 127.0.0.1\n".format(port), tmp_path)
     assert result.returncode != 0
-    assert "Address already in use" in result.stdout + result.stderr
+    assert "iii: error: port {} is in use (iii-worker-manager listener)".format(port) in \
+        result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_port_taken_in_daemon_mode(tmp_path):
+    """A daemonised engine whose HTTP port is taken says which port and listener."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "c.yaml"
+        path.write_text("port: 0\nlisten: tcp:0:interface=127.0.0.1\nmodules:\n"
+                        "  - class: modules::api::RestApiModule\n"
+                        "    config: {{host: 127.0.0.1, port: {}}}\n".format(port))
+        result = subprocess.run(
+            [TWISTD, "--pidfile", str(tmp_path / "e.pid"), "--logfile",
+             str(tmp_path / "e.log"), "iii", "--config", str(path)],
+            cwd=str(tmp_path), capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "port {} is in use (iii-http listener)".format(port) in result.stderr
+    assert not (tmp_path / "e.pid").exists()
+
+
+def test_config_error_is_one_line(tmp_path):
+    """A config mistake is one line on stderr naming file, key and the likely key."""
+    result = run_twistd("modules:\n  - class: modules::api::RestApiModule\n"
+                        "    config: {prot: 3111}\n", tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == ("iii: error: {}, key modules[0].config.prot: unknown key "
+                             "'prot'; did you mean 'port'?\n".format(tmp_path / "bad.yaml"))
+    assert result.stdout == ""
 
 
 def test_worker_killed_mid_call(engine, sdk_worker):

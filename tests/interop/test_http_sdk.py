@@ -7,6 +7,7 @@ errors, and a function that lives behind a URL.
 import hashlib
 import json
 import os
+import socket
 import threading
 import time
 import urllib.error
@@ -32,7 +33,7 @@ modules:
   - class: modules::http_functions::HttpFunctionsModule
     config:
       security:
-        url_allowlist: [127.0.0.1]
+        url_allowlist: ["127.0.0.1", "[::1]"]
         require_https: false
         block_private_ips: false
 """
@@ -174,6 +175,14 @@ class _Hook(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path == "/moved":
+            self.server.seen.add({"path": self.path, "host": self.headers.get("Host")})
+            self.send_response(302)
+            self.send_header("Location", "http://example.invalid/elsewhere")
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<html>moved</html>")
+            return
         self.server.seen.add({"path": self.path,
                               "headers": {k.lower(): v for k, v in self.headers.items()},
                               "body": json.loads(body)})
@@ -215,6 +224,41 @@ def test_http_function_is_called_like_any_other(api, sdk_worker, hook_server):
     assert seen["headers"]["x-team"] == "blue"
     assert seen["headers"]["x-iii-function-path"] == "ext::double"
     assert seen["headers"]["content-type"] == "application/json"
+
+
+class _V6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def test_http_function_on_an_ipv6_literal_and_a_redirect(api, sdk_worker):
+    """
+    Reported: a function at http://[::1]:PORT/x failed ("Codepoint U+003A ... not
+    allowed") and never sent a request. A 302 it answers is a success with no result
+    (not followed), as in the current reference.
+    """
+    server = _V6Server(("::1", 0), _Hook)
+    server.seen = Waiter()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        owner = sdk_worker(api.url, "http-fn-v6")
+        base = "http://[::1]:{}".format(server.server_address[1])
+        owner.register_function({"id": "ext::v6"}, HttpInvocationConfig(
+            url=base + "/hook", timeout_ms=5000))
+        owner.register_function({"id": "ext::moved"}, HttpInvocationConfig(
+            url=base + "/moved", timeout_ms=5000))
+        wait_until(lambda: {"ext::v6", "ext::moved"} <= {
+            f.function_id for f in owner.list_functions()}, what="the v6 functions")
+        assert owner.trigger({"function_id": "ext::v6", "payload": {"n": 4}}) == {"echo": 8}
+        assert owner.trigger({"function_id": "ext::moved", "payload": {"n": 1}}) is None
+        seen = server.seen.wait_for(lambda values: len(values) >= 2)
+        assert seen[0]["path"] == "/hook"
+        assert seen[0]["headers"]["host"] == "[::1]:{}".format(server.server_address[1])
+        assert seen[1] == {"path": "/moved",
+                           "host": "[::1]:{}".format(server.server_address[1])}
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_refused_http_function_says_why(api, sdk_worker):
@@ -265,3 +309,33 @@ def test_client_leaving_a_stream_stops_the_writer(api, sdk_worker):
     connection.close()
     [result] = outcome.wait_for(timeout=8)
     assert result != "finished"
+
+
+def test_response_shapes_from_a_real_worker(api, sdk_worker):
+    """
+    Reported input: a text/xml string body goes out raw (it went out JSON-encoded);
+    an ApiResponse model (serialized as statusCode) and "Name: value" header lines work.
+    """
+    from iii import ApiResponse
+
+    worker = sdk_worker(api.url, "http-shapes")
+    worker.register_function({"id": "shapes.xml"}, lambda data: {
+        "status_code": 200, "headers": {"Content-Type": "text/xml"}, "body": "<ok/>"})
+    worker.register_function({"id": "shapes.model"}, lambda data: ApiResponse(
+        statusCode=201, headers={"content-type": "text/plain; charset=utf-8"}, body="made"))
+    worker.register_function({"id": "shapes.lines"}, lambda data: {
+        "status_code": 200, "headers": ["Content-Type: text/csv", "X-Rows: 2"],
+        "body": "a,b\n1,2\n"})
+    for name in ("xml", "model", "lines"):
+        worker.register_trigger({"type": "http", "function_id": "shapes." + name,
+                                 "config": {"api_path": "shapes/" + name,
+                                            "http_method": "GET"}})
+        _wait_for_route(api.base + "/shapes/" + name)
+    status, headers, body = _request(api.base + "/shapes/xml")
+    assert (status, headers.get("content-type"), body) == (200, "text/xml", b"<ok/>")
+    status, headers, body = _request(api.base + "/shapes/model")
+    assert (status, headers.get("content-type"), body) == (
+        201, "text/plain; charset=utf-8", b"made")
+    status, headers, body = _request(api.base + "/shapes/lines")
+    assert (status, headers.get("content-type"), headers.get("x-rows"), body) == (
+        200, "text/csv", "2", b"a,b\n1,2\n")

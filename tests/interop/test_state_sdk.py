@@ -198,3 +198,26 @@ def test_kill_9_during_writes_keeps_every_acknowledged_write(start_engine, sdk_w
     present = {"k{}-{}".format(v["n"], v["i"])
                for v in call(reader, "state::list", {"scope": "busy"})}
     assert len(survivors) >= 400 and survivors <= present
+
+
+@pytest.mark.parametrize("config", [CONFIG, FILE_CONFIG], ids=["memory", "file"])
+def test_update_ops_at_a_path_from_a_real_worker(start_engine, sdk_worker, config):
+    """
+    Reported: merge at path "sess" on {"sess": {"a": 1}, "other": 1} changed nothing and
+    said nothing. Nested merge, append and per-op errors, over the wire, on each store.
+    """
+    engine = start_engine(config)
+    w = sdk_worker(engine.url, "state-ops")
+    call(w, "state::set", {"scope": "s", "key": "k", "value": {"sess": {"a": 1}, "other": 1}})
+    result = call(w, "state::update", {"scope": "s", "key": "k", "ops": [
+        {"type": "merge", "path": "sess", "value": {"b": 2}},
+        {"type": "merge", "path": ["sess", "cart"], "value": {"n": 1}},
+        {"type": "append", "path": "log", "value": "x"},
+        {"type": "merge", "path": ["__proto__"], "value": {"bad": True}},
+    ]})
+    # A string appended to a missing field starts a string (the reference's rule).
+    expected = {"sess": {"a": 1, "b": 2, "cart": {"n": 1}}, "other": 1, "log": "x"}
+    assert result["new_value"] == expected
+    assert [(e["op_index"], e["code"]) for e in result["errors"]] == [
+        (3, "merge.path.proto_polluted")]
+    assert call(w, "state::get", {"scope": "s", "key": "k"}) == expected

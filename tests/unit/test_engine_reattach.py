@@ -31,7 +31,7 @@ class ReattachTests(SynchronousTestCase):
     def test_workerregistered_carries_a_token_per_connection(self):
         """Each connection gets its own unguessable token along with its id."""
         first = self.old.sent[0]
-        assert set(first) == {"type", "worker_id", "reattach_token"}
+        assert set(first) == {"type", "worker_id", "reattach_token", "features"}
         assert len(self.token) >= 32
         assert self.new.sent[0]["reattach_token"] not in (self.token, None)
 

@@ -144,10 +144,17 @@ def test_bearer_and_api_key():
     ((400, {}, b'{"error":{"code":"bad_input","message":"no"}}'), ("error", "bad_input")),
     ((400, {}, b'{"error":{}}'), ("error", "http_error")),
     ((500, {}, b"oops"), ("error", "http_error")),
-    ((302, {"Location": "http://elsewhere/"}, b""), ("error", "http_error")),
+    # Redirects are not followed and are a success with no result (the current
+    # reference); a JSON body, if any, is the result.
+    ((302, {"Location": "http://elsewhere/"}, b""), ("result", None)),
+    ((301, {"Location": "http://elsewhere/"}, b"<html>moved</html>"), ("result", None)),
+    ((307, {"Location": "http://elsewhere/"}, b'{"moved": true}'), ("result", {"moved": True})),
+    ((304, {}, b""), ("result", None)),
+    ((404, {}, b"<html>"), ("error", "http_error")),
 ])
 def test_response_mapping(answer, outcome):
-    """The engine-core.md §4.6 table; redirects are not followed."""
+    """The engine-core.md §4.6 table as the current reference has it; redirects are not
+    followed."""
     s = Setup()
     s.register()
     s.remote.answer = answer
@@ -406,3 +413,95 @@ def test_random_answers_are_a_value_or_a_clean_error():
                 assert results[0].check(InvocationError)
                 assert results[0].value.code in known, results[0].value.code
         assert failures == [], [e.get("log_format") for e in failures]
+
+
+# -- every URL form (issue: http://[::1]:PORT/x failed with "Codepoint U+003A ...") ----
+
+@pytest.mark.parametrize("url, expected", [
+    ("http://[::1]:8080/x", ("http", "::1", 8080)),
+    ("http://[0:0:0:0:0:0:0:1]/x", ("http", "::1", 80)),
+    ("https://[2001:db8::1]/x", ("https", "2001:db8::1", 443)),
+    ("http://[::ffff:127.0.0.1]:81/", ("http", "::ffff:7f00:1", 81)),
+    ("http://127.0.0.1:65535/", ("http", "127.0.0.1", 65535)),
+    ("http://127.1/", ("http", "127.0.0.1", 80)),
+    ("http://0x7f.0.0.1/", ("http", "127.0.0.1", 80)),
+    ("http://2130706433/", ("http", "127.0.0.1", 80)),
+    ("https://Bücher.Example:8443/ä?q=ü", ("https", "xn--bcher-kva.example", 8443)),
+    ("https://xn--bcher-kva.example/", ("https", "xn--bcher-kva.example", 443)),
+    ("HTTP://Example.COM/p", ("http", "example.com", 80)),
+])
+def test_every_url_form_parses(url, expected):
+    policy = SecurityPolicy(["*"], require_https=False, block_private_ips=False)
+    assert policy.check_url(url) == expected
+
+
+@pytest.mark.parametrize("url", [
+    "http://[::1/x", "http://[nope]/", "http://host:99999/", "http://host:-1/",
+    "ftp://host/", "http:///x", "http://[fe80::1%25eth0]/", "http://xn--a.example/",
+    "http://bad host/", "http://a\r\nb/",
+])
+def test_invalid_url_forms_are_refused(url):
+    policy = SecurityPolicy(["*"], require_https=False, block_private_ips=False)
+    with pytest.raises(UrlRejected) as e:
+        policy.check_url(url)
+    assert e.value.message == "Invalid URL"
+
+
+@pytest.mark.parametrize("url", [
+    "http://[::1]:8080/x", "http://[0:0:0:0:0:0:0:1]/", "http://[::ffff:127.0.0.1]/",
+    "http://[::ffff:a00:1]/", "http://[fc00::5]/", "http://[fe80::1]/", "http://[::]/",
+    "http://127.1/", "http://0x7f.0.0.1/", "http://2130706433/", "http://0/",
+    "http://017700000001/", "http://10.1/", "http://[64:ff9b::7f00:1]/",
+])
+def test_private_address_check_holds_for_every_form(url):
+    policy = SecurityPolicy(["*"], require_https=False, block_private_ips=True)
+    with pytest.raises(UrlRejected) as e:
+        policy.check_url(url)
+    assert e.value.message == "Private IP blocked"
+
+
+def test_allowlist_patterns_in_every_form():
+    assert SecurityPolicy(["[::1]"], require_https=False, block_private_ips=False) \
+        .check_url("http://[0::1]:9/")[1] == "::1"
+    assert SecurityPolicy(["::1"], require_https=False, block_private_ips=False) \
+        .check_url("http://[::1]/")[1] == "::1"
+    assert SecurityPolicy(["*.bücher.example"], block_private_ips=False) \
+        .check_url("https://api.Bücher.example/")[1] == "api.xn--bcher-kva.example"
+    with pytest.raises(UrlRejected):
+        SecurityPolicy(["127.0.0.1"], require_https=False, block_private_ips=False) \
+            .check_url("http://[::1]/")
+
+
+def test_ipv6_literal_connects_over_tcp6_with_a_bracketed_host_header():
+    """The reported input: http://[::1]:PORT/x sends a request (to ::1, Host [::1]:PORT)."""
+    clock, engine, module, worker = _real_module(
+        {}, {"security": {"url_allowlist": ["*"], "require_https": False,
+                          "block_private_ips": False}})
+    worker.receive({"type": "registerfunction", "id": "ext::v6",
+                    "invocation": {"url": "http://[::1]:8123/x?a=b c"}})
+    results = []
+    engine.call("ext::v6", {"x": 1}).addBoth(results.append)
+    [(host, port, factory, timeout, bind)] = clock.tcpClients
+    assert (host, port) == ("::1", 8123)
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    head = transport.value().partition(b"\r\n\r\n")[0]
+    assert head.startswith(b"POST /x?a=b%20c HTTP/1.1")
+    assert b"Host: [::1]:8123" in head
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+    assert _value(results) == {}
+
+
+def test_idna_host_is_resolved_and_sent_in_ascii():
+    clock, engine, module, worker = _real_module(
+        {"xn--bcher-kva.example": ["93.184.216.34"]})
+    worker.receive({"type": "registerfunction", "id": "ext::idna",
+                    "invocation": {"url": "http://Bücher.example/fn"}})
+    engine.call("ext::idna", {}).addErrback(lambda f: None)
+    [(host, port, factory, timeout, bind)] = clock.tcpClients
+    assert (host, port) == ("93.184.216.34", 80)
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    assert b"Host: xn--bcher-kva.example\r\n" in transport.value()

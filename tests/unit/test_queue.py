@@ -732,3 +732,118 @@ class JournalStoreContractTests(StoreContract, SynchronousTestCase):
 
 def _raise(e):
     raise e
+
+
+class CurrentQueueApiTests(SynchronousTestCase):
+    """durable:subscriber, iii::durable::publish, engine::queue::enqueue (0.11 / 0.21.5)."""
+
+    def test_every_subscribed_function_gets_a_copy_and_replicas_compete(self):
+        engine, clock, module = make()
+        seen = []
+        engine.register_function("a", lambda d: seen.append(("a", d)))
+        engine.register_function("b", lambda d: seen.append(("b", d)))
+        engine.register_function("other", lambda d: seen.append(("other", d)))
+        for trigger_id, fn, topic in (("ta1", "a", "orders"), ("ta2", "a", "orders"),
+                                      ("tb", "b", "orders"), ("to", "other", "refunds")):
+            self.successResultOf(engine.register_trigger(
+                trigger_id, "durable:subscriber", fn, {"topic": "orders"
+                                                       if topic == "orders" else topic}))
+        for n in range(3):
+            assert self.successResultOf(engine.call(
+                "iii::durable::publish", {"topic": "orders", "data": n})) is None
+        assert sorted(seen) == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("b", 2)]
+        names = {q["name"] for q in self.successResultOf(
+            engine.call("engine::queue::list_topics", {}))}
+        assert {"orders::a", "orders::b"} <= names
+        # Unsubscribing b stops its copies; a keeps getting them.
+        engine.unregister_trigger("tb")
+        self.successResultOf(engine.call("iii::durable::publish",
+                                         {"topic": "orders", "data": 9}))
+        assert seen[-1] == ("a", 9) and ("b", 9) not in seen
+        # Nobody subscribed: nothing stored, success.
+        self.successResultOf(engine.call("iii::durable::publish", {"topic": "none", "data": 1}))
+        f = self.failureResultOf(engine.call("iii::durable::publish", {"data": 1}))
+        assert f.value.code == "topic_not_set"
+
+    def test_durable_max_retries_counts_retries(self):
+        """durable:subscriber maxRetries: 1 is two attempts (reference 0.11+), then DLQ."""
+        engine, clock, module = make()
+        calls = []
+
+        def fails(data):
+            calls.append(data)
+            raise InvocationError("boom", "always")
+        engine.register_function("f", fails)
+        self.successResultOf(engine.register_trigger(
+            "t", "durable:subscriber", "f",
+            {"topic": "t", "queue_config": {"maxRetries": 1, "backoffDelayMs": 50}}))
+        self.successResultOf(engine.call("iii::durable::publish", {"topic": "t", "data": 1}))
+        assert calls == [1]
+        clock.advance(0.05)
+        assert calls == [1, 1]
+        clock.advance(10)
+        assert calls == [1, 1]
+        [dead] = self.successResultOf(engine.call("engine::queue::dlq_topics", {}))
+        assert (dead["topic"], dead["message_count"]) == ("t::f", 1)
+
+    def test_queue_trigger_settings_take_effect(self):
+        """`queue` maxRetries: 1 is one attempt (v0.10), backoffDelayMs and fixed backoff apply."""
+        engine, clock, module = make()
+        calls = []
+
+        def fails(data):
+            calls.append((data, clock.seconds()))
+            raise InvocationError("boom", "always")
+        engine.register_function("f", fails)
+        engine.register_function("g", fails)
+        self.successResultOf(engine.register_trigger(
+            "tf", "queue", "f", {"topic": "once", "queue_config": {
+                "maxRetries": 1, "backoffDelayMs": 50}}))
+        self.successResultOf(engine.register_trigger(
+            "tg", "queue", "g", {"topic": "fixed", "queue_config": {
+                "maxRetries": 3, "backoffDelayMs": 100, "backoffType": "fixed"}}))
+        self.successResultOf(engine.call("enqueue", {"topic": "once", "data": "o"}))
+        clock.advance(60)
+        assert [c[0] for c in calls] == ["o"]
+        del calls[:]
+        start = clock.seconds()
+        self.successResultOf(engine.call("enqueue", {"topic": "fixed", "data": "x"}))
+        for _ in range(5):
+            clock.advance(0.1)
+        assert [round(t - start, 3) for _, t in calls] == [0, 0.1, 0.2]
+        topics = {d["topic"] for d in self.successResultOf(
+            engine.call("engine::queue::dlq_topics", {}))}
+        assert topics == {"once", "fixed"}
+
+    def test_unsupported_settings_are_refused_loudly(self):
+        """visibilityTimeout, delaySeconds, maxPriority and bad values: refused, worker told."""
+        engine, clock, module = make()
+        for kind in ("queue", "durable:subscriber"):
+            for bad in ({"visibilityTimeout": 30}, {"delaySeconds": 5}, {"maxPriority": 3},
+                        {"maxRetries": -1}, {"maxRetries": "2"}, {"backoffDelayMs": 1.5},
+                        {"backoffType": "linear"}):
+                f = self.failureResultOf(engine.register_trigger(
+                    "x", kind, "c", {"topic": "t", "queue_config": bad}), TriggerError)
+                assert list(bad)[0] in f.value.message
+        conn = FakeWorkerConnection.connect(engine)
+        conn.receive({"type": "registertrigger", "id": "w1", "trigger_type": "durable:subscriber",
+                      "function_id": "c", "config": {"topic": "t", "queue_config": {
+                          "visibilityTimeout": 30}}})
+        [answer] = conn.sent_of_type("triggerregistrationresult")
+        assert "visibilityTimeout is not supported" in answer["error"]["message"]
+
+    def test_engine_queue_enqueue(self):
+        """engine::queue::enqueue puts on a named queue; the receipt is the engine's."""
+        engine, clock, module = make()
+        got = []
+        engine.register_function("worker::job", got.append)
+        answer = self.successResultOf(engine.call("engine::queue::enqueue", {
+            "queue": "orders", "function_id": "worker::job", "data": {"n": 1},
+            "messageReceiptId": "caller-chosen"}))
+        assert answer["messageReceiptId"] != "caller-chosen"
+        assert got == [{"n": 1}]
+        f = self.failureResultOf(engine.call("engine::queue::enqueue", {
+            "queue": "nope", "function_id": "worker::job", "data": 1}))
+        assert f.value.code == "enqueue_error"
+        f = self.failureResultOf(engine.call("engine::queue::enqueue", {"queue": "orders"}))
+        assert f.value.code == "deserialization_error"

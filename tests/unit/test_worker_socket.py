@@ -131,6 +131,19 @@ def test_oversized_frame_is_dropped_with_an_answer():
     assert client.of_type("pong") and other.of_type("pong")
 
 
+def test_oversized_invoke_with_ids_after_data_is_answered():
+    """py 0.25 writes invocation_id, function_id and type after data: still answered."""
+    harness = Harness(max_message_size=10000)
+    client, server = harness.connect()
+    client.send({"function_id": "x::y", "data": {"blob": "z" * 20000,
+                                                  "inner": {"invocation_id": "decoy"}},
+                 "invocation_id": "big-2", "type": "invokefunction"})
+    harness.flush()
+    [answer] = client.of_type("invocationresult")
+    assert (answer["invocation_id"], answer["function_id"]) == ("big-2", "x::y")
+    assert answer["error"]["code"] == "message_too_large"
+
+
 def test_frame_past_hard_limit_closes_only_that_connection():
     """Past 4 x max_message_size Autobahn fails the connection (1009); other workers stay."""
     harness = Harness(max_message_size=1000)

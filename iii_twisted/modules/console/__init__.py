@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import time
 
-from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import LoopingCall
@@ -38,13 +37,28 @@ from zope.interface import implementer
 from ... import __version__
 from ...config import ConfigError, get_option
 from ...interfaces import IModule
+from ...listeners import Listener
+from ...schema import Key, Section
 from .auth import AllGrants, OpenAccess, access_for
 from .views import History, Views
 from .web import LOOPBACK_NAMES, ConsoleSite, ConsoleWeb
 
-CONFIG_KEYS = ("port", "host", "listen", "push_interval", "sample_interval", "history")
 DEFAULT_PORT = 3113
 DEFAULT_HOST = "127.0.0.1"
+
+# Every key of the module's config (iii_twisted/schema.py says how to add one).
+CONFIG_SCHEMA = Section(
+    port=Key(int, DEFAULT_PORT, "TCP port of the web console", min=0, max=65535),
+    host=Key(str, DEFAULT_HOST, "interface the console listens on (loopback: only "
+                                "requests for a loopback host name are answered)"),
+    listen=Key(str, None, "a Twisted endpoint string; overrides port and host"),
+    push_interval=Key(float, 1.0, "seconds between two updates of an open page",
+                      min=0.01),
+    sample_interval=Key(float, 5.0, "seconds between two samples of the overview's "
+                                    "rates and queue depth chart", min=0.01),
+    history=Key(int, 60, "samples the overview keeps", min=2),
+)
+CONFIG_KEYS = tuple(CONFIG_SCHEMA.known())
 
 
 def _positive_number(config, key, default):
@@ -75,6 +89,7 @@ class ConsoleModule(MultiService):
     """
 
     iii_class = None
+    config_schema = CONFIG_SCHEMA
     _log = Logger()
 
     def __init__(self, engine, config, reactor, **kept):
@@ -113,7 +128,7 @@ class ConsoleModule(MultiService):
             loopback_only=self.listen.startswith(("tcp:", "tcp6:"))
             and (interface or "0.0.0.0") in LOOPBACK_NAMES)
         self.site = ConsoleSite(self.web.resource, reactor=reactor)
-        self._listener = strports.service(self.listen, self.site, reactor=reactor)
+        self._listener = Listener(self.listen, self.site, reactor, "iii-console")
         self._listener.setServiceParent(self)
         self._sampler = LoopingCall(self._sample)
         self._sampler.clock = reactor
@@ -127,8 +142,9 @@ class ConsoleModule(MultiService):
     def startService(self):
         # The engine's auth: is known now (the service holds the config); before the
         # port opens, so no session is ever open by mistake.
-        self.web.set_access(access_for(self.engine, getattr(self.parent, "config", None),
-                                       self.clock))
+        access = access_for(self.engine, getattr(self.parent, "config", None), self.clock)
+        self.web.set_access(access)
+        self._listener.authenticated = access.auth_required
         MultiService.startService(self)
         self._sampler.start(self.sample_interval, now=True)
 

@@ -15,17 +15,19 @@
 // passed through as is.
 //
 // Ops:
-//   register_function {function_id, description?, http?}: the handler prints
+//   register_function {function_id, description?, http?, fail?}: the handler prints
 //       {"event": "invoked", function_id, data} and returns
 //       {"handled_by": <worker-name>, "sdk": <version>, "data": data}; if data.call is
 //       {function_id, payload}, it first calls that function and adds its result as
 //       "nested" (a call made from inside a handler). With http, it returns that
 //       as an HTTP response instead: {"status_code": 201, "body": ...}.
 //   unregister_function {function_id}
-//   call {function_id, payload, void?} -> {result}
+//   call {function_id, payload, void?, metadata?} -> {result}; the handler's event
+//       carries the invocation metadata it was given (0.22: 2nd argument), or null
 //   register_trigger {type, function_id, config, metadata?} -> {}
 //   unregister_trigger {trigger_id}: the index the register_trigger reply gave
-//   register_trigger_type {type_id, description}: a provider that prints
+//   register_trigger_type {type_id, description, refuse?}: a provider (refusing
+//       every trigger with the message refuse, when given) that prints
 //       {"event": "trigger_registered", id, function_id, config, metadata} and
 //       "trigger_unregistered"
 //   fire {type_id, payload} -> {results}: call the function of every trigger
@@ -78,7 +80,7 @@ const createChannel = typeof iii.createChannel === 'function'
 
 // What the list* helpers of 0.9/0.11 do: call the engine function, unwrap its list.
 async function engineList(method, functionId, key, payload = {}) {
-  if (typeof iii[method] === 'function') return iii[method](...Object.values(payload))
+  if (method && typeof iii[method] === 'function') return iii[method](...Object.values(payload))
   return (await iii.trigger({ function_id: functionId, payload }))[key]
 }
 
@@ -86,8 +88,10 @@ const triggers = []
 const providedTriggers = new Map() // trigger id -> {type_id, function_id, config}
 const functionRefs = new Map()
 
-async function handler(functionId, data, http) {
-  emit({ event: 'invoked', function_id: functionId, data })
+async function handler(functionId, data, http, metadata, fail) {
+  // 0.22 passes the invocation metadata as the handler's 2nd argument.
+  emit({ event: 'invoked', function_id: functionId, data, metadata: metadata ?? null })
+  if (fail) throw new Error('always fails')
   const result = { handled_by: workerName, sdk: sdkVersion, data }
   if (data && typeof data === 'object' && data.call) {
     result.nested = await iii.trigger({
@@ -98,16 +102,16 @@ async function handler(functionId, data, http) {
   return http ? { status_code: 201, body: result } : result
 }
 
-function registerFunction(functionId, description, http) {
-  const fn = (data) => handler(functionId, data, http)
+function registerFunction(functionId, description, http, fail) {
+  const fn = (data, metadata) => handler(functionId, data, http, metadata, fail)
   return modern
     ? iii.registerFunction(functionId, fn, { description })
     : iii.registerFunction({ id: functionId, description }, fn)
 }
 
 const ops = {
-  async register_function({ function_id, description, http }) {
-    functionRefs.set(function_id, registerFunction(function_id, description, http))
+  async register_function({ function_id, description, http, fail }) {
+    functionRefs.set(function_id, registerFunction(function_id, description, http, fail))
     return {}
   },
   async unregister_function({ function_id }) {
@@ -115,8 +119,10 @@ const ops = {
     functionRefs.delete(function_id)
     return {}
   },
-  async call({ function_id, payload, void: isVoid }) {
+  async call({ function_id, payload, void: isVoid, metadata, enqueue }) {
     const request = { function_id, payload }
+    if (enqueue) request.action = sdk.TriggerAction.Enqueue({ queue: enqueue })
+    if (metadata !== undefined) request.metadata = metadata
     if (isVoid) request.action = sdk.TriggerAction.Void()
     return { result: (await iii.trigger(request)) ?? null }
   },
@@ -130,9 +136,10 @@ const ops = {
     triggers[trigger_id].unregister()
     return {}
   },
-  async register_trigger_type({ type_id, description }) {
+  async register_trigger_type({ type_id, description, refuse }) {
     iii.registerTriggerType({ id: type_id, description }, {
       async registerTrigger({ id, function_id, config, metadata }) {
+        if (refuse) throw new Error(refuse)
         providedTriggers.set(id, { type_id, function_id, config })
         emit({ event: 'trigger_registered', type_id, id, function_id, config, metadata: metadata ?? null })
       },
@@ -161,6 +168,13 @@ const ops = {
     return { result: await engineList('listWorkers', 'engine::workers::list', 'workers') }
   },
   async list_triggers({ include_internal }) {
+    // 0.22 (reference 0.13+ names): instances are engine::registered-triggers::list.
+    if (typeof iii.listTriggers !== 'function') {
+      return {
+        result: await engineList(null, 'engine::registered-triggers::list',
+          'registered_triggers', { include_internal: include_internal ?? false }),
+      }
+    }
     return {
       result: await engineList('listTriggers', 'engine::triggers::list', 'triggers',
         { include_internal: include_internal ?? false }),
@@ -169,6 +183,13 @@ const ops = {
   async list_trigger_types({ include_internal }) {
     if (sdkVersion.startsWith('0.9.')) {
       throw new Error(`iii-sdk ${sdkVersion} has no listTriggerTypes`)
+    }
+    // 0.22 (reference 0.13+ names): trigger types are engine::triggers::list.
+    if (typeof iii.listTriggerTypes !== 'function') {
+      return {
+        result: await engineList(null, 'engine::triggers::list', 'triggers',
+          { include_internal: include_internal ?? false }),
+      }
     }
     return {
       result: await engineList('listTriggerTypes', 'engine::trigger-types::list',

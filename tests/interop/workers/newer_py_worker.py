@@ -37,16 +37,28 @@ def main(url, name):
     handler.setFormatter(logging.Formatter("[telemetry] %(message)s"))
     telemetry_log.addHandler(handler)
     telemetry_log.setLevel(logging.DEBUG)
+    # The SDK's own errors (e.g. a trigger registration the engine reports failed).
+    sdk_log = logging.getLogger("iii.iii")
+    sdk_handler = logging.StreamHandler(sys.stdout)
+    sdk_handler.setFormatter(logging.Formatter("[iii-error] %(message)s"))
+    sdk_handler.setLevel(logging.ERROR)
+    sdk_log.addHandler(sdk_handler)
     worker = register_worker(url, InitOptions(worker_name=name))
     triggers = []
     provided = {}  # trigger id -> {type_id, function_id, config}
     function_refs = {}
 
-    def make_handler(function_id, http=False):
-        def handler(data):
+    def make_handler(function_id, http=False, fail=False):
+        # A handler that declares ``metadata`` is given the invocation metadata.
+        def handler(data, metadata=None):
+            if fail:  # a handler that always fails (queue retries)
+                emit({"event": "invoked", "function_id": function_id, "data": data,
+                      "metadata": metadata})
+                raise RuntimeError("always fails")
             if http:  # the request's body and response channels are not JSON
                 data = {k: data.get(k) for k in ("method", "path_params", "body")}
-            emit({"event": "invoked", "function_id": function_id, "data": data})
+            emit({"event": "invoked", "function_id": function_id, "data": data,
+                  "metadata": metadata})
             result = {"handled_by": name, "sdk": SDK_VERSION, "data": data}
             if isinstance(data, dict) and data.get("call"):
                 result["nested"] = worker.trigger({
@@ -57,10 +69,13 @@ def main(url, name):
         return handler
 
     class Provider(TriggerHandler):
-        def __init__(self, type_id):
+        def __init__(self, type_id, refuse=None):
             self.type_id = type_id
+            self.refuse = refuse
 
         async def register_trigger(self, config):
+            if self.refuse:
+                raise ValueError(self.refuse)
             provided[config.id] = {"type_id": self.type_id,
                                    "function_id": config.function_id,
                                    "config": config.config}
@@ -80,19 +95,36 @@ def main(url, name):
     ops = {
         "register_function": lambda c: function_refs.__setitem__(
             c["function_id"], worker.register_function(
-                c["function_id"], make_handler(c["function_id"], c.get("http", False)),
+                c["function_id"], make_handler(c["function_id"], c.get("http", False),
+                                               c.get("fail", False)),
                 description=c.get("description"))) or {},
+        # A function answering {"size", "echo"} for data {"blob": str}, silently (the
+        # blob may be tens of MiB), and a call sending such a blob: frame sizes.
+        "register_big_echo": lambda c: function_refs.__setitem__(
+            c["function_id"], worker.register_function(
+                c["function_id"], lambda data: {"size": len(data["blob"]),
+                                                "echo": data["blob"]})) or {},
+        "call_big": lambda c: (lambda r: {"size": r["size"], "echo_size": len(r["echo"]),
+                                          "intact": r["echo"] == "x" * c["size"]})(
+            worker.trigger({"function_id": c["function_id"],
+                            "payload": {"blob": "x" * c["size"]},
+                            "timeout_ms": 60000})),
         "unregister_function": lambda c: function_refs.pop(c["function_id"]).unregister() or {},
         "call": lambda c: {"result": worker.trigger(dict(
             {"function_id": c["function_id"], "payload": c.get("payload")},
-            **({"action": {"type": "void"}} if c.get("void") else {})))},
-        "register_trigger": lambda c: triggers.append(worker.register_trigger({
+            **({"action": {"type": "void"}} if c.get("void") else {}),
+            **({"action": {"type": "enqueue", "queue": c["enqueue"]}}
+               if c.get("enqueue") else {}),
+            **({"metadata": c["metadata"]} if "metadata" in c else {})))},
+        "register_trigger": lambda c: triggers.append(worker.register_trigger(dict({
             "type": c["type"], "function_id": c["function_id"],
-            "config": c.get("config")})) or {"trigger_id": len(triggers) - 1},
+            "config": c.get("config")},
+            **({"metadata": c["metadata"]} if "metadata" in c else {})))) or {
+                "trigger_id": len(triggers) - 1},
         "unregister_trigger": lambda c: triggers[c["trigger_id"]].unregister() or {},
         "register_trigger_type": lambda c: worker.register_trigger_type(
             {"id": c["type_id"], "description": c["description"]},
-            Provider(c["type_id"])) and {},
+            Provider(c["type_id"], c.get("refuse"))) and {},
         "fire": lambda c: {"results": [
             {"trigger_id": trigger_id,
              "result": worker.trigger({"function_id": t["function_id"],

@@ -1,0 +1,80 @@
+"""
+Python iii-sdk 0.10.0 accepts frames up to 1 MiB (its websockets library's default),
+while the engine accepts 16 MiB. Reported: a 1 MiB + 100 byte call, HTTP body or
+state::set echo killed that worker's connection and every call on it, and the log said
+only "disconnected". Now the one call fails with message_too_large and the worker
+carries on.
+"""
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from engine_process import wait_until
+from test_state_sdk import call
+
+CONFIG = """
+port: {port}
+host: 127.0.0.1
+invocation_timeout_ms: 20000
+modules:
+  - class: modules::state::StateModule
+    config:
+      adapter:
+        class: modules::state::adapters::KvStore
+        config:
+          store_method: in_memory
+  - class: modules::api::RestApiModule
+    config:
+      host: 127.0.0.1
+      port: {http}
+      default_timeout: 10000
+"""
+
+BIG = "x" * (1024 * 1024 + 100)
+
+
+def _error_of(worker, function_id, payload):
+    with pytest.raises(Exception) as e:
+        call(worker, function_id, payload)
+    return str(e.value)
+
+
+def test_oversized_echo_call_and_http_body_fail_one_call_only(start_engine, sdk_worker):
+    engine = start_engine(CONFIG, http=True)
+    worker = sdk_worker(engine.url, "small-frames")
+    worker.register_function({"id": "py::echo"}, lambda data: {"len": len(json.dumps(data))})
+    worker.register_trigger({"type": "http", "function_id": "py::echo",
+                             "config": {"api_path": "echo", "http_method": "POST"}})
+    other = sdk_worker(engine.url, "caller")
+    wait_until(lambda: "py::echo" in [f.function_id for f in other.list_functions()],
+               what="py::echo")
+
+    # The state::set echo (old_value/new_value) is larger than the worker accepts.
+    error = _error_of(worker, "state::set", {"scope": "s", "key": "k", "value": BIG})
+    assert "message_too_large" in error
+    assert "the result of state::set was not delivered (the call itself completed)" in error
+    assert call(worker, "state::get", {"scope": "s", "key": "small"}) is None  # alive
+
+    # A call carrying more than the worker accepts.
+    error = _error_of(other, "py::echo", {"blob": BIG})
+    assert "message_too_large" in error and "call of py::echo not forwarded" in error
+    assert "len" in call(other, "py::echo", {"blob": "ok"})  # the same worker, still there
+
+    # An HTTP body the function's worker could not receive: 413, worker still fine.
+    request = urllib.request.Request(
+        "http://127.0.0.1:{}/echo".format(engine.ports["http"]),
+        data=json.dumps({"blob": BIG}).encode(), method="POST",
+        headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=20)
+    assert e.value.code == 413
+    assert "accepts WebSocket frames up to 1048576 bytes" in json.loads(e.value.read())["error"]
+    assert "len" in call(other, "py::echo", {"blob": "still here"})
+
+    log = engine.log()
+    assert 'worker "small-frames" (python 0.10.0' in log
+    assert "over the 1048576 bytes it accepts" in log
+    assert "disconnected" not in log  # nobody was killed

@@ -1,0 +1,108 @@
+"""
+What an operator sees in the log of a real engine process, run as Docker and systemd
+run it: ``twist iii`` with its output not a terminal. Reported: raw JSON events,
+``Starting factory <... at 0x...>`` lines, worker lines with a UUID and no name,
+every Prometheus scrape logged, no log level setting.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import urllib.request
+
+from engine_process import EngineProcess, TWISTD, wait_for_port, wait_until
+
+TWIST = os.path.join(os.path.dirname(TWISTD), "twist")
+
+CONFIG = """
+port: {port}
+host: 127.0.0.1
+log_level: {level}
+modules:
+  - class: modules::rest_api::RestApiModule
+    config:
+      host: 127.0.0.1
+      port: {http}
+      access_log: true
+  - class: modules::observability::ObservabilityModule
+    config:
+      exporter: memory
+      prometheus: {{port: {prom}, host: 127.0.0.1}}
+"""
+
+
+class TwistEngine(EngineProcess):
+    """The engine under ``twist`` (not twistd), stdout to a file as under systemd."""
+
+    def start(self, timeout=20.0):
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [TWIST, "iii", "--config", self.config_path], cwd=self.workdir, env=self.env,
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        for port in [self.port] + list(self.ports.values()):
+            wait_for_port(port, timeout, self.process)
+        return self
+
+
+def _run(tmp_path, level, sdk_worker):
+    template = CONFIG.replace("{level}", level)
+    engine = TwistEngine(template, tmp_path, http=True, prom=True)
+    engine.start()
+    try:
+        worker = sdk_worker(engine.url, "billing")
+        worker.register_function({"id": "billing::hi"},
+                                 lambda data: {"status_code": 200, "body": {"hi": 1}})
+        worker.register_trigger({"type": "http", "function_id": "billing::hi",
+                                 "config": {"api_path": "hi", "http_method": "GET"}})
+        base = "http://127.0.0.1:{}".format(engine.ports["http"])
+
+        def route_up():
+            try:
+                with urllib.request.urlopen(base + "/hi", timeout=5) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+        wait_until(route_up, what="the /hi route")
+        for _ in range(3):
+            with urllib.request.urlopen("http://127.0.0.1:{}/metrics".format(
+                    engine.ports["prom"]), timeout=5) as r:
+                assert b"iii_" in r.read()
+        if level == "info":
+            wait_until(lambda: 'worker "billing"' in engine.log(), what="the name line")
+        worker.shutdown()
+        if level == "info":
+            wait_until(lambda: "disconnected" in engine.log(), what="the disconnect line")
+    finally:
+        engine.stop()
+    return engine.log()
+
+
+def test_twist_logs_text_with_names_and_no_noise(tmp_path, sdk_worker):
+    log = _run(tmp_path, "info", sdk_worker)
+    lines = [line for line in log.splitlines() if line.strip()]
+    assert lines
+    # Text, not JSON events.
+    for line in lines:
+        try:
+            json.loads(line)
+        except ValueError:
+            continue
+        raise AssertionError("a JSON event in the log: " + line)
+    assert "Starting factory" not in log and "Stopping factory" not in log
+    assert " at 0x" not in log
+    # The worker by name, runtime and address; its disconnect with the close code.
+    assert 'worker "billing" (python 0.10.0, pid ' in log
+    assert "127.0.0.1, id " in log
+    assert "disconnected: code 1000 (normal closure)" in log
+    # The access log (switched on here) has the request; no scrape is logged.
+    assert '"GET /hi HTTP/1.1" 200' in log
+    assert "/metrics" not in log
+
+
+def test_log_level_warn_keeps_only_warnings(tmp_path, sdk_worker):
+    log = _run(tmp_path, "warn", sdk_worker)
+    assert "billing" not in log and "GET /hi" not in log
+    for line in log.splitlines():
+        if line.strip():
+            assert any(tag in line for tag in ("#warn]", "#error]", "#critical]")), line
