@@ -27,6 +27,7 @@ from zope.interface import implementer
 from . import protocol as P
 from .interfaces import IFunctionHost, ITriggerProvider, TriggerError
 from .invocations import InvocationTracker
+from .namespaces import Namespaces, plain
 from .oplog import describe_agent, describe_close, describe_worker
 from .peer_limits import NotSent
 from .protocol import InvocationError
@@ -101,7 +102,7 @@ class FunctionEntry:
     def info(self):
         """@return: the FunctionInfo dict of engine::functions::list."""
         return {
-            "function_id": self.function_id,
+            "function_id": plain(self.function_id),
             "description": self.description,
             "request_format": self.request_format,
             "response_format": self.response_format,
@@ -216,7 +217,9 @@ class CallableHost:
         return Failure(InvocationError(
             P.INVOCATION_FAILED,
             failure.getErrorMessage(),
-            "".join(traceback.format_exception(failure.value)),
+            # The three-argument form: Python 3.9 (PyPy) has no one-argument one.
+            "".join(traceback.format_exception(
+                type(failure.value), failure.value, failure.value.__traceback__)),
         ))
 
 
@@ -238,7 +241,7 @@ class WorkerHost:
         message = {
             "type": P.INVOKE_FUNCTION,
             "invocation_id": invocation_id,
-            "function_id": function_id,
+            "function_id": plain(function_id),  # a namespaced function's own id
             "data": data,
         }
         if traceparent is not None:
@@ -351,6 +354,10 @@ class Engine:
         # The peer_limits.PeerFrameLimits the worker port uses; engine::workers::register
         # tells it each worker's runtime.
         self.frame_limits = None
+        # The health.Health the engine service keeps (liveness/readiness endpoints).
+        self.health = None
+        # Calls of ids no one provides (they never reach a call observer).
+        self.unknown_calls = 0
         self._observers = []
         self._detach_hooks = []
         self._functions_available_delay = functions_available_delay
@@ -359,6 +366,7 @@ class Engine:
         # The latest triggers a provider refused, with why (engine::triggers::list
         # with include_refused; the console's triggers page).
         self.refused_triggers = deque(maxlen=100)
+        self.namespaces = Namespaces(self)
         self._handlers = {
             P.INVOKE_FUNCTION: self._handle_invokefunction,
             P.INVOCATION_RESULT: self._handle_invocationresult,
@@ -432,6 +440,7 @@ class Engine:
             self.unregister_function(function_id, owner=worker)
         failed_calls = self.tracker.count_for(worker)
         self.tracker.detach(worker)
+        self.namespaces.detach(worker)
         for trigger_id in list(worker.triggers):
             self.unregister_trigger(trigger_id, owner=worker)
         for type_id in list(worker.trigger_types):
@@ -576,6 +585,7 @@ class Engine:
     def _invoke(self, function_id, data, caller, traceparent, baggage, metadata=None):
         entry = self.functions.get(function_id)
         if entry is None:
+            self.unknown_calls += 1  # iii_invocations_not_found_total
             return fail(self._not_found(function_id))
         invocation_id = next(self._invocation_ids)
         finish = None
@@ -602,7 +612,7 @@ class Engine:
         refusal = self.http_functions.refusal(function_id) \
             if self.http_functions is not None else None
         if refusal is None:
-            return P.function_not_found(function_id)
+            return self.namespaces.not_found(function_id)
         return InvocationError(P.FUNCTION_NOT_FOUND, "Function {} not found ({})".format(
             function_id, refusal))
 
@@ -876,6 +886,12 @@ class Engine:
         function_id = message["function_id"]
         data = message["data"]
         kind = None if action is None else action.get("type")
+        try:
+            function_id = self.namespaces.call_key(function_id, message["namespace"])
+        except InvocationError as e:
+            if invocation_id is not None and kind != "void":
+                self._answer_error(Failure(e), worker, invocation_id, message["function_id"])
+            return
         if kind is None or kind == "void":
             if isinstance(data, dict):
                 # How engine::workers::register (and any handler) knows its caller.
@@ -888,8 +904,8 @@ class Engine:
             d.addErrback(self._log_void_failure, function_id)
         else:
             d.addCallbacks(_answer, self._answer_error,
-                           callbackArgs=(worker, invocation_id, function_id),
-                           errbackArgs=(worker, invocation_id, function_id))
+                           callbackArgs=(worker, invocation_id, message["function_id"]),
+                           errbackArgs=(worker, invocation_id, message["function_id"]))
 
     def _answer_error(self, failure, worker, invocation_id, function_id):
         if failure.check(InvocationError):
@@ -925,13 +941,20 @@ class Engine:
                 return
             self.http_functions.register_from_worker(worker, message)
             return
+        registry_key = self.namespaces.function_key(worker, message)
+        if registry_key is not None:
+            self.add_worker_function(worker, message, registry_key)
+
+    def add_worker_function(self, worker, message, registry_key):
+        """Register a worker's ``registerfunction`` under C{registry_key} (L{namespaces})."""
         self.add_function(FunctionEntry(
-            function_id, worker.host, worker, message["description"],
+            registry_key, worker.host, worker, message["description"],
             message["request_format"], message["response_format"], message["metadata"],
         ))
 
     def _handle_unregisterfunction(self, worker, message):
-        self.unregister_function(message["id"], owner=worker)
+        self.unregister_function(self.namespaces.unregister_key(worker, message["id"]),
+                                 owner=worker)
 
     def _handle_registertriggertype(self, worker, message):
         self.register_trigger_type(
@@ -943,9 +966,17 @@ class Engine:
         self.unregister_trigger_type(message["id"], owner=worker)
 
     def _handle_registertrigger(self, worker, message):
+        try:
+            function_key = self.namespaces.trigger_function_key(message)
+        except InvocationError as e:
+            worker.connection.send({
+                "type": P.TRIGGER_REGISTRATION_RESULT, "id": message["id"],
+                "trigger_type": message["trigger_type"],
+                "function_id": message["function_id"], "error": e.to_body()})
+            return
         # A refusal has been logged and answered by _refused; nothing more to do.
         self.register_trigger(
-            message["id"], message["trigger_type"], message["function_id"],
+            message["id"], message["trigger_type"], function_key,
             message["config"], worker, message["metadata"],
         ).addErrback(lambda f: f.trap(TriggerError) and None)
 

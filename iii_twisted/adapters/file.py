@@ -308,6 +308,16 @@ class FileKvStore(KvStoreBase):
 
     # -- closing ---------------------------------------------------------------------
 
+    def health(self):
+        """None when writes can succeed; else why not (broken log, lost directory)."""
+        if self._closed:
+            return "closed"
+        if self._broken is not None:
+            return "writes failed, refusing writes until restarted: {}".format(self._broken)
+        if not os.path.isdir(self.directory) or not os.access(self.directory, os.W_OK):
+            return "directory {} is gone or not writable".format(self.directory)
+        return None
+
     def close(self):
         """
         Finish the pending writes, then close the log and release the lock.

@@ -38,6 +38,13 @@ class KvStoreBase:
         self._groups = {}
         self._closed = False
 
+    def health(self):
+        """
+        For readiness (iii_twisted.health): None when the store is usable, else why
+        not.
+        """
+        return "closed" if self._closed else None
+
     # -- what subclasses provide -----------------------------------------------------
 
     def _persist(self, record_bytes):

@@ -228,9 +228,20 @@ class JournalQueueStore:
         self._log.info("queue journal {path} compacted to {live} records",
                        path=self.path, live=live)
 
+    def health(self):
+        """None when the journal can be written; else why not (iii_twisted.health)."""
+        if self._last_error is not None:
+            return "last journal write failed: {}".format(self._last_error)
+        if not os.path.isdir(self.directory) or not os.access(self.directory, os.W_OK):
+            return "directory {} is gone or not writable".format(self.directory)
+        return None
+
+    _last_error = None
+
     def _batch_done(self, result, batch):
         self._flushing = False
         failed = isinstance(result, Failure)
+        self._last_error = result.getErrorMessage() if failed else None
         if failed:
             self._log.error("queue journal {path}: write failed: {error}", path=self.path,
                             error=result.getErrorMessage())

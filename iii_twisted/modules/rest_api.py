@@ -51,6 +51,7 @@ from ..interfaces import (
     IChannelReaderEnd, IChannelWriterEnd, IModule, ITriggerProvider, TriggerError,
 )
 from ..protocol import MESSAGE_TOO_LARGE, InvocationError, encode
+from ..health import render as health_render
 from .http_response import response_of, status_of as _status_of
 
 HTTP_TRIGGER = "http"
@@ -58,6 +59,8 @@ METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
 CONFIG_KEYS = ("port", "host", "default_timeout", "cors", "concurrency_request_limit",
                "body_limit", "listen", "access_log")
 CORS_KEYS = ("allowed_origins", "allowed_methods")
+# Liveness and readiness on this port (iii_twisted.health): /_iii/health/live|ready.
+HEALTH_PREFIX = "/_iii/health/"
 DEFAULT_BODY_LIMIT = 64 * 1024 * 1024
 
 # Every key of the module's config (iii_twisted/schema.py says how to add one).
@@ -272,6 +275,11 @@ class LimitedRequest(Request):
 
     def _reject(self):
         self._rejected = True
+        site = getattr(self.channel, "site", None)
+        if site is not None and hasattr(site, "status_counts"):
+            method = self.method if isinstance(self.method, bytes) else b"-"
+            key = (method.decode("latin-1", "replace")[:16], 413)
+            site.status_counts[key] = site.status_counts.get(key, 0) + 1
         self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" after this
         body = b'{"error":"Request body too large"}'
         transport = self.channel.transport
@@ -300,12 +308,18 @@ class ApiSite(Site):
                       parsePOSTFormSubmission=False)
         self.body_limit = body_limit
         self.access_log = access_log
+        # (method, status) -> responses, for iii_http_responses_total.
+        self.status_counts = {}
 
     def log(self, request):
         """
         The access log (``access_log: true``; off by default): one line per request,
         ``<client> "<METHOD> <path> HTTP/x" <status> <bytes>B <ms>ms "<user agent>"``.
         """
+        key = (request.method.decode("latin-1", "replace")[:16], request.code)
+        counts = self.status_counts
+        if key in counts or len(counts) < 1000:  # bounded: methods x statuses
+            counts[key] = counts.get(key, 0) + 1
         if not self.access_log:
             return
         address = request.getClientAddress()
@@ -380,6 +394,12 @@ class RestApiModule(MultiService):
         self.resource = self.app.resource()
         self.site = ApiSite(self.resource, reactor, body_limit,
                             access_log=get_option(config, "access_log", bool, False))
+        # The observability module reads REST status counts here (one table for the
+        # engine; a second REST module adds to it).
+        if getattr(engine, "http_responses", None) is None:
+            engine.http_responses = self.site.status_counts
+        else:
+            self.site.status_counts = engine.http_responses
         engine.register_trigger_type(
             HTTP_TRIGGER, self,
             "Calls the function for HTTP requests on api_path/http_method")
@@ -410,6 +430,10 @@ class RestApiModule(MultiService):
                 return self._preflight(request, origin)
             self._cors_headers(request, origin)
         path = request.path.decode("utf-8", "replace")
+        if path.startswith(HEALTH_PREFIX) and method in ("GET", "HEAD"):
+            which = path[len(HEALTH_PREFIX):]
+            if which in ("live", "ready"):
+                return health_render(request, self.engine.health, which)
         route, extra = self.routes.lookup(method, path)
         if route is None:
             if extra:

@@ -12,13 +12,22 @@ The engine's own metrics, and their Prometheus text exposition.
 - telemetry ingestion: frames and records by kind, frames dropped as invalid.
 """
 
+import os
+import platform
+import time
 from bisect import bisect_left
 from collections import OrderedDict, deque
 
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
+from .. import __version__
+
 # Latency buckets in seconds (upper bounds; +Inf is implicit).
+# Distinct error codes kept per function: codes are a worker's own strings, and a label
+# per value must stay bounded.
+MAX_CODES = 16
+
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
            5.0, 10.0, 30.0, 60.0)
 
@@ -28,11 +37,12 @@ _log = Logger()
 class FunctionStats:
     """Counters and a latency histogram of one function."""
 
-    __slots__ = ("calls", "errors", "total_seconds", "min", "max", "buckets")
+    __slots__ = ("calls", "errors", "total_seconds", "min", "max", "buckets", "codes")
 
     def __init__(self):
         self.calls = 0
         self.errors = 0
+        self.codes = {}  # error code -> count (at most MAX_CODES, then "other")
         self.total_seconds = 0.0
         self.min = None
         self.max = 0.0
@@ -98,6 +108,7 @@ class EngineMetrics:
         self.telemetry_records = {"OTLP": 0, "LOGS": 0, "MTRC": 0}
         self.telemetry_invalid = {"OTLP": 0, "LOGS": 0, "MTRC": 0}
         self.telemetry_skipped = {"OTLP": 0, "LOGS": 0, "MTRC": 0}
+        self.in_flight = 0  # calls started and not finished (CallTracer counts them)
 
     def record(self, function_id, seconds, error):
         """Count one finished call (the hot path: kept small)."""
@@ -112,9 +123,17 @@ class EngineMetrics:
             functions.move_to_end(function_id)
         stats.calls += 1
         self.total += 1
+        self.in_flight -= 1
         if error is not None:
             stats.errors += 1
             self.errors += 1
+            code = getattr(error, "code", None)
+            codes = stats.codes
+            if not isinstance(code, str):
+                code = "unknown"
+            if code not in codes and len(codes) >= MAX_CODES:
+                code = "other"
+            codes[code] = codes.get(code, 0) + 1
         stats.total_seconds += seconds
         if stats.min is None or seconds < stats.min:
             stats.min = seconds
@@ -152,6 +171,19 @@ class EngineMetrics:
             return {}
         return {str(name): value for name, value in result.items()
                 if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+    def dlq_depths(self):
+        """@return: ``{queue: dead-lettered messages}`` from the enqueuer's hook, or {}."""
+        hook = getattr(self._engine.enqueuer, "dlq_depths", None)
+        if hook is None:
+            return {}
+        try:
+            result = hook()
+        except Exception:
+            _log.failure("enqueuer.dlq_depths() failed")
+            return {}
+        return {str(k): v for k, v in result.items() if isinstance(v, int)} \
+            if isinstance(result, dict) else {}
 
     def performance(self):
         """@return: the ``performance`` part of engine::metrics::list (milliseconds)."""
@@ -266,6 +298,19 @@ def prometheus_text(metrics, namespace="iii"):
             n, label, repr(stats.total_seconds)))
         lines.append('{}_invocation_duration_seconds_count{{function_id="{}"}} {}'.format(
             n, label, stats.calls))
+    head("invocation_errors_total", "counter",
+         "Failed calls by function and error code (16 codes per function, then other).")
+    for fid, stats in metrics.functions.items():
+        label = _escape(fid)
+        for code, count in sorted(stats.codes.items()):
+            lines.append('{}_invocation_errors_total{{function_id="{}",code="{}"}} {}'.format(
+                n, label, _escape(code), count))
+    head("invocations_not_found_total", "counter",
+         "Calls of function ids no one provides (function_not_found).")
+    lines.append("{}_invocations_not_found_total {}".format(
+        n, getattr(metrics._engine, "unknown_calls", 0)))
+    head("invocations_in_flight", "gauge", "Calls started and not yet finished.")
+    lines.append("{}_invocations_in_flight {}".format(n, metrics.in_flight))
     head("workers_active", "gauge", "Connected workers.")
     lines.append("{}_workers_active {}".format(n, metrics.active_workers))
     head("worker_spawns_total", "counter", "Workers that connected.")
@@ -276,6 +321,15 @@ def prometheus_text(metrics, namespace="iii"):
     head("queue_depth", "gauge", "Messages waiting per queue.")
     for queue, depth in sorted(depths.items()):
         lines.append('{}_queue_depth{{queue="{}"}} {}'.format(n, _escape(queue), depth))
+    head("queue_dlq_depth", "gauge", "Messages in each queue's dead-letter queue.")
+    for queue, depth in sorted(metrics.dlq_depths().items()):
+        lines.append('{}_queue_dlq_depth{{queue="{}"}} {}'.format(n, _escape(queue), depth))
+    responses = getattr(metrics._engine, "http_responses", None) or {}
+    head("http_responses_total", "counter", "REST API responses by method and status.")
+    for (method, status), count in sorted(responses.items()):
+        lines.append('{}_http_responses_total{{method="{}",status="{}"}} {}'.format(
+            n, _escape(method), status, count))
+    lines.extend(process_lines(n))
     head("telemetry_frames_total", "counter", "Telemetry frames received from workers.")
     for kind, count in metrics.telemetry_frames.items():
         lines.append('{}_telemetry_frames_total{{kind="{}"}} {}'.format(n, kind, count))
@@ -284,6 +338,72 @@ def prometheus_text(metrics, namespace="iii"):
     for kind, count in metrics.telemetry_invalid.items():
         lines.append('{}_telemetry_invalid_frames_total{{kind="{}"}} {}'.format(n, kind, count))
     return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+_STARTED = time.time()
+
+
+def process_lines(n="iii"):
+    """
+    Build info, uptime, and the process's memory and file descriptors, under the
+    names Prometheus client libraries use (``process_*``); Linux ``/proc`` is read
+    where it exists, else what C{resource} gives.
+    """
+    lines = [
+        "# HELP {}_build_info The engine's version and Python (value 1).".format(n),
+        "# TYPE {}_build_info gauge".format(n),
+        '{}_build_info{{version="{}",python="{}",implementation="{}"}} 1'.format(
+            n, _escape(__version__), _escape(platform.python_version()),
+            _escape(platform.python_implementation())),
+        "# HELP {}_uptime_seconds Seconds since the engine process started.".format(n),
+        "# TYPE {}_uptime_seconds gauge".format(n),
+        "{}_uptime_seconds {}".format(n, repr(round(time.time() - _STARTED, 3))),
+        "# HELP process_start_time_seconds Start time of the process, Unix seconds.",
+        "# TYPE process_start_time_seconds gauge",
+        "process_start_time_seconds {}".format(repr(round(_STARTED, 3))),
+    ]
+    rss = _rss_bytes()
+    if rss is not None:
+        lines += ["# HELP process_resident_memory_bytes Resident memory size in bytes.",
+                  "# TYPE process_resident_memory_bytes gauge",
+                  "process_resident_memory_bytes {}".format(rss)]
+    fds = _open_fds()
+    if fds is not None:
+        lines += ["# HELP process_open_fds Open file descriptors.",
+                  "# TYPE process_open_fds gauge", "process_open_fds {}".format(fds)]
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft != resource.RLIM_INFINITY:
+            lines += ["# HELP process_max_fds Maximum open file descriptors.",
+                      "# TYPE process_max_fds gauge", "process_max_fds {}".format(soft)]
+    except (ImportError, OSError, ValueError):
+        pass
+    return lines
+
+
+def _rss_bytes():
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak, KiB
+    except (ImportError, OSError):
+        return None
+
+
+def _open_fds():
+    for path in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(path))
+        except OSError:
+            continue
+    return None
 
 
 class PrometheusResource(Resource):
@@ -296,5 +416,23 @@ class PrometheusResource(Resource):
         self._metrics = metrics
 
     def render_GET(self, request):
+        # The health endpoints live on this port too (iii_twisted.health).
+        if getattr(request, "path", None) in (b"/health/live", b"/health/ready"):
+            from twisted.web.server import NOT_DONE_YET
+
+            from ..health import render
+
+            answer = render(request, getattr(self._metrics._engine, "health", None),
+                            request.path.rsplit(b"/", 1)[1].decode("ascii"))
+            if isinstance(answer, bytes):
+                return answer
+            answer.addCallback(_finish, request)
+            return NOT_DONE_YET
         request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
         return prometheus_text(self._metrics)
+
+
+def _finish(body, request):
+    if not request.finished and not getattr(request, "_disconnected", False):
+        request.write(body)
+        request.finish()

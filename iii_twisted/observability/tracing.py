@@ -178,6 +178,7 @@ class CallTracer:
         start = self._seconds()
         function_id = call.function_id
         record = self._metrics.record
+        self._metrics.in_flight += 1  # record() counts it down
         span = None
         if self._on_span is not None and (
                 self._trace_internal or not function_id.startswith("engine::")):

@@ -69,6 +69,9 @@ class Scene:
             self._flaky)
         worker.register_trigger({"type": "http", "function_id": "demo::greet",
                                  "config": {"api_path": "greet", "http_method": "POST"}})
+        # Pending: no provider has this type.
+        worker.register_trigger({"type": "nightly-report", "function_id": "demo::greet",
+                                 "config": {"at": "02:00"}})
         # Refused by the REST API module: not a method.
         worker.register_trigger({"type": "http", "function_id": "demo::flaky",
                                  "config": {"api_path": "flaky", "http_method": "FETCH"}})

@@ -167,8 +167,11 @@ def test_discard_asks_first(page, scene):
     expect(row).to_have_count(0)
 
 
-def test_triggers_page_shows_the_refused_trigger_and_why(page, scene):
+def test_triggers_page_shows_pending_and_refused_triggers_and_why(page, scene):
     open_page(page, scene, "triggers")
+    pending = page.get_by_test_id("pending-triggers")
+    expect(pending).to_contain_text("nightly-report")
+    expect(pending).to_contain_text("no provider registered this trigger type")
     refused = page.get_by_test_id("refused-triggers")
     expect(refused).to_contain_text("demo::flaky")
     expect(refused).to_contain_text("http_method must be one of")

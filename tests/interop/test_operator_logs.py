@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import urllib.error
 import urllib.request
 
 from engine_process import EngineProcess, TWISTD, wait_for_port, wait_until
@@ -106,3 +107,62 @@ def test_log_level_warn_keeps_only_warnings(tmp_path, sdk_worker):
     for line in log.splitlines():
         if line.strip():
             assert any(tag in line for tag in ("#warn]", "#error]", "#critical]")), line
+
+
+HEALTH_CONFIG = """
+port: {port}
+host: 127.0.0.1
+modules:
+  - class: modules::rest_api::RestApiModule
+    config: {{host: 127.0.0.1, port: {http}}}
+  - class: modules::state::StateModule
+    config:
+      adapter:
+        class: modules::state::adapters::KvStore
+        config: {{store_method: file_based, file_path: ./data/state}}
+  - class: modules::observability::ObservabilityModule
+    config:
+      exporter: memory
+      prometheus: {{port: {prom}, host: 127.0.0.1}}
+"""
+
+
+def _get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_health_endpoints_and_metrics_of_a_real_engine(start_engine, sdk_worker):
+    import shutil
+
+    engine = start_engine(HEALTH_CONFIG, http=True, prom=True)
+    rest = "http://127.0.0.1:{}/_iii/health/".format(engine.ports["http"])
+    prom = "http://127.0.0.1:{}/health/".format(engine.ports["prom"])
+    for base in (rest, prom):
+        status, body = _get(base + "live")
+        assert status == 200 and json.loads(body)["status"] == "alive"
+        status, body = _get(base + "ready")
+        assert status == 200 and json.loads(body)["status"] == "ready", body
+    worker = sdk_worker(engine.url, "metrics")
+    try:
+        worker.trigger({"function_id": "no::such", "payload": {}})
+    except Exception:
+        pass
+    _get("http://127.0.0.1:{}/nothing".format(engine.ports["http"]))
+    status, text = _get("http://127.0.0.1:{}/metrics".format(engine.ports["prom"]))
+    text = text.decode()
+    assert "iii_invocations_not_found_total 1" in text
+    assert 'iii_http_responses_total{method="GET",status="404"} 1' in text
+    assert "iii_build_info{" in text and "process_resident_memory_bytes" in text
+    assert "process_open_fds" in text
+    # The store's directory disappears: not ready, on both ports.
+    shutil.rmtree(os.path.join(engine.workdir, "data", "state"))
+    for base in (rest, prom):
+        status, body = _get(base + "ready")
+        assert status == 503
+        assert json.loads(body)["status"] == "unready"
+    status, _ = _get(rest + "live")
+    assert status == 200

@@ -178,7 +178,16 @@ function triggers(root) {
     // Refused by a module (gone from the registry) or failed by a worker provider.
     const refused = (d.triggers.refused || []).concat(
       d.triggers.triggers.filter((t) => t.status === "failed"));
+    const pending = d.triggers.triggers.filter((t) => t.status === "pending");
     return [
+      h("h2", null, "Pending"),
+      table([
+        ["Trigger", (t) => h("code", null, t.id)],
+        ["Type", (t) => h("code", null, t.trigger_type)],
+        ["Function", (t) => h("code", null, t.function_id)],
+        ["Why", (t) => h("span.muted", null, described[t.trigger_type] === undefined
+          ? "no provider registered this trigger type (yet)" : "waiting for its provider")],
+      ], pending, { empty: "no trigger waiting", attrs: { "data-testid": "pending-triggers" } }),
       h("h2", null, "Refused"),
       table([
         ["When", (t) => time(t.refused_at_ms)],

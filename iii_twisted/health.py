@@ -1,0 +1,117 @@
+"""
+Liveness and readiness, for load balancers, Docker ``HEALTHCHECK`` and Kubernetes
+probes. Served on the REST API port (``/_iii/health/live``, ``/_iii/health/ready``) and
+on the Prometheus port (``/health/live``, ``/health/ready``); the reference has no such
+endpoints.
+
+- **live**: 200 ``{"status": "alive", "uptime_seconds": N}`` whenever the reactor
+  answers at all.
+- **ready**: 200 ``{"status": "ready", "checks": {...}}`` when the engine has started
+  (every module and listener up), is not shutting down, and every store answers; else
+  503 ``{"status": "starting"|"draining"|"stopped"|"unready", "checks": {...}}``.
+  ``checks`` maps each module with a store (``state``, ``stream``, ``queue`` ...) to
+  ``"ok"`` or what is wrong.
+
+A store takes part by having a ``health()`` method returning (or firing a Deferred
+with) None when it is usable, else a short reason; a store without one counts as ok.
+A module can also have ``health()`` itself. A check that takes longer than
+L{CHECK_TIMEOUT} seconds, or raises, counts as unready.
+"""
+
+import json
+import time
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+
+CHECK_TIMEOUT = 2.0
+
+STARTING = "starting"
+RUNNING = "running"
+DRAINING = "draining"
+STOPPED = "stopped"
+
+
+class Health:
+    """
+    The engine's health state.
+
+    @ivar state: L{STARTING}, L{RUNNING}, L{DRAINING} or L{STOPPED} (set by the
+        engine service).
+    """
+
+    _log = Logger()
+
+    def __init__(self, clock, modules=lambda: []):
+        """
+        @param modules: returns the modules to check (the service's current list).
+        """
+        self.clock = clock
+        self.state = STARTING
+        self.started_at = time.time()
+        self._modules = modules
+
+    def live(self):
+        """@return: the liveness answer (always alive)."""
+        return {"status": "alive", "uptime_seconds": round(time.time() - self.started_at, 3)}
+
+    async def ready(self):
+        """@return: C{(ready: bool, answer: dict)}."""
+        checks = {}
+        for module in self._modules():
+            for name, check in _checks_of(module):
+                checks[name] = await self._run(check)
+        healthy = all(v == "ok" for v in checks.values())
+        if self.state != RUNNING:
+            status = self.state
+        else:
+            status = "ready" if healthy else "unready"
+        return status == "ready", {"status": status, "checks": checks}
+
+    async def _run(self, check):
+        try:
+            d = maybeDeferred(check)
+            d.addTimeout(CHECK_TIMEOUT, self.clock)
+            reason = await d
+        except Exception as e:
+            return "check failed: {}".format(str(e) or type(e).__name__)
+        return "ok" if reason is None else str(reason)
+
+
+def _checks_of(module):
+    name = getattr(module, "health_name", None) or _module_name(module)
+    own = getattr(module, "health", None)
+    if callable(own):
+        yield name, own
+    store = getattr(module, "store", None)
+    check = getattr(store, "health", None)
+    if callable(check):
+        yield name + ".store", check
+
+
+def _module_name(module):
+    cls = getattr(module, "iii_class", None) or type(module).__name__
+    return cls.rsplit("::", 1)[-1] if isinstance(cls, str) else type(module).__name__
+
+
+def render(request, health, which):
+    """
+    Answer a health request on a twisted.web C{request}.
+
+    @param which: ``live`` or ``ready``.
+    @return: C{NOT_DONE_YET}-style: a Deferred (ready) or bytes (live).
+    """
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    if health is None:
+        health = Health(None)
+        health.state = RUNNING
+    if which == "live":
+        request.setResponseCode(200)
+        return json.dumps(health.live()).encode("utf-8")
+
+    def answer(outcome):
+        ok, body = outcome
+        request.setResponseCode(200 if ok else 503)
+        return json.dumps(body, sort_keys=True).encode("utf-8")
+    return Deferred.fromCoroutine(health.ready()).addCallback(answer)
