@@ -9,6 +9,7 @@ driven by Playwright. Writes docs/console/<page>.png.
 import os
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "interop"))
@@ -33,12 +34,27 @@ def main():
             wait_until(lambda: len(scene.flaky_calls) >= 2, what="the failing deliveries")
             scene.call("engine::log::warn", {"message": "payment provider slow",
                                              "data": {"latency_ms": 812}})
-            shoot(scene)
+            shoot(scene, traffic)
         finally:
             scene.stop()
 
 
-def shoot(scene):
+def traffic(scene, seconds):
+    """Calls and a queue backlog for the overview's charts, for C{seconds}."""
+    for i in range(16):
+        scene.enqueue("demo::slow", {"job": i})
+    deadline = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < deadline:
+        scene.call("demo::greet", {"name": "load {}".format(i)})
+        time.sleep(0.03)  # a steady trickle, not a flood the span store forgets
+        i += 1
+        if i % 40 == 0:
+            for j in range(6):
+                scene.enqueue("demo::slow", {"job": j})
+
+
+def shoot(scene, traffic):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium")
         page = browser.new_page(viewport={"width": 1280, "height": 820})
@@ -53,7 +69,7 @@ def shoot(scene):
             page.screenshot(path=os.path.join(OUT, name + ".png"))
 
         open_page("overview")
-        page.wait_for_timeout(3000)  # a few samples for the chart
+        traffic(scene, 8)  # a few samples for the charts (sampled every second)
         save("overview")
         for name in ("workers", "triggers", "logs", "queues"):
             open_page(name)
@@ -65,6 +81,8 @@ def shoot(scene):
         expect(page.get_by_test_id("call-result")).to_contain_text("Hello")
         save("functions")
         open_page("traces")
+        page.select_option("select[name=status]", "error")
+        page.click("text=Filter")
         page.locator('tr[data-status="error"]').first.click()
         expect(page.get_by_test_id("waterfall")).to_be_visible()
         save("traces")

@@ -7,6 +7,7 @@ takes the documentation's screenshots (docs/console_screenshots.py).
 """
 
 import threading
+import time
 
 from iii import InitOptions, TriggerAction, register_worker
 
@@ -64,6 +65,9 @@ class Scene:
         worker.register_function(
             {"id": "demo::greet", "description": "Say hello to {name}"},
             lambda data: {"greeting": "Hello, {}!".format((data or {}).get("name"))})
+        worker.register_function(
+            {"id": "demo::slow", "description": "Takes 0.2 s"},
+            lambda data: time.sleep(0.2) or {"done": data})
         worker.register_function(
             {"id": "demo::flaky", "description": "Fails while the scene is broken " + HOSTILE},
             self._flaky)

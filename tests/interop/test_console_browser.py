@@ -90,7 +90,7 @@ def test_overview_shows_engine_workers_and_modules(page, scene):
     expect(page.get_by_test_id("worker-count")).to_contain_text("1")
     listeners = page.locator("table", has_text="modules::console::ConsoleModule")
     expect(listeners).to_contain_text("127.0.0.1:{}".format(scene.engine.ports["console"]))
-    expect(page.locator("svg.chart")).to_have_count(1)
+    expect(page.locator("svg.chart")).to_have_count(2)  # calls/s and queue depths
 
 
 def test_sdk_workers_function_appears_live(page, scene):

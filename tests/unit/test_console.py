@@ -569,3 +569,16 @@ def test_config_validation_names_the_key(text, key):
     with pytest.raises(ConfigError) as raised:
         parse_config(text)
     assert key in str(raised.value)
+
+
+def test_metrics_without_sdk_metrics():
+    console = Console()
+    build_module("modules::observability::OtelModule", console.engine,
+                 {"exporter": "memory"}, console.clock)
+    answer = resolve(console.engine.call("engine::metrics::list",
+                                         {"include_sdk_metrics": False}))
+    assert answer["sdk_metrics"] == [] and "invocations" in answer["engine_metrics"]
+    with pytest.raises(InvocationError):
+        resolve(console.engine.call("engine::metrics::list", {"include_sdk_metrics": 1}))
+    page = render(console, "functions")
+    assert page["stats_error"] is None

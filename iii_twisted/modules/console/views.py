@@ -36,6 +36,8 @@ READS = {
 }
 
 MAX_ROWS = 200
+# The console reads the engine's own metrics only, not every stored SDK metric.
+NO_SDK_METRICS = {"include_sdk_metrics": False}
 
 
 def _error(e):
@@ -178,7 +180,7 @@ class Views:
         """Take one L{History} sample (called by the module on a timer)."""
         sample = {"t": int(self.clock.seconds() * 1000), "calls": None, "errors": None,
                   "depths": {}}
-        metrics = await self.part(grants, "engine::metrics::list", {})
+        metrics = await self.part(grants, "engine::metrics::list", NO_SDK_METRICS)
         if "error" not in metrics:
             by_function = user_functions(
                 metrics["engine_metrics"]["invocations"]["by_function"])
@@ -195,7 +197,7 @@ class Views:
     async def view_overview(self, grants, params):
         info = await self.part(grants, "engine::modules::list", {})
         workers = await self.part(grants, "engine::workers::list", {})
-        metrics = await self.part(grants, "engine::metrics::list", {})
+        metrics = await self.part(grants, "engine::metrics::list", NO_SDK_METRICS)
         result = {"engine": info, "workers": None, "calls": None, "queues": None}
         if "error" in workers:
             result["workers"] = workers
@@ -234,7 +236,7 @@ class Views:
         if "error" in functions:
             return functions
         triggers = await self.part(grants, "engine::triggers::list", {})
-        metrics = await self.part(grants, "engine::metrics::list", {})
+        metrics = await self.part(grants, "engine::metrics::list", NO_SDK_METRICS)
         bound = {}
         for trigger in triggers.get("triggers", ()):
             bound.setdefault(trigger["function_id"], []).append(

@@ -148,7 +148,7 @@ export function lineChart(series, options = {}) {
   const y = (v) => top + (height - top - bottom) * (1 - v / vmax);
   svg.append(s("line", { class: "axis", x1: left, y1: y(0), x2: width - 4, y2: y(0) }));
   svg.append(s("line", { class: "axis", x1: left, y1: top, x2: left, y2: y(0) }));
-  svg.append(s("text", { x: 2, y: top + 8 }, String(vmax)));
+  svg.append(s("text", { x: 2, y: top + 8 }, String(Math.round(vmax * 10) / 10)));
   svg.append(s("text", { x: 2, y: y(0) }, "0"));
   svg.append(s("text", { x: left, y: height - 4 }, new Date(t0).toLocaleTimeString()));
   svg.append(s("text", { x: width - 60, y: height - 4 }, new Date(t1).toLocaleTimeString()));

@@ -65,11 +65,24 @@ function overview(root) {
       }
       return lineChart(series, { label: "queue depths", empty: "no queues, or no samples yet" });
     });
+    const rates = part(d.queues, (q) => {
+      const series = { "calls/s": [], "errors/s": [] };
+      const counted = q.series.filter((x) => x.calls !== null && x.calls !== undefined);
+      for (let i = 1; i < counted.length; i++) {
+        const seconds = (counted[i].t - counted[i - 1].t) / 1000;
+        if (seconds <= 0) continue;
+        series["calls/s"].push([counted[i].t, Math.max(0, counted[i].calls - counted[i - 1].calls) / seconds]);
+        series["errors/s"].push([counted[i].t, Math.max(0, counted[i].errors - counted[i - 1].errors) / seconds]);
+      }
+      if (!series["calls/s"].length) return lineChart({}, { empty: "no samples yet" });
+      return lineChart(series, { label: "calls per second" });
+    });
     return [cards,
       errorOf(calls) ? errorNote(errorOf(calls)) : null,
       h("div.grid2", null,
-        h("div", null, h("h2", null, "Modules and listeners"), modules),
-        h("div", null, h("h2", null, "Queue depths"), h("div.panel", null, queues)))];
+        h("div", null, h("h2", null, "Calls per second"), h("div.panel", null, rates)),
+        h("div", null, h("h2", null, "Queue depths"), h("div.panel", null, queues))),
+      h("h2", null, "Modules and listeners"), modules];
   });
 }
 
