@@ -17,7 +17,7 @@ CONSOLE_CONFIG = """
 port: {port}
 host: 127.0.0.1
 invocation_timeout_ms: 20000
-modules:
+{auth}modules:
   - class: modules::rest_api::RestApiModule
     config: {{port: {http}, host: 127.0.0.1}}
   - class: modules::state::StateModule
@@ -33,6 +33,21 @@ modules:
     config: {{port: {console}, push_interval: 0.5, sample_interval: 1}}
 """
 
+# The engine's auth: (issue 13) for the sign-in tests: the worker uses the first token.
+WORKER_TOKEN = "worker-token-0123456789abcdef"
+OPS_TOKEN = "ops-token-0123456789abcdef"
+VIEWER_TOKEN = "viewer-token-0123456789abcdef"
+AUTH_CONFIG = """auth:
+  tokens:
+    - {{name: worker, token: %s}}
+    - {{name: ops, token: %s}}
+    - name: viewer
+      token: %s
+      allowed_functions: ["engine::workers::list", "engine::functions::list",
+                          "engine::triggers::list", "engine::metrics::list",
+                          "demo::greet"]
+""" % (WORKER_TOKEN, OPS_TOKEN, VIEWER_TOKEN)
+
 # Text a worker controls, written into the page: it must show as text, never as markup.
 HOSTILE = "<img src=x id=injected onerror=window.__pwned=1>"
 
@@ -45,8 +60,10 @@ class Scene:
     @ivar flaky_calls: the payloads ``demo::flaky`` was called with.
     """
 
-    def __init__(self, workdir):
-        self.engine = EngineProcess(CONSOLE_CONFIG, workdir, http=None, streams=None,
+    def __init__(self, workdir, auth=False):
+        self.auth = auth
+        config = CONSOLE_CONFIG.replace("{auth}", AUTH_CONFIG if auth else "")
+        self.engine = EngineProcess(config, workdir, http=None, streams=None,
                                     console=None)
         self.broken = threading.Event()
         self.broken.set()
@@ -59,7 +76,8 @@ class Scene:
 
     def start(self):
         self.engine.start()
-        self.worker = register_worker(self.engine.url, InitOptions(
+        url = self.engine.url + ("/?token=" + WORKER_TOKEN if self.auth else "")
+        self.worker = register_worker(url, InitOptions(
             worker_name="orders-worker", otel={"enabled": False}))
         worker = self.worker
         worker.register_function(

@@ -33,7 +33,7 @@ if not os.path.exists(CHROMIUM):
     pytest.skip("no {}: apt-get install chromium to run the browser tests".format(CHROMIUM),
                 allow_module_level=True)
 
-from console_scene import HOSTILE, Scene  # noqa: E402
+from console_scene import HOSTILE, OPS_TOKEN, VIEWER_TOKEN, Scene  # noqa: E402
 from engine_process import wait_until  # noqa: E402
 
 
@@ -225,3 +225,70 @@ def test_logs_filter_by_level_and_text(page, scene):
     expect(logs).to_contain_text("console-test error line")
     expect(logs).not_to_contain_text("console-test info line")
     expect(logs.locator("tbody tr")).to_have_count(1)
+
+
+# -- with the engine's auth: (issue 13) ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def auth_scene(tmp_path_factory):
+    scene = Scene(tmp_path_factory.mktemp("console-auth"), auth=True).start()
+    yield scene
+    scene.stop()
+
+
+@pytest.fixture
+def auth_page(browser, auth_scene):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.errors = []
+    page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    yield page
+    context.close()
+
+
+def sign_in(page, scene, token):
+    page.goto(scene.console_url + "#functions")
+    page.fill("#token", token)
+    page.click("form button[type=submit]")
+
+
+def test_with_auth_the_console_asks_for_a_token(auth_page, auth_scene):
+    page = auth_page
+    page.goto(auth_scene.console_url)
+    expect(page.locator("#token")).to_be_visible()
+    expect(page.locator("nav a.active")).to_have_count(0)
+    sign_in(page, auth_scene, "not-a-token")
+    # The 401 of the refused token is the browser's one console error here.
+    expect(page.locator("#login-error")).to_contain_text("refused")
+    page.fill("#token", OPS_TOKEN)
+    page.click("form button[type=submit]")
+    expect(page.locator('tr[data-function-id="demo::flaky"]')).to_have_count(1)
+    page.fill("#call-function", "demo::greet")
+    page.fill("#call-payload", '{"name": "ops"}')
+    page.click("#call-button")
+    expect(page.get_by_test_id("call-result")).to_contain_text("Hello, ops!")
+    assert all("401" in error for error in page.errors), page.errors
+
+
+def test_with_auth_a_token_sees_and_does_what_its_grants_allow(auth_page, auth_scene):
+    page = auth_page
+    sign_in(page, auth_scene, VIEWER_TOKEN)
+    functions = page.get_by_test_id("functions")
+    expect(page.locator('tr[data-function-id="demo::greet"]')).to_have_count(1)
+    # Discovery through the engine's checks: functions outside the grants are not listed.
+    expect(page.locator('tr[data-function-id="demo::flaky"]')).to_have_count(0)
+    expect(functions).not_to_contain_text("state::set")
+    page.fill("#call-function", "demo::flaky")
+    page.fill("#call-payload", "{}")
+    page.click("#call-button")
+    expect(page.get_by_test_id("call-result")).to_contain_text("FORBIDDEN")
+    page.fill("#call-function", "demo::greet")
+    page.fill("#call-payload", '{"name": "viewer"}')
+    page.click("#call-button")
+    expect(page.get_by_test_id("call-result")).to_contain_text("Hello, viewer!")
+    open_page(page, auth_scene, "queues")
+    expect(page.locator("#live [data-error-code=FORBIDDEN]")).to_be_visible()
+    assert page.errors == []

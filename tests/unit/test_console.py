@@ -582,3 +582,81 @@ def test_metrics_without_sdk_metrics():
         resolve(console.engine.call("engine::metrics::list", {"include_sdk_metrics": 1}))
     page = render(console, "functions")
     assert page["stats_error"] is None
+
+
+# -- with the engine's auth (issue 13) --------------------------------------------------
+
+AUTH = {"tokens": [
+    {"name": "ops", "token": "ops-token-0123456789abcdef"},
+    {"name": "viewer", "token": "viewer-token-0123456789abc",
+     "allowed_functions": ["engine::workers::list", "engine::functions::list",
+                           "engine::triggers::list", "app::*"],
+     "forbidden_functions": ["app::echo"]},
+]}
+
+
+def console_with_engine_auth():
+    from types import SimpleNamespace
+
+    from iii_twisted.auth import parse_auth_config
+    console = Console()
+    console.engine.register_function("app::other", lambda data: "other")
+    config = SimpleNamespace(auth=parse_auth_config(AUTH), listeners=[])
+    console.module.web.set_access(access_for(console.engine, config, console.clock))
+    return console
+
+
+def login(console, token):
+    cookies, csrf = console.session()
+    response = console.post("/api/login", {"token": token}, cookies, csrf)
+    return response, cookies, csrf
+
+
+def test_engine_auth_asks_for_a_token():
+    console = console_with_engine_auth()
+    cookies, csrf = console.session()
+    info = body(console, console.request("GET", "/api/session", cookies=cookies))
+    assert info["auth_required"] and not info["authenticated"]
+    assert login(console, "ops-token-wrong")[0].code == 401
+    assert login(console, "")[0].code == 401
+    response, cookies, csrf = login(console, "ops-token-0123456789abcdef")
+    assert body(console, response) == {"authenticated": True}
+    answer = body(console, console.post("/api/call", {"function_id": "app::echo",
+                                                      "payload": 1}, cookies, csrf))
+    assert answer == {"ok": True, "result": {"echo": 1}}
+
+
+def test_engine_auth_grants_are_the_engines_checks():
+    """A token's grants apply through Engine.call: denials and discovery filtering."""
+    console = console_with_engine_auth()
+    response, cookies, csrf = login(console, "viewer-token-0123456789abc")
+    assert response.code == 200
+    answer = body(console, console.post("/api/call", {"function_id": "app::echo"},
+                                        cookies, csrf))
+    assert answer["ok"] is False and answer["error"]["code"] == "FORBIDDEN"
+    assert console.calls == []
+    session = console.module.web.sessions.get(cookies[COOKIE])
+    functions = render(console, "functions", session.grants)
+    # Discovery lists only what the token may call (the engine filters it).
+    assert [f["function_id"] for f in functions["functions"]] == ["app::other"]
+    assert functions["stats_error"]["code"] == "FORBIDDEN"
+    assert render(console, "queues", session.grants)["error"]["code"] in (
+        "FORBIDDEN", "function_not_found")
+    overview = render(console, "overview", session.grants)
+    assert overview["workers"] == {"count": 0, "names": []}
+    assert overview["calls"]["error"]["code"] == "FORBIDDEN"
+
+
+def test_console_in_a_service_with_auth_requires_a_token():
+    from iii_twisted.service import EngineService
+    service = EngineService({
+        "port": 0, "auth": AUTH,
+        "modules": [{"class": "modules::console::ConsoleModule", "config": {"port": 0}}],
+    }, reactor=MemoryReactorClock())
+    [console] = [m for m in service.modules if m.iii_class.endswith("ConsoleModule")]
+    service.startService()
+    try:
+        assert console.web.access.auth_required
+        assert console._listener.authenticated
+    finally:
+        service.stopService()
