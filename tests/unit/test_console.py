@@ -660,3 +660,40 @@ def test_console_in_a_service_with_auth_requires_a_token():
         assert console._listener.authenticated
     finally:
         service.stopService()
+
+
+def test_reload_moves_the_console_to_its_new_port():
+    """A console config change restarts the console alone, on its new port."""
+    from test_reload import Running, seed
+
+    run = Running(seed(extra=[{"name": "iii-console", "config": {"port": 3113}}]))
+    old = run.module("iii-console")
+    assert "tcp:3113:interface=127.0.0.1" in run.ports()
+    run.reload(seed(extra=[{"name": "iii-console", "config": {"port": 3114}}]))
+    new = run.module("iii-console")
+    assert new is not old and "tcp:3114:interface=127.0.0.1" in run.ports()
+    info = resolve(run.engine.call("engine::modules::list", {}))
+    assert [m["class"] for m in info["modules"]][-1] == "modules::console::ConsoleModule"
+    assert run.engine.functions["engine::modules::list"].host._fn.__self__ is new
+    run.stop()
+
+
+def test_shipped_pages_never_parse_html():
+    """
+    The page writes text with textContent / text nodes only (the browser tests show a
+    worker's markup staying text); no asset may use an HTML-parsing sink or inline
+    script, which the Content-Security-Policy would block anyway.
+    """
+    import re
+
+    from iii_twisted.modules.console.web import shipped_assets
+    sinks = re.compile(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|"
+                       r"\beval\(|new Function\(|createContextualFragment|srcdoc")
+    assets = shipped_assets()
+    assert {"index.html", "app.js", "dom.js", "pages.js", "style.css"} <= set(assets)
+    for name, path in assets.items():
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        assert not sinks.search(text), name
+        if name.endswith(".html"):
+            assert "<script>" not in text and " on" not in text.split("<body>")[1], name
