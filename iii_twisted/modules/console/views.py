@@ -250,6 +250,7 @@ class Views:
                 "function_id": f["function_id"],
                 "description": f.get("description"),
                 "host": f.get("host"), "worker_id": f.get("worker_id"),
+                "worker_name": f.get("worker_name") if f.get("worker_id") else None,
                 "request_format": f.get("request_format"),
                 "triggers": bound.get(f["function_id"], []),
                 "calls": s["calls"] if s else 0,

@@ -151,7 +151,7 @@ function functions(root, ctx) {
           ["Function", (f) => h("div", null, h("code", null, f.function_id),
             f.description ? h("div.muted", null, f.description) : null)],
           ["Host", (f) => [badge(f.host || "?", f.host === "worker" ? "active" : null),
-            f.worker_id ? h("div.muted.mono", null, f.worker_id.slice(0, 8)) : null]],
+            f.worker_id ? h("div.muted.nowrap", { title: f.worker_id }, f.worker_name || f.worker_id.slice(0, 8)) : null]],
           ["Triggers", (f) => f.triggers.map((t) => badge(t.trigger_type))],
           ["Calls", (f) => String(f.calls), "num"],
           ["Errors", (f) => f.errors ? h("span.error-text", null, String(f.errors)) : "0", "num"],
