@@ -101,6 +101,10 @@ def test_sdk_workers_function_appears_live(page, scene):
     # A function registered while the page is open appears without a reload.
     scene.worker.register_function({"id": "demo::late"}, lambda data: "late")
     expect(page.locator('tr[data-function-id="demo::late"]')).to_have_count(1)
+    # The filter is applied by the server (a page shows at most 200 rows).
+    page.fill("input[placeholder='filter by id']", "greet")
+    expect(page.locator('tr[data-function-id="demo::late"]')).to_have_count(0)
+    expect(row).to_have_count(1)
     open_page(page, scene, "workers")
     expect(page.get_by_test_id("workers")).to_contain_text("orders-worker")
     expect(page.get_by_test_id("workers")).to_contain_text("python")

@@ -531,7 +531,8 @@ def test_state_list_with_keys():
     assert resolve(console.engine.call("state::list", {"scope": "s", "with_keys": True})) \
         == [{"key": "k", "value": 1}]
     page = render(console, "state", params={"scope": "s"})
-    assert page["groups"] == {"groups": ["s"]} and page["items"] == [{"key": "k", "value": 1}]
+    assert page["groups"] == {"groups": ["s"]}
+    assert page["items"] == {"items": [{"key": "k", "value": 1}], "total": 1}
 
 
 def test_stream_list_with_keys():
@@ -542,7 +543,7 @@ def test_stream_list_with_keys():
                                                 "item_id": "m1", "data": {"t": 1}}))
     page = render(console, "streams", params={"stream": "chat", "group": "g"})
     assert page["streams"]["stream"] == [{"id": "chat", "groups": ["g"]}]
-    assert page["items"] == [{"key": "m1", "value": {"t": 1}}]
+    assert page["items"] == {"items": [{"key": "m1", "value": {"t": 1}}], "total": 1}
 
 
 # -- both config formats --------------------------------------------------------------
@@ -697,3 +698,15 @@ def test_shipped_pages_never_parse_html():
         assert not sinks.search(text), name
         if name.endswith(".html"):
             assert "<script>" not in text and " on" not in text.split("<body>")[1], name
+
+
+def test_long_lists_are_capped_and_filtered_on_the_server():
+    from iii_twisted.modules.console.views import MAX_ROWS
+    console = Console()
+    for i in range(MAX_ROWS + 50):
+        console.engine.register_function("bulk::f{:04d}".format(i), lambda data: None)
+    page = render(console, "functions")
+    assert len(page["functions"]) == MAX_ROWS and page["total"] == MAX_ROWS + 51
+    page = render(console, "functions", params={"filter": "F0249"})
+    assert [f["function_id"] for f in page["functions"]] == ["bulk::f0249"]
+    assert page["total"] == 1

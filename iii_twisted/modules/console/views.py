@@ -35,7 +35,7 @@ READS = {
     "streams": ("stream::list_all", "stream::list"),
 }
 
-MAX_ROWS = 200
+MAX_ROWS = 200  # rows a page shows of a list (functions, workers, items, logs)
 # The console reads the engine's own metrics only, not every stored SDK metric.
 NO_SDK_METRICS = {"include_sdk_metrics": False}
 
@@ -61,6 +61,13 @@ def _number(params, key):
                 return None
         return None
     return value
+
+
+def _capped(items):
+    """@return: a list's first L{MAX_ROWS} items and its length, or an error part."""
+    if not isinstance(items, list):
+        return items
+    return {"items": items[:MAX_ROWS], "total": len(items)}
 
 
 def user_functions(by_function):
@@ -226,8 +233,17 @@ class Views:
 
     async def view_workers(self, grants, params):
         workers = await self.part(grants, "engine::workers::list", {})
+        if "error" in workers:
+            return workers
         # Without the answer's own timestamp, an unchanged list is not pushed again.
         workers.pop("timestamp", None)
+        rows = workers["workers"]
+        needle = (_str(params, "filter") or "").lower()
+        if needle:
+            rows = [w for w in rows if needle in (w.get("name") or "").lower()
+                    or needle in w["id"]]
+        workers["total"] = len(rows)
+        workers["workers"] = rows[:MAX_ROWS]
         return workers
 
     async def view_functions(self, grants, params):
@@ -244,7 +260,11 @@ class Views:
         stats = ({} if "error" in metrics
                  else metrics["engine_metrics"]["invocations"]["by_function"])
         rows = []
-        for f in sorted(functions["functions"], key=lambda f: f["function_id"]):
+        listed = sorted(functions["functions"], key=lambda f: f["function_id"])
+        needle = (_str(params, "filter") or "").lower()
+        if needle:
+            listed = [f for f in listed if needle in f["function_id"].lower()]
+        for f in listed[:MAX_ROWS]:
             s = stats.get(f["function_id"])
             rows.append({
                 "function_id": f["function_id"],
@@ -258,7 +278,7 @@ class Views:
                 "p50_ms": s.get("p50_duration_ms") if s else None,
                 "p99_ms": s.get("p99_duration_ms") if s else None,
             })
-        return {"functions": rows,
+        return {"functions": rows, "total": len(listed),
                 "stats_error": metrics["error"] if "error" in metrics else None,
                 "triggers_error": triggers["error"] if "error" in triggers else None}
 
@@ -332,8 +352,8 @@ class Views:
         scope = _str(params, "scope")
         if scope:
             result["scope"] = scope
-            result["items"] = await self.part(grants, "state::list",
-                                             {"scope": scope, "with_keys": True})
+            result["items"] = _capped(await self.part(
+                grants, "state::list", {"scope": scope, "with_keys": True}))
         return result
 
     async def view_streams(self, grants, params):
@@ -342,7 +362,7 @@ class Views:
         stream, group = _str(params, "stream"), _str(params, "group")
         if stream and group:
             result["stream"], result["group"] = stream, group
-            result["items"] = await self.part(grants, "stream::list",
-                                              {"stream_name": stream, "group_id": group,
-                                               "with_keys": True})
+            result["items"] = _capped(await self.part(
+                grants, "stream::list",
+                {"stream_name": stream, "group_id": group, "with_keys": True}))
         return result

@@ -18,6 +18,14 @@ function livePage(root, title, draw, before, after) {
   };
 }
 
+function shown(count, total) {
+  return total > count ? h("div.notice", null, "showing " + count + " of " + total + ": filter to see the rest") : null;
+}
+
+// A state or stream item: {key, value}, or whatever a custom stream function listed.
+function itemKey(x) { return x && typeof x === "object" && "key" in x ? x.key : "–"; }
+function itemValue(x) { return x && typeof x === "object" && "key" in x ? x.value : x; }
+
 function part(value, draw) {
   const error = errorOf(value);
   return error ? errorNote(error) : draw(value);
@@ -99,7 +107,7 @@ function metricsSummary(metrics) {
 }
 
 function workers(root) {
-  return livePage(root, "Workers", (d) => part(d, (w) => table([
+  return livePage(root, "Workers", (d) => part(d, (w) => [shown(w.workers.length, w.total), table([
     ["Name", (x) => h("div", null, h("strong", null, x.name || "–"), h("div.muted.mono", null, x.id))],
     ["Runtime / SDK", (x) => [x.runtime || "–", " ", h("span.muted", null, x.version || "")]],
     ["Address", (x) => x.ip_address || "–"],
@@ -109,7 +117,7 @@ function workers(root) {
     ["In flight", (x) => String(x.active_invocations), "num"],
     ["Latest metrics", (x) => metricsSummary(x.latest_metrics)],
     ["Status", (x) => badge(x.status, x.status)],
-  ], w.workers, { empty: "no worker connected", attrs: { "data-testid": "workers" } })));
+  ], w.workers, { empty: "no worker connected", attrs: { "data-testid": "workers" } })]));
 }
 
 // -- functions -----------------------------------------------------------------------
@@ -135,17 +143,20 @@ function functions(root, ctx) {
   }, h("h2", null, "Call a function"),
   h("div.inline", null, h("label", null, "Function", fid)),
   h("label", null, "Payload (JSON)", payload), datalist, h("p", null, button), output);
-  let last = null;
+  filter.value = ctx.params.filter || "";
+  let typing = null;
+  filter.addEventListener("input", () => {
+    clearTimeout(typing);
+    typing = setTimeout(() => ctx.setParams({ filter: filter.value.trim() }), 300);
+  });
   const view = livePage(root, "Functions", draw, h("div", null, form,
     h("form.inline", { onsubmit: (e) => e.preventDefault() }, h("label", null, "Filter", filter))));
-  filter.addEventListener("input", () => { if (last) view.update(last); });
   function draw(d) {
-    last = d;
     return part(d, (x) => {
       replace(datalist, x.functions.map((f) => h("option", { value: f.function_id })));
-      const needle = filter.value.trim().toLowerCase();
-      const rows = x.functions.filter((f) => !needle || f.function_id.toLowerCase().includes(needle));
+      const rows = x.functions;
       return [
+        shown(rows.length, x.total),
         x.stats_error ? errorNote(x.stats_error) : null,
         table([
           ["Function", (f) => h("div", null, h("code", null, f.function_id),
@@ -381,15 +392,16 @@ function state(root, ctx) {
       h("a" + (name === d.scope ? ".selected" : ""), { onclick: () => {
         ctx.setParams({ scope: name }); edit.fill({ scope: name });
       } }, name))) : h("div.notice", null, "no scope holds a value")),
-    d.scope ? [h("h2", null, "Scope ", h("code", null, d.scope)), part(d.items, (items) => table([
-      ["Key", (x) => h("code", null, x.key)],
-      ["Value", (x) => h("pre", null, json(x.value, 1000))],
-      ["", (x) => [h("button.small.secondary", { onclick: () => edit.fill(
-        { scope: d.scope, key: x.key, value: json(x.value, 1e9) }) }, "Edit"), " ",
-      h("button.small.danger", { onclick: () => edit.remove(
-        { function_id: "state::delete", payload: { scope: d.scope, key: x.key } },
-        "Delete " + x.key + " from " + d.scope + "?") }, "Delete")]],
-    ], items, { attrs: { "data-testid": "state-items" } }))] : null,
+    d.scope ? [h("h2", null, "Scope ", h("code", null, d.scope)), part(d.items, (page) => [
+      shown(page.items.length, page.total), table([
+        ["Key", (x) => h("code", null, x.key)],
+        ["Value", (x) => h("pre", null, json(x.value, 1000))],
+        ["", (x) => [h("button.small.secondary", { onclick: () => edit.fill(
+          { scope: d.scope, key: x.key, value: json(x.value, 1e9) }) }, "Edit"), " ",
+        h("button.small.danger", { onclick: () => edit.remove(
+          { function_id: "state::delete", payload: { scope: d.scope, key: x.key } },
+          "Delete " + x.key + " from " + d.scope + "?") }, "Delete")]],
+      ], page.items, { attrs: { "data-testid": "state-items" } })])] : null,
   ], null, edit.form);
 }
 
@@ -406,15 +418,15 @@ function streams(root, ctx) {
         { onclick: () => { ctx.setParams({ stream: x.id, group: g }); edit.fill({ stream_name: x.id, group_id: g }); } }, g)))],
     ], all.stream) : h("div.notice", null, "no stream holds an item")),
     d.stream ? [h("h2", null, "Items of ", h("code", null, d.stream + " / " + d.group)),
-      part(d.items, (items) => table([
-        ["Item", (x) => h("code", null, x.key)],
-        ["Data", (x) => h("pre", null, json(x.value, 1000))],
+      part(d.items, (page) => [shown(page.items.length, page.total), table([
+        ["Item", (x) => h("code", null, itemKey(x))],
+        ["Data", (x) => h("pre", null, json(itemValue(x), 1000))],
         ["", (x) => [h("button.small.secondary", { onclick: () => edit.fill(
-          { stream_name: d.stream, group_id: d.group, item_id: x.key, value: json(x.value, 1e9) }) }, "Edit"), " ",
+          { stream_name: d.stream, group_id: d.group, item_id: itemKey(x), value: json(itemValue(x), 1e9) }) }, "Edit"), " ",
         h("button.small.danger", { onclick: () => edit.remove({ function_id: "stream::delete",
-          payload: { stream_name: d.stream, group_id: d.group, item_id: x.key } },
-        "Delete item " + x.key + "?") }, "Delete")]],
-      ], items))] : null,
+          payload: { stream_name: d.stream, group_id: d.group, item_id: itemKey(x) } },
+        "Delete item " + itemKey(x) + "?") }, "Delete")]],
+      ], page.items)])] : null,
   ], null, edit.form);
 }
 
