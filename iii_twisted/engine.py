@@ -15,6 +15,7 @@ import hmac
 import secrets
 import time
 import traceback
+from collections import deque
 from inspect import iscoroutine
 from uuid import uuid4
 
@@ -195,6 +196,7 @@ class CallableHost:
     """
 
     _log = Logger()
+    host_kind = "in-process"  # what engine::functions::list says with include_host
 
     def __init__(self, fn):
         self._fn = fn
@@ -234,6 +236,7 @@ class WorkerHost:
     """Runs a function on a worker: ``invokefunction`` out, ``invocationresult`` back."""
 
     __slots__ = ("_tracker", "_worker", "_limits")
+    host_kind = "worker"
 
     def __init__(self, tracker, worker, limits=None):
         self._tracker = tracker
@@ -390,6 +393,9 @@ class Engine:
         self._functions_available_delay = functions_available_delay
         self._functions_check = None
         self._last_function_ids = frozenset()
+        # The latest triggers a provider refused, with why (engine::triggers::list
+        # with include_refused; the console's triggers page).
+        self.refused_triggers = deque(maxlen=100)
         self.namespaces = Namespaces(self)
         self._handlers = {
             P.INVOKE_FUNCTION: self._handle_invokefunction,
@@ -847,6 +853,9 @@ class Engine:
         self._log.warn(
             "trigger {trigger_id} of type {trigger_type} refused: {message}",
             trigger_id=trigger.id, trigger_type=trigger.trigger_type, message=message)
+        self.refused_triggers.append(dict(
+            trigger.info(), status="refused", error=P.error_body(code, message),
+            refused_at_ms=int(time.time() * 1000)))
         if self.triggers.get(trigger.id) is trigger:
             self._forget_trigger(trigger)
             if trigger.owner is not None:

@@ -801,8 +801,11 @@ class OtelModule(MultiService):
         end = _field(fid, data, "end_time", (int,))
         name = _field(fid, data, "metric_name", (str,))
         interval = _field(fid, data, "aggregate_interval", (int,))
+        # Ours: a reader that wants the engine's metrics only (the console, every
+        # second) need not copy every stored SDK metric.
+        with_sdk = _field(fid, data, "include_sdk_metrics", (bool,), True)
         sdk = []
-        if self.options.metrics_enabled:
+        if self.options.metrics_enabled and with_sdk:
             for metric in self.sdk_metrics.records():
                 ts = metric["timestamp_unix_nano"] // 1_000_000
                 if name and metric["name"] != name:
