@@ -939,9 +939,12 @@ class Engine:
         if ids == self._last_function_ids:
             return
         self._last_function_ids = ids
+        from .discovery_current import function_row
+        # v0.10's FunctionInfo keys plus the 0.13 FunctionSummary's namespace and
+        # worker_name: each SDK generation reads its own.
         self.fire_triggers(FUNCTIONS_AVAILABLE, {
             "event": "functions_changed",
-            "functions": [entry.info() for entry in self.functions.values()],
+            "functions": [function_row(self, entry) for entry in self.functions.values()],
         })
 
     def stop(self):
