@@ -106,6 +106,8 @@ ENGINE_SCHEMA = Section(
     watch=Key(bool, False, "reload when this file changes (it is polled)"),
     watch_interval_ms=Key(int, 1000, "how often the file is polled when watch is on, "
                           "ms", min=10),
+    shutdown_timeout_ms=Key(int, 5000, "on SIGTERM, how long calls in flight may "
+                            "finish before the engine stops, ms (0: stop at once)", min=0),
     log_level=Key(str, "info", "least important log events kept (logsetup.py)",
                   choices=("debug", "info", "warn", "error", "critical")),
     log_format=Key(str, "text", "what twist iii writes, also when not on a terminal",
@@ -165,7 +167,8 @@ class EngineConfig:
                  invocation_timeout=300.0, max_message_size=16 * 1024 * 1024,
                  ws_ping_interval=30.0, ws_ping_timeout=30.0, source=None,
                  format=V010, watch=False, watch_interval=1.0, listener_key="",
-                 frame_limits=None, log_level="info", log_format="text"):
+                 frame_limits=None, log_level="info", log_format="text",
+                 shutdown_timeout=5.0):
         self.port = port
         self.host = host
         self.listen = listen or "tcp:{}:interface={}".format(port, host)
@@ -184,6 +187,7 @@ class EngineConfig:
         self.frame_limits = frame_limits
         self.log_level = log_level
         self.log_format = log_format
+        self.shutdown_timeout = shutdown_timeout
 
     def listener_settings(self):
         """@return: what the worker listener is built from (compared on reload)."""
@@ -335,6 +339,7 @@ def from_dict(data, source=None):
         frame_limits=_frame_limits(listener),
         log_level=_value(top, "log_level", ENGINE_SCHEMA),
         log_format=_value(top, "log_format", ENGINE_SCHEMA),
+        shutdown_timeout=_value(top, "shutdown_timeout_ms", ENGINE_SCHEMA) / 1000.0,
     )
 
 

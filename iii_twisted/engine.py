@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from . import protocol as P
 from .interfaces import IFunctionHost, ITriggerProvider, TriggerError
+from .hints import function_hint, module_for_trigger_type, trigger_type_hint
 from .invocations import InvocationTracker
 from .oplog import describe_agent, describe_close, describe_worker
 from .peer_limits import NotSent
@@ -601,6 +602,10 @@ class Engine:
         refusal = self.http_functions.refusal(function_id) \
             if self.http_functions is not None else None
         if refusal is None:
+            hint = function_hint(function_id)  # "publish": add the pub/sub module
+            if hint:
+                error = P.function_not_found(function_id)
+                return InvocationError(error.code, error.message + hint)
             return P.function_not_found(function_id)
         return InvocationError(P.FUNCTION_NOT_FOUND, "Function {} not found ({})".format(
             function_id, refusal))
@@ -726,9 +731,12 @@ class Engine:
             owner.triggers.add(trigger_id)
         provider_type = self.trigger_types.get(trigger_type)
         if provider_type is None:
-            self._log.info(
-                "trigger {trigger_id} waits for a provider of type {trigger_type}",
-                trigger_id=trigger_id, trigger_type=trigger_type)
+            # Warn when a module would provide the type: a cron trigger without the
+            # cron module waits for ever (hints.py).
+            log = self._log.warn if module_for_trigger_type(trigger_type) else self._log.info
+            log("trigger {trigger_id} ({function_id}) waits: {hint}", trigger_id=trigger_id,
+                function_id=function_id, hint=trigger_type_hint(trigger_type),
+                trigger_type=trigger_type)
             return succeed(trigger)
         return self._activate(trigger, provider_type)
 

@@ -22,10 +22,14 @@ def describe_store(store):
     if store is None:
         return None
     inner = getattr(store, "_store", store)  # a store kept across a reload
+    if callable(inner):  # KvStoreBase._store is a method, not a wrapped store
+        inner = store
     for attribute in ("directory", "path"):
         value = getattr(inner, attribute, None)
         if isinstance(value, str):
-            return "data in {}".format(os.path.abspath(value))
+            opened = getattr(inner, "opened_as", None)  # "new store", "existing ..."
+            return "data in {}{}".format(os.path.abspath(value),
+                                         " ({})".format(opened) if opened else "")
     return "data in memory"
 
 

@@ -68,6 +68,11 @@ class WorkerProtocol(WebSocketServerProtocol):
     def onConnect(self, request):
         try:
             path = request.path
+            health = self.factory.engine.health
+            if path == WORKER_PATH and health is not None and health.state == "draining":
+                # No new workers while shutting down; channel ends (the calls in
+                # flight may need them) are still accepted.
+                raise ConnectionDeny(503, "engine shutting down")
             if path == WORKER_PATH:
                 self._role = "worker"
             elif path == OTEL_PATH:

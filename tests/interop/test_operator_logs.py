@@ -166,3 +166,38 @@ def test_health_endpoints_and_metrics_of_a_real_engine(start_engine, sdk_worker)
         assert json.loads(body)["status"] == "unready"
     status, _ = _get(rest + "live")
     assert status == 200
+
+
+def test_sigterm_drains_calls_in_flight(start_engine, sdk_worker):
+    """
+    SIGTERM: the call in flight finishes (up to shutdown_timeout_ms), then the process
+    ends as twistd ends on SIGTERM (it re-raises the signal, which systemd counts as a
+    clean stop).
+    """
+    import threading
+    import time
+
+    from engine_process import Waiter
+
+    engine = start_engine("port: {port}\nhost: 127.0.0.1\nshutdown_timeout_ms: 8000\n")
+    host = sdk_worker(engine.url, "slow")
+    started = threading.Event()
+
+    def slow(data):
+        started.set()
+        time.sleep(1.5)
+        return {"done": data["n"]}
+    host.register_function({"id": "slow::fn"}, slow)
+    caller = sdk_worker(engine.url, "caller")
+    wait_until(lambda: "slow::fn" in [f.function_id for f in caller.list_functions()],
+               what="slow::fn")
+    outcome = Waiter()
+    threading.Thread(target=lambda: outcome.add(caller.trigger(
+        {"function_id": "slow::fn", "payload": {"n": 7}})), daemon=True).start()
+    assert started.wait(10)
+    engine.process.send_signal(signal.SIGTERM)
+    assert outcome.wait_for() == [{"done": 7}]
+    assert engine.process.wait(15) in (0, -signal.SIGTERM)
+    log = engine.log()
+    assert "shutting down: waiting up to 8.0s for 1 calls in flight" in log
+    assert "shutting down: calls in flight finished" in log
