@@ -114,6 +114,9 @@ def register_engine_functions(engine):
             first = worker.runtime is None
             _update_worker(worker, data)
             current.record_declaration(worker, data)
+            # Reference 0.23: the connection's namespace (see namespaces.py).
+            if not engine.namespaces.declare(worker, data):
+                return {"success": False}
             if engine.frame_limits is not None:
                 engine.frame_limits.learn(worker)
             if first:

@@ -31,6 +31,7 @@ import json
 import re
 from uuid import uuid4
 
+from . import namespaces
 from .interfaces import TriggerError
 from .protocol import DESERIALIZATION_ERROR, TRIGGER_REGISTRATION_FAILED, InvocationError
 
@@ -92,11 +93,7 @@ def current_shape(engine, data):
 
 # -- rows ----------------------------------------------------------------------------
 
-def namespace_of(worker):
-    """@return: the namespace a worker (or None: the engine) registers into."""
-    if worker is None:
-        return DEFAULT_NAMESPACE
-    return getattr(worker, "namespace", None) or DEFAULT_NAMESPACE
+namespace_of = namespaces.of
 
 
 def _first_segment(name):
@@ -113,7 +110,7 @@ def function_worker_name(engine, function_id):
     owner = entry.owner if entry is not None else None
     if owner is not None and owner.name:
         return owner.name
-    return _first_segment(function_id)
+    return _first_segment(namespaces.plain(function_id))
 
 
 def _type_worker_name(trigger_type):
@@ -130,7 +127,7 @@ def function_row(engine, entry):
         ``worker_name``.
     """
     row = entry.info()
-    row["namespace"] = namespace_of(entry.owner)
+    row["namespace"] = namespaces.split(entry.function_id)[0]
     row["worker_name"] = function_worker_name(engine, entry.function_id)
     return row
 
@@ -256,10 +253,12 @@ def registered_trigger_summary(engine, trigger):
     @return: the reference's RegisteredTriggerSummary of a L{Trigger}, plus our
         ``status`` (``pending``/``active``/``failed``) and ``error`` when failed.
     """
+    namespace, function_id = namespaces.split(trigger.function_id)
     row = {
         "id": trigger.id,
         "trigger_type": trigger.trigger_type,
-        "function_id": trigger.function_id,
+        "function_id": function_id,
+        "namespace": namespace,
         "worker_name": function_worker_name(engine, trigger.function_id),
         "config": trigger.config,
         "config_summary": config_summary(trigger.config),
@@ -272,9 +271,10 @@ def registered_trigger_summary(engine, trigger):
 
 def function_detail(engine, entry):
     """@return: the reference's FunctionDetail of a L{FunctionEntry}."""
+    namespace, function_id = namespaces.split(entry.function_id)
     detail = {
-        "function_id": entry.function_id,
-        "namespace": namespace_of(entry.owner),
+        "function_id": function_id,
+        "namespace": namespace,
         "worker_name": function_worker_name(engine, entry.function_id),
     }
     for key, value in (("description", entry.description),
@@ -290,7 +290,8 @@ def function_detail(engine, entry):
 
 
 def _function_summary(engine, entry):
-    row = {"function_id": entry.function_id, "namespace": namespace_of(entry.owner),
+    namespace, function_id = namespaces.split(entry.function_id)
+    row = {"function_id": function_id, "namespace": namespace,
            "worker_name": function_worker_name(engine, entry.function_id)}
     if entry.description is not None:
         row["description"] = entry.description
@@ -318,18 +319,31 @@ def register_current_functions(engine, input_of, worker_info):
     """
     durable = set()  # ids of the bindings engine::register_trigger made
 
+    def resolve(function_id, namespace):
+        # As the reference's introspection: an explicit namespace is strict; else
+        # default wins, and an id in exactly one other namespace resolves.
+        if namespace is not None:
+            return engine.functions.get(namespaces.key(namespace, function_id))
+        entry = engine.functions.get(function_id)
+        if entry is None:
+            found = engine.namespaces.namespaces_for(function_id)
+            if len(found) == 1:
+                entry = engine.functions.get(namespaces.key(found[0], function_id))
+        return entry
+
     def functions_info(data):
         fid = "engine::functions::info"
         data = input_of(fid, data)
         single = data.get("function_id")
         batch = data.get("function_ids")
+        namespace = _optional_str(fid, data, "namespace")
         if single is not None and batch is not None:
             raise _invalid("pass either `function_id` or `function_ids`, not both")
         if single is None and batch is None:
             raise _invalid("missing field `function_id` (or `function_ids` for a batch)")
         if single is not None:
             single = _required_str(fid, data, "function_id")
-            entry = engine.functions.get(single)
+            entry = resolve(single, namespace)
             if entry is None:
                 raise _not_found("Function '{}' is not registered.".format(single))
             return function_detail(engine, entry)
@@ -346,7 +360,7 @@ def register_current_functions(engine, input_of, worker_info):
             raise _invalid("too many function_ids (max {})".format(FUNCTION_INFO_BATCH_MAX))
         functions = []
         for function_id in ids:
-            entry = engine.functions.get(function_id)
+            entry = resolve(function_id, namespace)
             functions.append(
                 function_detail(engine, entry) if entry is not None
                 else {"function_id": function_id, "error": "not_found"})

@@ -27,6 +27,7 @@ from . import protocol as P
 from .interfaces import IFunctionHost, ITriggerProvider, TriggerError
 from .hints import function_hint, module_for_trigger_type, trigger_type_hint
 from .invocations import InvocationTracker
+from .namespaces import Namespaces, plain
 from .oplog import describe_agent, describe_close, describe_worker
 from .peer_limits import NotSent
 from .protocol import InvocationError
@@ -101,7 +102,7 @@ class FunctionEntry:
     def info(self):
         """@return: the FunctionInfo dict of engine::functions::list."""
         return {
-            "function_id": self.function_id,
+            "function_id": plain(self.function_id),
             "description": self.description,
             "request_format": self.request_format,
             "response_format": self.response_format,
@@ -236,7 +237,7 @@ class WorkerHost:
         message = {
             "type": P.INVOKE_FUNCTION,
             "invocation_id": invocation_id,
-            "function_id": function_id,
+            "function_id": plain(function_id),  # a namespaced function's own id
             "data": data,
         }
         if traceparent is not None:
@@ -358,6 +359,7 @@ class Engine:
         self._functions_available_delay = functions_available_delay
         self._functions_check = None
         self._last_function_ids = frozenset()
+        self.namespaces = Namespaces(self)
         self._handlers = {
             P.INVOKE_FUNCTION: self._handle_invokefunction,
             P.INVOCATION_RESULT: self._handle_invocationresult,
@@ -431,6 +433,7 @@ class Engine:
             self.unregister_function(function_id, owner=worker)
         failed_calls = self.tracker.count_for(worker)
         self.tracker.detach(worker)
+        self.namespaces.detach(worker)
         for trigger_id in list(worker.triggers):
             self.unregister_trigger(trigger_id, owner=worker)
         for type_id in list(worker.trigger_types):
@@ -602,11 +605,12 @@ class Engine:
         refusal = self.http_functions.refusal(function_id) \
             if self.http_functions is not None else None
         if refusal is None:
-            hint = function_hint(function_id)  # "publish": add the pub/sub module
-            if hint:
-                error = P.function_not_found(function_id)
+            error = self.namespaces.not_found(function_id)
+            # "publish" with no pub/sub module: say which module to add (hints.py).
+            hint = function_hint(plain(function_id))
+            if hint and error.message.endswith(" not found"):
                 return InvocationError(error.code, error.message + hint)
-            return P.function_not_found(function_id)
+            return error
         return InvocationError(P.FUNCTION_NOT_FOUND, "Function {} not found ({})".format(
             function_id, refusal))
 
@@ -880,6 +884,12 @@ class Engine:
         function_id = message["function_id"]
         data = message["data"]
         kind = None if action is None else action.get("type")
+        try:
+            function_id = self.namespaces.call_key(function_id, message["namespace"])
+        except InvocationError as e:
+            if invocation_id is not None and kind != "void":
+                self._answer_error(Failure(e), worker, invocation_id, message["function_id"])
+            return
         if kind is None or kind == "void":
             if isinstance(data, dict):
                 # How engine::workers::register (and any handler) knows its caller.
@@ -892,8 +902,8 @@ class Engine:
             d.addErrback(self._log_void_failure, function_id)
         else:
             d.addCallbacks(_answer, self._answer_error,
-                           callbackArgs=(worker, invocation_id, function_id),
-                           errbackArgs=(worker, invocation_id, function_id))
+                           callbackArgs=(worker, invocation_id, message["function_id"]),
+                           errbackArgs=(worker, invocation_id, message["function_id"]))
 
     def _answer_error(self, failure, worker, invocation_id, function_id):
         if failure.check(InvocationError):
@@ -929,13 +939,20 @@ class Engine:
                 return
             self.http_functions.register_from_worker(worker, message)
             return
+        registry_key = self.namespaces.function_key(worker, message)
+        if registry_key is not None:
+            self.add_worker_function(worker, message, registry_key)
+
+    def add_worker_function(self, worker, message, registry_key):
+        """Register a worker's ``registerfunction`` under C{registry_key} (L{namespaces})."""
         self.add_function(FunctionEntry(
-            function_id, worker.host, worker, message["description"],
+            registry_key, worker.host, worker, message["description"],
             message["request_format"], message["response_format"], message["metadata"],
         ))
 
     def _handle_unregisterfunction(self, worker, message):
-        self.unregister_function(message["id"], owner=worker)
+        self.unregister_function(self.namespaces.unregister_key(worker, message["id"]),
+                                 owner=worker)
 
     def _handle_registertriggertype(self, worker, message):
         self.register_trigger_type(
@@ -947,9 +964,17 @@ class Engine:
         self.unregister_trigger_type(message["id"], owner=worker)
 
     def _handle_registertrigger(self, worker, message):
+        try:
+            function_key = self.namespaces.trigger_function_key(message)
+        except InvocationError as e:
+            worker.connection.send({
+                "type": P.TRIGGER_REGISTRATION_RESULT, "id": message["id"],
+                "trigger_type": message["trigger_type"],
+                "function_id": message["function_id"], "error": e.to_body()})
+            return
         # A refusal has been logged and answered by _refused; nothing more to do.
         self.register_trigger(
-            message["id"], message["trigger_type"], message["function_id"],
+            message["id"], message["trigger_type"], function_key,
             message["config"], worker, message["metadata"],
         ).addErrback(lambda f: f.trap(TriggerError) and None)
 

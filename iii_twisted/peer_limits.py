@@ -10,7 +10,8 @@ never say their limit, so the engine learns it from what they do say:
   the ``websockets`` library (``User-Agent: Python/3.x websockets/N``), whose
   ``max_size`` default, 1 MiB, the SDK never changes;
 - after it, ``engine::workers::register``'s ``runtime`` (``python``, ``node``,
-  ``rust``, ...).
+  ``rust``, ...), and its ``features``: ``large-messages.v1`` (PyPI ``iii-sdk`` 0.25)
+  means 64 MiB.
 
 Built-in limits by runtime (the libraries' defaults): ``python`` 1 MiB
 (``websockets``), ``node`` 100 MiB (``ws`` ``maxPayload``), ``rust`` 16 MiB
@@ -31,6 +32,10 @@ that error (see ``Engine``), and a warning names the worker, the size and the li
 MIB = 1024 * 1024
 DEFAULT_MAX_FRAME = MIB
 RUNTIME_MAX_FRAME = {"python": MIB, "node": 100 * MIB, "rust": 16 * MIB}
+# A peer that declares the capability ``large-messages.v1`` in
+# engine::workers::register (PyPI iii-sdk 0.25) reads messages up to this size.
+LARGE_MESSAGES_V1 = "large-messages.v1"
+LARGE_MESSAGES = 64 * MIB
 
 
 class NotSent:
@@ -94,7 +99,11 @@ class PeerFrameLimits:
         """
         connection = worker.connection
         if hasattr(connection, "max_frame_size"):
-            connection.max_frame_size = self.for_runtime(worker.runtime)
+            limit = self.for_runtime(worker.runtime)
+            if LARGE_MESSAGES_V1 in worker.declared.get("features", ()):
+                # py 0.25 declares it: it reads messages up to 64 MiB.
+                limit = max(limit, LARGE_MESSAGES)
+            connection.max_frame_size = limit
 
 
 def too_large(size, limit, who):

@@ -91,6 +91,9 @@ _SCHEMAS = {
         "function_id": (_STR, True),
         "config": (_ANY, False),
         "metadata": (_ANY, False),
+        # Reference 0.23: where the target function lives, where the provider does.
+        "namespace": (_ANY, False),
+        "trigger_namespace": (_ANY, False),
     },
     UNREGISTER_TRIGGER: {"id": (_STR, True), "trigger_type": (_OPT_STR, False)},
     TRIGGER_REGISTRATION_RESULT: {
@@ -109,6 +112,7 @@ _SCHEMAS = {
         # Reference 0.21.3: a per-call side channel beside ``data``, never merged
         # into it; forwarded to the function's worker as it came.
         "metadata": (_ANY, False),
+        "namespace": (_ANY, False),  # reference 0.23: where to route (absent: default)
     },
     INVOCATION_RESULT: {
         "invocation_id": (_STR, True),

@@ -327,3 +327,52 @@ def test_current_queue_api(start_engine, newer_worker, node_worker):
                config={"topic": "late", "queue_config": {"delaySeconds": 5}})
     py.wait_event(lambda l: "Trigger registration failed" in l.get("line", "")
                   and "delaySeconds is not supported" in l["line"])
+
+
+def test_namespaces(start_engine, sdk_worker, newer_worker, node_worker):
+    """
+    py 0.25 workers with ``III_NAMESPACE`` register into their namespace (their
+    registrations arrive before ``engine::workers::register`` names it) and call
+    within it; callers that name no namespace (0.10.0, npm 0.22.1) stay in
+    ``default``, where the same id is another function; a conflict in a namespace
+    is ``registrationrejected``.
+    """
+    engine = start_engine()
+    old = sdk_worker(engine.url, "old-ns")
+    old.register_function({"id": "svc::who"}, lambda data: {"who": "default-old"})
+    team = newer_worker(engine.url, "py-team", env={"III_NAMESPACE": "team-a"})
+    team.request("register_function", function_id="svc::who")
+    team.request("list_functions")
+    node = node_worker(NODE, engine.url, "node-ns")
+
+    # No namespace: default's function, for every SDK generation.
+    assert old.trigger({"function_id": "svc::who", "payload": {}}) == {"who": "default-old"}
+    assert _call(node, "svc::who") == {"who": "default-old"}
+    # A team-a worker's call stays in team-a unless it names default.
+    mine = team.request("call", function_id="svc::who", payload={"n": 1})["result"]
+    assert mine["handled_by"] == "py-team"
+    theirs = team.request("call", function_id="svc::who", payload={},
+                          namespace="default")["result"]
+    assert theirs == {"who": "default-old"}
+    # A miss names where the id lives.
+    team.request("register_function", function_id="team::only")
+    team.request("list_functions")
+    with pytest.raises(WorkerFailed) as missed:
+        node.request("call", function_id="team::only", payload={})
+    assert "registered in namespace(s): team-a" in missed.value.error["message"]
+
+    rows = {(f["function_id"], f["namespace"], f["worker_name"])
+            for f in _call(node, "engine::functions::list")["functions"]}
+    assert {("svc::who", "default", "old-ns"), ("svc::who", "team-a", "py-team"),
+            ("team::only", "team-a", "py-team")} <= rows
+    workers = {w["name"]: w["namespace"] for w in _call(node, "engine::workers::list")["workers"]}
+    assert (workers["py-team"], workers["node-ns"], workers["old-ns"]) == (
+        "team-a", "default", "default")
+
+    # A second live owner of team-a's svc::who is refused (py 0.25 logs a warning).
+    rival = newer_worker(engine.url, "py-rival", env={"III_NAMESPACE": "team-a"})
+    rival.request("register_function", function_id="svc::who")
+    rejected = rival.wait_line("Function registration rejected (FUNCTION_NAMESPACE_CONFLICT)")
+    assert "'svc::who'" in rejected and "'team-a'" in rejected
+    again = team.request("call", function_id="svc::who", payload={"n": 2})["result"]
+    assert again["handled_by"] == "py-team"

@@ -118,16 +118,13 @@ def _python_peer(sdk_worker, url):
     return old, seen
 
 
-@pytest.mark.parametrize("namespace", [None, "team-a"])
-def test_newer_and_old_python_workers_call_each_other(namespace, engine, sdk_worker, newer_worker):
+def test_newer_and_old_python_workers_call_each_other(engine, sdk_worker, newer_worker):
     """
-    Calls both ways, from inside a handler, fire-and-forget and to an unknown id;
-    with a worker namespace the SDK also sends ``namespace`` on every registration
-    and call, which a 0.10.0 engine ignores.
+    Calls both ways, from inside a handler, fire-and-forget and to an unknown id.
+    (With a worker namespace, calls are routed in it: test_current_sdks.py.)
     """
     old, seen = _python_peer(sdk_worker, engine.url)
-    env = {"III_NAMESPACE": namespace} if namespace else {}
-    new = newer_worker(engine.url, "new-peer", env=env)
+    new = newer_worker(engine.url, "new-peer")
     new.request("register_function", function_id="new::echo", description="echo from 0.25")
     functions = {f["function_id"]: f for f in new.request("list_functions")["result"]}
     assert functions["new::echo"]["description"] == "echo from 0.25"

@@ -146,7 +146,7 @@ class DiscoveryGenerationTests(SynchronousTestCase):
         conn = FakeWorkerConnection.connect(self.engine)
         rows = self.listed(conn, "engine::registered-triggers::list")["registered_triggers"]
         assert rows == [{"id": "t1", "trigger_type": "webhook", "function_id": "svc::fn",
-                         "worker_name": "w-0.10.0", "config": {"p": 1},
+                         "namespace": "default", "worker_name": "w-0.10.0", "config": {"p": 1},
                          "config_summary": '{"p":1}', "status": "active"}]
         info = self.listed(conn, "engine::registered-triggers::info", id="t1")
         assert info["trigger"]["instance_count"] == 1
@@ -293,3 +293,109 @@ class TriggerLifecycleTests(SynchronousTestCase):
         failure = self.failureResultOf(d)
         assert failure.value.code == "trigger_registration_failed"
         assert failure.value.message == "config needs a topic"
+
+
+class NamespaceTests(SynchronousTestCase):
+    """Reference 0.23 namespaces; connections that name none behave as in v0.10."""
+
+    def setUp(self):
+        self.engine, _ = make_engine()
+
+    def worker(self, name, namespace=None, functions=()):
+        """A connection that registers C{functions} first, then declares (as SDKs do)."""
+        conn = FakeWorkerConnection.connect(self.engine)
+        for function_id in functions:
+            register(conn, function_id)
+        data = {"runtime": "python", "version": "0.25.0", "name": name}
+        if namespace is not None:
+            data["namespace"] = namespace
+        invoke(conn, "engine::workers::register", data, invocation_id=None,
+               action={"type": "void"})
+        return conn
+
+    def call(self, conn, function_id, invocation_id="c", **extra):
+        conn.pop_sent()
+        invoke(conn, function_id, {"n": 1}, invocation_id=invocation_id, **extra)
+        return conn.sent
+
+    def test_registrations_before_the_namespace_land_in_it(self):
+        """Replayed registrations move into the namespace the connection then names."""
+        team = self.worker("orders", "team-a", ["orders::get"])
+        assert "orders::get" not in self.engine.functions
+        caller = self.worker("caller")
+        # Absent namespace = default: strict, with a hint.
+        [answer] = self.call(caller, "orders::get")
+        assert answer["error"]["code"] == "function_not_found"
+        assert "registered in namespace(s): team-a" in answer["error"]["message"]
+        self.call(caller, "orders::get", namespace="team-a")
+        [forwarded] = team.sent_of_type("invokefunction")
+        assert forwarded["function_id"] == "orders::get"  # the plain id
+        rows = self.successResultOf(self.engine.call("engine::functions::list", {}))
+        assert {(f["function_id"], f["namespace"]) for f in rows["functions"]} == {
+            ("orders::get", "team-a")}
+
+    def test_same_id_in_two_namespaces_and_default(self):
+        """One id per namespace: each call reaches its own namespace's worker."""
+        plain_worker = self.worker("plain", None, ["svc::fn"])
+        a = self.worker("a", "team-a", ["svc::fn"])
+        b = self.worker("b", "team-b", ["svc::fn"])
+        caller = self.worker("caller")
+        for conn, extra in ((plain_worker, {}), (a, {"namespace": "team-a"}),
+                            (b, {"namespace": "team-b"}), (plain_worker, {"namespace": "default"})):
+            conn.pop_sent()
+            self.call(caller, "svc::fn", **extra)
+            assert len(conn.sent_of_type("invokefunction")) == 1, extra
+
+    def test_a_takeover_before_the_namespace_is_given_back(self):
+        """A namespaced worker's replay does not leave default's owner without its function."""
+        owner = self.worker("owner", None, ["svc::fn"])
+        self.worker("ns", "team-a", ["svc::fn"])
+        assert self.engine.functions["svc::fn"].owner is owner.worker
+        assert "svc::fn" in owner.worker.functions
+
+    def test_first_live_owner_keeps_an_id_in_a_namespace(self):
+        """A second worker's id in a namespace: registrationrejected, connection kept."""
+        first = self.worker("first", "team-a", ["svc::fn"])
+        second = self.worker("second", "team-a", ["svc::fn"])
+        [rejected] = second.sent_of_type("registrationrejected")
+        assert rejected == {"type": "registrationrejected",
+                            "code": "FUNCTION_NAMESPACE_CONFLICT", "namespace": "team-a",
+                            "function_id": "svc::fn", "owner_worker_id": first.worker_id}
+        assert second.closed is None
+        reserved = self.worker("third", "team-a", ["engine::mine"])
+        [rejected] = reserved.sent_of_type("registrationrejected")
+        assert (rejected["function_id"], rejected["owner_worker_id"]) == ("engine::mine", "")
+
+    def test_one_live_worker_name_per_namespace(self):
+        """A duplicate name in a namespace is refused and closed; in default it is not."""
+        self.worker("dup", "team-a")
+        again = self.worker("dup", "team-a")
+        [rejected] = again.sent_of_type("registrationrejected")
+        assert rejected["code"] == "WORKER_NAMESPACE_CONFLICT"
+        assert again.closed is not None
+        d1, d2 = self.worker("same"), self.worker("same")
+        assert d1.closed is None and d2.closed is None
+
+    def test_blank_namespaces_are_refused(self):
+        """A blank namespace on a call or a trigger: INVALID_NAMESPACE."""
+        conn = self.worker("w", None, ["svc::fn"])
+        [answer] = self.call(conn, "svc::fn", namespace="  ")
+        assert answer["error"]["code"] == "INVALID_NAMESPACE"
+        conn.receive({"type": "registertrigger", "id": "t", "trigger_type": "x",
+                      "function_id": "svc::fn", "namespace": ""})
+        [result] = conn.sent_of_type("triggerregistrationresult")
+        assert result["error"]["code"] == "INVALID_NAMESPACE"
+
+    def test_triggers_target_their_namespace(self):
+        """registertrigger.namespace says where the target lives; firing reaches it."""
+        team = self.worker("t", "team-a", ["svc::fn"])
+        team.receive({"type": "registertrigger", "id": "t1",
+                      "trigger_type": "engine::workers-available",
+                      "function_id": "svc::fn", "namespace": "team-a", "config": {}})
+        team.pop_sent()
+        FakeWorkerConnection.connect(self.engine)
+        assert len(team.sent_of_type("invokefunction")) == 1
+        [row] = self.successResultOf(self.engine.call(
+            "engine::registered-triggers::list", {"include_internal": True}))[
+                "registered_triggers"]
+        assert (row["function_id"], row["namespace"]) == ("svc::fn", "team-a")

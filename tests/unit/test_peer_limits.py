@@ -202,3 +202,15 @@ def test_config_sets_the_table():
     assert limits.for_runtime("elixir") == 5000
     assert limits.for_runtime(None) == 5000
     assert limits.for_user_agent(PYTHON_UA) == 2 * MIB
+
+
+def test_large_messages_capability_raises_the_limit_to_64_mib():
+    """py 0.25 declares large-messages.v1: it reads 64 MiB, so the engine may send it that."""
+    harness = Harness()
+    client, server = connect(harness, useragent=PYTHON_UA)
+    client.send({"type": "invokefunction", "function_id": "engine::workers::register",
+                 "data": {"runtime": "python", "version": "0.25.0", "name": "w",
+                          "features": ["observe.v1", "large-messages.v1"]},
+                 "action": {"type": "void"}})
+    harness.flush()
+    assert server.max_frame_size == 64 * MIB

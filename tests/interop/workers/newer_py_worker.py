@@ -37,11 +37,12 @@ def main(url, name):
     handler.setFormatter(logging.Formatter("[telemetry] %(message)s"))
     telemetry_log.addHandler(handler)
     telemetry_log.setLevel(logging.DEBUG)
-    # The SDK's own errors (e.g. a trigger registration the engine reports failed).
+    # The SDK's own warnings and errors (a trigger registration the engine reports
+    # failed, a registration it rejected).
     sdk_log = logging.getLogger("iii.iii")
     sdk_handler = logging.StreamHandler(sys.stdout)
-    sdk_handler.setFormatter(logging.Formatter("[iii-error] %(message)s"))
-    sdk_handler.setLevel(logging.ERROR)
+    sdk_handler.setFormatter(logging.Formatter("[iii-%(levelname)s] %(message)s"))
+    sdk_handler.setLevel(logging.WARNING)
     sdk_log.addHandler(sdk_handler)
     worker = register_worker(url, InitOptions(worker_name=name))
     triggers = []
@@ -115,7 +116,8 @@ def main(url, name):
             **({"action": {"type": "void"}} if c.get("void") else {}),
             **({"action": {"type": "enqueue", "queue": c["enqueue"]}}
                if c.get("enqueue") else {}),
-            **({"metadata": c["metadata"]} if "metadata" in c else {})))},
+            **({"metadata": c["metadata"]} if "metadata" in c else {}),
+            **({"namespace": c["namespace"]} if "namespace" in c else {})))},
         "register_trigger": lambda c: triggers.append(worker.register_trigger(dict({
             "type": c["type"], "function_id": c["function_id"],
             "config": c.get("config")},
