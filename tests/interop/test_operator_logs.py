@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -166,6 +167,13 @@ def test_health_endpoints_and_metrics_of_a_real_engine(start_engine, sdk_worker)
         assert json.loads(body)["status"] == "unready"
     status, _ = _get(rest + "live")
     assert status == 200
+    # The image's HEALTHCHECK command says the same.
+    probe = [sys.executable, "-m", "iii_twisted.healthcheck", rest + "ready"]
+    result = subprocess.run(probe, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "503" in result.stdout
+    os.makedirs(os.path.join(engine.workdir, "data", "state"))
+    result = subprocess.run(probe, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout
 
 
 def test_sigterm_drains_calls_in_flight(start_engine, sdk_worker):
