@@ -19,13 +19,16 @@ stdout (``bench/run.py`` drives it). Clients:
 Call ``j`` of caller ``i`` goes to worker ``(i + j) % workers`` (a distinct function
 or procedure per worker: iii has no shared registrations), so every worker is used.
 
-Commands: ``{"op": "calls", "target": "iii"|"echo"|"relay"|"crossbar", "port",
-"callers", "workers", "payload" (bytes of JSON data), "warmup", "duration",
-"cpu_pids"}`` and ``{"op": "http", "target": "iii"|"crossbar"|"floor", "port",
-"ws_port", "connections", "payload", "warmup", "duration", "cpu_pids"}``. Each answer
-has ``calls``, ``seconds``, ``rate`` (calls/s), ``p50_us``, ``p99_us``,
-``server_cpu_s`` (CPU time of ``cpu_pids`` and their children in the window),
-``client_cpu_s`` and ``errors``; or ``error``.
+Commands: ``{"op": "calls", "target": "iii"|"iii-pypy"|"echo"|"relay"|"crossbar",
+"port", "callers", "workers", "inflight" (calls in flight per caller, default 1),
+"payload" (bytes of JSON data), "warmup", "duration", "cpu_pids"}``,
+``{"op": "http", "target": "iii"|"iii-pypy"|"crossbar"|"floor", "port", "ws_port",
+"connections", "payload", "warmup", "duration", "cpu_pids"}`` and ``{"op": "scale",
+"port", "steps", "idle_seconds", "warmup", "duration", "cpu_pids"}`` (see
+L{run_scale}). Each calls/http answer has ``calls``, ``seconds``, ``rate`` (calls/s),
+``p50_us``, ``p99_us``, ``server_cpu_s`` (CPU time of ``cpu_pids`` and their children
+in the window), ``server_rss_kib`` (their RSS at its end), ``client_cpu_s`` and
+``errors``; or ``error``.
 """
 
 import asyncio
@@ -52,8 +55,11 @@ def _children(pid):
         return []
 
 
-def cpu_seconds(pids):
-    """@return: user+system CPU seconds of C{pids} and all their descendants."""
+def cpu_seconds(pids, system_only=False):
+    """
+    @return: user+system CPU seconds of C{pids} and all their descendants (system
+        time only with C{system_only}: the kernel's share, syscalls mostly).
+    """
     total = 0
     seen = set()
     todo = list(pids)
@@ -67,9 +73,32 @@ def cpu_seconds(pids):
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+        # utime, stime (fields 14, 15)
+        total += int(fields[12]) if system_only else int(fields[11]) + int(fields[12])
         todo.extend(_children(pid))
     return total / CLK_TCK
+
+
+def rss_kib(pids):
+    """@return: resident set size (VmRSS, KiB) of C{pids} and their descendants."""
+    total = 0
+    seen = set()
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            with open("/proc/{}/status".format(pid)) as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            continue
+        todo.extend(_children(pid))
+    return total
 
 
 def payload_data(size):
@@ -231,6 +260,7 @@ class Window:
     def begin(self):
         self.t0 = time.perf_counter()
         self.server0 = cpu_seconds(self.cpu_pids)
+        self.server_sys0 = cpu_seconds(self.cpu_pids, True)
         self.client0 = time.process_time()
         self.count = 0
         self.errors = 0
@@ -241,6 +271,7 @@ class Window:
         self.recording = False
         seconds = time.perf_counter() - self.t0
         server = cpu_seconds(self.cpu_pids) - self.server0
+        server_sys = cpu_seconds(self.cpu_pids, True) - self.server_sys0
         client = time.process_time() - self.client0
         lat = sorted(self.latencies)
         pick = (lambda q: lat[min(int(q * len(lat)), len(lat) - 1)] / 1000.0) if lat else (
@@ -248,7 +279,9 @@ class Window:
         return {
             "calls": self.count, "seconds": seconds, "rate": self.count / seconds,
             "p50_us": pick(0.5), "p99_us": pick(0.99), "server_cpu_s": server,
+            "server_sys_s": server_sys,
             "client_cpu_s": client, "errors": self.errors,
+            "server_rss_kib": rss_kib(self.cpu_pids) if self.cpu_pids else None,
         }
 
     def done(self, started_ns, error=False):
@@ -311,15 +344,19 @@ class IIIWorker:
 
 
 class IIICaller:
-    """A lean closed-loop caller: the next invokefunction goes out when one returns."""
+    """
+    A lean closed-loop caller keeping C{inflight} calls in flight: the next
+    invokefunction goes out when one returns.
+    """
 
-    def __init__(self, index, function_ids, data_json, window):
+    def __init__(self, index, function_ids, data_json, window, inflight=1):
         self.index = index
         self.function_ids = [f.encode() for f in function_ids]
         self.data_json = data_json
         self.window = window
-        self.calls = 0
-        self.sent_at = 0
+        self.inflight = inflight
+        self.sent = 0
+        self.sent_at = {}  # invocation id (bytes) -> perf_counter_ns
         self.ws = None
 
     async def start(self, port, path="/"):
@@ -327,23 +364,32 @@ class IIICaller:
         return self
 
     def go(self):
-        self.window.in_flight += 1
-        self._send()
+        self.window.in_flight += self.inflight
+        for _ in range(self.inflight):
+            self._send()
 
     def _send(self):
-        j = self.calls
+        j = self.sent
+        self.sent += 1
         function_id = self.function_ids[(self.index + j) % len(self.function_ids)]
+        invocation_id = str(next(_ids)).encode()
         frame = b"".join((
-            b'{"type":"invokefunction","invocation_id":"', str(next(_ids)).encode(),
+            b'{"type":"invokefunction","invocation_id":"', invocation_id,
             b'","function_id":"', function_id, b'","data":', self.data_json, b"}"))
-        self.sent_at = perf_counter_ns()
+        self.sent_at[invocation_id] = perf_counter_ns()
         self.ws.send(frame)
 
     def on_message(self, payload):
-        if payload.startswith(b'{"type":"workerregistered"'):
+        # The answer (the engine's invocationresult, the relayed worker frame, or the
+        # echoed call) names the invocation.
+        i = payload.find(b'"invocation_id":"')
+        if i < 0:
+            return  # workerregistered and the like
+        i += 17
+        started = self.sent_at.pop(payload[i:payload.index(b'"', i)], None)
+        if started is None:
             return
-        self.calls += 1
-        self.window.done(self.sent_at, b'"error":{' in payload[:300])
+        self.window.done(started, b'"error":{' in payload[:300])
         if self.window.stopping:
             self.window.in_flight -= 1
         else:
@@ -351,7 +397,7 @@ class IIICaller:
 
 
 async def run_iii_calls(cmd, window):
-    target, port = cmd["target"], cmd["port"]
+    target, port = engine_kind(cmd["target"]), cmd["port"]
     tag = "bench{}".format(next(_ids))
     workers = []
     function_ids = ["{}::echo::{}".format(tag, k) for k in range(cmd["workers"])]
@@ -362,7 +408,7 @@ async def run_iii_calls(cmd, window):
         workers = await asyncio.gather(*[
             IIIWorker(f).start(port, path, register=target == "iii") for f in function_ids])
     data_json = dumps(payload_data(cmd["payload"]))
-    callers = [IIICaller(i, function_ids, data_json, window)
+    callers = [IIICaller(i, function_ids, data_json, window, cmd.get("inflight", 1))
                for i in range(cmd["callers"])]
     await asyncio.gather(*[c.start(port) for c in callers])
     try:
@@ -403,7 +449,7 @@ class LeanWamp:
         self.procedures = None
         self.index = 0
         self.calls = 0
-        self.sent_at = 0
+        self.sent_at = {}  # CALL request id -> perf_counter_ns
         self.args_json = None
 
     async def start(self, port, realm="realm1"):
@@ -426,12 +472,10 @@ class LeanWamp:
         if code == INVOCATION:
             self.ws.send(dumps([YIELD, message[1], {}, message[4] if len(message) > 4 else []]))
         elif code == RESULT:
-            self.calls += 1
-            self.window.done(self.sent_at)
+            self.window.done(self.sent_at.pop(message[1]))
             self._next()
         elif code == ERROR and message[1] == CALL:
-            self.calls += 1
-            self.window.done(self.sent_at, True)
+            self.window.done(self.sent_at.pop(message[2]), True)
             self._next()
         elif code == WELCOME:
             self.joined.set_result(message[1])
@@ -446,11 +490,12 @@ class LeanWamp:
             if not self.joined.done():
                 self.joined.set_exception(RuntimeError(str(message)))
 
-    def go(self, index, procedures, data):
+    def go(self, index, procedures, data, inflight=1):
         self.index, self.procedures = index, [p.encode() for p in procedures]
         self.args_json = dumps([data])
-        self.window.in_flight += 1
-        self._send()
+        self.window.in_flight += inflight
+        for _ in range(inflight):
+            self._send()
 
     def _next(self):
         if self.window.stopping:
@@ -460,9 +505,11 @@ class LeanWamp:
 
     def _send(self):
         procedure = self.procedures[(self.index + self.calls) % len(self.procedures)]
-        frame = b"".join((b"[48,", str(next(_ids)).encode(), b',{},"', procedure, b'",',
+        self.calls += 1
+        request = next(_ids)
+        frame = b"".join((b"[48,", str(request).encode(), b',{},"', procedure, b'",',
                           self.args_json, b"]"))
-        self.sent_at = perf_counter_ns()
+        self.sent_at[request] = perf_counter_ns()
         self.ws.send(frame)
 
 
@@ -477,7 +524,7 @@ async def run_crossbar_lean_calls(cmd, window):
     data = payload_data(cmd["payload"])
     try:
         for i, c in enumerate(callers):
-            c.go(i, procedures, data)
+            c.go(i, procedures, data, cmd.get("inflight", 1))
         return await measure(cmd, window)
     finally:
         await window.drain()
@@ -634,7 +681,7 @@ class HTTPClient(asyncio.Protocol):
 
 
 async def run_http(cmd, window):
-    target, port = cmd["target"], cmd["port"]
+    target, port = engine_kind(cmd["target"]), cmd["port"]
     tag = "bench{}".format(next(_ids))
     data = payload_data(cmd["payload"])
     cleanup = []
@@ -691,7 +738,79 @@ async def wait_for_route(loop, port, request, timeout=10.0):
     raise RuntimeError("the http route never answered 200")
 
 
+# -- scale: idle workers and registered functions ---------------------------------------
+
+async def run_scale(cmd, window):
+    """
+    Grow the engine step by step (``steps``: ``{"idle": N, "functions": F}``, both
+    cumulative): N connected idle workers, each hosting one function, and F more
+    functions registered by one extra worker. At each step: the engine's RSS, its CPU
+    while nothing is called (``idle_seconds``), then a sequential call and a
+    pipelined load (4 callers x 16 in flight) to one more worker, each
+    ``duration`` seconds after ``warmup``.
+
+    @return: ``{"steps": [...]}``, one dict per step.
+    """
+    port, pids = cmd["port"], cmd["cpu_pids"]
+    tag = "scale{}".format(next(_ids))
+    active = [await IIIWorker("{}::echo::{}".format(tag, k)).start(port) for k in range(4)]
+    function_ids = [w.function_id for w in active]
+    idle, registrar, registered = [], None, 0
+    data_json = dumps(payload_data(cmd.get("payload", 70)))
+    steps = []
+    try:
+        for step in cmd["steps"]:
+            while len(idle) < step.get("idle", 0):
+                batch = min(50, step["idle"] - len(idle))
+                idle += await asyncio.gather(*[
+                    IIIWorker("{}::idle::{}".format(tag, len(idle) + k)).start(port)
+                    for k in range(batch)])
+            wanted = step.get("functions", 0)
+            if wanted > registered:
+                if registrar is None:
+                    registrar = await IIIWorker(tag + "::many::0").start(port)
+                for k in range(registered, wanted):
+                    registrar.ws.send(dumps({"type": "registerfunction",
+                                             "id": "{}::many::{}".format(tag, k + 1)}))
+                registered = wanted
+                registrar.barrier = asyncio.get_running_loop().create_future()
+                registrar.ws.send(dumps({"type": "invokefunction", "invocation_id": "barrier",
+                                         "function_id": "engine::functions::list",
+                                         "data": {}}))
+                await asyncio.wait_for(registrar.barrier, 60)
+            await asyncio.sleep(0.3)
+            cpu0, t0 = cpu_seconds(pids), time.perf_counter()
+            await asyncio.sleep(cmd["idle_seconds"])
+            idle_cpu = (cpu_seconds(pids) - cpu0) / (time.perf_counter() - t0)
+            row = {"idle": len(idle), "functions": registered, "rss_kib": rss_kib(pids),
+                   "idle_cpu": idle_cpu}
+            for name, callers, inflight in (("sequential", 1, 1), ("pipelined", 4, 16)):
+                w = Window(pids)
+                group = [IIICaller(i, function_ids, data_json, w, inflight)
+                         for i in range(callers)]
+                await asyncio.gather(*[c.start(port) for c in group])
+                try:
+                    for c in group:
+                        c.go()
+                    row[name] = await measure(cmd, w)
+                finally:
+                    await w.drain()
+                    await asyncio.gather(*[c.ws.close() for c in group])
+            row["rss_after_kib"] = rss_kib(pids)
+            steps.append(row)
+    finally:
+        others = active + idle + ([registrar] if registrar else [])
+        for k in range(0, len(others), 100):
+            await asyncio.gather(*[x.ws.close() for x in others[k:k + 100]])
+    return {"steps": steps}
+
+
 # -- the command loop -----------------------------------------------------------------
+
+def engine_kind(target):
+    """Our engine on any Python (``iii``, ``iii-pypy``) is driven the same way."""
+    return "iii" if target.startswith("iii") else target
+
 
 async def handle(cmd):
     window = Window(cmd.get("cpu_pids", []))
@@ -703,6 +822,8 @@ async def handle(cmd):
         return await run_iii_calls(cmd, window)
     if cmd["op"] == "http":
         return await run_http(cmd, window)
+    if cmd["op"] == "scale":
+        return await run_scale(cmd, window)
     raise ValueError("unknown op {!r}".format(cmd["op"]))
 
 

@@ -13,8 +13,9 @@ Steps (../shared/spec/conformance.md):
    sdist's ``uv.lock`` (what upstream CI used), plus pytest-timeout; the venv is
    cached between runs (``--venv``; ``--fresh`` rebuilds it);
 3. start our engine from the checkout: ``twistd -n --pidfile= iii --config CONFIG``
-   with the ``twistd`` beside the running interpreter, in its own process group, the
-   checkout first on ``PYTHONPATH``;
+   with the ``twistd`` beside the running interpreter (or beside ``--engine-python``,
+   e.g. a PyPy venv's: the SDK needs Python >= 3.10, the engine runs on PyPy 3.9), in
+   its own process group, the checkout first on ``PYTHONPATH``;
 4. wait for its worker and HTTP ports, run pytest with ``III_URL``/``III_HTTP_URL``
    and a per-test timeout, then stop the engine (its whole process group);
 5. count from pytest's JUnit report; a test skipped with "III engine not available"
@@ -28,6 +29,7 @@ Usage::
     python conformance/run_py_sdk_suite.py                      # the whole suite
     python conformance/run_py_sdk_suite.py tests/test_bridge.py # pytest args
     python conformance/run_py_sdk_suite.py --config /tmp/me/trimmed.yaml -- -k state
+    python conformance/run_py_sdk_suite.py --engine-python .venv-pypy/bin/python
 
 Standard library only: it runs in any environment where this package is installed.
 """
@@ -96,6 +98,10 @@ def parse_args(argv):
                         help="install the latest test deps instead of the uv.lock pins")
     parser.add_argument("--pdf-kb", type=int, default=1024,
                         help="size of the synthetic handbook.pdf in KiB")
+    parser.add_argument("--engine-python", default=sys.executable,
+                        help="the Python whose twistd runs the engine (default: the one "
+                             "running this script), e.g. a PyPy venv's bin/python; the "
+                             "suite's own venv is built from the Python running this script")
     parser.add_argument("--keep-workdir", action="store_true")
     parser.add_argument("--log-lines", type=int, default=60,
                         help="engine log lines shown on failure")
@@ -286,12 +292,12 @@ def ensure_venv(args, sdk_dir, work):
 
 # -- the engine ----------------------------------------------------------------------
 
-def twistd_path():
-    """@return: the twistd of the Python environment running this script."""
-    candidate = os.path.join(os.path.dirname(sys.executable), "twistd")
+def twistd_path(python):
+    """@return: the command of the twistd of the Python environment of C{python}."""
+    candidate = os.path.join(os.path.dirname(python), "twistd")
     if os.path.exists(candidate):
         return [candidate]
-    return [sys.executable, "-m", "twisted.scripts.twistd"]
+    return [python, "-m", "twisted.scripts.twistd"]
 
 
 def start_engine(args, work, ws, http):
@@ -309,7 +315,7 @@ def start_engine(args, work, ws, http):
                 "{}:{} is in use before the engine started: refusing to test an unknown "
                 "engine (another run? use flock /tmp/iii-suite.lock)".format(host, port),
                 ENGINE_FAILED)
-    cmd = twistd_path() + ["-n", "--pidfile=", "iii", "--config", args.config]
+    cmd = twistd_path(args.engine_python) + ["-n", "--pidfile=", "iii", "--config", args.config]
     env = dict(os.environ)
     # This checkout first, so its modules (and its twisted/plugins dropin) are the ones
     # that run, whatever else the environment has installed.

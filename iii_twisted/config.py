@@ -1,17 +1,27 @@
 """
-``iii-config.yaml``: loading, ``${VAR:default}`` expansion and validation.
+``iii-config.yaml``: loading, ``${VAR:default}`` expansion and validation of both of the
+reference's file formats into one model, L{EngineConfig}.
 
-The file's shape (../shared/spec/engine-core.md §10)::
+The v0.10 shape (../shared/spec/engine-core.md §10)::
 
     port: 49134                    # worker WebSocket port (0 means 49134)
     modules:                       # then `workers:`, same shape, appended
       - class: modules::state::StateModule
-        config: {...}
+        config: {adapter: {class: modules::state::adapters::KvStore}}
 
-Our own optional top-level keys (the reference ignores unknown keys, so a file using
-them still loads there): ``host`` (interface, default 0.0.0.0), ``listen`` (a Twisted
-endpoint string that overrides port and host), ``invocation_timeout_ms``,
-``max_message_size``, ``ws_ping_interval_ms``, ``ws_ping_timeout_ms``.
+The current shape (reference v0.11 on; ../shared/spec/current-reference.md §3)::
+
+    workers:
+      - name: iii-worker-manager   # the worker listener: port, host, ...
+        config: {port: 49134}
+      - name: state                # or iii-state
+        config: {adapter: {name: kv}}
+
+Every key is declared in a schema (L{iii_twisted.schema}, which says how to add one):
+L{ENGINE_SCHEMA} (top level, both formats), L{LISTENER_SCHEMA} (top level in v0.10,
+``iii-worker-manager`` in the current format), and each module class's
+C{config_schema}. Validation is strict at every depth; an error names the file, the
+key path and the key probably meant. A file mixing the formats is refused.
 
 ``${VAR}`` and ``${VAR:default}`` are expanded in every string value after parsing.
 Deviation from the reference, which substitutes in the raw text: comments are not
@@ -172,8 +182,7 @@ class EngineConfig:
         self.port = port
         self.host = host
         self.listen = listen or "tcp:{}:interface={}".format(port, host)
-        self.modules = [m if isinstance(m, ModuleEntry) else ModuleEntry(*m)
-                        for m in modules]
+        self.modules = _with_instances(modules)
         self.invocation_timeout = invocation_timeout
         self.max_message_size = max_message_size
         self.ws_ping_interval = ws_ping_interval
@@ -261,6 +270,9 @@ def _lookup(match, environ, key):
     value = environ.get(name)
     if value is not None:
         return value
+    if default == "__III_ENGINE_VERSION__":  # as the reference: the engine's version
+        from . import __version__
+        return __version__
     if default is not None:
         return default
     raise ConfigError(
@@ -286,13 +298,16 @@ def from_dict(data, source=None):
         raise ConfigError("the file must hold a mapping, not {}".format(_kind(data)))
     fmt = detect_format(data)
     context = Context(fmt)
-    top = (V010_SCHEMA if fmt == V010 else CURRENT_SCHEMA).validate(data, "", context)
+    top_schema = V010_SCHEMA if fmt == V010 else CURRENT_SCHEMA
+    top = top_schema.validate(data, "", context)
+    # A module's key that belongs at the top level gets a hint saying so.
+    context = context.inside("", top_schema)
     if fmt == V010:
         listener, listener_key = top, ""
     else:
         listener, listener_key = {}, None
     modules = []
-    seen = {}
+    names = {}  # current-format name -> first key using it
     for section in ("modules", "workers"):
         for i, entry in enumerate(top.get(section) or []):
             key = "{}[{}]".format(section, i)
@@ -303,6 +318,7 @@ def from_dict(data, source=None):
                 name = _entry_class(entry, key, MODULE_CLASSES)
             else:
                 name = _entry_name(entry, key, WORKER_NAMES, NOT_IMPLEMENTED)
+                _check_migrated(entry["name"], key, names)
                 if name == LISTENER_NAME:
                     if listener_key is not None:
                         raise ConfigError(
@@ -318,10 +334,7 @@ def from_dict(data, source=None):
                 if extra not in ("class", "name", "config", "image"):
                     raise _misplaced(extra, key, fmt, schema)
             config = schema.validate(entry.get("config"), key + ".config", context)
-            base = _instance_name(name)
-            seen[base] = seen.get(base, 0) + 1
-            instance = base if seen[base] == 1 else "{}#{}".format(base, seen[base])
-            modules.append(ModuleEntry(name, config, key, instance))
+            modules.append((name, config, key))
     port = _value(listener, "port")
     if port == 0:  # as in the reference: 0 means the default port
         port = DEFAULT_PORT
@@ -355,9 +368,40 @@ def _value(mapping, key, schema=LISTENER_SCHEMA):
     return schema.keys[key].default if value is None else value
 
 
-def _instance_name(iii_class):
+def describe_all():
+    """@return: every config key of the engine and its modules, as text."""
+    from .modules import MODULE_CLASSES, WORKER_NAMES, module_schema
+
+    parts = ["Top level (both formats):", ENGINE_SCHEMA.describe("  "),
+             "Worker listener (top level in v0.10; iii-worker-manager config in the "
+             "current format):", LISTENER_SCHEMA.describe("  ")]
+    factories = []
+    for iii_class in WORKER_NAMES.values():
+        if MODULE_CLASSES[iii_class] not in factories:
+            factories.append(MODULE_CLASSES[iii_class])
+    for iii_class in factories:
+        classes = [c for c, f in MODULE_CLASSES.items() if f == iii_class]
+        names = [n for n, c in WORKER_NAMES.items() if c in classes]
+        parts.append("{} ({}):".format(" / ".join(names), ", ".join(classes)))
+        parts.append(module_schema(classes[0]).describe("  ") or "  (no keys)")
+    return "\n".join(parts)
+
+
+def _with_instances(modules):
+    """
+    @return: C{modules} as L{ModuleEntry}s, each with its instance id: the
+        current-format name of its class, ``#2``, ``#3``... for repeats.
+    """
     from .modules import current_name
-    return current_name(iii_class) or iii_class
+
+    seen, result = {}, []
+    for module in modules:
+        name, config, key = module[:3]
+        base = current_name(name) or name
+        seen[base] = seen.get(base, 0) + 1
+        instance = base if seen[base] == 1 else "{}#{}".format(base, seen[base])
+        result.append(ModuleEntry(name, config, key, instance))
+    return result
 
 
 def detect_format(data):
@@ -402,6 +446,24 @@ def detect_format(data):
                     "iii-worker-manager, config: {{{k}: ...}}}}])".format(k=key), key)
         return CURRENT
     return V010
+
+
+# The reference's older names of its built-in workers and their short names (v0.22):
+# a file may use either, not both (engine/src/workers/config.rs,
+# validate_migrated_worker_duplicates).
+MIGRATED_NAMES = {"iii-http": "http", "iii-cron": "cron", "iii-queue": "queue",
+                  "iii-state": "state", "iii-pubsub": "pubsub"}
+
+
+def _check_migrated(name, key, names):
+    names.setdefault(name, key)
+    for old, new in MIGRATED_NAMES.items():
+        if name in (old, new) and old in names and new in names:
+            raise ConfigError(
+                "{old!r} is the older name of {new!r}, and both are present ({first} "
+                "and {second}): use one of them".format(
+                    old=old, new=new, first=names[old if name == new else new],
+                    second=key), key + ".name")
 
 
 def _entry_class(entry, key, known):

@@ -30,7 +30,8 @@ class _Env(str):
     pass
 
 
-_RawLoader.add_constructor("!iii-env", lambda loader, node: _Env(loader.construct_scalar(node)))
+_RawLoader.add_constructor(
+    "!iii-env", lambda loader, node: _Env(loader.construct_scalar(node)))
 
 
 class _Dumper(yaml.SafeDumper):

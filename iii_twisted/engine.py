@@ -216,7 +216,9 @@ class CallableHost:
         return Failure(InvocationError(
             P.INVOCATION_FAILED,
             failure.getErrorMessage(),
-            "".join(traceback.format_exception(failure.value)),
+            # The three-argument form: Python 3.9 (PyPy) has no one-argument one.
+            "".join(traceback.format_exception(
+                type(failure.value), failure.value, failure.value.__traceback__)),
         ))
 
 

@@ -64,6 +64,9 @@ def diff_configs(old, new):
         engine.append("invocation_timeout_ms")
     if (old.watch, old.watch_interval) != (new.watch, new.watch_interval):
         engine.append("watch")
+    for name in ("log_level", "log_format"):
+        if getattr(old, name, None) != getattr(new, name, None):
+            engine.append(name)
     return ConfigChanges(
         added=[i for i in after if i not in before],
         removed=[i for i in before if i not in after],
@@ -93,12 +96,17 @@ class KeptStore:
 def handover(old_module, old_entry, new_entry):
     """
     @return: the keyword arguments that give the new instance what the old one keeps
-        (its store, when the adapter config did not change and the module's factory
-        takes one), after making the old instance's stop leave it open.
+        (its store, when the adapter config did not change and the module's class
+        lists ``store`` in its C{reload_handover}: a store usable by two instances in
+        turn without being reopened), after making the old instance's stop leave it
+        open. Other modules' stores are closed by the old instance and reopened by the
+        new one (a file store keeps its data that way).
     """
     factory = load_module_factory(new_entry.name)
     store = getattr(old_module, "store", None)
     if store is None or MODULE_CLASSES[old_entry.name] != MODULE_CLASSES[new_entry.name]:
+        return {}
+    if "store" not in getattr(factory, "reload_handover", ()):
         return {}
     if (old_entry.config or {}).get("adapter") != (new_entry.config or {}).get("adapter"):
         return {}

@@ -21,9 +21,8 @@ def describe_store(store):
     """@return: where a store keeps its data: an absolute path, or ``in memory``."""
     if store is None:
         return None
-    inner = getattr(store, "_store", store)  # a store kept across a reload
-    if callable(inner):  # KvStoreBase._store is a method, not a wrapped store
-        inner = store
+    from .reload import KeptStore
+    inner = store._store if isinstance(store, KeptStore) else store
     for attribute in ("directory", "path"):
         value = getattr(inner, attribute, None)
         if isinstance(value, str):

@@ -109,7 +109,13 @@ class Key:
     """
 
     def __init__(self, kind, default=None, doc="", min=None, max=None, choices=None,
-                 required=False):
+                 required=False, check=None):
+        """
+        @param check: a callable taking the value and returning None when it is
+            acceptable, or a message saying what is allowed (``host`` must be an IP
+            address, ...).
+        """
+        self.check = check
         self.kind = kind
         self.default = default
         self.doc = doc
@@ -144,6 +150,10 @@ class Key:
                 else:
                     allowed = "at most {}".format(high)
                 raise _error("must be {}, not {}".format(allowed, value), path)
+        if self.check is not None:
+            problem = self.check(value)
+            if problem:
+                raise _error(problem, path)
         return value
 
 
@@ -224,11 +234,14 @@ class Section:
 
     @param _open: accept keys not declared (their values unchecked): only for
         sections the engine ignores as a whole.
+    @param _check: a callable taking the validated mapping and returning None, or
+        C{(key, message)} for a rule across keys (a fifo queue needs its group field).
     """
 
-    def __init__(self, _open=False, **keys):
+    def __init__(self, _open=False, _check=None, **keys):
         self.keys = {}
         self.open = _open
+        self.check = _check
         for name, key in keys.items():
             self.add(name, key)
 
@@ -241,7 +254,7 @@ class Section:
 
     def extend(self, **keys):
         """@return: a new section with this one's keys and C{keys}."""
-        section = Section(_open=self.open, **self.keys)
+        section = Section(_open=self.open, _check=self.check, **self.keys)
         for name, key in keys.items():
             section.add(name, key)
         return section
@@ -283,6 +296,10 @@ class Section:
             if isinstance(key, Key) and key.required and value.get(name) is None:
                 raise _error("is required{}".format(
                     " ({})".format(key.doc) if key.doc else ""), _join(path, name))
+        if self.check is not None:
+            problem = self.check(result)
+            if problem:
+                raise _error(problem[1], _join(path, problem[0]))
         return result
 
     def unknown(self, name, path, context):
@@ -314,15 +331,43 @@ class Section:
                 lines.append("{}{}: refused ({})".format(indent, name, key.why))
                 continue
             kinds = key.kind if isinstance(key.kind, tuple) else (key.kind,)
-            text = "{}{} ({}{}): {}".format(
-                indent, name, " or ".join(_describe(k) for k in kinds),
+            limits = ""
+            if key.choices is not None:
+                limits = ", one of {}".format(", ".join(str(c) for c in key.choices))
+            elif key.min is not None or key.max is not None:
+                limits = ", {}..{}".format("" if key.min is None else key.min,
+                                           "" if key.max is None else key.max)
+            text = "{}{} ({}{}{}{}): {}".format(
+                indent, name, " or ".join(_describe(k) for k in kinds), limits,
                 "" if key.default is None else ", default {!r}".format(key.default),
-                key.doc)
+                ", required" if key.required else "", key.doc)
             lines.append(text.rstrip(": "))
             for kind in kinds:
-                if isinstance(kind, Section):
-                    lines.append(kind.describe(indent + "  "))
+                lines.append(_describe_inner(kind, indent + "  "))
         return "\n".join(line for line in lines if line)
+
+
+def _describe_inner(kind, indent):
+    """@return: the keys inside a nested kind, indented (empty for plain types)."""
+    if isinstance(kind, Section):
+        return kind.describe(indent)
+    if isinstance(kind, (ListOf, MapOf)):
+        inner = kind.item.kind
+        label = "each item" if isinstance(kind, ListOf) else "each entry (by name)"
+        text = _describe_inner(inner, indent + "  ")
+        return "{}{}:\n{}".format(indent, label, text) if text else ""
+    if isinstance(kind, Adapters):
+        lines = []
+        for adapter in kind.adapters:
+            head = "{}name: {} (v0.10 class: {})".format(
+                indent, adapter.name, ", ".join(adapter.classes))
+            if adapter.schema is None:
+                lines.append(head + ": not available in this engine")
+                continue
+            lines.append(head + (", config:" if adapter.schema.keys else ""))
+            lines.append(adapter.schema.describe(indent + "  "))
+        return "\n".join(line for line in lines if line)
+    return ""
 
 
 def _placed(path):

@@ -22,19 +22,18 @@ from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred, 
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from . import __version__
 from .channels import install_channels
 from .config import LISTENER_NAME, ConfigError, EngineConfig, from_dict, load_config
 from . import health
 from .engine import Engine
 from .health import Health
-
-DRAIN_POLL = 0.05  # seconds between looks at the calls in flight while draining
-from .listeners import Listener
+from .listeners import Listener, ListenerError
 from .modules import build_module
-from .reload import diff_configs, handover
+from .reload import KeptStore, diff_configs, handover
 from .report import startup_report
 from .worker import WorkerFactory
+
+DRAIN_POLL = 0.05  # seconds between looks at the calls in flight while draining
 
 # Engine attributes a module may set to itself (cleared when it is removed).
 _ENGINE_HOOKS = ("enqueuer", "telemetry_sink", "worker_metrics", "http_functions")
@@ -133,6 +132,8 @@ class EngineService(MultiService):
         @raise ConfigError: naming the file and the module's key.
         """
         functions, types = dict(self.engine.functions), dict(self.engine.trigger_types)
+        hooks = _engine_hook_lists(self.engine)
+        before = [list(hook_list) for hook_list in hooks]
         try:
             module = build_module(entry.name, self.engine, entry.config, self.reactor,
                                   **kept)
@@ -144,6 +145,8 @@ class EngineService(MultiService):
             {f: e for f, e in self.engine.functions.items() if functions.get(f) is not e},
             {t: e for t, e in self.engine.trigger_types.items() if types.get(t) is not e},
         )
+        module._iii_hooks = [[h for h in hook_list if h not in old]
+                             for hook_list, old in zip(hooks, before)]
         return module
 
     def listening(self):
@@ -290,18 +293,15 @@ class EngineService(MultiService):
                 kept = handover(old_module, old_entry, after[instance])
                 await self._retire(old_module)
                 try:
-                    module = self._build(after[instance], new, **kept)
+                    module = await self._start_module(after[instance], new, kept)
                 except ConfigError:
                     # The old config again, so that the engine keeps its module.
-                    module = self._build(old_entry, self.config, **kept)
-                    self._adopt(module)
+                    module = await self._start_module(old_entry, self.config, kept)
                     self._instances[instance] = (old_entry, module)
                     raise
-                self._adopt(module)
                 self._instances[instance] = (after[instance], module)
             for instance in changes.added:
-                module = self._build(after[instance], new)
-                self._adopt(module)
+                module = await self._start_module(after[instance], new, {})
                 self._instances[instance] = (after[instance], module)
             if changes.listener:
                 await self._replace_listener(new)
@@ -339,6 +339,30 @@ class EngineService(MultiService):
             await maybeDeferred(retire if retire is not None else module.stopService)
         if module in self.modules:
             self.modules.remove(module)
+        # Its call observers and detach hooks go with it (a new instance adds its own).
+        for hook_list, added in zip(_engine_hook_lists(self.engine),
+                                    getattr(module, "_iii_hooks", ())):
+            for hook in added:
+                if hook in hook_list:
+                    hook_list.remove(hook)
+
+    async def _start_module(self, entry, config, kept):
+        """
+        Build a module and start it in place of its old instance.
+
+        @raise ConfigError: when it refuses its config or cannot bind its port (then
+            it is stopped again, leaving a handed-over store open).
+        """
+        module = self._build(entry, config, **kept)
+        try:
+            self._adopt(module)
+        except ListenerError as e:
+            if "store" in kept:
+                module.store = KeptStore(kept["store"])
+            if module in self.services:
+                await self._retire(module)
+            raise ConfigError(str(e), entry.key + ".config", config.source)
+        return module
 
     def _adopt(self, module):
         """Add a (re)built module before the worker listener, starting it if running."""
@@ -409,6 +433,14 @@ class EngineService(MultiService):
         # Not returned: TimerService would stop polling after a failed reload.
         self.reload().addErrback(lambda _: None)
         return None
+
+
+def _engine_hook_lists(engine):
+    """
+    @return: the engine's lists of call observers and detach hooks, which modules add
+        to (Engine.add_call_observer, add_detach_hook) and a reload takes back.
+    """
+    return [engine._observers, engine._detach_hooks]
 
 
 def _file_state(path):

@@ -5,6 +5,7 @@
     twistd iii --check-config FILE     validate FILE, say what it holds, exit
     twistd iii --convert FILE          print FILE in the other config format, exit
     twistd iii --version               print the engine's version, exit
+    twistd iii --describe-config       print every config key, exit
 
 A config error or a port that cannot be bound is one line on stderr and exit status 1,
 without a traceback (``--debug`` shows it).
@@ -35,6 +36,8 @@ class Options(usage.Options):
     ]
     optFlags = [
         ["debug", None, "Show the traceback of config and start-up errors."],
+        ["describe-config", None, "Print every config key (type, range, default, "
+                                  "meaning) and exit."],
     ]
 
     def opt_version(self):
@@ -47,6 +50,10 @@ class Options(usage.Options):
         Load and validate the config file now, so that a bad one stops twistd with
         one line naming the file and key (and exit status 1).
         """
+        if self["describe-config"]:
+            from .config import describe_all
+            sys.stdout.write(describe_all() + "\n")
+            sys.exit(0)
         if self["check-config"]:
             self._check(self["check-config"])
         if self["convert"]:

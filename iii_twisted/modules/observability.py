@@ -81,11 +81,22 @@ _EXPORTERS = ("memory", "otlp", "both")
 
 
 def _pos(default, doc, kind=int):
-    return Key(kind, default, doc, min=1 if kind is int else 1e-9)
+    # Numbers must be positive: 0 passes here and the module refuses it, saying so.
+    return Key(kind, default, doc, min=1 if kind is int else 0)
 
 
 def _share(default, doc):
     return Key(float, default, doc, min=0.0, max=1.0)
+
+
+def _alert_rules(alert):
+    action = alert.get("action") or {}
+    kind = action.get("type") or "log"
+    if kind == "webhook" and not action.get("url"):
+        return "action.url", "is required for a webhook action"
+    if kind == "function" and not action.get("path"):
+        return "action.path", "is required for a function action"
+    return None
 
 
 CONFIG_SCHEMA = Section(
@@ -136,6 +147,7 @@ CONFIG_SCHEMA = Section(
     log_level=Key(str, "info", "same as level (level wins)", choices=tuple(THRESHOLDS)),
     format=Key(str, "default", "accepted for compatibility", choices=("default", "json")),
     alerts=Key(ListOf(Section(
+        _check=_alert_rules,
         name=Key(str, None, "alert name", required=True),
         metric=Key(str, None, "metric watched", required=True),
         threshold=Key(float, None, "value compared", required=True),
@@ -154,7 +166,9 @@ CONFIG_SCHEMA = Section(
         port=Key(int, 9464, "TCP port of /metrics", min=0, max=65535),
         host=Key(str, "127.0.0.1", "interface"),
         listen=Key(str, None, "a Twisted endpoint string; overrides port and host"),
-    )), None, "Prometheus /metrics listener (an endpoint string, a mapping, or false)"),
+    )), None, "Prometheus /metrics listener (an endpoint string, a mapping, or false)",
+        check=lambda v: "must be a mapping {port, host}, an endpoint string or false"
+        if v is True else None),
     limits=Key(Section(
         attributes=_pos(128, "attributes per span"),
         events=_pos(128, "events per span"),

@@ -85,6 +85,9 @@ CONFIG_SCHEMA = Section(
         Adapter("redis", ("modules::queue::RedisAdapter",), None),
     ), None, "where messages are kept (default: builtin in memory)"),
     queue_configs=Key(MapOf(Section(
+        _check=lambda q: ("message_group_field", "a fifo queue needs message_group_field "
+                          "(the data field that names a message's group)")
+        if q.get("type") == "fifo" and not q.get("message_group_field") else None,
         max_retries=Key(int, 3, "deliveries before dead-lettering", min=0),
         type=Key(str, "standard", "standard or fifo", choices=("standard", "fifo")),
         message_group_field=Key(str, None, "data field naming a fifo message's group"),

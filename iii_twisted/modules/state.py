@@ -73,6 +73,8 @@ class StateModule(Service):
 
     iii_class = None
     config_schema = CONFIG_SCHEMA
+    # A reload hands the store to the new instance (iii_twisted/reload.py).
+    reload_handover = ("store",)
     _log = Logger()
 
     def __init__(self, engine, config, reactor, store=None):

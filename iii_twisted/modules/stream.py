@@ -69,10 +69,20 @@ from ._kvcommon import (
 KV_ADAPTER = "modules::stream::adapters::KvStore"
 CONFIG_KEYS = ("port", "host", "auth_function", "adapter")
 
+def _ip_address(host):
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return ("must be an IP address (such as 0.0.0.0 or 127.0.0.1), not "
+                "{!r}".format(host))
+    return None
+
+
 # Every key of the module's config (iii_twisted/schema.py says how to add one).
 CONFIG_SCHEMA = Section(
     port=Key(int, 3112, "TCP port of the stream WebSocket", min=0, max=65535),
-    host=Key(str, "0.0.0.0", "interface (an IP address) the port listens on"),
+    host=Key(str, "0.0.0.0", "interface (an IP address) the port listens on",
+             check=_ip_address),
     auth_function=Key(str, None, "function that accepts or refuses a client"),
     adapter=Key(Adapters(
         Adapter("kv", (KV_ADAPTER,), KV_STORE_SCHEMA.extend(
@@ -119,6 +129,8 @@ class StreamModule(MultiService):
 
     iii_class = None
     config_schema = CONFIG_SCHEMA
+    # A reload hands the store to the new instance (iii_twisted/reload.py).
+    reload_handover = ("store",)
     _log = Logger()
 
     def __init__(self, engine, config, reactor, store=None):

@@ -12,7 +12,11 @@ import sys
 import threading
 import time
 
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+#: The Python that runs the engine: this one, or the one named by III_ENGINE_PYTHON
+#: (e.g. a PyPy venv's bin/python), so that tests driving it with official SDK workers,
+#: which need CPython >= 3.10, check the engine on PyPy (README, "Running on PyPy").
+ENGINE_PYTHON = os.environ.get("III_ENGINE_PYTHON") or sys.executable
+TWISTD = os.path.join(os.path.dirname(ENGINE_PYTHON), "twistd")
 
 
 def free_port():

@@ -175,3 +175,30 @@ def test_make_service_binds_the_worker_port(tmp_path):
     assert (port, interface) == (5555, "127.0.0.1")
     assert factory is service.worker_factory
     service.stopService()
+
+
+def test_convert_option(tmp_path, capsys):
+    """--convert prints the file in the other format and exits 0."""
+    path = tmp_path / "c.yaml"
+    path.write_text("port: 5000\nmodules:\n  - class: modules::cron::CronModule\n")
+    with pytest.raises(SystemExit) as e:
+        tap.Options().parseOptions(["--convert", str(path)])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "workers:\n- name: iii-worker-manager\n  config:\n    port: 5000\n" \
+        "- name: iii-cron\n" in out
+    converted = tmp_path / "d.yaml"
+    converted.write_text(out)
+    assert load_config(str(converted)).port == 5000
+
+
+def test_describe_config(capsys):
+    """--describe-config lists every key with its type, range and default."""
+    with pytest.raises(SystemExit) as e:
+        tap.Options().parseOptions(["--describe-config"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "  port (an integer, 0..65535, default 49134): TCP port workers" in out
+    assert "iii-http / http (modules::api::RestApiModule, " \
+        "modules::rest_api::RestApiModule):\n  port (an integer, 0..65535, default 3111)" in out
+    assert "name: kv (v0.10 class: modules::state::adapters::KvStore), config:" in out

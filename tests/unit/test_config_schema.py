@@ -58,6 +58,8 @@ MODULE_ERRORS = [
     ("modules::stream::StreamModule", "iii-stream",
      "adapter: {config: {channel_size: 0}}",
      "adapter.config.channel_size", "must be at least 1"),
+    ("modules::stream::StreamModule", "iii-stream", "host: localhost",
+     "host", "must be an IP address"),
     ("modules::stream::StreamModule", "iii-stream", "auth_fn: x",
      "auth_fn", "unknown key 'auth_fn'"),
     # pub/sub
@@ -76,6 +78,9 @@ MODULE_ERRORS = [
     ("modules::queue::QueueModule", "iii-queue",
      "queue_configs: {orders: {concurrency: 0}}",
      "queue_configs.orders.concurrency", "must be at least 1"),
+    ("modules::queue::QueueModule", "iii-queue",
+     "queue_configs: {orders: {type: fifo}}",
+     "queue_configs.orders.message_group_field", "a fifo queue needs message_group_field"),
     # cron
     ("modules::cron::CronModule", "cron", "adapter: {config: {lock_ttl: 1}}",
      "adapter.config.lock_ttl", "did you mean 'lock_ttl_ms'?"),
@@ -93,6 +98,11 @@ MODULE_ERRORS = [
     ("modules::observability::OtelModule", "iii-observability",
      "alerts: [{name: a, metric: m, threshold: 1, action: {type: mail}}]",
      "alerts[0].action.type", "must be one of log, webhook, function"),
+    ("modules::observability::OtelModule", "iii-observability",
+     "alerts: [{name: a, metric: m, threshold: 1, action: {type: webhook}}]",
+     "alerts[0].action.url", "is required for a webhook action"),
+    ("modules::observability::OtelModule", "iii-observability", "prometheus: true",
+     "prometheus", "must be a mapping {port, host}, an endpoint string or false"),
     ("modules::observability::OtelModule", "iii-observability", "logs_max_cnt: 5",
      "logs_max_cnt", "did you mean 'logs_max_count'?"),
     # HTTP functions
@@ -134,6 +144,9 @@ FILE_ERRORS = [
      "modules[0].port", "it belongs under config: (check the indentation)"),
     ("workers:\n  - name: http\n    port: 3111\n",
      "workers[0].port", "it belongs under config:"),
+    ("modules:\n  - class: modules::api::RestApiModule\n"
+     "    config: {invocation_timeout_ms: 5}\n", "modules[0].config.invocation_timeout_ms",
+     "it belongs at the top level (check the indentation)"),
     ("modules:\n  - class: modules::api::RestApiModule\n    confg: {}\n",
      "modules[0].confg", "did you mean 'config'?"),
     # mixing the formats
@@ -149,6 +162,8 @@ FILE_ERRORS = [
      "modules[0].config.adapter.name", "adapter name: is the current format"),
     ("workers:\n  - {name: iii-http, class: modules::api::RestApiModule}\n",
      "workers[0]", "not both"),
+    ("workers:\n  - name: iii-state\n  - name: http\n  - name: state\n",
+     "workers[2].name", "'iii-state' is the older name of 'state', and both are present"),
     # names this engine refuses or does not know
     ("workers:\n  - name: iii-worker-ops\n", "workers[0].name", "not part of this engine"),
     ("workers:\n  - name: iii-sandbox\n", "workers[0].name", "not part of this engine"),
@@ -260,7 +275,7 @@ def test_worker_port_in_iii_worker_manager():
 def test_repeated_modules_get_instance_ids():
     """A second module of a class is name#2, as the reference's instance ids."""
     config = parse("workers:\n  - name: http\n    config: {port: 1}\n"
-                   "  - name: iii-http\n    config: {port: 2}\n")
+                   "  - name: http\n    config: {port: 2}\n")
     assert [m.instance for m in config.modules] == ["iii-http", "iii-http#2"]
 
 
@@ -312,3 +327,21 @@ def test_example_current_format_is_the_root_config():
     new = load_config(os.path.join(root, "examples", "iii-config.current.yaml"))
     assert new.format == "current"
     assert model(old) == model(new)
+
+
+def test_engine_version_variable():
+    """${VAR:__III_ENGINE_VERSION__} gives the engine's version, as in the reference."""
+    from iii_twisted import __version__
+    config = parse("modules:\n  - class: modules::observability::OtelModule\n"
+                   "    config: {service_version: '${V:__III_ENGINE_VERSION__}'}\n")
+    assert config.modules[0].config["service_version"] == __version__
+
+
+def test_every_module_declares_its_schema():
+    """Each module class has a config_schema, and each current name maps to a class."""
+    from iii_twisted.modules import MODULE_CLASSES, WORKER_NAMES, load_module_factory
+    from iii_twisted.schema import Section
+    for iii_class in MODULE_CLASSES:
+        schema = getattr(load_module_factory(iii_class), "config_schema", None)
+        assert isinstance(schema, Section) and not schema.open, iii_class
+    assert set(WORKER_NAMES.values()) <= set(MODULE_CLASSES)

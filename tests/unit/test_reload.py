@@ -292,3 +292,123 @@ def test_reload_without_a_file_needs_a_config():
     result = run.reload(None)
     assert "no config file to reread" in str(result.value)
     run.stop()
+
+
+def test_queue_journal_kept_across_a_restart(tmp_path):
+    """A file-based queue restarted by a reload replays its journal: nothing is lost."""
+    def queue(concurrency):
+        return {"name": "queue", "config": {
+            "adapter": {"name": "builtin", "config": {
+                "store_method": "file_based", "file_path": str(tmp_path / "q")}},
+            "queue_configs": {"jobs": {"concurrency": concurrency}}}}
+    run = Running(seed(extra=[queue(1)]))
+    d = run.engine.call("w::job", {"n": 1}, action={"type": "enqueue", "queue": "jobs"})
+    run.reactor.advance(0)
+    assert d.called and not isinstance(d.result, Exception), d.result
+    old = run.module("iii-queue")
+    assert run.reload(seed(extra=[queue(2)])).changed == ["iii-queue"]
+    assert run.module("iii-queue") is not old
+    # The worker arrives after the reload and gets the message stored before it.
+    run.worker.receive({"type": "registerfunction", "id": "w::job"})
+    run.reactor.advance(1)
+    invocations = [m for m in run.worker.pop_sent() if m["type"] == "invokefunction"]
+    assert [m["data"] for m in invocations] == [{"n": 1}]
+    run.stop()
+
+
+def test_startup_report(tmp_path, logs):
+    """The start-up log names version, config file, listeners and absolute data paths."""
+    from iii_twisted import __version__
+    path = tmp_path / "iii-config.yaml"
+    path.write_text("port: 4000\nmodules:\n"
+                    "  - class: modules::api::RestApiModule\n    config: {port: 4001}\n"
+                    "  - class: modules::api::RestApiModule\n    config: {port: 4002}\n"
+                    "  - class: modules::state::StateModule\n    config:\n      adapter:\n"
+                    "        class: modules::state::adapters::KvStore\n"
+                    "        config: {store_method: file_based, file_path: rel/state}\n"
+                    "  - class: modules::pubsub::PubSubModule\n")
+    import os
+    cwd = os.getcwd()
+    os.chdir(str(tmp_path))
+    try:
+        reactor = Reactor()
+        service = EngineService.from_file("iii-config.yaml", reactor=reactor)
+        service.privilegedStartService()
+        service.startService()
+    finally:
+        os.chdir(cwd)
+    lines = [_text(e) for e in logs if e.get("log_namespace", "").endswith("EngineService")]
+    assert lines[0] == "iii-twisted {} (the iii engine on Twisted)".format(__version__)
+    assert lines[1] == "config: {} (v0.10 format)".format(path)
+    assert lines[2] == ("worker iii-worker-manager listens on tcp:4000:interface=0.0.0.0, "
+                        "unauthenticated")
+    assert lines[3] == ("module iii-http (modules::api::RestApiModule): iii-http listens "
+                        "on tcp:4001:interface=0.0.0.0, unauthenticated")
+    assert lines[4].startswith("module iii-http#2 ")
+    assert lines[5] == ("module iii-state (modules::state::StateModule): data in {} "
+                        "(new store)".format(tmp_path / "rel" / "state"))
+    assert lines[6] == "module iii-pubsub (modules::pubsub::PubSubModule)"
+    service.stopService()
+
+
+def test_restarted_observability_leaves_one_observer():
+    """A restarted module's call observers and detach hooks are taken back."""
+    otel = {"name": "iii-observability", "config": {"exporter": "memory"}}
+    run = Running(seed(extra=[otel]))
+    counts = (len(run.engine._observers), len(run.engine._detach_hooks))
+    changed = {"name": "iii-observability",
+               "config": {"exporter": "memory", "memory_max_spans": 10}}
+    assert run.reload(seed(extra=[changed])).changed == ["iii-observability"]
+    assert (len(run.engine._observers), len(run.engine._detach_hooks)) == counts
+    new = run.module("iii-observability")
+    assert new.tracer in run.engine._observers
+    assert run.engine.telemetry_sink is new
+    run.reload(seed())
+    assert len(run.engine._observers) == counts[0] - 1
+    assert run.engine.telemetry_sink is None
+    run.stop()
+
+
+class BusyPortReactor(Reactor):
+    busy = 4444
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        if port == self.busy:
+            from twisted.internet.error import CannotListenError
+            raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+        return Reactor.listenTCP(self, port, factory, backlog, interface)
+
+
+def test_reload_to_a_busy_port_keeps_the_old_one(logs):
+    """A new REST API port that is taken: refused, logged, the old port still serves."""
+    run = Running.__new__(Running)
+    run.reactor = BusyPortReactor()
+    run.service = EngineService(seed(), reactor=run.reactor)
+    run.service.privilegedStartService()
+    run.service.startService()
+    run.engine = run.service.engine
+    run.worker = FakeWorkerConnection.connect(run.engine)
+    run.worker.receive({"type": "registerfunction", "id": "w::hello"})
+    run.worker.receive({"type": "registertrigger", "id": "t1", "trigger_type": "http",
+                        "function_id": "w::hello",
+                        "config": {"api_path": "hello", "http_method": "GET"}})
+    result = run.reload(seed(http_port=4444))
+    assert isinstance(result.value, ConfigError)
+    assert "port 4444 is in use (iii-http listener)" in str(result.value)
+    http = run.module("iii-http")
+    assert "tcp:3111:interface=0.0.0.0" in run.ports()
+    assert http.running and len(http.routes) == 1
+    assert run.engine.trigger_types["http"].provider is http
+    assert run.service.config.modules[0].config == {"port": 3111}
+    assert any("port 4444 is in use" in _text(e) for e in logs)
+    run.stop()
+
+
+def test_engine_settings_change_is_listed():
+    """A change of an engine-wide setting alone is a change, named in the log line."""
+    run = Running(seed())
+    config = dict(seed(), invocation_timeout_ms=1000, log_level="debug")
+    changes = run.reload(config)
+    assert changes.describe() == "changed invocation_timeout_ms, log_level"
+    assert run.engine.invocation_timeout == 1.0
+    run.stop()
