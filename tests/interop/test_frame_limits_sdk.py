@@ -78,3 +78,30 @@ def test_oversized_echo_call_and_http_body_fail_one_call_only(start_engine, sdk_
     assert 'worker "small-frames" (python 0.10.0' in log
     assert "over the 1048576 bytes it accepts" in log
     assert "disconnected" not in log  # nobody was killed
+
+
+SMALL_LIMIT_CONFIG = """
+port: {port}
+host: 127.0.0.1
+invocation_timeout_ms: 20000
+max_message_size: 200000
+"""
+
+
+def test_oversized_call_from_a_0_10_worker_is_answered(start_engine, sdk_worker):
+    """
+    Python iii-sdk 0.10.0 writes invocation_id after data: a call over the engine's
+    max_message_size is still answered (message_too_large), not left to time out.
+    """
+    import time
+
+    engine = start_engine(SMALL_LIMIT_CONFIG)
+    worker = sdk_worker(engine.url, "big-sender")
+    worker.register_function({"id": "py::sink"}, lambda data: {"ok": True})
+    wait_until(lambda: "py::sink" in [f.function_id for f in worker.list_functions()],
+               what="py::sink")
+    started = time.monotonic()
+    error = _error_of(worker, "py::sink", {"blob": "y" * 300000})
+    assert "message_too_large" in error
+    assert time.monotonic() - started < 10  # answered, not the 20 s timeout
+    assert call(worker, "py::sink", {"blob": "small"}) == {"ok": True}
