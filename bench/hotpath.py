@@ -13,6 +13,7 @@ holds on a machine others are loading, which wall-clock rates do not.
 
     python bench/hotpath.py                 # 3 rounds of 20,000 calls after warm-up
     python bench/hotpath.py --profile       # cProfile of one round, top 30 by tottime
+    python bench/hotpath.py --idle-workers 1000 --functions 10000   # the same, grown
     AUTOBAHN_USE_NVX=0 python bench/hotpath.py   # Autobahn's pure-Python masker
 
 Prints one JSON line: ``{"python", "us_per_call": [per round], "median", "warmup"}``.
@@ -91,9 +92,18 @@ class Peer:
         return unframe(data)
 
 
-def setup(payload_size):
+def setup(payload_size, idle_workers=0, functions=0):
     engine, clock = make_engine(invocation_timeout=30.0)
     factory = WorkerFactory(engine, clock, ping_interval=0)
+    idle = [Peer(factory, 41000 + k) for k in range(idle_workers)]
+    for k, peer in enumerate(idle):
+        peer.send('{{"type":"registerfunction","id":"idle::{}"}}'.format(k).encode())
+    if functions:
+        many = Peer(factory, 40003)
+        for k in range(functions):
+            many.send('{{"type":"registerfunction","id":"many::{}"}}'.format(k).encode())
+        idle.append(many)
+    clock.advance(1)  # engine::functions-available and the like, once
     worker, caller = Peer(factory, 40001), Peer(factory, 40002)
     worker.send(b'{"type":"registerfunction","id":"bench::echo"}')
     worker.received()
@@ -139,8 +149,12 @@ def main():
     parser.add_argument("--warmup", type=int, default=30000, help="calls before measuring")
     parser.add_argument("--payload", type=int, default=70)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--idle-workers", type=int, default=0,
+                        help="connected workers, each hosting one function, never called")
+    parser.add_argument("--functions", type=int, default=0,
+                        help="more functions, registered by one more worker")
     args = parser.parse_args()
-    one_call = setup(args.payload)
+    one_call = setup(args.payload, args.idle_workers, args.functions)
     started = time.process_time()
     for _ in range(args.warmup):
         one_call()
@@ -161,7 +175,8 @@ def main():
     print(json.dumps({
         "python": "{} {}".format(platform.python_implementation(), platform.python_version()),
         "autobahn_use_nvx": os.environ.get("AUTOBAHN_USE_NVX"),
-        "payload": args.payload, "us_per_call": [round(r, 2) for r in rounds],
+        "payload": args.payload, "idle_workers": args.idle_workers,
+        "functions": args.functions, "us_per_call": [round(r, 2) for r in rounds],
         "median": round(statistics.median(rounds), 2),
         "harness_us_per_call": round(harness_cost(args.calls, args.payload), 2),
         "warmup_calls": args.warmup, "warmup_us_per_call": round(

@@ -50,6 +50,7 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
 from .interfaces import IChannelReaderEnd, IChannelWriterEnd
+from .limits import LIMIT_EXCEEDED
 from .protocol import DESERIALIZATION_ERROR, InvocationError, sequential_ids
 
 READ = "read"
@@ -101,6 +102,7 @@ class Channel:
         self.writer_state = FREE
         self.reader_state = FREE
         self.dropped = False
+        self.owner = None  # the creating worker's id, counted against its quota
         self._items = deque()
         self._bytes = 0
         self._writer_paused = False
@@ -373,14 +375,19 @@ class ChannelManager(Service):
     _log = Logger()
     name = "channels"
 
-    def __init__(self, clock, ttl=300.0, sweep_interval=60.0, max_channels=100000):
+    def __init__(self, clock, ttl=300.0, sweep_interval=60.0, max_channels=100000,
+                 max_per_owner=None):
         """
         @param clock: the C{IReactorTime} of the sweep timer.
         @param ttl: seconds after which a channel with an end never attached goes.
         @param sweep_interval: seconds between sweeps.
         @param max_channels: live channels allowed at once; creating more fails.
+        @param max_per_owner: live channels one worker may have created (so one
+            connection cannot take the whole pool), or None for no such bound.
         """
         self.clock = clock
+        self.max_per_owner = max_per_owner
+        self._per_owner = {}
         self.ttl = ttl
         self.sweep_interval = sweep_interval
         self.max_channels = max_channels
@@ -391,20 +398,30 @@ class ChannelManager(Service):
     def __len__(self):
         return len(self.channels)
 
-    def create(self, buffer_size=DEFAULT_BUFFER_SIZE, max_bytes=None):
+    def create(self, buffer_size=DEFAULT_BUFFER_SIZE, max_bytes=None, owner=None):
         """
         @param buffer_size: frames buffered before the writer is paused.
         @param max_bytes: bytes buffered before the writer is paused (default
             C{buffer_size} x 64 KiB).
+        @param owner: the id of the worker creating it, or None for in-process code.
         @return: a new L{Channel}, both ends free.
-        @raise InvocationError: ``channel_limit`` when too many channels are live.
+        @raise InvocationError: ``channel_limit`` when too many channels are live;
+            ``limit_exceeded`` when C{owner} already has C{max_per_owner} of them.
         """
         if len(self.channels) >= self.max_channels:
             raise InvocationError(CHANNEL_LIMIT, "Too many open channels ({})".format(
                 len(self.channels)))
+        if owner is not None and self.max_per_owner is not None:
+            owned = self._per_owner.get(owner, 0)
+            if owned >= self.max_per_owner:
+                raise InvocationError(LIMIT_EXCEEDED, (
+                    "worker {} has {} open channels, the most limits."
+                    "max_channels_per_worker allows").format(owner, owned))
+            self._per_owner[owner] = owned + 1
         # The access key is what refuses a stranger, so it is random; the id is not.
         channel = Channel(self, next(self._ids), str(uuid4()), buffer_size,
                           self.clock.seconds(), max_bytes)
+        channel.owner = owner
         self.channels[channel.id] = channel
         return channel
 
@@ -417,6 +434,12 @@ class ChannelManager(Service):
         channel.dropped = True
         if self.channels.get(channel.id) is channel:
             del self.channels[channel.id]
+            if channel.owner is not None and channel.owner in self._per_owner:
+                left = self._per_owner[channel.owner] - 1
+                if left > 0:
+                    self._per_owner[channel.owner] = left
+                else:
+                    del self._per_owner[channel.owner]
 
     # -- the socket ------------------------------------------------------------------
 
@@ -507,10 +530,14 @@ def install_channels(engine, clock=None, **kwargs):
     manager = getattr(engine, "channels", None)
     if manager is not None:
         return manager
+    limits = getattr(engine, "limits", None)
+    if limits is not None:
+        kwargs.setdefault("max_per_owner", limits.channels_per_worker)
     manager = engine.channels = ChannelManager(clock or engine.clock, **kwargs)
 
     def create(data):
         size = DEFAULT_BUFFER_SIZE
+        owner = None
         if data is not None:
             if not isinstance(data, dict):
                 raise InvocationError(
@@ -526,7 +553,15 @@ def install_channels(engine, clock=None, **kwargs):
                         "Failed to deserialize input for engine::channels::create: "
                         "buffer_size must be a non-negative integer or null")
                 size = min(max(requested, 1), MAX_BUFFER_SIZE)
-        channel = manager.create(size)
+            owner = data.get("_caller_worker_id")  # set by the engine for a worker
+        # A caller the engine cannot name (data that is not an object, an in-process
+        # caller) shares one quota, so that leaving out the object is no way around it.
+        try:
+            channel = manager.create(size, owner=owner if isinstance(owner, str) else "")
+        except InvocationError as e:
+            if e.code == LIMIT_EXCEEDED:
+                engine.limits.count("quota_refused")
+            raise
         return {"writer": channel.ref(WRITE), "reader": channel.ref(READ)}
 
     engine.register_function(

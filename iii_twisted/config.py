@@ -23,6 +23,9 @@ L{ENGINE_SCHEMA} (top level, both formats), L{LISTENER_SCHEMA} (top level in v0.
 C{config_schema}. Validation is strict at every depth; an error names the file, the
 key path and the key probably meant. A file mixing the formats is refused.
 
+The engine's ``limits:`` section (what one client may take of the engine) is
+L{iii_twisted.limits.LIMITS_SCHEMA}; docs/limits.rst lists its keys.
+
 ``${VAR}`` and ``${VAR:default}`` are expanded in every string value after parsing.
 Deviation from the reference, which substitutes in the raw text: comments are not
 expanded, and an unset variable without a default is an error naming the file and the
@@ -35,6 +38,7 @@ import re
 
 import yaml
 
+from .limits import LIMITS_SCHEMA
 from .schema import CURRENT, V010, Context, Key, MapOf, Section, Unsupported, closest
 
 DEFAULT_PORT = 49134
@@ -102,8 +106,8 @@ LISTENER_SCHEMA = Section(
     worker_max_frame_sizes=Key(MapOf(Key(int, min=1)), {}, "largest frame sent to a "
                                "worker by its declared runtime, bytes; over the built-in "
                                "python 1 MiB, node 100 MiB, rust 16 MiB"),
-    handshake_timeout_ms=Key(int, 10000, "accepted for compatibility (the opening "
-                             "handshake deadline is 10 s)", min=0),
+    handshake_timeout_ms=Key(int, 10000, "ms a client has to finish its WebSocket "
+                             "opening handshake (docs/limits.rst)", min=1),
     rbac=Unsupported("worker authentication (rbac) is not supported by this engine yet"),
     middleware_function_id=Unsupported(
         "middleware_function_id is not supported by this engine yet"),
@@ -118,6 +122,8 @@ ENGINE_SCHEMA = Section(
                           "ms", min=10),
     shutdown_timeout_ms=Key(int, 5000, "on SIGTERM, how long calls in flight may "
                             "finish before the engine stops, ms (0: stop at once)", min=0),
+    limits=Key(LIMITS_SCHEMA, None, "what one client may take of the engine "
+               "(docs/limits.rst)"),
     log_level=Key(str, "info", "least important log events kept (logsetup.py)",
                   choices=("debug", "info", "warn", "error", "critical")),
     log_format=Key(str, "text", "what twist iii writes, also when not on a terminal",
@@ -131,8 +137,9 @@ _ENTRY_LISTS = dict(
 )
 V010_SCHEMA = ENGINE_SCHEMA.extend(**LISTENER_SCHEMA.keys).extend(**_ENTRY_LISTS)
 CURRENT_SCHEMA = ENGINE_SCHEMA.extend(
-    registration_namespace_grace_ms=Key(int, 5000, "accepted for compatibility "
-                                        "(this engine has no namespaces)", min=0),
+    registration_namespace_grace_ms=Key(int, 5000, "accepted for compatibility (this "
+                                        "engine applies registrations at once; see "
+                                        "namespaces.py)", min=0),
     **_ENTRY_LISTS)
 
 LISTENER_NAME = "iii-worker-manager"
@@ -167,6 +174,9 @@ class EngineConfig:
     @ivar invocation_timeout: seconds before an unanswered call fails.
     @ivar max_message_size: bytes; larger worker frames are dropped.
     @ivar ws_ping_interval, ws_ping_timeout: seconds.
+    @ivar limits: the L{iii_twisted.limits.Limits} (the ``limits:`` mapping).
+    @ivar handshake_timeout: seconds a client has to finish its WebSocket opening
+        handshake on the worker port (``handshake_timeout_ms``).
     @ivar source: where it came from (a file name), for messages.
     @ivar format: ``v0.10`` or ``current``: which format the file was written in.
     @ivar watch: reload when the file changes; C{watch_interval}: seconds between polls.
@@ -178,7 +188,7 @@ class EngineConfig:
                  ws_ping_interval=30.0, ws_ping_timeout=30.0, source=None,
                  format=V010, watch=False, watch_interval=1.0, listener_key="",
                  frame_limits=None, log_level="info", log_format="text",
-                 shutdown_timeout=5.0):
+                 shutdown_timeout=5.0, limits=None, handshake_timeout=10.0):
         self.port = port
         self.host = host
         self.listen = listen or "tcp:{}:interface={}".format(port, host)
@@ -187,6 +197,11 @@ class EngineConfig:
         self.max_message_size = max_message_size
         self.ws_ping_interval = ws_ping_interval
         self.ws_ping_timeout = ws_ping_timeout
+        self.handshake_timeout = handshake_timeout
+        if limits is None:
+            from .limits import Limits
+            limits = Limits()
+        self.limits = limits
         self.source = source
         self.format = format
         self.watch = watch
@@ -201,7 +216,7 @@ class EngineConfig:
     def listener_settings(self):
         """@return: what the worker listener is built from (compared on reload)."""
         return (self.listen, self.max_message_size, self.ws_ping_interval,
-                self.ws_ping_timeout, self.frame_limits)
+                self.ws_ping_timeout, self.frame_limits, self.handshake_timeout)
 
 
 def load_config(path, environ=None):
@@ -290,6 +305,7 @@ def from_dict(data, source=None):
         key probably meant), a wrong type, a value out of range, an unknown module or
         adapter, a name this engine does not implement, or a file mixing the formats.
     """
+    from .limits import Limits
     from .modules import MODULE_CLASSES, NOT_IMPLEMENTED, WORKER_NAMES, module_schema
 
     if data is None:
@@ -353,6 +369,8 @@ def from_dict(data, source=None):
         log_level=_value(top, "log_level", ENGINE_SCHEMA),
         log_format=_value(top, "log_format", ENGINE_SCHEMA),
         shutdown_timeout=_value(top, "shutdown_timeout_ms", ENGINE_SCHEMA) / 1000.0,
+        limits=Limits.from_config(top.get("limits")),
+        handshake_timeout=_value(listener, "handshake_timeout_ms") / 1000.0,
     )
 
 

@@ -27,6 +27,7 @@ from . import protocol as P
 from .interfaces import IFunctionHost, ITriggerProvider, TriggerError
 from .hints import function_hint, module_for_trigger_type, trigger_type_hint
 from .invocations import InvocationTracker
+from .limits import LIMIT_EXCEEDED, Limits, check_stored
 from .namespaces import Namespaces, plain
 from .oplog import describe_agent, describe_close, describe_worker
 from .peer_limits import NotSent
@@ -226,13 +227,16 @@ class CallableHost:
 class WorkerHost:
     """Runs a function on a worker: ``invokefunction`` out, ``invocationresult`` back."""
 
-    __slots__ = ("_tracker", "_worker")
+    __slots__ = ("_tracker", "_worker", "_limits")
 
-    def __init__(self, tracker, worker):
+    def __init__(self, tracker, worker, limits=None):
         self._tracker = tracker
         self._worker = worker
+        self._limits = limits
 
     def invoke(self, function_id, invocation_id, data, traceparent, baggage, metadata=None):
+        if self._worker.connection.congested:
+            return fail(self._congested(function_id))
         # Recorded before it is sent: a fast reply must find its entry (the reference
         # engine has this race, engine-core.md §4.5).
         d = self._tracker.add(invocation_id, function_id, self._worker)
@@ -257,6 +261,14 @@ class WorkerHost:
                 sent, "the data for {} cannot be sent: it is not JSON".format(function_id),
                 "call of {} not forwarded".format(function_id)))
         return d
+
+    def _congested(self, function_id):
+        # Backpressure: the worker does not read what it was sent (limits.rst).
+        if self._limits is not None:
+            self._limits.count("calls_refused_congested")
+        return InvocationError(LIMIT_EXCEEDED, (
+            "worker {} does not read its connection (over limits.send_buffer_soft): "
+            "call of {} not forwarded").format(self._worker.id, function_id))
 
 
 @implementer(ITriggerProvider)
@@ -341,6 +353,8 @@ class Engine:
         self.triggers = {}
         self._triggers_by_type = {}
         self.services = {}
+        self._services_by_worker = {}  # worker id -> names it registered
+        self.limits = Limits()  # EngineService sets the configured ones
         self.tracker = InvocationTracker(clock, invocation_timeout)
         # Invocation ids need not be unguessable: a result is accepted only from the
         # worker the call went to (InvocationTracker.resolve).
@@ -405,7 +419,7 @@ class Engine:
             str(uuid4()), connection, connection.peer_address,
             int(time.time() * 1000),
         )
-        worker.host = WorkerHost(self.tracker, worker)
+        worker.host = WorkerHost(self.tracker, worker, self.limits)
         self.workers[worker.id] = worker
         worker.reattach_token = secrets.token_urlsafe(24)
         connection.send({"type": P.WORKER_REGISTERED, "worker_id": worker.id,
@@ -440,6 +454,7 @@ class Engine:
             self.unregister_trigger(trigger_id, owner=worker)
         for type_id in list(worker.trigger_types):
             self.unregister_trigger_type(type_id, owner=worker)
+        self._forget_services(worker)
         for hook in self._detach_hooks:
             try:
                 hook(worker)
@@ -606,6 +621,7 @@ class Engine:
         # Says why, when the id is an HTTP function whose registration was refused.
         refusal = self.http_functions.refusal(function_id) \
             if self.http_functions is not None else None
+        refusal = refusal or self.limits.refusal(function_id)
         if refusal is None:
             error = self.namespaces.not_found(function_id)
             # "publish" with no pub/sub module: say which module to add (hints.py).
@@ -632,6 +648,10 @@ class Engine:
             return fail(InvocationError(P.ENQUEUE_ERROR, "QueueModule not loaded"))
         if not isinstance(queue, str):
             return fail(InvocationError(P.ENQUEUE_ERROR, "enqueue action needs a queue name"))
+        try:
+            check_stored(self.limits, function_id, data)
+        except InvocationError as e:
+            return fail(e)
         d = maybeDeferred(self.enqueuer.enqueue, queue, function_id, data, traceparent, baggage)
         return d.addCallbacks(_receipt, _as_enqueue_error)
 
@@ -931,6 +951,8 @@ class Engine:
                 invocation_id=message["invocation_id"], worker_id=worker.id)
 
     def _handle_registerfunction(self, worker, message):
+        if self.limits.refuse_function(worker, message):
+            return  # logged; a call of it fails saying why (_not_found)
         function_id = message["id"]
         if message["invocation"] is not None:
             if self.http_functions is None:
@@ -957,6 +979,8 @@ class Engine:
                                  owner=worker)
 
     def _handle_registertriggertype(self, worker, message):
+        if self.limits.refuse_trigger_type(worker, message):
+            return  # logged
         self.register_trigger_type(
             message["id"], WorkerTriggerProvider(worker), message["description"], worker,
             message["trigger_request_format"], message["call_request_format"],
@@ -966,6 +990,14 @@ class Engine:
         self.unregister_trigger_type(message["id"], owner=worker)
 
     def _handle_registertrigger(self, worker, message):
+        reason = self.limits.refuse_trigger(worker, message)
+        if reason:
+            worker.connection.send({
+                "type": P.TRIGGER_REGISTRATION_RESULT, "id": message["id"],
+                "trigger_type": message["trigger_type"],
+                "function_id": message["function_id"],
+                "error": P.error_body(LIMIT_EXCEEDED, reason)})
+            return
         try:
             function_key = self.namespaces.trigger_function_key(message)
         except InvocationError as e:
@@ -1004,10 +1036,21 @@ class Engine:
             trigger.owner.connection.send(dict(message, type=P.TRIGGER_REGISTRATION_RESULT))
 
     def _handle_registerservice(self, worker, message):
+        owned = self._services_by_worker.setdefault(worker.id, set())
         name = message["name"] or message["id"]
+        if self.limits.refuse_service(worker, message, owned):
+            return  # logged
         self.services[name] = {"id": message["id"],
                                "parent_service_id": message["parent_service_id"],
-                               "functions": set()}
+                               "functions": set(), "owner": worker}
+        owned.add(name)
+
+    def _forget_services(self, worker):
+        # Nothing a connection registered outlives it, services included.
+        for name in self._services_by_worker.pop(worker.id, ()):
+            service = self.services.get(name)
+            if service is not None and service.get("owner") is worker:
+                del self.services[name]
 
     def _handle_reattach(self, worker, message):
         """

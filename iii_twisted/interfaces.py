@@ -19,6 +19,9 @@ class IWorkerConnection(Interface):
     """
 
     peer_address = Attribute("The peer's IP address as a string, or None.")
+    congested = Attribute(
+        "True while the peer does not read what it was sent (over "
+        "limits.send_buffer_soft): the engine forwards it no calls then.")
 
     def send(message: dict) -> bool:
         """
@@ -302,6 +305,101 @@ class IQueueStore(Interface):
         Write what is pending and close.
 
         @return: Deferred firing with None when done.
+        """
+
+
+class IQueueBroker(Interface):
+    """
+    Where the queue module's messages live when they are shared between engines
+    (``modules::queue::RedisAdapter``, ``modules::queue::RabbitMQAdapter``): storage,
+    hand-out to consumers, retry delays and the dead-letter queue. The module keeps
+    the delivery logic (which function, conditions, concurrency, FIFO groups, the
+    backoff schedule, the wait for a missing function) and tells the broker what
+    became of each message it was handed.
+
+    Jobs are L{iii_twisted.modules.queue.Job}s; a queue is named by its key
+    (``__fn_queue::NAME`` for a named queue, the topic for a topic queue). Every
+    message handed out must be settled exactly once with L{ack}, L{retry},
+    L{requeue} or L{dead}; one that is not (the engine died) is handed out again
+    (at-least-once).
+    """
+
+    broker_type = Attribute("What engine::queue::list_topics reports: redis, rabbitmq.")
+
+    def start(arrived) -> "Deferred":
+        """
+        Connect. From now on, C{arrived(job)} is called for each message handed to
+        this engine by a queue it L{consume}s.
+
+        @return: Deferred firing with None.
+        """
+
+    def consume(queue: str, prefetch: int, fifo: bool) -> None:
+        """
+        Hand this engine up to C{prefetch} unsettled messages of C{queue} at a time
+        (called again to change C{prefetch}). With C{fifo}, messages of one group
+        (L{Job.group}) are handed out one at a time, in order, across engines.
+        """
+
+    def stop_consuming(queue: str) -> None:
+        """Hand out no more of C{queue} (messages already handed out stay so)."""
+
+    def publish(job) -> "Deferred":
+        """
+        @return: Deferred firing with None once the broker holds the message durably
+            (as durably as the broker is configured), failing when it cannot.
+        """
+
+    def ack(job) -> "Deferred":
+        """The message was processed: forget it. @return: Deferred."""
+
+    def retry(job, delay_ms: int) -> "Deferred":
+        """
+        Hand the message (with its C{attempts} already counted) out again after
+        C{delay_ms}; atomic with settling this delivery, so it cannot be lost.
+        @return: Deferred.
+        """
+
+    def requeue(job, delay_ms: int) -> "Deferred":
+        """
+        As L{retry} without spending an attempt: the function is not registered on
+        this engine. @return: Deferred.
+        """
+
+    def dead(job, error: str, failed_at: int) -> "Deferred":
+        """Move the message to the queue's dead-letter queue. @return: Deferred."""
+
+    def dlq_messages(queue: str) -> "Deferred":
+        """
+        @return: Deferred firing with the dead letters as (job, error, failed_at ms),
+            oldest first.
+        """
+
+    def redrive(queue: str, ids) -> "Deferred":
+        """
+        Move dead letters (C{ids}, or all when None) back to the queue with their
+        attempts reset. @return: Deferred firing with the ids moved.
+        """
+
+    def discard(queue: str, ids) -> "Deferred":
+        """
+        Drop dead letters (C{ids}, or all when None). @return: Deferred firing with
+        the ids dropped.
+        """
+
+    def stats(queue: str) -> "Deferred":
+        """
+        @return: Deferred firing with C{{"ready", "delayed", "in_flight", "dlq"}}
+            message counts, across every engine.
+        """
+
+    def dlq_queues() -> "Deferred":
+        """@return: Deferred firing with C{{queue: dead letters}} for queues with any."""
+
+    def stop() -> "Deferred":
+        """
+        Stop handing out messages and disconnect; unsettled messages are handed out
+        again later. @return: Deferred.
         """
 
 

@@ -165,7 +165,9 @@ def sequential_ids():
 
 # NaN and Infinity are not JSON, but Python's json writes them (so a Python worker can
 # send them) and reads them. The decoder reads them, and notes that it did here, so
-# that a reader can refuse them where they would be kept and shown to everyone.
+# that a reader can refuse them where they would be kept and shown to everyone. A
+# number too large for a float (``1e999``) is valid JSON that the parser would turn
+# into an infinity: it is noted the same way, since it cannot be written back.
 _nonfinite_seen = []
 
 
@@ -174,14 +176,22 @@ def _read_nonfinite(constant):
     return float(constant)
 
 
-_decode_text = json.JSONDecoder(parse_constant=_read_nonfinite).decode
+def _read_float(text):
+    value = float(text)
+    if value - value != 0.0:  # inf - inf is nan; finite - itself is 0.0
+        _nonfinite_seen.append(text)
+    return value
+
+
+_decode_text = json.JSONDecoder(parse_constant=_read_nonfinite, parse_float=_read_float).decode
 
 
 def read_json(payload):
     """
     Parse UTF-8 JSON from outside (a frame, a telemetry body).
 
-    @return: (the value, whether it held ``NaN`` or ``Infinity`` tokens).
+    @return: (the value, whether it held ``NaN``, ``Infinity`` or a number too large
+        for a float such as ``1e999``).
     @raise ValueError: for invalid UTF-8 or JSON.
     @raise RecursionError: for JSON nested deeper than the interpreter allows.
     """
@@ -190,6 +200,22 @@ def read_json(payload):
         return _decode_text(text), bool(_nonfinite_seen)
     finally:
         del _nonfinite_seen[:]
+
+
+def loads(payload):
+    """
+    Parse JSON from outside that the engine may keep or pass on (an HTTP body, a
+    stream client's frame, an HTTP function's answer, a stored record): like
+    L{read_json}, but a non-finite number is an error.
+
+    @return: the value.
+    @raise ValueError: for invalid UTF-8 or JSON, or ``NaN``/``Infinity``/``1e999``.
+    @raise RecursionError: for JSON nested deeper than the interpreter allows.
+    """
+    value, nonfinite = read_json(payload)
+    if nonfinite:
+        raise ValueError("NaN and infinities (including numbers such as 1e999) are not JSON")
+    return value
 
 
 def decode(payload):
@@ -201,8 +227,9 @@ def decode(payload):
         message's schema; optional fields that were absent are present as None.
     @raise ProtocolError: for invalid UTF-8 or JSON (or JSON nested deeper than the
         interpreter's recursion limit), a JSON value that is not an object, an unknown
-        ``type``, a field with the wrong type, or ``NaN``/``Infinity`` anywhere in a
-        message other than an ``invocationresult``. (Registrations and calls would
+        ``type``, a field with the wrong type, or ``NaN``/``Infinity`` (in any
+        spelling, ``1e999`` included) anywhere in a message other than an
+        ``invocationresult``. (Registrations and calls would
         carry them into what discovery and other workers are sent, which must be JSON;
         a result goes to one caller only, and the engine answers that caller with
         ``invocation_failed`` when the result cannot be sent as JSON.)

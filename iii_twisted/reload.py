@@ -64,6 +64,8 @@ def diff_configs(old, new):
         engine.append("invocation_timeout_ms")
     if (old.watch, old.watch_interval) != (new.watch, new.watch_interval):
         engine.append("watch")
+    if old.limits.settings() != new.limits.settings():
+        engine.append("limits")
     for name in ("log_level", "log_format"):
         if getattr(old, name, None) != getattr(new, name, None):
             engine.append(name)

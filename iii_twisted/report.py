@@ -65,4 +65,7 @@ def startup_report(service):
     if config.watch:
         lines.append("watching {} for changes every {}s".format(
             source, config.watch_interval))
+    nofile = getattr(service, "nofile_limit", None)
+    if nofile:
+        lines.append("open-file limit: soft {} (was {}), hard {}".format(*nofile))
     return lines

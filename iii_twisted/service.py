@@ -27,6 +27,7 @@ from .config import LISTENER_NAME, ConfigError, EngineConfig, from_dict, load_co
 from . import health
 from .engine import Engine
 from .health import Health
+from .limits import raise_nofile_limit
 from .listeners import Listener, ListenerError
 from .modules import build_module
 from .reload import KeptStore, diff_configs, handover
@@ -86,6 +87,7 @@ class EngineService(MultiService):
         self.reactor = reactor
         self.reload_on_sighup = False
         self.engine = Engine(reactor, invocation_timeout=config.invocation_timeout)
+        self.engine.limits = config.limits
         self.engine.health = Health(reactor, lambda: self.modules)
         # Data channels first: modules (the REST API) create channels too, and the
         # sweep stops after them.
@@ -121,6 +123,7 @@ class EngineService(MultiService):
             ping_timeout=config.ws_ping_timeout,
             channels=self.channels,
             frame_limits=config.frame_limits,
+            handshake_timeout=config.handshake_timeout,
         )
         return factory, Listener(config.listen, factory, self.reactor, LISTENER_NAME)
 
@@ -170,9 +173,11 @@ class EngineService(MultiService):
     def privilegedStartService(self):
         if self.log_settings is not None:
             self.log_settings.apply()
+        self._raise_nofile_limit()
         MultiService.privilegedStartService(self)
 
     def startService(self):
+        self._raise_nofile_limit()
         MultiService.startService(self)
         self.engine.health.state = health.RUNNING
         for line in startup_report(self):
@@ -181,6 +186,17 @@ class EngineService(MultiService):
         if self.reload_on_sighup and hasattr(signal, "SIGHUP"):
             self._previous_sighup = signal.signal(
                 signal.SIGHUP, lambda *_: self.reactor.callFromThread(self._on_sighup))
+
+    # (soft, soft before, hard) of RLIMIT_NOFILE once raised at start (the report
+    # logs it).
+    nofile_limit = None
+
+    def _raise_nofile_limit(self):
+        # Before any port is bound (twistd binds them in privilegedStartService, an
+        # embedding application in startService): idle and slow connections must not
+        # leave no descriptor for a new worker (issue 14).
+        if self.nofile_limit is None:
+            self.nofile_limit = raise_nofile_limit(self._log) or ()
 
     def _on_sighup(self):
         self._log.info("SIGHUP: rereading {path}", path=self.config_path)
@@ -317,6 +333,8 @@ class EngineService(MultiService):
             self.log_settings.set_level(new.log_level)
         self.engine.invocation_timeout = new.invocation_timeout
         self.engine.tracker._timeout = new.invocation_timeout
+        self.engine.limits.update_from(new.limits)  # in place: ports and gates hold it
+        new.limits = self.engine.limits
         self.modules = [self._instances[i][1] for i in after]
         old_watch = (self.config.watch, self.config.watch_interval)
         self.config = new

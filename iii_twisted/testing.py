@@ -29,6 +29,7 @@ class FakeWorkerConnection:
     @ivar closed: the (code, reason) it was disconnected with, or None.
     """
 
+    congested = False  # set it to see how the engine treats a worker that does not read
     # Set it (bytes) to see how the engine treats a peer with a frame limit (as a
     # Python SDK's 1 MiB); None: no limit.
     max_frame_size = None

@@ -33,6 +33,9 @@ from zope.interface import implementer
 from . import __version__
 from . import protocol as P
 from .interfaces import IWorkerConnection
+from .backpressure import FrameBudget, LargeFrames, ReadHolds, SendGate
+from .connlimits import AddressCounter
+from .limits import release_receive_buffers
 from .oplog import describe_worker
 from .peer_limits import PeerFrameLimits, too_large
 
@@ -46,7 +49,7 @@ _FUNCTION_ID = re.compile(rb'"function_id"\s*:\s*"([^"\\]{1,1000})"')
 
 
 @implementer(IWorkerConnection)
-class WorkerProtocol(WebSocketServerProtocol):
+class WorkerProtocol(LargeFrames, ReadHolds, WebSocketServerProtocol):
     """
     One connection on the engine port. After the handshake it is a worker (path
     ``/``), a telemetry socket (``/otel``) or a channel end (handed over entirely to
@@ -57,6 +60,8 @@ class WorkerProtocol(WebSocketServerProtocol):
     _worker = None
     _role = None
     _channel_end = None
+    _gate = None
+    _counted_host = None
     peer_address = None
     user_agent = None
     # Largest frame the peer accepts (peer_limits.PeerFrameLimits), or None for no
@@ -64,6 +69,16 @@ class WorkerProtocol(WebSocketServerProtocol):
     max_frame_size = None
     # (code, reason, was_clean) once the connection has closed, for the engine's log.
     close_info = None
+
+    @property
+    def clock(self):
+        return self.factory.reactor
+
+    @property
+    def congested(self):
+        """True while the peer does not read what it was sent (L{SendGate})."""
+        gate = self._gate
+        return gate is not None and gate.congested
 
     def onConnect(self, request):
         try:
@@ -101,6 +116,9 @@ class WorkerProtocol(WebSocketServerProtocol):
     def onOpen(self):
         try:
             if self._role == "worker":
+                # Before attach, whose workerregistered is the first frame counted.
+                self._gate = SendGate(self, self.factory.engine.limits, self.clock)
+                self.transport.registerProducer(self._gate, True)
                 self._worker = self.factory.engine.attach(self)
             elif self._role == "channel":
                 self._channel_end.opened()
@@ -134,6 +152,21 @@ class WorkerProtocol(WebSocketServerProtocol):
         except Exception:
             self._log.failure("error handling a {type} message from worker {worker_id}",
                               type=message.get("type"), worker_id=worker.id)
+
+    def connectionLost(self, reason):
+        WebSocketServerProtocol.connectionLost(self, reason)
+        release_receive_buffers(self)
+        self.release_large_frames()
+        self.cancel_read_holds()
+        if self._gate is not None:
+            self._gate.stopProducing()
+        self.factory.addresses.release(self._counted_host)
+        self._counted_host = None
+
+    def onOpenHandshakeTimeout(self):
+        if self.state == self.STATE_CONNECTING:
+            self.factory.engine.limits.count("handshakes_timed_out")
+        WebSocketServerProtocol.onOpenHandshakeTimeout(self)
 
     def onClose(self, wasClean, code, reason):
         if code is None:
@@ -169,11 +202,21 @@ class WorkerProtocol(WebSocketServerProtocol):
                            type=message.get("type"), size=len(payload), limit=limit)
             return too_large(len(payload), limit, who)
         self.sendMessage(payload, False)
+        gate = self._gate
+        if gate is not None and gate.paused:
+            gate.sent(len(payload))
         return True
 
     def disconnect(self, code=1000, reason=None):
         if self.state == self.STATE_OPEN:
             self.sendClose(code, reason)
+
+    def drop_slow_peer(self, reason):
+        """Called by the L{SendGate}: the peer does not read; drop the connection."""
+        self._log.warn("dropped {role} {worker_id} at {peer}: it does not read: {reason}",
+                       role=self._role, peer=self.peer, reason=reason,
+                       worker_id=self._worker.id if self._worker else "")
+        self.dropConnection(abort=True)
 
     # -- bad input -------------------------------------------------------------------
 
@@ -247,9 +290,12 @@ class WorkerFactory(WebSocketServerFactory):
     protocol = WorkerProtocol
 
     def __init__(self, engine, reactor, max_message_size=16 * 1024 * 1024,
-                 ping_interval=30.0, ping_timeout=30.0, channels=None, frame_limits=None):
+                 ping_interval=30.0, ping_timeout=30.0, channels=None, frame_limits=None,
+                 handshake_timeout=10.0):
         """
         @param frame_limits: the L{PeerFrameLimits} of workers (the defaults when None).
+        @param handshake_timeout: seconds a client has to finish its opening
+            handshake (headers included) before it is dropped.
         @param ping_interval: seconds between WebSocket pings the engine sends to detect
             dead peers (0 disables them). The SDKs answer pings automatically.
         @param ping_timeout: seconds a peer has to answer a ping before it is dropped.
@@ -259,6 +305,9 @@ class WorkerFactory(WebSocketServerFactory):
         self.engine = engine
         self.channels = channels
         self.max_message_size = max_message_size
+        # Large frames being received at once, over all connections of this port.
+        self.frame_budget = FrameBudget(engine.limits)
+        self.addresses = AddressCounter(engine.limits, "worker")
         self.frame_limits = frame_limits if frame_limits is not None else PeerFrameLimits()
         engine.frame_limits = self.frame_limits  # for engine::workers::register
         # Autobahn schedules its handshake, close and ping timers through this object
@@ -272,7 +321,9 @@ class WorkerFactory(WebSocketServerFactory):
             webStatus=False,
             autoPingInterval=ping_interval,
             autoPingTimeout=ping_timeout,
-            openHandshakeTimeout=10,
+            # Also the header timeout: a client sending its handshake a byte a second
+            # is dropped when it runs out (handshake_timeout_ms).
+            openHandshakeTimeout=handshake_timeout,
             closeHandshakeTimeout=5,
             # Fail a connection with a close frame that says why (1009 for a message
             # past the hard limit), not by dropping TCP.
@@ -283,3 +334,13 @@ class WorkerFactory(WebSocketServerFactory):
             # costs more CPU than it saves on loopback and LAN.
             perMessageCompressionAccept=lambda offers: None,
         )
+
+    def buildProtocol(self, addr):
+        # Connections per client address (limits.max_connections_per_address): None
+        # makes Twisted close the new socket at once.
+        host = self.addresses.admit(addr)
+        if host is False:
+            return None
+        protocol = WebSocketServerFactory.buildProtocol(self, addr)
+        protocol._counted_host = host
+        return protocol

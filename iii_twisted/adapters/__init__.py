@@ -4,7 +4,9 @@ Storage behind the modules' interfaces.
 - L{memory.MemoryKvStore}: an L{IKvStore} in memory (``store_method: in_memory``).
 - L{file.FileKvStore}: an L{IKvStore} in an append-only, checksummed, fsynced log
   (``store_method: file_based``).
-- L{kv_store_from_config}: builds one of them from a ``KvStore`` adapter config.
+- L{redis_kv.RedisKvStore}: an L{IKvStore} in Redis, shared between engines.
+- L{kv_store_from_config}: builds one of them from a ``KvStore`` adapter config;
+  L{redis_kv_store_from_config} from a ``RedisAdapter`` config.
 """
 
 from ..config import ConfigError
@@ -19,6 +21,13 @@ KV_STORE_SCHEMA = Section(
     file_path=Key(str, "kv_store_data.db", "directory of a file_based store"),
     save_interval_ms=Key(int, 5000, "accepted for compatibility; every write is durable "
                          "before it is acknowledged", min=0),
+)
+
+# The config of every Redis adapter (state, stream, pub/sub, cron; the queue's adds
+# its own keys): docs/scale-out.rst.
+REDIS_SCHEMA = Section(
+    redis_url=Key(str, "redis://localhost:6379", "the Redis server: redis://[[user]:"
+                  "password@]host[:port][/db], rediss:// for TLS"),
 )
 
 # Keys of the reference BuiltinKvStore config (modules.md §2.1), plus the stream
@@ -70,3 +79,30 @@ def kv_store_from_config(config, reactor, extra_keys=(), default_path="kv_store_
             path, e.strerror or e), "file_path")
     except Exception as e:
         raise ConfigError("cannot open the store in {}: {}".format(path, e), "file_path")
+
+
+REDIS_CONFIG_KEYS = ("redis_url",)
+
+
+def redis_kv_store_from_config(config, reactor, needed_by, prefixes=("state:", ""),
+                               extra_keys=()):
+    """
+    Build a L{redis_kv.RedisKvStore} from a ``RedisAdapter`` config:
+    ``{redis_url: redis://host:6379/0}`` (default ``redis://localhost:6379``, as in
+    the reference).
+
+    @param needed_by: the adapter class name, for the missing-extra message.
+    @param prefixes: (key prefix, group prefix): ``("state:", "")`` for state,
+        ``("", "stream:")`` for streams (whose groups already start ``stream:``).
+    @raise ConfigError: naming the key, for an unknown key, a wrong type, a malformed
+        URL, or the ``redis`` extra not installed.
+    """
+    from ..extras import redis_client_for, require_extra
+
+    for key in config:
+        if key not in REDIS_CONFIG_KEYS and key not in extra_keys:
+            raise ConfigError("unknown key {!r}; known keys: {}".format(
+                key, ", ".join(REDIS_CONFIG_KEYS + tuple(extra_keys))), key)
+    client = redis_client_for(config, needed_by, reactor)
+    redis_kv = require_extra("iii_twisted.adapters.redis_kv", needed_by)
+    return redis_kv.RedisKvStore(client, key_prefix=prefixes[0], group_prefix=prefixes[1])

@@ -83,6 +83,12 @@ def read_records(data):
             record = json.loads(payload)
         except ValueError:
             break
+        except RecursionError:
+            # Intact (its CRC matched) but nested deeper than this interpreter reads:
+            # skip it rather than stop the replay of everything after it.
+            Logger().error("skipped a stored record nested too deeply to read")
+            offset = start + length
+            continue
         if not _valid_record(record):
             break
         records.append(record)

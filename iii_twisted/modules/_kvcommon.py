@@ -56,11 +56,15 @@ def check_keys(config, known):
                 key, ", ".join(known)), key)
 
 
-def kv_adapter_from_config(config, reactor, kv_class, extra_keys=()):
+def kv_adapter_from_config(config, reactor, kv_class, extra_keys=(), redis_class=None,
+                           redis_prefixes=("state:", "")):
     """
     Build the store of an ``adapter: {class, config}`` entry (absent: the default
     C{kv_class} in memory).
 
+    @param redis_class: the class name of the Redis adapter, if the module has one;
+        its config is ``{redis_url}`` (L{iii_twisted.adapters.redis_kv}).
+    @param redis_prefixes: (key prefix, group prefix) of the Redis store.
     @return: (store, adapter config mapping).
     @raise ConfigError: naming ``adapter.class`` for an unknown class, or the
         adapter config key at fault.
@@ -75,13 +79,23 @@ def kv_adapter_from_config(config, reactor, kv_class, extra_keys=()):
     except ConfigError as e:
         raise e.within("adapter")
     name = adapter.get("class")
-    if name != kv_class:
+    known = [kv_class] + ([redis_class] if redis_class else [])
+    if name not in known:
         raise ConfigError("Adapter factory {!r} not found. Available: [{}]".format(
-            name, kv_class), "adapter.class")
+            name, ", ".join(known)), "adapter.class")
     adapter_config = adapter.get("config") or {}
+    if not isinstance(adapter_config, dict):
+        raise ConfigError("must be a mapping", "adapter.config")
     try:
-        store = kv_store_from_config(adapter_config, reactor, extra_keys=extra_keys)
+        if name == redis_class:
+            from ..adapters import redis_kv_store_from_config
+            store = redis_kv_store_from_config(adapter_config, reactor, name,
+                                               redis_prefixes, extra_keys)
+        else:
+            store = kv_store_from_config(adapter_config, reactor, extra_keys=extra_keys)
     except ConfigError as e:
+        if e.key == "adapter.class":
+            raise
         raise e.within("adapter.config")
     return store, adapter_config
 

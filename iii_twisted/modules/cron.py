@@ -22,14 +22,15 @@ from twisted.internet.defer import fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ..adapters import KV_STORE_SCHEMA
+from ..adapters import KV_STORE_SCHEMA, REDIS_SCHEMA
 from ..config import ConfigError, get_option
 from ..schema import Adapter, Adapters, Key, Section
 from ..cronexpr import CronError, CronSchedule
 from ..interfaces import ICronLock, IModule, ITriggerProvider, TriggerError
 
 KV_CRON_ADAPTER = "modules::cron::KvCronAdapter"
-ADAPTERS = (KV_CRON_ADAPTER,)
+REDIS_CRON_ADAPTER = "modules::cron::RedisCronAdapter"
+ADAPTERS = (KV_CRON_ADAPTER, REDIS_CRON_ADAPTER)
 _ADAPTER_KEYS = {"lock_ttl_ms", "lock_index", "store_method", "file_path",
                  "save_interval_ms"}
 
@@ -39,7 +40,7 @@ CONFIG_SCHEMA = Section(
         Adapter("kv", (KV_CRON_ADAPTER,), KV_STORE_SCHEMA.extend(
             lock_ttl_ms=Key(int, 30000, "how long a job's lock is held, ms", min=0),
             lock_index=Key(str, "cron_locks", "name of the lock table"))),
-        Adapter("redis", ("modules::cron::RedisCronAdapter",), None),
+        Adapter("redis", (REDIS_CRON_ADAPTER,), REDIS_SCHEMA),
     ), None, "where job locks are kept (default: kv in memory)"),
 )
 
@@ -47,6 +48,8 @@ CONFIG_SCHEMA = Section(
 @implementer(ICronLock)
 class MemoryCronLock:
     """Claims ticks in this process: the first claim of a (job, tick) wins."""
+
+    shared = False  # claims are keyed by trigger id
 
     def __init__(self):
         self._claims = {}  # job id -> latest claimed tick
@@ -88,6 +91,44 @@ class KvCronAdapter:
         self.lock = MemoryCronLock()
 
 
+class RedisCronAdapter:
+    """
+    ``modules::cron::RedisCronAdapter``: its lock (L{iii_twisted.adapters.redis_cron.
+    RedisCronLock}) is in Redis, so a job fires once per tick across engines.
+
+    Config: ``redis_url`` (default ``redis://localhost:6379``); other keys refused.
+    """
+
+    def __init__(self, config, reactor):
+        """@raise ConfigError: naming the key, or the missing ``redis`` extra."""
+        from ..extras import redis_client_for, require_extra
+
+        for key in config:
+            if key != "redis_url":
+                raise ConfigError("unknown key {!r}; known keys: redis_url".format(key),
+                                  "adapter.config." + key)
+        try:
+            client = redis_client_for(config, REDIS_CRON_ADAPTER, reactor)
+        except ConfigError as e:
+            raise e if e.key == "adapter.class" else e.within("adapter.config")
+        redis_cron = require_extra("iii_twisted.adapters.redis_cron", REDIS_CRON_ADAPTER)
+        self.lock = redis_cron.RedisCronLock(client)
+
+
+def job_key(trigger):
+    """
+    @return: the identity of a cron job across engines: a digest of its function,
+        expression and condition (not its trigger id, which SDKs make random), so
+        that replicas of one worker on several engines share one lock.
+    """
+    from hashlib import sha1
+
+    config = trigger.config if isinstance(trigger.config, dict) else {}
+    text = "\x00".join([trigger.function_id, str(config.get("expression")),
+                        str(config.get("condition_function_id") or "")])
+    return sha1(text.encode("utf-8")).hexdigest()
+
+
 def _rfc3339(seconds):
     return datetime.fromtimestamp(seconds, timezone.utc).isoformat()
 
@@ -101,6 +142,10 @@ class _CronJob:
         self.module = module
         self.trigger = trigger
         self.schedule = schedule
+        # The lock's name for this job: the trigger id, or the logical job when the
+        # lock is shared between engines.
+        self.lock_id = job_key(trigger) if getattr(module.lock, "shared", False) \
+            else trigger.id
         self.call = None  # the IDelayedCall of the next tick
         self.running = False  # a run is in progress
         self.stopped = True
@@ -132,7 +177,7 @@ class _CronJob:
         self.running = True
         module = self.module
         job_id = self.trigger.id
-        d = maybeDeferred(module.lock.acquire, job_id, tick)
+        d = maybeDeferred(module.lock.acquire, self.lock_id, tick)
         d.addCallback(self._run, tick)
         d.addErrback(lambda f: self._log.warn(
             "cron job {job_id} (function {function_id}) failed: {error}", job_id=job_id,
@@ -196,7 +241,11 @@ class CronModule(Service):
         if cls not in ADAPTERS:
             raise ConfigError("Adapter factory '{}' not found. Available: [{}]".format(
                 cls, ", ".join(ADAPTERS)), "adapter.class")
-        self.adapter = KvCronAdapter(get_option(spec, "config", dict, {}, "adapter."))
+        adapter_config = get_option(spec, "config", dict, {}, "adapter.")
+        if cls == REDIS_CRON_ADAPTER:
+            self.adapter = RedisCronAdapter(adapter_config, reactor)
+        else:
+            self.adapter = KvCronAdapter(adapter_config)
         self.lock = lock if lock is not None else self.adapter.lock
         self.jobs = {}
         engine.register_trigger_type(
@@ -208,10 +257,13 @@ class CronModule(Service):
             job.start()
 
     def stopService(self):
-        """Cancel every job's timer."""
+        """Cancel every job's timer (and release a shared lock's connection)."""
         Service.stopService(self)
         for job in self.jobs.values():
             job.stop()
+        close = getattr(self.adapter.lock, "close", None)
+        if close is not None:
+            return close()
 
     def register_trigger(self, trigger):
         """
@@ -244,4 +296,4 @@ class CronModule(Service):
         if job is None:
             return succeed(None)
         job.stop()
-        return maybeDeferred(self.lock.release, trigger.id)
+        return maybeDeferred(self.lock.release, job.lock_id)

@@ -34,7 +34,6 @@ import fnmatch
 import hashlib
 import hmac
 import ipaddress
-import json
 import os
 from collections import OrderedDict
 from http.cookiejar import CookieJar, DefaultCookiePolicy
@@ -58,7 +57,7 @@ from ..config import ConfigError, get_option
 from ..schema import Key, ListOf, Section
 from ..engine import FunctionEntry
 from ..interfaces import IFunctionHost, IModule
-from ..protocol import INVOCATION_FAILED, InvocationError, encode
+from ..protocol import INVOCATION_FAILED, InvocationError, encode, loads
 from .http_urls import InvalidUrl, canonical_pattern, parse_url
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
@@ -508,7 +507,7 @@ def _map_response(code, content):
         if not content.strip():
             return None
         try:
-            return json.loads(content)
+            return loads(content)
         except (ValueError, RecursionError):
             raise InvocationError(INVALID_RESPONSE, "HTTP {} response is not JSON".format(
                 code))
@@ -517,12 +516,12 @@ def _map_response(code, content):
         # nor a result: a success with no result, or its JSON body if it has one (the
         # current reference, engine/src/invocation/http_invoker.rs).
         try:
-            return json.loads(content) if content.strip() else None
+            return loads(content) if content.strip() else None
         except (ValueError, RecursionError):
             return None
     error = None
     try:
-        parsed = json.loads(content) if content.strip() else None
+        parsed = loads(content) if content.strip() else None
     except (ValueError, RecursionError):
         parsed = None
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):

@@ -9,6 +9,10 @@ Deviations from the reference (docs/queues-pubsub-cron.rst): unregistering one
 subscription removes only that one (the reference's LocalAdapter drops every
 subscription of the topic), and a ``subscribe`` trigger without a topic is refused
 instead of being accepted and never firing.
+
+Adapters: ``modules::pubsub::LocalAdapter`` (the default, this engine only) and
+``modules::pubsub::RedisAdapter`` (config ``redis_url``; every engine sharing the
+Redis, L{iii_twisted.adapters.redis_pubsub}).
 """
 
 from twisted.application.service import Service
@@ -18,18 +22,20 @@ from zope.interface import implementer
 
 from .. import protocol as P
 from ..config import ConfigError, get_option
+from ..adapters import REDIS_SCHEMA
 from ..schema import Adapter, Adapters, Key, Section
 from ..interfaces import IModule, IPubSubAdapter, ITriggerProvider, TriggerError
 from ..protocol import InvocationError
 
 LOCAL_ADAPTER = "modules::pubsub::LocalAdapter"
-ADAPTERS = (LOCAL_ADAPTER,)
+REDIS_ADAPTER = "modules::pubsub::RedisAdapter"
+ADAPTERS = (LOCAL_ADAPTER, REDIS_ADAPTER)
 
 # Every key of the module's config (iii_twisted/schema.py says how to add one).
 CONFIG_SCHEMA = Section(
     adapter=Key(Adapters(
         Adapter("local", (LOCAL_ADAPTER,), Section()),
-        Adapter("redis", ("modules::pubsub::RedisAdapter",), None),
+        Adapter("redis", (REDIS_ADAPTER,), REDIS_SCHEMA),
     ), None, "how messages travel (default: local, in this process)"),
 )
 VOID = {"type": "void"}
@@ -94,12 +100,35 @@ class PubSubModule(Service):
         if cls not in ADAPTERS:
             raise ConfigError("Adapter factory '{}' not found. Available: [{}]".format(
                 cls, ", ".join(ADAPTERS)), "adapter.class")
+        adapter_config = get_option(spec, "config", dict, {}, "adapter.")
+        if adapter is None and cls == REDIS_ADAPTER:
+            adapter = self._redis_adapter(adapter_config, reactor)
         self.adapter = adapter if adapter is not None else LocalAdapter(self._deliver)
         engine.register_function(
             "publish", self._fn_publish,
             "Send {topic, data} to every function subscribed to the topic")
         engine.register_trigger_type(
             "subscribe", self, "Receive the data `publish` sends to a topic")
+
+    def _redis_adapter(self, config, reactor):
+        from ..extras import redis_client_for, require_extra
+
+        for key in config:
+            if key != "redis_url":
+                raise ConfigError("unknown key {!r}; known keys: redis_url".format(key),
+                                  "adapter.config." + key)
+        try:
+            client = redis_client_for(config, REDIS_ADAPTER, reactor)
+        except ConfigError as e:
+            raise e if e.key == "adapter.class" else e.within("adapter.config")
+        module = require_extra("iii_twisted.adapters.redis_pubsub", REDIS_ADAPTER)
+        return module.RedisPubSubAdapter(client, self._deliver)
+
+    def stopService(self):
+        Service.stopService(self)
+        close = getattr(self.adapter, "close", None)
+        if close is not None:
+            return close()
 
     def _deliver(self, function_id, data):
         # VOID: Engine.call logs a failure and never raises.
@@ -117,7 +146,14 @@ class PubSubModule(Service):
             raise InvocationError(P.DESERIALIZATION_ERROR,
                                   "Failed to deserialize input for publish: topic must "
                                   "be a string")
-        return self.adapter.publish(topic, data.get("data")).addCallback(lambda _: None)
+        d = self.adapter.publish(topic, data.get("data"))
+
+        def failed(failure):
+            if failure.check(InvocationError):
+                return failure
+            raise InvocationError("publish_failed", "Failed to publish to {}: {}".format(
+                topic, failure.getErrorMessage()))
+        return d.addCallbacks(lambda _: None, failed)
 
     def register_trigger(self, trigger):
         """

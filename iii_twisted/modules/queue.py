@@ -55,13 +55,16 @@ from ..protocol import InvocationError
 
 FN_QUEUE_PREFIX = "__fn_queue::"
 BUILTIN_ADAPTER = "modules::queue::BuiltinQueueAdapter"
-ADAPTERS = (BUILTIN_ADAPTER,)
+REDIS_ADAPTER = "modules::queue::RedisAdapter"
+RABBITMQ_ADAPTER = "modules::queue::RabbitMQAdapter"
+ADAPTERS = (BUILTIN_ADAPTER, REDIS_ADAPTER, RABBITMQ_ADAPTER)
 
 _MODULE_KEYS = {"adapter", "queue_configs"}
 _QUEUE_KEYS = {"max_retries", "concurrency", "type", "message_group_field", "backoff_ms",
                "poll_interval_ms"}
 _ADAPTER_KEYS = {"store_method", "file_path", "save_interval_ms", "channel_size",
-                 "max_attempts", "backoff_ms", "concurrency", "poll_interval_ms", "mode"}
+                 "max_attempts", "backoff_ms", "concurrency", "poll_interval_ms", "mode",
+                 "redis_url", "lease_ms", "amqp_url", "prefetch_count", "queue_mode"}
 # Every key of the module's config (iii_twisted/schema.py says how to add one).
 _QUEUE_DEFAULTS = dict(
     concurrency=Key(int, 10, "messages delivered at once", min=1),
@@ -81,8 +84,27 @@ CONFIG_SCHEMA = Section(
             mode=Key(str, "standard", "standard, or fifo (one at a time, in order)",
                      choices=("standard", "fifo")),
             **_QUEUE_DEFAULTS)),
-        Adapter("rabbitmq", ("modules::queue::RabbitMQAdapter",), None),
-        Adapter("redis", ("modules::queue::RedisAdapter",), None),
+        Adapter("rabbitmq", (RABBITMQ_ADAPTER,), Section(
+            amqp_url=Key(str, "amqp://localhost:5672", "the RabbitMQ server: amqp://user:"
+                         "password@host:port/vhost (amqps:// for TLS)"),
+            max_attempts=Key(int, 3, "deliveries before a message is dead-lettered",
+                             min=0),
+            prefetch_count=Key(int, 10, "messages an engine holds unacknowledged at "
+                               "once, per queue (the default concurrency)", min=1),
+            queue_mode=Key(str, "standard", "standard, or fifo (one consumer at a time, "
+                           "in order)", choices=("standard", "fifo")),
+            **_QUEUE_DEFAULTS)),
+        Adapter("redis", (REDIS_ADAPTER,), Section(
+            redis_url=Key(str, "redis://localhost:6379",
+                          "the Redis server (redis:// or rediss:// for TLS, password, db)"),
+            lease_ms=Key(int, 30000, "how long a message handed to an engine stays its "
+                         "without a renewal, ms (a dead engine's messages come back "
+                         "after it)", min=100),
+            max_attempts=Key(int, 3, "deliveries before a message is dead-lettered",
+                             min=0),
+            mode=Key(str, "standard", "standard, or fifo (in order per message group)",
+                     choices=("standard", "fifo")),
+            **_QUEUE_DEFAULTS)),
     ), None, "where messages are kept (default: builtin in memory)"),
     queue_configs=Key(MapOf(Section(
         _check=lambda q: ("message_group_field", "a fifo queue needs message_group_field "
@@ -278,6 +300,11 @@ class QueueModule(Service):
         _warn_unknown(config, _MODULE_KEYS, "")
         adapter_config, self.defaults = _adapter_settings(config)
         self.named = _named_queues(config)
+        # A shared broker (Redis) holds the messages instead of this process's
+        # memory and journal; the delivery logic below stays the same.
+        self.broker = _build_broker(config, adapter_config, self.defaults, reactor)
+        if self.broker is not None and store is None:
+            store = MemoryQueueStore()
         self.store = store if store is not None else _build_store(adapter_config, reactor)
         self.queues = {}
         self._storing = {}
@@ -326,6 +353,10 @@ class QueueModule(Service):
         records = self.store.open(self._snapshot)
         self._replay(records)
         self.running = True
+        if self.broker is not None:
+            self.broker.start(self._arrived)
+            for queue in list(self.queues.values()):
+                self.broker.consume(queue.key, queue.concurrency, queue.fifo)
         for queue in list(self.queues.values()):
             self._pump(queue)
 
@@ -347,6 +378,10 @@ class QueueModule(Service):
                 queue.waiting.appendleft(job)
                 queue.busy_groups.discard(job.group)
             queue.delayed.clear()
+        if self.broker is not None:
+            # Messages handed to this engine and not settled come back to the others
+            # when their leases lapse.
+            self.broker.stop()
         return self.store.close()
 
     # -- IEnqueuer -------------------------------------------------------------------
@@ -404,6 +439,8 @@ class QueueModule(Service):
                    traceparent, baggage)
 
     def _accept(self, job):
+        if self.broker is not None:
+            return self.broker.publish(job).addErrback(self._not_published, job)
         # Until its record is durable the job is only here (a compaction's snapshot
         # must still include it).
         self._storing[job.id] = job
@@ -422,6 +459,18 @@ class QueueModule(Service):
             raise InvocationError(P.ENQUEUE_ERROR, "Could not store the message: {}".format(
                 failure.getErrorMessage()))
         return d.addCallbacks(stored, not_stored)
+
+    def _not_published(self, failure, job):
+        self._log.error("queue {queue}: could not publish a message: {error}",
+                        queue=job.queue, error=failure.getErrorMessage())
+        raise InvocationError(P.ENQUEUE_ERROR, "Could not store the message: {}".format(
+            failure.getErrorMessage()))
+
+    def _arrived(self, job):
+        """A shared broker handed this engine a message: deliver it as if enqueued here."""
+        queue = self._queue(job.queue)
+        queue.waiting.append(job)
+        self._pump(queue)
 
     def _queue(self, key):
         queue = self.queues.get(key)
@@ -470,6 +519,12 @@ class QueueModule(Service):
             else:
                 subscription = None
                 function_id = job.function_id
+                if function_id not in functions and self.broker is not None:
+                    # Not here: give it back for another engine (or for later), without
+                    # spending an attempt.
+                    del waiting[i]
+                    self._settle(self.broker.requeue(job, queue.settings.poll_interval_ms))
+                    continue
                 if function_id not in functions:
                     parked = True
                     if fifo:
@@ -521,10 +576,18 @@ class QueueModule(Service):
             subscription.inflight -= 1
         return subscription
 
+    def _settle(self, d):
+        d.addErrback(lambda f: self._log.warn(
+            "queue: settling a message with the broker failed (it is delivered again "
+            "when its lease lapses): {error}", error=f.getErrorMessage()))
+
     def _delivered(self, result, queue, job):
         self._finish(queue, job)
         queue.busy_groups.discard(job.group)
-        self._record({"op": "ack", "id": job.id})
+        if self.broker is not None:
+            self._settle(self.broker.ack(job))
+        else:
+            self._record({"op": "ack", "id": job.id})
         self._pump(queue)
         self._maybe_forget(queue)
 
@@ -537,9 +600,13 @@ class QueueModule(Service):
             settings = subscription.settings
         if job.attempts >= settings.max_attempts:
             failed_at = self._now_ms()
-            queue.dlq[job.id] = (job, error, failed_at)
             queue.busy_groups.discard(job.group)
-            self._record({"op": "dlq", "id": job.id, "error": error, "failed_at": failed_at})
+            if self.broker is not None:
+                self._settle(self.broker.dead(job, error, failed_at))
+            else:
+                queue.dlq[job.id] = (job, error, failed_at)
+                self._record({"op": "dlq", "id": job.id, "error": error,
+                              "failed_at": failed_at})
             self._log.warn(
                 "queue {queue}: message {job_id} dead-lettered after {attempts} "
                 "attempt(s): {error}", queue=queue.name, job_id=job.id,
@@ -548,6 +615,12 @@ class QueueModule(Service):
             delay_ms = settings.backoff_ms
             if not settings.fixed_backoff:
                 delay_ms *= 2 ** (job.attempts - 1)
+            if self.broker is not None:
+                # The broker holds it during the backoff (and the FIFO group with it).
+                queue.busy_groups.discard(job.group)
+                self._settle(self.broker.retry(job, delay_ms))
+                self._pump(queue)
+                return
             self._record({"op": "nack", "id": job.id, "attempts": job.attempts})
             self._log.info(
                 "queue {queue}: message {job_id} failed (attempt {attempts}), retry in "
@@ -666,6 +739,8 @@ class QueueModule(Service):
             return fail(e)
         queue = self._queue(key)
         queue.subscriptions[trigger.id] = subscription
+        if self.broker is not None and self.running:
+            self.broker.consume(queue.key, queue.concurrency, queue.fifo)
         self._pump(queue)
         return succeed(None)
 
@@ -745,6 +820,11 @@ class QueueModule(Service):
             key = _durable_key(topic, trigger.function_id)
         queue = self.queues.get(key) if isinstance(key, str) else None
         if queue is not None and queue.subscriptions.pop(trigger.id, None) is not None:
+            if self.broker is not None:
+                if queue.subscriptions:
+                    self.broker.consume(queue.key, queue.concurrency, queue.fifo)
+                else:
+                    self.broker.stop_consuming(queue.key)
             if not queue.subscriptions and queue.poll is not None:
                 queue.poll.cancel()
                 queue.poll = None
@@ -848,6 +928,10 @@ class QueueModule(Service):
 
     def _fn_redrive(self, data):
         name, key = self._resolve(data, "iii::queue::redrive")
+        if self.broker is not None:
+            return self.broker.redrive(key, None).addCallbacks(
+                lambda ids: {"queue": name, "redriven": len(ids)},
+                _as_error("redrive_failed"))
         queue = self.queues.get(key)
         ids = list(queue.dlq) if queue is not None else []
         return self._redrive(queue, ids).addCallbacks(
@@ -857,6 +941,11 @@ class QueueModule(Service):
     def _fn_redrive_message(self, data):
         name, key = self._resolve(data, "iii::queue::redrive_message")
         message_id = self._message_id(data, "iii::queue::redrive_message")
+        if self.broker is not None:
+            return self.broker.redrive(key, [message_id]).addCallbacks(
+                lambda ids: {"queue": name, "message_id": message_id,
+                             "redriven": len(ids)},
+                _as_error("redrive_message_failed"))
         queue = self.queues.get(key)
         ids = [message_id] if queue is not None and message_id in queue.dlq else []
         return self._redrive(queue, ids).addCallbacks(
@@ -875,6 +964,11 @@ class QueueModule(Service):
     def _fn_discard_message(self, data):
         name, key = self._resolve(data, "iii::queue::discard_message")
         message_id = self._message_id(data, "iii::queue::discard_message")
+        if self.broker is not None:
+            return self.broker.discard(key, [message_id]).addCallbacks(
+                lambda ids: {"queue": name, "message_id": message_id,
+                             "redriven": len(ids), "discarded": len(ids)},
+                _as_error("discard_message_failed"))
         queue = self.queues.get(key)
         ids = [message_id] if queue is not None and message_id in queue.dlq else []
         # "redriven" is the reference's key for this count; "discarded" says what it is.
@@ -885,6 +979,10 @@ class QueueModule(Service):
 
     def _fn_discard(self, data):
         name, key = self._resolve(data, "iii::queue::discard")
+        if self.broker is not None:
+            return self.broker.discard(key, None).addCallbacks(
+                lambda ids: {"queue": name, "discarded": len(ids)},
+                _as_error("discard_failed"))
         queue = self.queues.get(key)
         ids = list(queue.dlq) if queue is not None else []
         return self._discard(queue, ids).addCallbacks(
@@ -894,7 +992,8 @@ class QueueModule(Service):
         result = []
         for queue in self.queues.values():
             if queue.topic:
-                result.append({"name": queue.name, "broker_type": "builtin",
+                result.append({"name": queue.name, "broker_type": (
+                    "builtin" if self.broker is None else self.broker.broker_type),
                                "subscriber_count": len(queue.subscriptions)})
             else:
                 result.append({"name": queue.name, "broker_type": "function_queue",
@@ -905,6 +1004,19 @@ class QueueModule(Service):
         name, key = self._resolve(data, "engine::queue::topic_stats", "topic",
                                   "topic_required", "Topic is required")
         queue = self.queues.get(key)
+        if self.broker is not None:
+            def shared(stats):
+                return {
+                    "depth": stats["ready"] + stats["delayed"],
+                    "consumer_count": 0 if queue is None else (
+                        len(queue.subscriptions) if queue.topic
+                        else queue.settings.concurrency),
+                    "dlq_depth": stats["dlq"],
+                    "in_flight": stats["in_flight"],
+                    "config": None if queue is None or queue.topic
+                    else queue.settings.info(),
+                }
+            return self.broker.stats(key).addCallbacks(shared, _as_error("stats_failed"))
         if queue is None:
             return {"depth": 0, "consumer_count": 0, "dlq_depth": 0, "in_flight": 0,
                     "config": None}
@@ -918,6 +1030,14 @@ class QueueModule(Service):
         }
 
     def _fn_dlq_topics(self, data):
+        if self.broker is not None:
+            def listed(counts):
+                return [{"topic": key[len(FN_QUEUE_PREFIX):] if key.startswith(
+                            FN_QUEUE_PREFIX) else key,
+                         "broker_type": ("function_queue" if key.startswith(FN_QUEUE_PREFIX)
+                                         else self.broker.broker_type),
+                         "message_count": count} for key, count in counts.items()]
+            return self.broker.dlq_queues().addCallbacks(listed, _as_error("dlq_failed"))
         return [{"topic": queue.name,
                  "broker_type": "builtin" if queue.topic else "function_queue",
                  "message_count": len(queue.dlq)}
@@ -933,8 +1053,17 @@ class QueueModule(Service):
                 raise _bad_input("engine::queue::dlq_messages",
                                  "{} must be a non-negative integer".format(field))
         queue = self.queues.get(key)
+        if self.broker is not None:
+            d = self.broker.dlq_messages(key)
+            return d.addCallbacks(lambda dead: _dlq_page(list(reversed(dead)), offset, limit),
+                                  _as_error("dlq_failed"))
         entries = list(reversed(list(queue.dlq.values()))) if queue is not None else []
-        return [{
+        return _dlq_page(entries, offset, limit)
+
+
+def _dlq_page(entries, offset, limit):
+    """@return: the dlq_messages answer for (job, error, failed_at) entries, newest first."""
+    return [{
             "id": job.id,
             "payload": job.data,
             "error": error,
@@ -1009,10 +1138,16 @@ def _adapter_settings(config):
         raise ConfigError("must be in_memory or file_based, not {!r}".format(method),
                           prefix + "store_method")
     get_option(adapter_config, "file_path", str, None, prefix)
-    mode = get_option(adapter_config, "mode", str, "standard", prefix)
+    mode = get_option(adapter_config, "mode", str, None, prefix)
+    if mode is None:  # queue_mode: the RabbitMQ adapter's name for it
+        mode = get_option(adapter_config, "queue_mode", str, "standard", prefix)
+    if mode not in ("standard", "fifo"):
+        raise ConfigError("must be standard or fifo, not {!r}".format(mode),
+                          prefix + ("mode" if "mode" in adapter_config else "queue_mode"))
+    default_concurrency = _positive(adapter_config, "prefetch_count", 10, prefix)
     defaults = QueueSettings(
         max_attempts=_positive(adapter_config, "max_attempts", 3, prefix, 0),
-        concurrency=_positive(adapter_config, "concurrency", 10, prefix),
+        concurrency=_positive(adapter_config, "concurrency", default_concurrency, prefix),
         fifo=mode == "fifo",
         backoff_ms=_positive(adapter_config, "backoff_ms", 1000, prefix, 0),
         poll_interval_ms=_positive(adapter_config, "poll_interval_ms", 100, prefix),
@@ -1046,6 +1181,37 @@ def _named_queues(config):
             poll_interval_ms=_positive(entry, "poll_interval_ms", 100, prefix),
         )
     return named
+
+
+def _build_broker(config, adapter_config, defaults, reactor):
+    """
+    @return: the L{IQueueBroker} the adapter class names, or None for the builtin.
+    @raise ConfigError: naming the key, or the missing extra.
+    """
+    cls = (config.get("adapter") or {}).get("class", BUILTIN_ADAPTER)
+    from ..extras import redis_client_for, require_extra
+
+    prefix = "adapter.config."
+    if cls == RABBITMQ_ADAPTER:
+        url = get_option(adapter_config, "amqp_url", str, "amqp://localhost:5672", prefix)
+        if not url.startswith(("amqp://", "amqps://")):
+            raise ConfigError("must be an amqp:// or amqps:// URL, not {!r}".format(url),
+                              prefix + "amqp_url")
+        module = require_extra("iii_twisted.adapters.rabbitmq_queue", RABBITMQ_ADAPTER)
+        try:
+            return module.RabbitMQBroker(url, reactor, Job.from_record)
+        except Exception as e:
+            raise ConfigError("cannot use this URL: {}".format(e), prefix + "amqp_url")
+    if cls != REDIS_ADAPTER:
+        return None
+    lease_ms = _positive(adapter_config, "lease_ms", 30000, prefix, 100)
+    try:
+        client = redis_client_for(adapter_config, REDIS_ADAPTER, reactor)
+    except ConfigError as e:
+        raise e if e.key == "adapter.class" else e.within("adapter.config")
+    module = require_extra("iii_twisted.adapters.redis_queue", REDIS_ADAPTER)
+    return module.RedisQueueBroker(client, reactor, Job.from_record, lease_ms=lease_ms,
+                                   poll_interval_ms=defaults.poll_interval_ms)
 
 
 def _build_store(adapter_config, reactor):

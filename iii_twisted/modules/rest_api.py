@@ -30,7 +30,6 @@ empty); a route unregistered by one trigger leaves another trigger's registratio
 the same route in place; ``body_limit`` exists.
 """
 
-import json
 import time
 from urllib.parse import parse_qsl, unquote_to_bytes
 
@@ -44,13 +43,14 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from ..channels import CLOSE_DROPPED, FRAME_BYTES, READ, WRITE, install_channels
+from ..connlimits import LimitedSite
 from ..config import ConfigError, get_option
 from ..listeners import Listener
 from ..schema import Key, ListOf, Section
 from ..interfaces import (
     IChannelReaderEnd, IChannelWriterEnd, IModule, ITriggerProvider, TriggerError,
 )
-from ..protocol import MESSAGE_TOO_LARGE, InvocationError, encode
+from ..protocol import MESSAGE_TOO_LARGE, InvocationError, encode, loads
 from ..health import render as health_render
 from .http_response import response_of, status_of as _status_of
 
@@ -294,13 +294,17 @@ class LimitedRequest(Request):
 _access_log = Logger(namespace="iii.access")
 
 
-class ApiSite(Site):
-    """The REST port's C{Site}: bounded bodies, no tracebacks, an idle timeout."""
+class ApiSite(LimitedSite, Site):
+    """
+    The REST port's C{Site}: bounded bodies, no tracebacks, header and idle timeouts
+    and connections per client address (L{LimitedSite}, from C{limits}).
+    """
 
     requestFactory = LimitedRequest
     displayTracebacks = False
 
-    def __init__(self, resource, reactor, body_limit, timeout=60, access_log=False):
+    def __init__(self, resource, reactor, body_limit, timeout=60, access_log=False,
+                 limits=None):
         # No form parsing into request.args: form bodies reach the function as a
         # streamed request_body like any body that is not JSON, and parsing every POST's
         # Content-Type (through the email package) was ~16% of a request's CPU.
@@ -308,6 +312,8 @@ class ApiSite(Site):
                       parsePOSTFormSubmission=False)
         self.body_limit = body_limit
         self.access_log = access_log
+        if limits is not None:
+            self.limit_connections(limits)
         # (method, status) -> responses, for iii_http_responses_total.
         self.status_counts = {}
 
@@ -393,7 +399,8 @@ class RestApiModule(MultiService):
                        merge_slashes=False)(self._handle)
         self.resource = self.app.resource()
         self.site = ApiSite(self.resource, reactor, body_limit,
-                            access_log=get_option(config, "access_log", bool, False))
+                            access_log=get_option(config, "access_log", bool, False),
+                            limits=getattr(engine, "limits", None))
         # The observability module reads REST status counts here (one table for the
         # engine; a second REST module adds to it).
         if getattr(engine, "http_responses", None) is None:
@@ -617,7 +624,7 @@ class _Exchange:
             content = request.content
             content.seek(0)
             try:
-                body = json.loads(content.read())
+                body = loads(content.read())
             except (ValueError, RecursionError):
                 body = None
         return {
@@ -744,7 +751,7 @@ class _Exchange:
         if self.done or self.streaming:
             return  # text after the first binary frame is discarded
         try:
-            message = json.loads(payload)
+            message = loads(payload)
         except (ValueError, RecursionError):
             return
         if not isinstance(message, dict):

@@ -5,10 +5,15 @@ scoped key-value state for workers, and the ``state`` trigger type.
 Config (unknown keys refused)::
 
     adapter:
-      class: modules::state::adapters::KvStore        # the only adapter
+      class: modules::state::adapters::KvStore        # the default
       config:
         store_method: in_memory | file_based          # default in_memory
         file_path: ./data/state_store.db              # a directory (file_based)
+
+    adapter:                                          # shared by engines (scale-out)
+      class: modules::state::adapters::RedisAdapter
+      config:
+        redis_url: redis://localhost:6379             # the default; rediss:// for TLS
 
 Functions (inputs ignore unknown keys, such as ``_caller_worker_id``):
 
@@ -32,15 +37,17 @@ from twisted.internet.defer import succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ..adapters import KV_STORE_SCHEMA
+from ..adapters import KV_STORE_SCHEMA, REDIS_SCHEMA
 from ..schema import Adapter, Adapters, Key, Section
 from ..interfaces import IModule, InvalidUpdateOp, ITriggerProvider, KvStoreError, TriggerError
 from ..protocol import InvocationError
+from ..limits import check_stored
 from ._kvcommon import (
     EventDispatcher, check_keys, input_error, kv_adapter_from_config, read_input,
 )
 
 KV_ADAPTER = "modules::state::adapters::KvStore"
+REDIS_ADAPTER = "modules::state::adapters::RedisAdapter"
 TRIGGER_TYPE = "state"
 CONFIG_KEYS = ("adapter",)
 
@@ -48,7 +55,7 @@ CONFIG_KEYS = ("adapter",)
 CONFIG_SCHEMA = Section(
     adapter=Key(Adapters(
         Adapter("kv", (KV_ADAPTER,), KV_STORE_SCHEMA),
-        Adapter("redis", ("modules::state::adapters::RedisAdapter",), None),
+        Adapter("redis", (REDIS_ADAPTER,), REDIS_SCHEMA),
         Adapter("bridge", ("modules::state::adapters::Bridge",), None),
     ), None, "where values are kept (default: kv in memory)"),
 )
@@ -84,7 +91,8 @@ class StateModule(Service):
         """
         check_keys(config, CONFIG_KEYS)
         if store is None:
-            store, _ = kv_adapter_from_config(config, reactor, KV_ADAPTER)
+            store, _ = kv_adapter_from_config(config, reactor, KV_ADAPTER,
+                                              redis_class=REDIS_ADAPTER)
         self.store = store
         self._engine = engine
         self._triggers = {}  # trigger id -> (Trigger, scope, key)
@@ -114,6 +122,7 @@ class StateModule(Service):
             InvocationError (``deserialization_error``, ``SET_ERROR``).
         """
         read_input("state::set", data, strings=("scope", "key"))
+        check_stored(self._engine.limits, "state::set", data)
         if "value" in data:
             value = data["value"]
         elif "data" in data:
@@ -153,6 +162,7 @@ class StateModule(Service):
             ``deserialization_error`` naming a malformed op, or ``UPDATE_ERROR``.
         """
         read_input("state::update", data, strings=("scope", "key"))
+        check_stored(self._engine.limits, "state::update", data)
         scope, key = data["scope"], data["key"]
         d = self.store.update(scope, key, data.get("ops"))
 

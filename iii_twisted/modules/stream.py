@@ -10,6 +10,10 @@ Config (unknown keys refused)::
     adapter:
       class: modules::stream::adapters::KvStore
       config: {store_method: in_memory|file_based, file_path: DIR, channel_size: N}
+    # or, shared by every engine on one Redis (items and pushes; docs/scale-out.rst):
+    adapter:
+      class: modules::stream::adapters::RedisAdapter
+      config: {redis_url: redis://localhost:6379}
 
 Client wire protocol (path ``/`` only; anything else is a 404)::
 
@@ -41,7 +45,6 @@ item_id?, condition_function_id?}``), ``stream:join`` and ``stream:leave``.
 """
 
 import ipaddress
-import json
 from collections import deque
 from urllib.parse import quote, unquote
 from uuid import uuid4
@@ -55,18 +58,20 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .. import __version__
-from ..adapters import KV_STORE_SCHEMA
+from ..adapters import KV_STORE_SCHEMA, REDIS_SCHEMA
 from ..config import ConfigError, get_option
 from ..listeners import Listener
 from ..schema import Adapter, Adapters, Key, Section
 from ..interfaces import IModule, InvalidUpdateOp, ITriggerProvider, KvStoreError, TriggerError
-from ..protocol import InvocationError, encode
+from ..protocol import InvocationError, encode, loads
 from ..adapters.ops import validate_ops
+from ..limits import check_stored
 from ._kvcommon import (
     EventDispatcher, check_keys, input_error, kv_adapter_from_config, read_input,
 )
 
 KV_ADAPTER = "modules::stream::adapters::KvStore"
+REDIS_ADAPTER = "modules::stream::adapters::RedisAdapter"
 CONFIG_KEYS = ("port", "host", "auth_function", "adapter")
 
 def _ip_address(host):
@@ -87,7 +92,7 @@ CONFIG_SCHEMA = Section(
     adapter=Key(Adapters(
         Adapter("kv", (KV_ADAPTER,), KV_STORE_SCHEMA.extend(
             channel_size=Key(int, 256, "events buffered per subscriber", min=1))),
-        Adapter("redis", ("modules::stream::adapters::RedisAdapter",), None),
+        Adapter("redis", (REDIS_ADAPTER,), REDIS_SCHEMA),
         Adapter("bridge", ("modules::stream::adapters::Bridge",), None),
     ), None, "where items are kept (default: kv in memory)"),
 )
@@ -150,14 +155,21 @@ class StreamModule(MultiService):
             raise ConfigError("host must be an IP address (such as 0.0.0.0 or 127.0.0.1), "
                               "not {!r}".format(host), "host")
         self.auth_function = get_option(config, "auth_function", str, None)
+        self._bus = None  # a RedisStreamBus, with the Redis adapter
         if store is None:
             store, _ = kv_adapter_from_config(config, reactor, KV_ADAPTER,
-                                              extra_keys=("channel_size",))
+                                              extra_keys=("channel_size",),
+                                              redis_class=REDIS_ADAPTER,
+                                              redis_prefixes=("", _PREFIX))
             adapter_config = (config.get("adapter") or {}).get("config") or {}
             channel_size = get_option(adapter_config, "channel_size", int, 256,
                                       prefix="adapter.config.")
             if channel_size <= 0:
                 raise ConfigError("must be positive", "adapter.config.channel_size")
+        if (config.get("adapter") or {}).get("class") == REDIS_ADAPTER:
+            # Also for a store handed over on reload: pushes go through Redis.
+            self._bus = self._redis_bus(
+                (config.get("adapter") or {}).get("config") or {}, reactor)
         self.store = store
         self.port = port
         self.host = host
@@ -187,6 +199,18 @@ class StreamModule(MultiService):
         self._listener = Listener(listen, self.factory, reactor, "iii-stream")
         self._listener.setServiceParent(self)
 
+    def _redis_bus(self, adapter_config, reactor):
+        from ..extras import redis_client_for, require_extra
+
+        client = redis_client_for(adapter_config, REDIS_ADAPTER, reactor)
+        module = require_extra("iii_twisted.adapters.redis_stream", REDIS_ADAPTER)
+        return module.RedisStreamBus(client, self._push_local)
+
+    def startService(self):
+        MultiService.startService(self)
+        if self._bus is not None:
+            self._bus.start()
+
     def stopService(self):
         d = MultiService.stopService(self)
 
@@ -194,6 +218,8 @@ class StreamModule(MultiService):
             for client in list(self.clients):
                 client.connection.disconnect(1001, "engine shutting down")
             self._events.stop()
+            if self._bus is not None:
+                self._bus.close()
             return self.store.close()
         return d.addBoth(stopped)
 
@@ -229,6 +255,7 @@ class StreamModule(MultiService):
             ``JSON_ERROR``.
         """
         read_input("stream::set", data, strings=("stream_name", "group_id", "item_id"))
+        check_stored(self._engine.limits, "stream::set", data)
         name, group, item = data["stream_name"], data["group_id"], data["item_id"]
         return await self._write("set", name, group, item, "data", data.get("data"),
                                  "STREAM_SET_ERROR", "set value")
@@ -240,6 +267,7 @@ class StreamModule(MultiService):
             ``STREAM_UPDATE_ERROR``, ``JSON_ERROR``.
         """
         read_input("stream::update", data, strings=("stream_name", "group_id", "item_id"))
+        check_stored(self._engine.limits, "stream::update", data)
         name, group, item = data["stream_name"], data["group_id"], data["item_id"]
         ops = data.get("ops")
         try:
@@ -404,11 +432,22 @@ class StreamModule(MultiService):
             and (not t_item or t_item == (item or ""))
         ]
         self._events.fire(triggers, message)
-        subscribers = self._subscribers.get((name, group))
-        if not subscribers:
+        if self._bus is not None:
+            # Through Redis to every engine, this one included (one order for all).
+            payload = _encode_push(message, self._log)
+            if payload is not None:
+                self._bus.publish(payload)
+            return
+        if not self._subscribers.get((name, group)):
             return
         payload = _encode_push(message, self._log)
-        if payload is None:
+        if payload is not None:
+            self._push_local(name, group, item, payload)
+
+    def _push_local(self, name, group, item, payload):
+        """Send one encoded push to this engine's clients subscribed to it."""
+        subscribers = self._subscribers.get((name, group))
+        if not subscribers:
             return
         for (client, _), sub_item in list(subscribers.items()):
             if sub_item is None or sub_item == item:
@@ -747,7 +786,7 @@ class StreamProtocol(WebSocketServerProtocol):
         if self.client is None:
             return
         try:
-            message = json.loads(payload)
+            message = loads(payload)
         except (ValueError, RecursionError):
             self._log.debug("stream client {id}: dropped a frame that is not JSON",
                             id=self.client.id)

@@ -157,6 +157,14 @@ class EngineMetrics:
         return {str(k): v for k, v in result.items() if isinstance(v, int)} \
             if isinstance(result, dict) else {}
 
+    def limit_events(self):
+        """
+        @return: ``{event: count}`` of what the engine's limits refused or dropped
+            (L{iii_twisted.limits.Limits.counters}; docs/limits.rst).
+        """
+        limits = getattr(self._engine, "limits", None)
+        return dict(limits.counters) if limits is not None else {}
+
     def performance(self):
         """@return: the ``performance`` part of engine::metrics::list (milliseconds)."""
         values = sorted(self.recent)
@@ -199,6 +207,7 @@ class EngineMetrics:
             },
             "performance": self.performance(),
             "queues": self.queue_depths(),
+            "limits": self.limit_events(),
             "telemetry": {
                 "frames": dict(self.telemetry_frames),
                 "records": dict(self.telemetry_records),
@@ -292,6 +301,10 @@ def prometheus_text(metrics, namespace="iii"):
     head("queue_depth", "gauge", "Messages waiting per queue.")
     for queue, depth in sorted(depths.items()):
         lines.append('{}_queue_depth{{queue="{}"}} {}'.format(n, _escape(queue), depth))
+    head("limit_events_total", "counter",
+         "Requests refused and peers dropped by the engine's limits, by event.")
+    for event, count in sorted(metrics.limit_events().items()):
+        lines.append('{}_limit_events_total{{event="{}"}} {}'.format(n, event, count))
     head("queue_dlq_depth", "gauge", "Messages in each queue's dead-letter queue.")
     for queue, depth in sorted(metrics.dlq_depths().items()):
         lines.append('{}_queue_dlq_depth{{queue="{}"}} {}'.format(n, _escape(queue), depth))

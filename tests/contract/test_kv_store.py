@@ -3,11 +3,16 @@ The L{IKvStore} contract, run against every adapter: L{KvStoreContract} is the s
 each subclass supplies C{make_store()}.
 """
 
+import json
 import os
 import shutil
 import tempfile
 
+import pytest
+import pytest_twisted
+
 from twisted.internet.defer import maybeDeferred
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -240,3 +245,55 @@ class MemoryKvStoreTests(KvStoreContract, SynchronousTestCase):
 class FileKvStoreTests(KvStoreContract, SynchronousTestCase):
     def make_store(self):
         return FileKvStore(temp_path(self), reactor=None, run_in_thread=run_now)
+
+
+class RedisKvStoreTests(KvStoreContract, SynchronousTestCase):
+    """
+    The same contract on a real redis-server (tests/brokers.py): the test methods run
+    in pytest's main greenlet, so a Deferred is waited for with C{blockon} while the
+    reactor runs (pytest-twisted).
+    """
+
+    @pytest.fixture(autouse=True)
+    def _redis(self, redis_url):
+        self.redis_url = redis_url
+
+    def make_store(self):
+        from twisted.internet import reactor
+
+        from iii_twisted import redis_client
+        from iii_twisted.adapters.redis_kv import RedisKvStore
+
+        return RedisKvStore(redis_client.acquire(self.redis_url, reactor))
+
+    def successResultOf(self, d):
+        return pytest_twisted.blockon(d)
+
+    def failureResultOf(self, d, *types):
+        try:
+            result = pytest_twisted.blockon(d)
+        except Exception:
+            failure = Failure()
+            if types and not failure.check(*types):
+                self.fail("wrong failure: {}".format(failure))
+            return failure
+        self.fail("expected a failure, got {!r}".format(result))
+
+    def test_exact_json(self):
+        """What the reference's cjson loses: empty lists, big integers, long floats."""
+        values = [[], {"a": []}, 12345678901234567, 3.14159265358979, -0.0, 1e300,
+                  {"z": 1, "a": 2, "m": 3}, "\u0000\u2603"]
+        for i, value in enumerate(values):
+            self.ok(self.store.set("exact", str(i), value))
+        for i, value in enumerate(values):
+            got = self.ok(self.store.get("exact", str(i)))
+            self.assertEqual(json.dumps(got), json.dumps(value))
+        result = self.ok(self.store.update("exact", "0", [
+            {"type": "set", "path": "", "value": {"l": []}}]))
+        self.assertEqual(result["old_value"], [])
+
+    def test_list_groups_with_glob_characters(self):
+        self.ok(self.store.set("a*b", "k", 1))
+        self.ok(self.store.set("a?b", "k", 1))
+        self.ok(self.store.set("[x]", "k", 1))
+        self.assertEqual(self.ok(self.store.list_groups()), ["[x]", "a*b", "a?b"])

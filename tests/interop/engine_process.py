@@ -80,13 +80,18 @@ class EngineProcess:
         self.env = dict(os.environ, **(env or {}))
         self.process = None
 
-    def start(self, timeout=20.0):
-        """Start the process and wait for its worker port. @return: self."""
+    def start(self, timeout=20.0, preexec_fn=None):
+        """
+        Start the process and wait for its worker port.
+
+        @param preexec_fn: run in the child before twistd (e.g. to lower a limit).
+        @return: self.
+        """
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "iii", "--config", self.config_path],
             cwd=self.workdir, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=preexec_fn,
         )
         wait_for_port(self.port, timeout, self.process)
         for port in self.ports.values():

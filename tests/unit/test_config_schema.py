@@ -178,10 +178,14 @@ FILE_ERRORS = [
     # adapters
     ("workers:\n  - name: state\n    config: {adapter: {name: kvv}}\n",
      "workers[0].config.adapter.name", "unknown adapter 'kvv'; did you mean 'kv'?"),
-    ("workers:\n  - name: state\n    config: {adapter: {name: redis}}\n",
-     "workers[0].config.adapter.name", "the redis adapter is not available"),
-    ("workers:\n  - name: queue\n    config: {adapter: {name: rabbitmq}}\n",
-     "workers[0].config.adapter.name", "the rabbitmq adapter is not available"),
+    ("workers:\n  - name: state\n    config: {adapter: {name: bridge}}\n",
+     "workers[0].config.adapter.name", "the bridge adapter is not available"),
+    ("workers:\n  - name: state\n    config: {adapter: {name: redis, config: "
+     "{redis_ulr: x}}}\n", "workers[0].config.adapter.config.redis_ulr",
+     "did you mean 'redis_url'"),
+    ("workers:\n  - name: queue\n    config: {adapter: {name: rabbitmq, config: "
+     "{amqp_ulr: x}}}\n", "workers[0].config.adapter.config.amqp_ulr",
+     "did you mean 'amqp_url'"),
     # the worker listener and engine keys
     ("workers:\n  - name: iii-worker-manager\n    config: {port: -1}\n",
      "workers[0].config.port", "must be between 0 and 65535"),

@@ -249,7 +249,7 @@ class CronModuleTests(SynchronousTestCase):
             CronModule(engine, {"interval": 1}, clock)
         assert info.value.key == "interval"
         with pytest.raises(ConfigError) as info:
-            CronModule(engine, {"adapter": {"class": "modules::cron::RedisCronAdapter"}}, clock)
+            CronModule(engine, {"adapter": {"class": "modules::cron::Nope"}}, clock)
         assert info.value.key == "adapter.class"
         with pytest.raises(ConfigError) as info:
             CronModule(engine, {"adapter": {"config": {"lock_ttl_ms": "x"}}}, clock)

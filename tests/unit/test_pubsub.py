@@ -98,7 +98,7 @@ class PubSubTests(SynchronousTestCase):
             PubSubModule(engine, {"adaptor": {}}, clock)
         assert info.value.key == "adaptor"
         with pytest.raises(ConfigError) as info:
-            PubSubModule(engine, {"adapter": {"class": "modules::pubsub::RedisAdapter"}}, clock)
+            PubSubModule(engine, {"adapter": {"class": "modules::pubsub::Nope"}}, clock)
         assert info.value.key == "adapter.class"
 
     def test_local_adapter_provides_the_interface(self):

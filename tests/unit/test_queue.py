@@ -476,7 +476,7 @@ class ConfigTests(SynchronousTestCase):
             "queue_configs.p.max_retries"
 
     def test_unknown_adapter(self):
-        e = self._error({"adapter": {"class": "modules::queue::RedisAdapter"}})
+        e = self._error({"adapter": {"class": "modules::queue::Nope"}})
         assert e.key == "adapter.class"
         assert "BuiltinQueueAdapter" in e.message
 

@@ -278,7 +278,7 @@ class StateConfigTests(SynchronousTestCase):
     def test_errors_name_the_key(self):
         for config, key in [
             ({"adaptor": {}}, "adaptor"),
-            ({"adapter": {"class": "modules::state::adapters::RedisAdapter"}}, "adapter.class"),
+            ({"adapter": {"class": "modules::state::adapters::Nope"}}, "adapter.class"),
             ({"adapter": {"class": "modules::state::adapters::KvStore",
                           "config": {"store_method": "disk"}}}, "adapter.config.store_method"),
             ({"adapter": {"class": "modules::state::adapters::KvStore", "extra": 1}},

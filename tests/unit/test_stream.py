@@ -467,7 +467,7 @@ class StreamConfigTests(SynchronousTestCase):
             ({"port": 70000}, "port"),
             ({"host": "localhost"}, "host"),
             ({"auth_function": 3}, "auth_function"),
-            ({"adapter": {"class": "modules::stream::adapters::RedisAdapter"}}, "adapter.class"),
+            ({"adapter": {"class": "modules::stream::adapters::Nope"}}, "adapter.class"),
             ({"adapter": {"class": "modules::stream::adapters::KvStore",
                           "config": {"channel_size": 0}}}, "adapter.config.channel_size"),
             ({"adapter": {"class": "modules::stream::adapters::KvStore",
