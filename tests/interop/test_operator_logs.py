@@ -209,3 +209,33 @@ def test_sigterm_drains_calls_in_flight(start_engine, sdk_worker):
     log = engine.log()
     assert "shutting down: waiting up to 8.0s for 1 calls in flight" in log
     assert "shutting down: calls in flight finished" in log
+
+
+REDIS_CONFIG = """
+port: {{port}}
+host: 127.0.0.1
+modules:
+  - class: modules::rest_api::RestApiModule
+    config: {{{{host: 127.0.0.1, port: {{http}}}}}}
+  - class: modules::state::StateModule
+    config:
+      adapter:
+        class: modules::state::adapters::RedisAdapter
+        config:
+          redis_url: "{redis}"
+"""
+
+
+def test_not_ready_while_redis_is_down(start_engine, own_redis):
+    """Readiness is false while a required store (Redis) is unreachable, and comes back."""
+    engine = start_engine(REDIS_CONFIG.format(redis=own_redis.url), http=True)
+    ready = "http://127.0.0.1:{}/_iii/health/ready".format(engine.ports["http"])
+    wait_until(lambda: _get(ready)[0] == 200, what="ready with Redis up")
+    own_redis.stop()
+    status, body = _get(ready)
+    assert status == 503
+    checks = json.loads(body)["checks"]
+    assert checks["StateModule.store"].startswith("check failed"), checks
+    assert _get(ready.replace("ready", "live"))[0] == 200
+    own_redis.start()
+    wait_until(lambda: _get(ready)[0] == 200, timeout=30, what="ready again")
