@@ -23,6 +23,24 @@ L{ENGINE_SCHEMA} (top level, both formats), L{LISTENER_SCHEMA} (top level in v0.
 C{config_schema}. Validation is strict at every depth; an error names the file, the
 key path and the key probably meant. A file mixing the formats is refused.
 
+Our own optional top-level keys (the reference ignores unknown keys, so a file using
+them still loads there): ``host`` (interface, default 0.0.0.0), ``listen`` (a Twisted
+endpoint string that overrides port and host), ``invocation_timeout_ms``,
+``max_message_size``, ``ws_ping_interval_ms``, ``ws_ping_timeout_ms``, ``auth``
+(tokens and grants of the worker port, L{iii_twisted.auth.parse_auth_config};
+docs/security.rst), ``rbac`` and ``middleware_function_id`` (the reference's), and
+``listeners`` (several worker ports, each with the listener keys above plus ``name``;
+when given they replace the one the top-level keys describe)::
+
+    listeners:
+      - name: trusted
+        listen: unix:/run/iii/workers.sock
+      - name: public
+        listen: ssl:49134:privateKey=key.pem:certKey=cert.pem
+        auth: {tokens: [{name: web, token: "${WEB_TOKEN}", allowed_functions: ["public::*"]}]}
+
+In the current format each ``iii-worker-manager`` entry is one listener.
+
 The engine's ``limits:`` section (what one client may take of the engine) is
 L{iii_twisted.limits.LIMITS_SCHEMA}; docs/limits.rst lists its keys.
 
@@ -108,10 +126,17 @@ LISTENER_SCHEMA = Section(
                                "python 1 MiB, node 100 MiB, rust 16 MiB"),
     handshake_timeout_ms=Key(int, 10000, "ms a client has to finish its WebSocket "
                              "opening handshake (docs/limits.rst)", min=1),
-    rbac=Unsupported("worker authentication (rbac) is not supported by this engine yet"),
-    middleware_function_id=Unsupported(
-        "middleware_function_id is not supported by this engine yet"),
+    auth=Key(dict, None, "tokens and grants of connections to this port "
+             "(docs/security.rst); absent: unauthenticated, every grant"),
+    rbac=Key(dict, None, "the reference's RBAC: auth_function_id, expose_functions "
+             "(docs/security.rst)"),
+    middleware_function_id=Key(str, None, "a function every call from this port goes "
+                               "through (docs/security.rst)"),
 )
+
+# One entry of ``listeners:`` (v0.10 format): the listener keys and a name.
+LISTENER_ENTRY_SCHEMA = LISTENER_SCHEMA.extend(
+    name=Key(str, None, "the listener's name, for logs and metrics"))
 
 # The engine's own top-level keys, in both formats.
 ENGINE_SCHEMA = Section(
@@ -135,7 +160,9 @@ _ENTRY_LISTS = dict(
     modules=Key(list, [], "the modules, in start order"),
     workers=Key(list, [], "more modules (same shape as modules), after them"),
 )
-V010_SCHEMA = ENGINE_SCHEMA.extend(**LISTENER_SCHEMA.keys).extend(**_ENTRY_LISTS)
+V010_SCHEMA = ENGINE_SCHEMA.extend(**LISTENER_SCHEMA.keys).extend(**_ENTRY_LISTS).extend(
+    listeners=Key(list, None, "several worker ports, each {name, listen, auth, ...}; "
+                  "they replace the one of port/host/listen"))
 CURRENT_SCHEMA = ENGINE_SCHEMA.extend(
     registration_namespace_grace_ms=Key(int, 5000, "accepted for compatibility (this "
                                         "engine applies registrations at once; see "
@@ -163,6 +190,38 @@ class ModuleEntry(tuple):
     key = property(lambda self: self[2])
 
 
+class ListenerConfig:
+    """
+    One worker port.
+
+    @ivar name: for logs and metrics (``iii-worker-manager`` for the first).
+    @ivar listen: its endpoint string.
+    @ivar auth: its L{iii_twisted.auth.AuthConfig}, or None (unauthenticated).
+    @ivar max_message_size: bytes; C{ws_ping_interval}, C{ws_ping_timeout}: seconds.
+    @ivar key: where it is in the file, for messages.
+    @ivar frame_limits: its peer_limits.PeerFrameLimits, or None for the defaults.
+    """
+
+    def __init__(self, name, listen, auth=None, max_message_size=16 * 1024 * 1024,
+                 ws_ping_interval=30.0, ws_ping_timeout=30.0, key="", frame_limits=None,
+                 handshake_timeout=10.0):
+        self.frame_limits = frame_limits
+        self.handshake_timeout = handshake_timeout
+        self.name = name
+        self.listen = listen
+        self.auth = auth
+        self.max_message_size = max_message_size
+        self.ws_ping_interval = ws_ping_interval
+        self.ws_ping_timeout = ws_ping_timeout
+        self.key = key
+
+    def settings(self):
+        """@return: what its listener is built from (compared on reload)."""
+        return (self.name, self.listen, self.max_message_size, self.ws_ping_interval,
+                self.ws_ping_timeout, self.frame_limits, self.handshake_timeout,
+                self.auth.raw if self.auth is not None else None)
+
+
 class EngineConfig:
     """
     A validated engine configuration: what both file formats load into.
@@ -181,6 +240,9 @@ class EngineConfig:
     @ivar format: ``v0.10`` or ``current``: which format the file was written in.
     @ivar watch: reload when the file changes; C{watch_interval}: seconds between polls.
     @ivar listener_key: the key path of the listener's settings (for messages).
+    @ivar auth: the (first) listener's L{iii_twisted.auth.AuthConfig}, or None.
+    @ivar listeners: the L{ListenerConfig}s of every worker port; the first is the one
+        C{port}/C{listen}/C{auth} describe.
     """
 
     def __init__(self, port=DEFAULT_PORT, host="0.0.0.0", listen=None, modules=(),
@@ -188,7 +250,8 @@ class EngineConfig:
                  ws_ping_interval=30.0, ws_ping_timeout=30.0, source=None,
                  format=V010, watch=False, watch_interval=1.0, listener_key="",
                  frame_limits=None, log_level="info", log_format="text",
-                 shutdown_timeout=5.0, limits=None, handshake_timeout=10.0):
+                 shutdown_timeout=5.0, limits=None, handshake_timeout=10.0, auth=None,
+                 listeners=None):
         self.port = port
         self.host = host
         self.listen = listen or "tcp:{}:interface={}".format(port, host)
@@ -212,11 +275,14 @@ class EngineConfig:
         self.log_level = log_level
         self.log_format = log_format
         self.shutdown_timeout = shutdown_timeout
+        self.listeners = list(listeners) if listeners else [ListenerConfig(
+            LISTENER_NAME, self.listen, auth, max_message_size, ws_ping_interval,
+            ws_ping_timeout, listener_key, frame_limits, handshake_timeout)]
+        self.auth = self.listeners[0].auth
 
     def listener_settings(self):
-        """@return: what the worker listener is built from (compared on reload)."""
-        return (self.listen, self.max_message_size, self.ws_ping_interval,
-                self.ws_ping_timeout, self.frame_limits, self.handshake_timeout)
+        """@return: what the worker listeners are built from (compared on reload)."""
+        return tuple(listener.settings() for listener in self.listeners)
 
 
 def load_config(path, environ=None):
@@ -324,6 +390,22 @@ def from_dict(data, source=None):
         listener, listener_key = {}, None
     modules = []
     names = {}  # current-format name -> first key using it
+    listeners = []
+    if fmt == V010:
+        if top.get("listeners") is not None:
+            for i, entry in enumerate(top["listeners"]):
+                key = "listeners[{}]".format(i)
+                values = LISTENER_ENTRY_SCHEMA.validate(entry, key, context)
+                listeners.append(_listener(values, key, values.get("name") or (
+                    LISTENER_NAME if i == 0 else "{}#{}".format(LISTENER_NAME, i + 1))))
+            if not listeners:
+                raise ConfigError("needs at least one listener", "listeners")
+            for name in ("port", "host", "listen", "auth", "rbac", "middleware_function_id"):
+                if data.get(name) is not None:
+                    raise ConfigError("with listeners:, say {} in each listener".format(
+                        name), name)
+        else:
+            listeners.append(_listener(top, "", LISTENER_NAME))
     for section in ("modules", "workers"):
         for i, entry in enumerate(top.get(section) or []):
             key = "{}[{}]".format(section, i)
@@ -336,14 +418,15 @@ def from_dict(data, source=None):
                 name = _entry_name(entry, key, WORKER_NAMES, NOT_IMPLEMENTED)
                 _check_migrated(entry["name"], key, names)
                 if name == LISTENER_NAME:
-                    if listener_key is not None:
-                        raise ConfigError(
-                            "a second iii-worker-manager entry: several worker listeners "
-                            "are not supported yet (the first is {})".format(listener_key),
-                            key + ".name")
-                    listener_key = key + ".config"
-                    listener = LISTENER_SCHEMA.validate(
-                        entry.get("config"), listener_key, context)
+                    # Each iii-worker-manager entry is one worker port, as in the
+                    # reference (instance ids name#2, ...).
+                    values = LISTENER_SCHEMA.validate(
+                        entry.get("config"), key + ".config", context)
+                    if listener_key is None:
+                        listener_key, listener = key + ".config", values
+                    listeners.append(_listener(values, key + ".config", LISTENER_NAME if
+                                               len(listeners) == 0 else "{}#{}".format(
+                                                   LISTENER_NAME, len(listeners) + 1)))
                     continue
             schema = module_schema(name)
             for extra in entry:
@@ -354,6 +437,19 @@ def from_dict(data, source=None):
     port = _value(listener, "port")
     if port == 0:  # as in the reference: 0 means the default port
         port = DEFAULT_PORT
+    if not listeners:  # a current-format file without an iii-worker-manager entry
+        listeners.append(_listener({}, "", LISTENER_NAME))
+    listener_names = set()
+    for each in listeners:
+        if each.name in listener_names:
+            raise ConfigError("listener name {!r} is used twice".format(each.name),
+                              _join(each.key, "name"))
+        listener_names.add(each.name)
+    if fmt == V010 and top.get("listeners") is not None:
+        first = listeners[0]
+        listener = {"listen": first.listen, "max_message_size": first.max_message_size,
+                    "ws_ping_interval_ms": int(first.ws_ping_interval * 1000),
+                    "ws_ping_timeout_ms": int(first.ws_ping_timeout * 1000)}
     return EngineConfig(
         port=port, host=_value(listener, "host"), listen=_value(listener, "listen"),
         modules=modules,
@@ -364,13 +460,13 @@ def from_dict(data, source=None):
         source=source, format=fmt,
         watch=_value(top, "watch", ENGINE_SCHEMA),
         watch_interval=_value(top, "watch_interval_ms", ENGINE_SCHEMA) / 1000.0,
-        listener_key=listener_key or "",
-        frame_limits=_frame_limits(listener),
+        listener_key=listener_key or "", listeners=listeners,
+        frame_limits=listeners[0].frame_limits,
         log_level=_value(top, "log_level", ENGINE_SCHEMA),
         log_format=_value(top, "log_format", ENGINE_SCHEMA),
         shutdown_timeout=_value(top, "shutdown_timeout_ms", ENGINE_SCHEMA) / 1000.0,
         limits=Limits.from_config(top.get("limits")),
-        handshake_timeout=_value(listener, "handshake_timeout_ms") / 1000.0,
+        handshake_timeout=listeners[0].handshake_timeout,
     )
 
 
@@ -379,6 +475,24 @@ def _frame_limits(listener):
 
     return PeerFrameLimits(_value(listener, "worker_max_frame_size"),
                            _value(listener, "worker_max_frame_sizes"))
+
+
+def _listener(values, key, name):
+    """@return: a L{ListenerConfig} from one listener's validated keys."""
+    from .auth import parse_listener_auth
+
+    port = _value(values, "port") or DEFAULT_PORT
+    listen = _value(values, "listen") or "tcp:{}:interface={}".format(
+        port, _value(values, "host"))
+    prefix = key + "." if key else ""
+    return ListenerConfig(
+        name, listen,
+        parse_listener_auth(values.get("auth"), values.get("rbac"),
+                            values.get("middleware_function_id"), prefix),
+        _value(values, "max_message_size"),
+        _value(values, "ws_ping_interval_ms") / 1000.0,
+        _value(values, "ws_ping_timeout_ms") / 1000.0, key, _frame_limits(values),
+        _value(values, "handshake_timeout_ms") / 1000.0)
 
 
 def _value(mapping, key, schema=LISTENER_SCHEMA):

@@ -73,7 +73,7 @@ def _to_current(raw):
     out = {}
     listener = {}
     for key, value in raw.items():
-        if key in ("modules", "workers"):
+        if key in ("modules", "workers", "listeners"):
             continue
         if key in LISTENER_SCHEMA.keys:
             listener[key] = value
@@ -82,6 +82,11 @@ def _to_current(raw):
     workers = []
     if listener:
         workers.append({"name": LISTENER_NAME, "config": listener})
+    # Several worker ports: one iii-worker-manager entry each (their names become
+    # the instance ids iii-worker-manager#2, ...).
+    for entry in raw.get("listeners") or []:
+        config = {k: v for k, v in entry.items() if k != "name"}
+        workers.append(dict({"name": LISTENER_NAME}, **({"config": config} if config else {})))
     for section in ("modules", "workers"):
         for entry in raw.get(section) or []:
             iii_class = entry["class"]
@@ -100,7 +105,7 @@ def _to_current(raw):
 
 
 def _to_v010(raw):
-    out, notes, modules, listener = {}, [], [], {}
+    out, notes, modules, listener, listeners = {}, [], [], {}, []
     for key, value in raw.items():
         if key in ("modules", "workers"):
             continue
@@ -113,7 +118,7 @@ def _to_v010(raw):
         for entry in raw.get(section) or []:
             name = entry["name"]
             if name == LISTENER_NAME:
-                listener = dict(entry.get("config") or {})
+                listeners.append(dict(entry.get("config") or {}))
                 continue
             iii_class = WORKER_NAMES[name]
             item = {"class": iii_class}
@@ -131,6 +136,10 @@ def _to_v010(raw):
                         config[key] = converted
                 item["config"] = config
             modules.append(item)
+    if len(listeners) == 1:
+        listener = listeners[0]
+    elif listeners:
+        out["listeners"] = listeners
     result = dict(listener)
     result.update(out)
     result["modules"] = modules

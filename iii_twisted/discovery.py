@@ -50,6 +50,12 @@ def _flag(function_id, data, key):
 def register_engine_functions(engine):
     """Register the ``engine::*`` discovery and worker functions on C{engine}."""
 
+    # Discovery answers only what the calling session may call (engine.current_session;
+    # None = every grant), as the reference's session-filtered lists.
+    def visible(function_id, metadata=None):
+        session = engine.current_session
+        return session is None or session.may_call(function_id, metadata)
+
     def list_functions(data):
         internal = _flag("engine::functions::list", data, "include_internal")
         data = _input("engine::functions::list", data)
@@ -59,6 +65,7 @@ def register_engine_functions(engine):
             for function_id, entry in engine.functions.items()
             if internal or not function_id.startswith("engine::")
             or (shape and function_id.startswith("engine::queue::"))
+            if visible(function_id, entry.metadata)
         ]
         return {"functions": current.filter_functions(rows, data, shape)}
 
@@ -68,6 +75,13 @@ def register_engine_functions(engine):
         if wanted is not None:
             workers = [w for w in workers if w.id == wanted]
         rows = [current.worker_row(engine, w, _worker_info(engine, w)) for w in workers]
+        if engine.current_session is not None:
+            for row in rows:
+                if isinstance(row.get("functions"), list):
+                    row["functions"] = [f for f in row["functions"]
+                                        if not isinstance(f, str) or visible(f)]
+                    if "function_count" in row:
+                        row["function_count"] = len(row["functions"])
         return {
             "workers": current.filter_workers(rows, _input("engine::workers::list", data)),
             "timestamp": int(time.time() * 1000),
@@ -79,17 +93,26 @@ def register_engine_functions(engine):
         if current.current_shape(engine, data):
             # Since reference 0.13 this name lists trigger types (instances moved to
             # engine::registered-triggers::list): see discovery_current.
-            return current.list_trigger_types(engine, data)
+            listed = current.list_trigger_types(engine, data)
+            session = engine.current_session
+            if session is not None:
+                listed["triggers"] = [t for t in listed["triggers"]
+                                      if session.may_register_trigger(t["id"])]
+            return listed
         return {"triggers": [
             trigger.info() for trigger in engine.triggers.values()
-            if internal or not trigger.function_id.startswith("engine::")
+            if (internal or not trigger.function_id.startswith("engine::"))
+            and visible(trigger.function_id)
         ]}
 
     def list_trigger_types(data):
         internal = _flag("engine::trigger-types::list", data, "include_internal")
         types = []
+        session = engine.current_session
         for trigger_type in engine.trigger_types.values():
             if not internal and trigger_type.id.startswith("engine::"):
+                continue
+            if session is not None and not session.may_register_trigger(trigger_type.id):
                 continue
             info = {"id": trigger_type.id, "description": trigger_type.description}
             if trigger_type.trigger_request_format is not None:

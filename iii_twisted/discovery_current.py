@@ -319,6 +319,14 @@ def register_current_functions(engine, input_of, worker_info):
     """
     durable = set()  # ids of the bindings engine::register_trigger made
 
+    # What the calling session may see (iii_twisted.auth; None: every grant).
+    def visible(function_id):
+        session = engine.current_session
+        if session is None:
+            return True
+        entry = engine.functions.get(function_id)
+        return session.may_call(function_id, entry.metadata if entry is not None else None)
+
     def resolve(function_id, namespace):
         # As the reference's introspection: an explicit namespace is strict; else
         # default wins, and an id in exactly one other namespace resolves.
@@ -344,6 +352,9 @@ def register_current_functions(engine, input_of, worker_info):
         if single is not None:
             single = _required_str(fid, data, "function_id")
             entry = resolve(single, namespace)
+            if entry is not None and not visible(entry.function_id):
+                raise InvocationError("FORBIDDEN", "Function '{}' is not visible to this "
+                                      "session.".format(single))
             if entry is None:
                 raise _not_found("Function '{}' is not registered.".format(single))
             return function_detail(engine, entry)
@@ -361,6 +372,9 @@ def register_current_functions(engine, input_of, worker_info):
         functions = []
         for function_id in ids:
             entry = resolve(function_id, namespace)
+            if entry is not None and not visible(entry.function_id):
+                functions.append({"function_id": function_id, "error": "forbidden"})
+                continue
             functions.append(
                 function_detail(engine, entry) if entry is not None
                 else {"function_id": function_id, "error": "not_found"})
@@ -386,7 +400,8 @@ def register_current_functions(engine, input_of, worker_info):
         worker = _optional_str(fid, data, "worker")
         search = _optional_str(fid, data, "search")
         rows = [registered_trigger_summary(engine, t) for t in engine.triggers.values()
-                if internal or not t.function_id.startswith("engine::")]
+                if (internal or not t.function_id.startswith("engine::"))
+                and visible(t.function_id)]
         if trigger_type is not None:
             rows = [r for r in rows if r["trigger_type"] == trigger_type]
         if function_id is not None:
@@ -402,7 +417,7 @@ def register_current_functions(engine, input_of, worker_info):
         fid = "engine::registered-triggers::info"
         trigger_id = _required_str(fid, input_of(fid, data), "id")
         trigger = engine.triggers.get(trigger_id)
-        if trigger is None:
+        if trigger is None or not visible(trigger.function_id):
             raise _not_found("Registered trigger '{}' was not found.".format(trigger_id))
         detail = registered_trigger_summary(engine, trigger)
         del detail["config_summary"]
@@ -434,11 +449,13 @@ def register_current_functions(engine, input_of, worker_info):
         envelope.pop("functions", None)
         envelope["internal"] = False
         functions = sorted((engine.functions[f] for f in worker.functions
-                            if f in engine.functions), key=lambda e: e.function_id)
+                            if f in engine.functions and visible(f)),
+                           key=lambda e: e.function_id)
         types = sorted((engine.trigger_types[t] for t in worker.trigger_types
                         if t in engine.trigger_types), key=lambda t: t.id)
         mine = set(worker.functions)
-        bound = sorted((t for t in engine.triggers.values() if t.function_id in mine),
+        bound = sorted((t for t in engine.triggers.values()
+                        if t.function_id in mine and visible(t.function_id)),
                        key=lambda t: t.id)
         return {
             "worker": envelope,
@@ -452,6 +469,16 @@ def register_current_functions(engine, input_of, worker_info):
         data = input_of(fid, data)
         trigger_type = _required_str(fid, data, "trigger_type")
         function_id = _required_str(fid, data, "function_id")
+        session = engine.current_session
+        if session is not None:
+            # As a registertrigger from that session (iii_twisted.auth): its type must
+            # be allowed, its function one it may call, under its prefix.
+            function_id = session.registration_id(function_id)
+            if not session.may_register_trigger(trigger_type):
+                raise InvocationError("FORBIDDEN", "Trigger type '{}' is not allowed for "
+                                      "this session.".format(trigger_type))
+            if not visible(function_id):
+                raise session.denial(function_id)
         trigger_id = str(uuid4())
         durable.add(trigger_id)
         # owner=None: the binding is the engine's, not the calling connection's, so

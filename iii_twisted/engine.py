@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from . import auth
 from . import protocol as P
 from .interfaces import IFunctionHost, ITriggerProvider, TriggerError
 from .hints import function_hint, module_for_trigger_type, trigger_type_hint
@@ -52,6 +53,8 @@ class WorkerRecord:
     @ivar triggers: ids of the triggers it registered.
     @ivar trigger_types: ids of the trigger types it provides.
     @ivar active_calls: its own calls still waiting for a result.
+    @ivar session: its L{iii_twisted.auth.Session}, or None on a listener without
+        auth (every grant).
     @ivar declared: what it declared in ``engine::workers::register`` beyond the v0.10
         keys (``description``, ``isolation``, ``features``, ``namespace``; see
         L{iii_twisted.discovery_current}), {} until then.
@@ -60,7 +63,8 @@ class WorkerRecord:
     __slots__ = (
         "id", "connection", "ip_address", "connected_at_ms", "name", "runtime",
         "version", "os", "pid", "telemetry", "functions", "triggers", "trigger_types",
-        "active_calls", "host", "reattach_token", "declared", "__weakref__",
+        "active_calls", "host", "reattach_token", "session", "declared",
+        "__weakref__",
     )
 
     def __init__(self, worker_id, connection, ip_address, connected_at_ms):
@@ -76,6 +80,7 @@ class WorkerRecord:
         self.active_calls = 0
         self.host = None
         self.reattach_token = None
+        self.session = None
         self.declared = {}
 
     def __repr__(self):
@@ -240,10 +245,14 @@ class WorkerHost:
         # Recorded before it is sent: a fast reply must find its entry (the reference
         # engine has this race, engine-core.md §4.5).
         d = self._tracker.add(invocation_id, function_id, self._worker)
+        session = self._worker.session
         message = {
             "type": P.INVOKE_FUNCTION,
             "invocation_id": invocation_id,
-            "function_id": plain(function_id),  # a namespaced function's own id
+            # A namespaced function's own id; a session's function_registration_prefix
+            # is the engine's, not the worker's: it gets the id it registered.
+            "function_id": plain(function_id) if session is None
+            else session.local_id(plain(function_id)),
             "data": data,
         }
         if traceparent is not None:
@@ -332,6 +341,8 @@ class Engine:
     @ivar worker_metrics: the L{IWorkerMetricsSource} (observability module) or None.
     @ivar http_functions: the HTTP functions module (registers ``invocation``
         functions) or None.
+    @ivar current_session: the L{iii_twisted.auth.Session} of the call running now.
+    @ivar auth_stats: L{iii_twisted.auth.AuthStats} (refusals, for metrics).
     """
 
     _log = Logger()
@@ -363,6 +374,9 @@ class Engine:
         self.telemetry_sink = None
         self.worker_metrics = None
         self.http_functions = None
+        # The session of the call running now, for in-process functions (see call()).
+        self.current_session = None
+        self.auth_stats = auth.AuthStats()
         # The peer_limits.PeerFrameLimits the worker port uses; engine::workers::register
         # tells it each worker's runtime.
         self.frame_limits = None
@@ -404,7 +418,7 @@ class Engine:
 
     # -- workers ---------------------------------------------------------------------
 
-    def attach(self, connection):
+    def attach(self, connection, session=None):
         """
         A worker connected: give it an id, send ``workerregistered`` (with the
         ``reattach_token`` newer SDKs present after a reconnect, see
@@ -412,6 +426,7 @@ class Engine:
         ``engine::workers-available``.
 
         @param connection: its L{IWorkerConnection}.
+        @param session: its L{iii_twisted.auth.Session}, or None for every grant.
         @return: its L{WorkerRecord}, which the connection passes back to
             L{handle_message} and L{detach}.
         """
@@ -420,6 +435,7 @@ class Engine:
             int(time.time() * 1000),
         )
         worker.host = WorkerHost(self.tracker, worker, self.limits)
+        worker.session = session
         self.workers[worker.id] = worker
         worker.reattach_token = secrets.token_urlsafe(24)
         connection.send({"type": P.WORKER_REGISTERED, "worker_id": worker.id,
@@ -512,18 +528,19 @@ class Engine:
         registration wins, as in the reference).
 
         Deviation: a worker may not replace an in-process function (``engine::*`` and
-        the modules' functions); such a registration is refused with a warning.
+        the modules' functions), nor, with auth, a function of another principal
+        (L{iii_twisted.auth.may_take_over}); such a registration is refused with a
+        warning, and the worker told with ``registrationrejected``
+        (``FUNCTION_NAMESPACE_CONFLICT``, which SDKs take as non-fatal).
 
         @return: the entry, or None if it was refused.
         """
         function_id = entry.function_id
         previous = self.functions.get(function_id)
         if previous is not None:
-            if previous.owner is None and entry.owner is not None:
-                self._log.warn(
-                    "worker {worker_id} may not replace the engine's function "
-                    "{function_id}; registration refused",
-                    worker_id=entry.owner.id, function_id=function_id)
+            if auth.refuse_takeover(self, entry.owner, previous.owner, "function",
+                                    function_id):
+                auth.tell_function_taken(self, entry.owner, function_id, previous.owner)
                 return None
             if previous.owner is not None and previous.owner is not entry.owner:
                 previous.owner.functions.discard(function_id)
@@ -562,23 +579,43 @@ class Engine:
     # -- calls -----------------------------------------------------------------------
 
     def call(self, function_id, data=None, action=None, caller=None, traceparent=None,
-             baggage=None, metadata=None):
+             baggage=None, metadata=None, session=None):
         """
-        Call a function by id: the one way every call is made.
+        Call a function by id: the one way every call is made, and where a session's
+        grants are checked (L{iii_twisted.auth.gate_call}).
 
         @param action: None (request/response), ``{"type": "void"}`` (fire and forget)
             or ``{"type": "enqueue", "queue": NAME}``.
         @param caller: the calling L{WorkerRecord}, or None for the engine and its
             modules.
+        @param session: the caller's L{iii_twisted.auth.Session} when it is not a
+            worker (a console, an HTTP client); a worker's is its own. None with no
+            caller: the engine's own calls, with every grant. While an in-process
+            function runs (up to its first wait), L{current_session} is this session,
+            so discovery can answer only what the caller may call.
         @param metadata: invocation metadata (any JSON value) sent to a worker-hosted
             function beside C{data} (reference 0.21.3; a fired trigger passes its
             C{metadata}), or None.
         @return: a Deferred firing with the result (None at once for ``void``;
             ``{"messageReceiptId": ...}`` for ``enqueue``) or failing with
             L{InvocationError}: ``function_not_found`` at once for an unknown id,
-            ``invocation_timeout``, ``invocation_stopped``, ``enqueue_error``, or the
-            function's own error.
+            ``invocation_timeout``, ``invocation_stopped``, ``enqueue_error``,
+            ``FORBIDDEN`` outside the session's grants, or the function's own error.
         """
+        if session is None and caller is not None:
+            session = caller.session
+        if session is not None and session.restricted:
+            gated = auth.gate_call(self, session, function_id, data, action)
+            if gated is not None:
+                return gated
+        previous, self.current_session = self.current_session, session
+        try:
+            return self._call(function_id, data, action, caller, traceparent, baggage,
+                              metadata)
+        finally:
+            self.current_session = previous
+
+    def _call(self, function_id, data, action, caller, traceparent, baggage, metadata):
         if action is not None:
             kind = action.get("type")
             if kind == "void":
@@ -702,10 +739,9 @@ class Engine:
         """
         previous = self.trigger_types.get(type_id)
         if previous is not None:
-            if previous.owner is None and owner is not None:
-                self._log.warn(
-                    "worker {worker_id} may not take over the engine's trigger type "
-                    "{type_id}; refused", worker_id=owner.id, type_id=type_id)
+            if auth.refuse_takeover(self, owner, previous.owner, "trigger type", type_id):
+                if owner.session is not None:
+                    auth.tell_trigger_type_taken(self, owner, type_id, previous.owner)
                 return None
             if previous.owner is not None:
                 previous.owner.trigger_types.discard(type_id)
@@ -741,14 +777,32 @@ class Engine:
         """
         Bind a trigger. If its type has a provider the trigger is handed to it;
         otherwise it is kept, pending, until one registers (deviation: the reference
-        drops it). A trigger with the same id is replaced.
+        drops it). A trigger with the same id is replaced, by its own worker or the
+        same principal only (L{iii_twisted.auth.refuse_takeover}); a worker's trigger
+        is also refused outside its session's grants (C{allowed_trigger_types}, and
+        its function must be one the session may call).
 
         @param owner: the registering L{WorkerRecord}, or None for in-process code.
         @return: a Deferred firing with the L{Trigger}, or failing with
             L{TriggerError} when the provider refuses it (it is then removed, and a
             registering worker is told with a ``triggerregistrationresult`` error).
         """
-        if trigger_id in self.triggers:
+        existing = self.triggers.get(trigger_id)
+        refusal = None
+        if existing is not None and auth.refuse_takeover(self, owner, existing.owner,
+                                                         "trigger", trigger_id):
+            refusal = "trigger '{}' is registered by another {}".format(
+                trigger_id, "worker" if existing.owner is not None else "part of the engine")
+        elif owner is not None:
+            refusal = auth.trigger_refusal(self, owner, trigger_type, function_id)
+        if refusal is not None:
+            return self._refuse_trigger(owner, trigger_id, trigger_type, function_id,
+                                        refusal)
+        if existing is not None:
+            if existing.owner is not owner and owner is not None:
+                self._log.warn("trigger {trigger_id} of worker {old} replaced by worker "
+                               "{new}", trigger_id=trigger_id, old=existing.owner.id,
+                               new=owner.id)
             self.unregister_trigger(trigger_id)
         trigger = Trigger(trigger_id, trigger_type, function_id, config, owner, metadata)
         self.triggers[trigger_id] = trigger
@@ -765,6 +819,18 @@ class Engine:
                 trigger_type=trigger_type)
             return succeed(trigger)
         return self._activate(trigger, provider_type)
+
+    def _refuse_trigger(self, owner, trigger_id, trigger_type, function_id, message):
+        self._log.warn("trigger {trigger_id} of worker {worker_id} refused: {message}",
+                       trigger_id=trigger_id, worker_id=owner.id, message=message)
+        owner.connection.send({
+            "type": P.TRIGGER_REGISTRATION_RESULT,
+            "id": trigger_id,
+            "trigger_type": trigger_type,
+            "function_id": function_id,
+            "error": P.error_body(auth.FORBIDDEN, message),
+        })
+        return fail(TriggerError(message, auth.FORBIDDEN))
 
     def _activate(self, trigger, trigger_type):
         trigger.status = ACTIVE
@@ -912,12 +978,16 @@ class Engine:
             if invocation_id is not None and kind != "void":
                 self._answer_error(Failure(e), worker, invocation_id, message["function_id"])
             return
-        if kind is None or kind == "void":
-            if isinstance(data, dict):
-                # How engine::workers::register (and any handler) knows its caller.
+        if isinstance(data, dict):
+            # How engine::workers::register (and any handler) knows its caller: the
+            # engine alone says who that is, whatever the sender put there. A queued
+            # message is not a call from this worker: it carries no caller.
+            if kind is None or kind == "void":
                 data["_caller_worker_id"] = worker.id
-            if kind == "void":
-                invocation_id = None  # never answer a void call
+            else:
+                data.pop("_caller_worker_id", None)
+        if kind == "void":
+            invocation_id = None  # never answer a void call
         d = self.call(function_id, data, action, worker, message["traceparent"],
                       message["baggage"], message["metadata"])
         if invocation_id is None:
@@ -954,6 +1024,10 @@ class Engine:
         if self.limits.refuse_function(worker, message):
             return  # logged; a call of it fails saying why (_not_found)
         function_id = message["id"]
+        if auth.refuse_function_registration(self, worker, function_id):
+            return
+        if worker.session is not None:
+            function_id = message["id"] = worker.session.registration_id(function_id)
         if message["invocation"] is not None:
             if self.http_functions is None:
                 self._log.warn(
@@ -975,10 +1049,15 @@ class Engine:
         ))
 
     def _handle_unregisterfunction(self, worker, message):
-        self.unregister_function(self.namespaces.unregister_key(worker, message["id"]),
+        function_id = message["id"]
+        if worker.session is not None:
+            function_id = worker.session.registration_id(function_id)
+        self.unregister_function(self.namespaces.unregister_key(worker, function_id),
                                  owner=worker)
 
     def _handle_registertriggertype(self, worker, message):
+        if auth.refuse_trigger_type_registration(self, worker, message["id"]):
+            return
         if self.limits.refuse_trigger_type(worker, message):
             return  # logged
         self.register_trigger_type(
@@ -998,6 +1077,9 @@ class Engine:
                 "function_id": message["function_id"],
                 "error": P.error_body(LIMIT_EXCEEDED, reason)})
             return
+        if worker.session is not None:
+            # A session's function_registration_prefix applies to its triggers' targets.
+            message["function_id"] = worker.session.registration_id(message["function_id"])
         try:
             function_key = self.namespaces.trigger_function_key(message)
         except InvocationError as e:
@@ -1059,8 +1141,8 @@ class Engine:
         have not seen it close) and the token is the one it was given, retire it
         now, before the new connection's replay: its calls fail with
         ``invocation_stopped`` at once instead of waiting for a ping timeout.
-        Anything else (an id we do not know, e.g. after an engine restart, or a
-        wrong token) is ignored.
+        Anything else (an id we do not know, e.g. after an engine restart, a wrong
+        token, or, with auth, a connection of another principal) is ignored.
         """
         previous = self.workers.get(message["previous_worker_id"])
         token = message["reattach_token"]
@@ -1070,6 +1152,12 @@ class Engine:
                 token.encode("utf-8"), previous.reattach_token.encode("utf-8")):
             self._log.warn("worker {worker_id} tried to reattach {previous_id} with a "
                            "wrong token", worker_id=worker.id, previous_id=previous.id)
+            return
+        if not auth.may_take_over(worker, previous):
+            # A connection of another principal (token) may not retire this one,
+            # even with its token.
+            self._log.warn("worker {worker_id} tried to reattach {previous_id} of another "
+                           "principal", worker_id=worker.id, previous_id=previous.id)
             return
         self._log.info("worker {worker_id} reattached: retiring {previous_id}",
                        worker_id=worker.id, previous_id=previous.id)

@@ -350,6 +350,23 @@ class IQueueBroker(Interface):
             (as durably as the broker is configured), failing when it cannot.
         """
 
+    def add_fanout(topic: str, queue: str) -> "Deferred":
+        """
+        From now on, and for every engine, L{publish_fanout} of C{topic} puts a copy
+        in C{queue} (``durable:subscriber``: one queue per subscribed function). The
+        record outlives this engine, as a durable subscription does.
+
+        @return: Deferred firing with None.
+        """
+
+    def publish_fanout(topic: str, job) -> "Deferred":
+        """
+        Publish C{job} once to every queue added with L{add_fanout} for C{topic} on any
+        engine (each copy's C{queue} is its own).
+
+        @return: Deferred firing once every copy is held durably.
+        """
+
     def ack(job) -> "Deferred":
         """The message was processed: forget it. @return: Deferred."""
 

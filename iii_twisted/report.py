@@ -59,7 +59,8 @@ def startup_report(service):
              "config: {} ({} format)".format(
                  os.path.abspath(source) if source and os.path.exists(source)
                  else source or "none (defaults)", config.format)]
-    lines.append("worker " + service._listener.report())
+    for listener in getattr(service, "_listeners", [service._listener]):
+        lines.append("worker " + listener.report())
     for instance, (entry, module) in service._instances.items():
         lines.extend(module_lines(instance, module))
     if config.watch:

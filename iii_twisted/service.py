@@ -22,8 +22,10 @@ from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred, 
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from . import __version__
+from .auth import Authenticator
 from .channels import install_channels
-from .config import LISTENER_NAME, ConfigError, EngineConfig, from_dict, load_config
+from .config import ConfigError, EngineConfig, from_dict, load_config
 from . import health
 from .engine import Engine
 from .health import Health
@@ -55,7 +57,8 @@ class EngineService(MultiService):
     @ivar engine: the L{Engine}; register in-process functions on it and call any
         function with C{engine.call(function_id, data)}.
     @ivar modules: the loaded modules, in config order.
-    @ivar worker_factory: the L{WorkerFactory} of the worker port.
+    @ivar worker_factory: the L{WorkerFactory} of the (first) worker port.
+    @ivar worker_factories: those of every worker port (several listeners), in order.
     @ivar config: the running L{EngineConfig}.
     @ivar config_path: the file L{reload} rereads (None: reload needs a config).
     @ivar reload_on_sighup: when True (``twistd iii`` sets it), SIGHUP reloads.
@@ -100,8 +103,9 @@ class EngineService(MultiService):
             module.setServiceParent(self)
             self.modules.append(module)
             self._instances[entry.instance] = (entry, module)
-        self.worker_factory, self._listener = self._make_listener(config)
-        self._listener.setServiceParent(self)
+        self._set_listeners(self._make_listeners(config))
+        for listener in self._listeners:
+            listener.setServiceParent(self)
         self._reload_lock = DeferredLock()
         self._watcher = None
         self._previous_sighup = None
@@ -115,17 +119,31 @@ class EngineService(MultiService):
         """
         return cls(load_config(path), reactor=reactor, config_path=path)
 
-    def _make_listener(self, config):
-        factory = WorkerFactory(
-            self.engine, self.reactor,
-            max_message_size=config.max_message_size,
-            ping_interval=config.ws_ping_interval,
-            ping_timeout=config.ws_ping_timeout,
-            channels=self.channels,
-            frame_limits=config.frame_limits,
-            handshake_timeout=config.handshake_timeout,
-        )
-        return factory, Listener(config.listen, factory, self.reactor, LISTENER_NAME)
+    def _make_listeners(self, config):
+        """@return: [(WorkerFactory, Listener)], one per worker port of C{config}."""
+        made = []
+        for listener in config.listeners:
+            auth = listener.auth
+            factory = WorkerFactory(
+                self.engine, self.reactor,
+                max_message_size=listener.max_message_size,
+                ping_interval=listener.ws_ping_interval,
+                ping_timeout=listener.ws_ping_timeout,
+                channels=self.channels,
+                frame_limits=listener.frame_limits,
+                handshake_timeout=listener.handshake_timeout,
+                authenticator=None if auth is None else Authenticator(
+                    self.engine, auth, self.reactor, listener.name),
+            )
+            made.append((factory, Listener(
+                listener.listen, factory, self.reactor, listener.name,
+                authenticated=auth is not None and auth.authenticated)))
+        return made
+
+    def _set_listeners(self, made):
+        self.worker_factories = [factory for factory, _ in made]
+        self._listeners = [listener for _, listener in made]
+        self.worker_factory, self._listener = made[0]
 
     def _build(self, entry, config, **kept):
         """
@@ -152,12 +170,13 @@ class EngineService(MultiService):
                              for hook_list, old in zip(hooks, before)]
         return module
 
-    def listening(self):
+    def listening(self, index=0):
         """
+        @param index: which worker port (the config's order).
         @return: a Deferred firing with the worker port's C{IListeningPort} once it is
             bound (use C{.getHost().port} when the config asked for port 0).
         """
-        d = self._listener._waitingForPort
+        d = self._listeners[index]._waitingForPort
         if d is None:
             raise RuntimeError("the engine service is not running")
         if d.called:
@@ -402,26 +421,35 @@ class EngineService(MultiService):
 
     async def _replace_listener(self, new):
         """
-        Listen with the new settings; connections made on the old port stay.
+        Listen with the new settings (and auth: new connections get the new tokens
+        and grants); connections made on the old ports stay, with their sessions.
 
-        @raise ConfigError: when the new port cannot be bound (the old one is kept).
+        @raise ConfigError: when a new port cannot be bound (the old ones are kept).
         """
-        old_factory, old_listener = self.worker_factory, self._listener
-        factory, listener = self._make_listener(new)
-        await old_listener.disownServiceParent()
+        made = self._make_listeners(new)
+        for old_listener in self._listeners:
+            await old_listener.disownServiceParent()
+        started = []
         try:
-            listener.setServiceParent(self)
-            await listener._waitingForPort
+            for _, listener in made:
+                listener.setServiceParent(self)
+                started.append(listener)
+                await listener._waitingForPort
         except Exception as e:
-            listener.parent = None
-            if listener in self.services:
-                self.services.remove(listener)
-            old_factory, old_listener = self._make_listener(self.config)
-            old_listener.setServiceParent(self)
-            self.worker_factory, self._listener = old_factory, old_listener
+            for listener in started:
+                if listener.running:
+                    await listener.disownServiceParent()
+                else:
+                    listener.parent = None
+                    if listener in self.services:
+                        self.services.remove(listener)
+            made = self._make_listeners(self.config)
+            for _, listener in made:
+                listener.setServiceParent(self)
+            self._set_listeners(made)
             raise ConfigError("cannot apply the new worker listener, old one kept: "
                               "{}".format(e), new.listener_key or None, new.source)
-        self.worker_factory, self._listener = factory, listener
+        self._set_listeners(made)
 
     # -- watch: true ---------------------------------------------------------------------
 

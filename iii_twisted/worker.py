@@ -14,6 +14,15 @@ Paths (../shared/spec/engine-core.md §1):
   channel manager (``factory.channels``) when one is installed, else 404.
 - anything else: refused with 404 before the upgrade.
 
+Authentication (a listener with ``auth:``, see L{iii_twisted.auth}): ``/`` and
+``/otel`` need a valid token (``Authorization: Bearer`` or ``?token=``) or the auth
+function's consent; without it the upgrade is answered ``401 Unauthorized`` and the
+socket closed, before any worker exists (the reference sends an ``AUTH_ERROR`` frame
+after the upgrade instead; no SDK reads that frame, both just reconnect, and refusing
+before the upgrade costs a refused client nothing on our side but one HTTP answer). A
+channel end is authorized by its ``key`` (a secret only an authenticated session got
+from ``engine::channels::create``); a token it presents must still be valid.
+
 Bad input never closes the connection: undecodable JSON, a non-object, an unknown type
 or a wrong field type is logged and dropped; a malformed ``invokefunction`` that still
 carries an ``invocation_id`` is answered with an ``invalid_message`` error so its
@@ -32,6 +41,7 @@ from zope.interface import implementer
 
 from . import __version__
 from . import protocol as P
+from .auth import AuthRefused, headers_of
 from .interfaces import IWorkerConnection
 from .backpressure import FrameBudget, LargeFrames, ReadHolds, SendGate
 from .connlimits import AddressCounter
@@ -60,6 +70,7 @@ class WorkerProtocol(LargeFrames, ReadHolds, WebSocketServerProtocol):
     _worker = None
     _role = None
     _channel_end = None
+    _session = None
     _gate = None
     _counted_host = None
     peer_address = None
@@ -81,6 +92,29 @@ class WorkerProtocol(LargeFrames, ReadHolds, WebSocketServerProtocol):
         return gate is not None and gate.congested
 
     def onConnect(self, request):
+        authenticator = self.factory.authenticator
+        if authenticator is None:
+            return self._accept(request)
+        # Authenticate first: an unauthenticated client learns nothing, not even
+        # whether a channel exists.
+        self.peer_address = getattr(self.transport.getPeer(), "host", None)
+        headers = headers_of(request)
+        if request.path.startswith(CHANNELS_PREFIX) and "authorization" not in headers \
+                and "token" not in request.params:
+            return self._accept(request)
+        d = authenticator.authenticate(headers, request.params, self.peer_address,
+                                       request.path)
+
+        def authenticated(session):
+            self._session = session
+            return self._accept(request)
+
+        def refused(failure):
+            failure.trap(AuthRefused)
+            raise ConnectionDeny(401, "Unauthorized")
+        return d.addCallbacks(authenticated, refused)
+
+    def _accept(self, request):
         try:
             path = request.path
             health = self.factory.engine.health
@@ -119,7 +153,7 @@ class WorkerProtocol(LargeFrames, ReadHolds, WebSocketServerProtocol):
                 # Before attach, whose workerregistered is the first frame counted.
                 self._gate = SendGate(self, self.factory.engine.limits, self.clock)
                 self.transport.registerProducer(self._gate, True)
-                self._worker = self.factory.engine.attach(self)
+                self._worker = self.factory.engine.attach(self, self._session)
             elif self._role == "channel":
                 self._channel_end.opened()
         except Exception:
@@ -291,11 +325,13 @@ class WorkerFactory(WebSocketServerFactory):
 
     def __init__(self, engine, reactor, max_message_size=16 * 1024 * 1024,
                  ping_interval=30.0, ping_timeout=30.0, channels=None, frame_limits=None,
-                 handshake_timeout=10.0):
+                 handshake_timeout=10.0, authenticator=None):
         """
         @param frame_limits: the L{PeerFrameLimits} of workers (the defaults when None).
         @param handshake_timeout: seconds a client has to finish its opening
             handshake (headers included) before it is dropped.
+        @param authenticator: the listener's L{iii_twisted.auth.Authenticator}, or
+            None for a listener without auth (every connection has every grant).
         @param ping_interval: seconds between WebSocket pings the engine sends to detect
             dead peers (0 disables them). The SDKs answer pings automatically.
         @param ping_timeout: seconds a peer has to answer a ping before it is dropped.
@@ -304,6 +340,7 @@ class WorkerFactory(WebSocketServerFactory):
             self, url=None, reactor=reactor, server="iii-twisted/{}".format(__version__))
         self.engine = engine
         self.channels = channels
+        self.authenticator = authenticator
         self.max_message_size = max_message_size
         # Large frames being received at once, over all connections of this port.
         self.frame_budget = FrameBudget(engine.limits)

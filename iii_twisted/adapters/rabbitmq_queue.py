@@ -100,7 +100,8 @@ class RabbitMQBroker:
         self._consumers = {}
         self._declared = set()
         self._delays = {}  # queue -> set of delay queues declared
-        self._held = {}  # job id -> (channel, delivery tag)
+        self._held = {}  # (queue, job id) -> (channel, delivery tag)
+        self._fanouts = set()  # (topic, queue) bound here, bound again on reconnect
         self._connection = None
         self._publisher = None
         self._service = None
@@ -136,6 +137,8 @@ class RabbitMQBroker:
         await publisher.confirm_delivery()
         self._connection, self._publisher = connection, publisher
         connection.closed.addBoth(self._lost, connection)
+        for topic, queue in sorted(self._fanouts):
+            await self._add_fanout(topic, queue)
         for consumer in list(self._consumers.values()):
             await self._start_consumer(consumer)
         waiters, self._waiters = self._waiters, []
@@ -258,7 +261,9 @@ class RabbitMQBroker:
                                "dead-lettered: {error}", queue=consumer.queue, error=e)
                 channel.basic_nack(delivery_tag=message.method.delivery_tag, requeue=False)
             else:
-                self._held[job.id] = (channel, message.method.delivery_tag)
+                # A fanout copy says the queue it was published for: it is this one.
+                job.queue = consumer.queue
+                self._held[(job.queue, job.id)] = (channel, message.method.delivery_tag)
                 try:
                     self._arrived(job)
                 except Exception:
@@ -306,8 +311,38 @@ class RabbitMQBroker:
         raise RabbitMQUnavailable("RabbitMQ at {}: {}".format(
             self._safe_url, failure.getErrorMessage() or failure.type.__name__))
 
+    @staticmethod
+    def _fanout_exchange(topic):
+        return "iii.fanout::" + topic
+
+    async def _add_fanout(self, topic, queue):
+        await self._ready()
+        channel = self._publisher
+        await self._declare(channel, queue)
+        exchange = self._fanout_exchange(topic)
+        await channel.exchange_declare(exchange=exchange, exchange_type="fanout",
+                                       durable=True)
+        await channel.queue_bind(queue=names(queue)["queue"], exchange=exchange)
+
+    def add_fanout(self, topic, queue):
+        """Binds the queue to the topic's durable fanout exchange ``iii.fanout::TOPIC``."""
+        self._fanouts.add((topic, queue))
+        if self._publisher is None:
+            return defer.succeed(None)  # bound once connected (_prepare)
+        return defer.Deferred.fromCoroutine(self._add_fanout(topic, queue))
+
+    def publish_fanout(self, topic, job):
+        """One publish to the fanout exchange; RabbitMQ copies it to every bound queue."""
+        exchange = self._fanout_exchange(topic)
+
+        async def declare(channel):
+            await channel.exchange_declare(exchange=exchange, exchange_type="fanout",
+                                           durable=True)
+        return defer.Deferred.fromCoroutine(
+            self._publish(exchange, "", job, declare)).addErrback(self._named)
+
     def ack(self, job):
-        held = self._held.pop(job.id, None)
+        held = self._held.pop((job.queue, job.id), None)
         if held is not None:
             channel, tag = held
             channel.basic_ack(delivery_tag=tag)
@@ -318,7 +353,7 @@ class RabbitMQBroker:
             await publishing
         except Exception:
             # Not republished: give the delivery back (redelivered later, at once).
-            held = self._held.pop(job.id, None)
+            held = self._held.pop((job.queue, job.id), None)
             if held is not None:
                 held[0].basic_nack(delivery_tag=held[1], requeue=True)
             raise
@@ -413,7 +448,7 @@ class RabbitMQBroker:
                 delayed += frame.method.message_count
         finally:
             channel.close()
-        held = sum(1 for _, (ch, _) in self._held.items() if ch is not None)
+        held = sum(1 for (q, _) in self._held if q == queue)
         return {"ready": ready.method.message_count, "delayed": delayed,
                 "in_flight": held, "dlq": dlq.method.message_count}
 

@@ -345,6 +345,19 @@ class RedisQueueBroker:
             [job.id, _encoder.encode(job.record()), job.group or "", k["wake"]]) \
             .addCallback(lambda _: None)
 
+    def add_fanout(self, topic, queue):
+        return self._client.execute("SADD", PREFIX + "fanout:" + topic, queue) \
+            .addCallback(lambda _: None)
+
+    async def _publish_fanout(self, topic, job):
+        queues = await self._client.execute("SMEMBERS", PREFIX + "fanout:" + topic)
+        for queue in sorted(queues):
+            job.queue = queue
+            await self.publish(job)
+
+    def publish_fanout(self, topic, job):
+        return Deferred.fromCoroutine(self._publish_fanout(topic, job))
+
     def ack(self, job):
         k = _keys(job.queue)
         d = self._ack.call([k["inflight"], k["jobs"], k["glock"], k["groups"]], [job.id])

@@ -739,10 +739,18 @@ class QueueModule(Service):
             return fail(e)
         queue = self._queue(key)
         queue.subscriptions[trigger.id] = subscription
+        recorded = succeed(None)
+        if self.broker is not None and trigger.trigger_type == DURABLE_SUBSCRIBER:
+            # Every engine's durable publish must copy messages to this function: the
+            # trigger is live once the broker has recorded it.
+            recorded = self.broker.add_fanout(trigger.config["topic"], key).addErrback(
+                lambda f: self._log.warn(
+                    "queue: recording durable subscriber {key} failed: {error}",
+                    key=key, error=f.getErrorMessage()))
         if self.broker is not None and self.running:
             self.broker.consume(queue.key, queue.concurrency, queue.fifo)
         self._pump(queue)
-        return succeed(None)
+        return recorded
 
     def _subscription(self, trigger):
         """@return: (queue key, L{_Subscription}); @raise TriggerError: a bad config."""
@@ -859,6 +867,11 @@ class QueueModule(Service):
             raise InvocationError("topic_not_set", "Topic is not set")
         if not isinstance(topic, str):
             raise _bad_input(fid, "topic must be a string")
+        if self.broker is not None:
+            # The subscriptions of every engine are in the broker.
+            job = self._new_job(_durable_key(topic, ""), None, data.get("data"))
+            return self.broker.publish_fanout(topic, job).addCallbacks(
+                lambda _: None, _as_error(P.ENQUEUE_ERROR))
         keys = sorted(set(
             _durable_key(topic, sub.trigger.function_id)
             for queue in self.queues.values()

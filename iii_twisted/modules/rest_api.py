@@ -19,7 +19,9 @@ bytes, until the writer closes.
 Klein serves the port with one catch-all route that consults our own route table
 (Klein cannot remove routes). Errors: no route 404 (empty); route for another method
 405 with ``Allow``; condition false 422; function error 500
-``{"error", "error_id"}`` (the id is in the engine log too); no answer within
+``{"error": "internal server error", "error_id"}`` (the function's error, with the
+same id, is in the engine log only: its text may hold secrets); without valid
+credentials (``auth:``) 401; a function outside the token's grants 403; no answer within
 ``default_timeout`` 504 (empty); a body over ``body_limit`` 413. A client that goes
 away cancels the call and drops the request's channels.
 
@@ -27,7 +29,9 @@ Deviations from the reference (docs/http.rst lists them): the result's ``headers
 and ``statusCode`` are honoured; HEAD falls back to a GET route; a JSON request's raw
 bytes are also streamed into ``request_body`` (the reference leaves it open and
 empty); a route unregistered by one trigger leaves another trigger's registration of
-the same route in place; ``body_limit`` exists.
+the same route in place; ``body_limit`` exists; a 500 never carries the function's
+error text. Credentials (``auth:``), global ``middleware`` and per-route
+``middleware_function_ids``: see L{iii_twisted.modules.rest_auth}.
 """
 
 import time
@@ -53,11 +57,12 @@ from ..interfaces import (
 from ..protocol import MESSAGE_TOO_LARGE, InvocationError, encode, loads
 from ..health import render as health_render
 from .http_response import response_of, status_of as _status_of
+from .rest_auth import GO, HttpGate, MiddlewareError, route_middleware
 
 HTTP_TRIGGER = "http"
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
 CONFIG_KEYS = ("port", "host", "default_timeout", "cors", "concurrency_request_limit",
-               "body_limit", "listen", "access_log")
+               "body_limit", "listen", "access_log", "auth", "middleware")
 CORS_KEYS = ("allowed_origins", "allowed_methods")
 # Liveness and readiness on this port (iii_twisted.health): /_iii/health/live|ready.
 HEALTH_PREFIX = "/_iii/health/"
@@ -76,6 +81,10 @@ CONFIG_SCHEMA = Section(
         allowed_origins=Key(ListOf(str), [], "origins allowed; empty or * = any"),
         allowed_methods=Key(ListOf(str), [], "methods allowed; empty = any"),
     ), None, "CORS answers"),
+    auth=Key(dict, None, "tokens (and auth_function_id) every request needs "
+             "(docs/security.rst); absent: open"),
+    middleware=Key(list, None, "functions every request goes through first: "
+                   "[{function_id, phase: preHandler, priority}]"),
 )
 CHANNEL_BUFFER = 64  # frames, as the reference's HTTP channels
 CHANNEL_BYTES = 1024 * 1024  # and at most this many bytes buffered per channel
@@ -84,7 +93,7 @@ CHANNEL_BYTES = 1024 * 1024  # and at most this many bytes buffered per channel
 class Route:
     """One registered ``http`` trigger, compiled."""
 
-    __slots__ = ("trigger", "method", "api_path", "segments", "rank")
+    __slots__ = ("trigger", "method", "api_path", "segments", "rank", "middleware")
 
     def __init__(self, trigger, method, api_path, segments):
         self.trigger = trigger
@@ -93,6 +102,7 @@ class Route:
         # (name, is_param) per segment; static segments rank before parameters.
         self.segments = segments
         self.rank = tuple(1 if is_param else 0 for _, is_param in segments)
+        self.middleware = route_middleware(trigger.config)
 
     def match(self, parts):
         """@return: the path params if C{parts} (raw path segments) match, else None."""
@@ -129,6 +139,10 @@ def compile_trigger(trigger):
     condition = config.get("condition_function_id")
     if condition is not None and not isinstance(condition, str):
         raise TriggerError("condition_function_id must be a string")
+    try:
+        route_middleware(config)
+    except ValueError as e:
+        raise TriggerError(str(e))
     if any(c in api_path for c in "?#") or any(ord(c) < 33 for c in api_path):
         raise TriggerError("api_path {!r} may not hold spaces, control characters, "
                            "'?' or '#'".format(api_path))
@@ -161,13 +175,32 @@ class RouteTable:
         self._by_key = {}
         self._by_length = {}
         self._by_trigger = {}
+        self._by_shape = {}  # (method, segments with parameter names blanked) -> key
 
     def __len__(self):
         return len(self._by_key)
 
     def add(self, route):
+        """
+        @raise TriggerError: when another live route has the same method and shape
+            with other parameter names (``a/:x/:y`` and ``a/:y/:x``): which one a
+            request means cannot be told, so the second is refused (reference
+            0.19.2), and the first keeps serving.
+        """
         key = (route.method, tuple(route.segments))
+        shape = (route.method, tuple(None if is_param else part
+                                     for part, is_param in route.segments))
+        other = self._by_shape.get(shape)
+        previous = self._by_trigger.get(route.trigger.id)
+        if other is not None and other != key and not (
+                previous is not None and previous[0] == other
+                and len(self._by_key[other]) == 1):
+            raise TriggerError(
+                "route {} /{} conflicts with already-registered route {} /{}".format(
+                    route.method, route.api_path.lstrip("/"), other[0],
+                    "/".join(":" + p if is_param else p for p, is_param in other[1])))
         self.remove(route.trigger)
+        self._by_shape[shape] = key
         stack = self._by_key.get(key)
         if stack is None:
             stack = self._by_key[key] = []
@@ -184,6 +217,8 @@ class RouteTable:
         stack.remove(route)
         if not stack:
             del self._by_key[key]
+            self._by_shape.pop((key[0], tuple(None if is_param else part
+                                              for part, is_param in key[1])), None)
             same_length = self._by_length[len(key[1])]
             del same_length[key]
             if not same_length:
@@ -385,6 +420,7 @@ class RestApiModule(MultiService):
             raise ConfigError("body_limit must be a number of bytes", "body_limit")
         listen = get_option(config, "listen", str, None)
         self.cors = _parse_cors(config.get("cors"))
+        self.gate = HttpGate(engine, reactor, config.get("auth"), config.get("middleware"))
         self.engine = engine
         self.clock = reactor
         self.timeout = timeout_ms / 1000.0
@@ -410,7 +446,8 @@ class RestApiModule(MultiService):
         engine.register_trigger_type(
             HTTP_TRIGGER, self,
             "Calls the function for HTTP requests on api_path/http_method")
-        Listener(self.listen, self.site, reactor, "iii-http").setServiceParent(self)
+        Listener(self.listen, self.site, reactor, "iii-http",
+                 authenticated=self.gate.authenticator is not None).setServiceParent(self)
 
     # -- ITriggerProvider ------------------------------------------------------------
 
@@ -598,7 +635,15 @@ class _Exchange:
         request.notifyFinish().addErrback(lambda _: self.cancel())
         self._timer = self.module.clock.callLater(self.module.timeout, self._timed_out)
         payload = self._payload()
-        if isinstance(self.trigger.config, dict) and \
+        gate = self.module.gate
+        if gate.needed(self.route.middleware):
+            peer = request.getClientAddress()
+            d = Deferred.fromCoroutine(gate.admit(
+                payload, getattr(peer, "host", None), self.route.middleware,
+                lambda: self.engine.check_condition(self.trigger, dict(payload))))
+            self._call = d
+            d.addCallbacks(self._admitted, self._failed, callbackArgs=(payload,))
+        elif isinstance(self.trigger.config, dict) and \
                 self.trigger.config.get("condition_function_id"):
             d = self.engine.check_condition(self.trigger, dict(payload))
             self._call = d
@@ -606,6 +651,20 @@ class _Exchange:
         else:
             self._invoke(payload)
         return self._finished
+
+    def _admitted(self, answer, payload):
+        if self.done:
+            return
+        if answer[0] == GO:
+            self._invoke(payload, answer[1])
+            return
+        # Answered by the credentials check or a middleware: the same shape as a
+        # function's result.
+        _, status, body, headers = answer
+        response = {"status_code": status, "body": body}
+        if headers:
+            response["headers"] = headers
+        self._result(response)
 
     def _payload(self):
         request = self.request
@@ -647,7 +706,7 @@ class _Exchange:
             return
         self._invoke(payload)
 
-    def _invoke(self, payload):
+    def _invoke(self, payload, session=None):
         manager = self.module.channels
         try:
             self._request_channel = manager.create(CHANNEL_BUFFER, CHANNEL_BYTES)
@@ -662,7 +721,7 @@ class _Exchange:
         payload["response"] = self._response_channel.ref(WRITE)
         self.request.registerProducer(self._response_channel.reader, True)
         self._call = self.engine.call(self.trigger.function_id, payload,
-                                     metadata=self.trigger.metadata)
+                                     metadata=self.trigger.metadata, session=session)
         self._call.addCallbacks(self._result, self._failed)
         if not self.done:
             self._pump.start()
@@ -699,15 +758,28 @@ class _Exchange:
         if failure.check(CancelledError):
             return
         error_id = _error_id()
+        # The answer says only that it failed: an error's text (a worker's exception
+        # message) is for the engine log, where the error id finds it.
+        message = "internal server error"
+        if failure.check(InvocationError) and failure.value.code == "FORBIDDEN":
+            self._log.warn("HTTP {method} /{path}: {message}", method=self.method,
+                           path=self.route.api_path.lstrip("/"),
+                           message=failure.value.message)
+            if not self.streaming:
+                self._respond_json(403, {"error": "forbidden"})
+            return
         if failure.check(InvocationError):
-            message = failure.value.message
             self._log.error(
                 "HTTP {method} /{path}: function {function_id} failed ({code}: "
                 "{message}); error_id={error_id}", method=self.method,
                 path=self.route.api_path.lstrip("/"), function_id=self.trigger.function_id,
-                code=failure.value.code, message=message, error_id=error_id)
+                code=failure.value.code, message=failure.value.message,
+                error_id=error_id)
+        elif failure.check(MiddlewareError):
+            self._log.error("HTTP {method} /{path}: {error}; error_id={error_id}",
+                            method=self.method, path=self.route.api_path.lstrip("/"),
+                            error=str(failure.value), error_id=error_id)
         else:
-            message = "internal server error"
             self._log.failure("HTTP {method} /{path}: engine error; error_id={error_id}",
                               failure, method=self.method,
                               path=self.route.api_path.lstrip("/"), error_id=error_id)
@@ -717,6 +789,9 @@ class _Exchange:
         # the request's size, not a server fault: 413, as for body_limit.
         status = 413 if failure.check(InvocationError) and \
             failure.value.code == MESSAGE_TOO_LARGE else 500
+        if status == 413:
+            # The engine's own explanation (the worker's frame limit), not worker text.
+            message = failure.value.message
         self._respond_json(status, {"error": message, "error_id": error_id})
 
     def _timed_out(self):

@@ -7,6 +7,8 @@ Config (unknown keys refused)::
     port: 3112                 # the client WebSocket port
     host: 0.0.0.0              # an IP literal, as in the reference
     auth_function: my::auth    # optional: called on every client connection
+    auth:                      # optional: clients need one of these tokens
+      tokens: [{name: web, token: "${STREAM_TOKEN}"}]
     adapter:
       class: modules::stream::adapters::KvStore
       config: {store_method: in_memory|file_based, file_path: DIR, channel_size: N}
@@ -59,6 +61,7 @@ from zope.interface import implementer
 
 from .. import __version__
 from ..adapters import KV_STORE_SCHEMA, REDIS_SCHEMA
+from ..auth import AuthRefused, Authenticator, parse_auth_config
 from ..config import ConfigError, get_option
 from ..listeners import Listener
 from ..schema import Adapter, Adapters, Key, Section
@@ -72,7 +75,7 @@ from ._kvcommon import (
 
 KV_ADAPTER = "modules::stream::adapters::KvStore"
 REDIS_ADAPTER = "modules::stream::adapters::RedisAdapter"
-CONFIG_KEYS = ("port", "host", "auth_function", "adapter")
+CONFIG_KEYS = ("port", "host", "auth_function", "adapter", "auth")
 
 def _ip_address(host):
     try:
@@ -89,6 +92,8 @@ CONFIG_SCHEMA = Section(
     host=Key(str, "0.0.0.0", "interface (an IP address) the port listens on",
              check=_ip_address),
     auth_function=Key(str, None, "function that accepts or refuses a client"),
+    auth=Key(dict, None, "tokens a client must present (Authorization: Bearer or "
+             "?token=), checked before auth_function (docs/security.rst)"),
     adapter=Key(Adapters(
         Adapter("kv", (KV_ADAPTER,), KV_STORE_SCHEMA.extend(
             channel_size=Key(int, 256, "events buffered per subscriber", min=1))),
@@ -155,6 +160,11 @@ class StreamModule(MultiService):
             raise ConfigError("host must be an IP address (such as 0.0.0.0 or 127.0.0.1), "
                               "not {!r}".format(host), "host")
         self.auth_function = get_option(config, "auth_function", str, None)
+        auth = parse_auth_config(config.get("auth"), "auth")
+        # Tokens on the stream socket: the same check as on the worker port (constant
+        # time, bounded refusal log, counted), before the auth function.
+        self.token_auth = None if auth is None else Authenticator(
+            engine, auth, reactor, "iii-stream")
         self._bus = None  # a RedisStreamBus, with the Redis adapter
         if store is None:
             store, _ = kv_adapter_from_config(config, reactor, KV_ADAPTER,
@@ -196,7 +206,9 @@ class StreamModule(MultiService):
         engine.register_trigger_type(STREAM_TRIGGER, self, "Stream trigger")
         self.factory = StreamSocketFactory(self, reactor)
         listen = "tcp:{}:interface={}".format(port, host.replace(":", "\\:"))
-        self._listener = Listener(listen, self.factory, reactor, "iii-stream")
+        self._listener = Listener(
+            listen, self.factory, reactor, "iii-stream",
+            authenticated=self.token_auth is not None or self.auth_function is not None)
         self._listener.setServiceParent(self)
 
     def _redis_bus(self, adapter_config, reactor):
@@ -752,8 +764,27 @@ class StreamProtocol(WebSocketServerProtocol):
         module = self.factory.module
         self._backlog = deque()
         self._backlog_bytes = 0
+        if module.token_auth is not None:
+            peer = self.transport.getPeer()
+            d = module.token_auth.authenticate(
+                {k.lower(): v for k, v in request.headers.items()}, request.params,
+                getattr(peer, "host", None), request.path)
+
+            def refused(failure):
+                failure.trap(AuthRefused)
+                raise ConnectionDeny(401, "Unauthorized")
+
+            def authenticated(session):
+                self._context = {"token": session.name}
+                if module.auth_function is None:
+                    return None
+                return self._ask_auth_function(request, module)
+            return d.addCallbacks(authenticated, refused)
         if module.auth_function is None:
             return None
+        return self._ask_auth_function(request, module)
+
+    def _ask_auth_function(self, request, module):
         try:
             peer = self.transport.getPeer()
             uri = getattr(self, "http_request_uri", "") or ""

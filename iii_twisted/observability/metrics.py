@@ -9,7 +9,9 @@ The engine's own metrics, and their Prometheus text exposition.
 - queues: depths read through an optional hook on the engine's enqueuer: if
   C{engine.enqueuer} has a C{depths()} method returning ``{queue name: messages
   waiting}``, each is exposed as ``iii_queue_depth{queue="..."}``;
-- telemetry ingestion: frames and records by kind, frames dropped as invalid.
+- telemetry ingestion: frames and records by kind, frames dropped as invalid;
+- auth: connections refused at the upgrade, calls answered FORBIDDEN, registrations
+  refused (C{engine.auth_stats}, L{iii_twisted.auth.AuthStats}).
 """
 
 import os
@@ -214,7 +216,16 @@ class EngineMetrics:
                 "invalid_frames": dict(self.telemetry_invalid),
                 "skipped_records": dict(self.telemetry_skipped),
             },
+            "auth": self.auth_counts(),
         }
+
+    def auth_counts(self):
+        """@return: ``{refused_connections, forbidden_calls, refused_registrations}``."""
+        stats = getattr(self._engine, "auth_stats", None)
+        if stats is None:
+            return {"refused_connections": 0, "forbidden_calls": 0,
+                    "refused_registrations": 0}
+        return stats.to_dict()
 
     def alert_values(self):
         """@return: the metric names alerts may watch, with their current values."""
@@ -314,6 +325,18 @@ def prometheus_text(metrics, namespace="iii"):
         lines.append('{}_http_responses_total{{method="{}",status="{}"}} {}'.format(
             n, _escape(method), status, count))
     lines.extend(process_lines(n))
+    auth = metrics.auth_counts()
+    head("auth_refused_connections_total", "counter",
+         "Connections refused at the upgrade for want of valid credentials.")
+    lines.append("{}_auth_refused_connections_total {}".format(
+        n, auth["refused_connections"]))
+    head("auth_forbidden_calls_total", "counter",
+         "Calls answered FORBIDDEN: outside the caller's grants.")
+    lines.append("{}_auth_forbidden_calls_total {}".format(n, auth["forbidden_calls"]))
+    head("auth_refused_registrations_total", "counter",
+         "Registrations refused: outside the grants, or another owner's.")
+    lines.append("{}_auth_refused_registrations_total {}".format(
+        n, auth["refused_registrations"]))
     head("telemetry_frames_total", "counter", "Telemetry frames received from workers.")
     for kind, count in metrics.telemetry_frames.items():
         lines.append('{}_telemetry_frames_total{{kind="{}"}} {}'.format(n, kind, count))

@@ -136,3 +136,29 @@ async def test_enqueue_fails_clearly_when_redis_is_down(engines, own_redis):
         assert e.code == "enqueue_error" and "Redis" in e.message
     else:
         raise AssertionError("enqueue succeeded with Redis down")
+
+
+@pytest_twisted.ensureDeferred
+async def test_durable_publish_reaches_subscribers_on_every_engine(engines, shared):
+    a, b, qa, qb = two(engines, shared)
+    on_a = AutoWorker(a.engine, "audit::log", "mail::send")
+    on_b = AutoWorker(b.engine, "mail::send", "stats::count")
+    # Registered as a worker would, awaiting each until its provider has it live
+    # (recorded in the broker).
+    for service, worker, trigger_id, function_id in [
+            (a, on_a, "d1", "audit::log"), (a, on_a, "d2", "mail::send"),
+            (b, on_b, "d3", "mail::send"), (b, on_b, "d4", "stats::count")]:
+        await service.engine.register_trigger(
+            trigger_id, "durable:subscriber", function_id, {"topic": "signup"},
+            owner=worker.conn.worker)
+    await a.engine.call("iii::durable::publish", {"topic": "signup", "data": {"u": 1}})
+    await a.engine.call("iii::durable::publish", {"topic": "signup", "data": "end"})
+
+    def copies(fid):
+        return on_a.data_of(fid) + on_b.data_of(fid)
+    await wait_for(lambda: all("end" in copies(f) for f in
+                               ("audit::log", "mail::send", "stats::count")),
+                   what="both messages for each function")
+    # One copy per function (the two replicas of mail::send compete for theirs).
+    for function_id in ("audit::log", "mail::send", "stats::count"):
+        assert sorted(map(str, copies(function_id))) == sorted(map(str, [{"u": 1}, "end"]))

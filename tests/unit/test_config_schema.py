@@ -189,10 +189,12 @@ FILE_ERRORS = [
     # the worker listener and engine keys
     ("workers:\n  - name: iii-worker-manager\n    config: {port: -1}\n",
      "workers[0].config.port", "must be between 0 and 65535"),
-    ("workers:\n  - name: iii-worker-manager\n    config: {rbac: {}}\n",
-     "workers[0].config.rbac", "not supported by this engine yet"),
-    ("workers:\n  - name: iii-worker-manager\n  - name: iii-worker-manager\n",
-     "workers[1].name", "several worker listeners are not supported yet"),
+    ("workers:\n  - name: iii-worker-manager\n    config: {rbac: "
+     "{on_function_registration_function_id: f}}\n",
+     "workers[0].config.rbac.on_function_registration_function_id",
+     "not supported by this engine yet"),
+    ("workers:\n  - name: iii-worker-manager\n    config: {rbac: {}, auth: "
+     "{auth_function_id: f}}\n", "workers[0].config.rbac", "not both"),
     ("watch: yes please\n", "watch", "must be true or false"),
     ("invocation_timeout_ms: -5\n", "invocation_timeout_ms", "must be at least 0"),
     ("max_message_size: 0\n", "max_message_size", "must be at least 1"),

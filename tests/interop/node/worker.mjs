@@ -47,6 +47,8 @@
 //
 // Env: III_TEST_METRICS_EXPORT_INTERVAL_MS, when set, is the SDK's OTel
 // metricsExportIntervalMs (how often it sends its worker gauges; 60 s by default).
+// III_TEST_HEADERS, when set, is a JSON object passed as the SDK's `headers` option
+// (the handshake headers, e.g. {"Authorization": "Bearer ..."}).
 
 import { createHash } from 'node:crypto'
 import { readFileSync } from 'node:fs'
@@ -69,8 +71,10 @@ function emit(line) {
 }
 
 const metricsInterval = Number(process.env.III_TEST_METRICS_EXPORT_INTERVAL_MS)
+const headers = process.env.III_TEST_HEADERS ? JSON.parse(process.env.III_TEST_HEADERS) : null
 const iii = sdk.registerWorker(url, {
   workerName,
+  ...(headers && { headers }),
   ...(metricsInterval > 0 && { otel: { metricsExportIntervalMs: metricsInterval } }),
 })
 // 0.22+: createChannel is a free function of the SDK's helpers entry point.
