@@ -223,6 +223,12 @@ modules:
         class: modules::state::adapters::RedisAdapter
         config:
           redis_url: "{redis}"
+  - class: modules::queue::QueueModule
+    config:
+      adapter:
+        class: modules::queue::RedisAdapter
+        config:
+          redis_url: "{redis}"
 """
 
 
@@ -236,6 +242,7 @@ def test_not_ready_while_redis_is_down(start_engine, own_redis):
     assert status == 503
     checks = json.loads(body)["checks"]
     assert checks["StateModule.store"].startswith("check failed"), checks
+    assert checks["QueueModule.broker"].startswith("check failed"), checks
     assert _get(ready.replace("ready", "live"))[0] == 200
     own_redis.start()
     wait_until(lambda: _get(ready)[0] == 200, timeout=30, what="ready again")
