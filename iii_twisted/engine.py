@@ -27,6 +27,7 @@ from zope.interface import implementer
 from . import auth
 from . import protocol as P
 from .interfaces import IFunctionHost, ITriggerProvider, TriggerError
+from .hints import function_hint, module_for_trigger_type, trigger_type_hint
 from .invocations import InvocationTracker
 from .limits import LIMIT_EXCEEDED, Limits, check_stored
 from .namespaces import Namespaces, plain
@@ -672,7 +673,12 @@ class Engine:
             if self.http_functions is not None else None
         refusal = refusal or self.limits.refusal(function_id)
         if refusal is None:
-            return self.namespaces.not_found(function_id)
+            error = self.namespaces.not_found(function_id)
+            # "publish" with no pub/sub module: say which module to add (hints.py).
+            hint = function_hint(plain(function_id))
+            if hint and error.message.endswith(" not found"):
+                return InvocationError(error.code, error.message + hint)
+            return error
         return InvocationError(P.FUNCTION_NOT_FOUND, "Function {} not found ({})".format(
             function_id, refusal))
 
@@ -818,9 +824,12 @@ class Engine:
             owner.triggers.add(trigger_id)
         provider_type = self.trigger_types.get(trigger_type)
         if provider_type is None:
-            self._log.info(
-                "trigger {trigger_id} waits for a provider of type {trigger_type}",
-                trigger_id=trigger_id, trigger_type=trigger_type)
+            # Warn when a module would provide the type: a cron trigger without the
+            # cron module waits for ever (hints.py).
+            log = self._log.warn if module_for_trigger_type(trigger_type) else self._log.info
+            log("trigger {trigger_id} ({function_id}) waits: {hint}", trigger_id=trigger_id,
+                function_id=function_id, hint=trigger_type_hint(trigger_type),
+                trigger_type=trigger_type)
             return succeed(trigger)
         return self._activate(trigger, provider_type)
 
