@@ -426,7 +426,9 @@ LOGS_LIST_KEYS = frozenset([
     "start_time", "end_time", "trace_id", "span_id", "severity_min", "severity_text",
     "offset", "limit"])
 METRICS_LIST_KEYS = frozenset(["start_time", "end_time", "metric_name",
-                               "aggregate_interval"])
+                               "aggregate_interval",
+                               # ours (the console): engine metrics only
+                               "include_sdk_metrics"])
 SORT_KEYS = ("start_time", "duration", "duration_ms", "service_name", "name")
 
 
