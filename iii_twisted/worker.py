@@ -115,6 +115,11 @@ class WorkerProtocol(LargeFrames, ReadHolds, WebSocketServerProtocol):
     def _accept(self, request):
         try:
             path = request.path
+            health = self.factory.engine.health
+            if path == WORKER_PATH and health is not None and health.state == "draining":
+                # No new workers while shutting down; channel ends (the calls in
+                # flight may need them) are still accepted.
+                raise ConnectionDeny(503, "engine shutting down")
             if path == WORKER_PATH:
                 self._role = "worker"
             elif path == OTEL_PATH:
@@ -127,10 +132,12 @@ class WorkerProtocol(LargeFrames, ReadHolds, WebSocketServerProtocol):
             else:
                 raise ConnectionDeny(404, "Not Found")
             self.peer_address = getattr(self.transport.getPeer(), "host", None)
-            if self._role == "worker":
+            if self._role in ("worker", "channel"):
                 self.user_agent = request.headers.get("user-agent")
-                self.max_frame_size = self.factory.frame_limits.for_user_agent(
-                    self.user_agent)
+                limits = self.factory.frame_limits
+                # A channel end never says its runtime: only a known library limits it.
+                self.max_frame_size = limits.for_user_agent(self.user_agent) \
+                    if self._role == "worker" else limits.for_channel(self.user_agent)
         except ConnectionDeny:
             raise
         except Exception:

@@ -360,7 +360,8 @@ class StreamModule(MultiService):
 
     async def list(self, data):
         """
-        @return: the group's items (C{[]} for an unknown group).
+        @return: the group's items (C{[]} for an unknown group); with ``with_keys:
+            true`` (our addition, for the console) C{[{"key", "value"}]}.
         @raise InvocationError: ``deserialization_error``, ``STREAM_GET_GROUP_ERROR``,
             or a custom list function's own error.
         """
@@ -370,6 +371,9 @@ class StreamModule(MultiService):
         if custom is not None:
             return await self._engine.call(custom, {"stream_name": name, "group_id": group})
         try:
+            if data.get("with_keys") is True:  # our addition, for the console
+                pairs = await self.store.items(_store_group(name, group))
+                return [{"key": k, "value": v} for k, v in pairs]
             return await self.store.list(_store_group(name, group))
         except KvStoreError as e:
             raise _fail("STREAM_GET_GROUP_ERROR", "get group", e)
