@@ -182,6 +182,13 @@ class RabbitMQBroker:
         self._declared.clear()
         self._delays.clear()
 
+    def health(self):
+        """Readiness (iii_twisted.health): None while connected, else why not."""
+        connection = self._connection
+        if connection is not None and connection.is_open and self._publisher is not None:
+            return None
+        return "no connection to RabbitMQ at {}".format(self._safe_url)
+
     def stop(self):
         self._stopping = True
         self._consumers.clear()
