@@ -176,6 +176,7 @@ class RabbitMQServer:
             RABBITMQ_PID_FILE=os.path.join(self.dir, "rabbit.pid"),
             RABBITMQ_ENABLED_PLUGINS_FILE=plugins, RABBITMQ_CONFIG_FILE=config,
             RABBITMQ_CONF_ENV_FILE=env_file,
+            ERL_CRASH_DUMP=os.path.join(self.dir, "erl_crash.dump"),
             RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
         )
 
@@ -188,14 +189,23 @@ class RabbitMQServer:
             self.epmd = subprocess.Popen(  # noqa: the node's own would outlive it
                 ["epmd", "-address", "127.0.0.1", "-port", str(self.epmd_port)],
                 env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        # The node must find our epmd listening, or it starts one of its own.
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.epmd_port), timeout=0.5):
+                    break
+            except OSError:
+                if self.epmd.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("epmd did not listen on {}".format(self.epmd_port))
+                time.sleep(0.05)  # polling the port for readiness
         self.process = subprocess.Popen(
             [RABBITMQ_SERVER], env=self.env, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError("rabbitmq-server exited with code {} (logs in {})".format(
-                    self.process.returncode, self.dir))
+                raise RuntimeError("rabbitmq-server exited with code {}: {}".format(
+                    self.process.returncode, self._log_tail()))
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                     return self
@@ -204,6 +214,15 @@ class RabbitMQServer:
                     raise TimeoutError("rabbitmq-server did not listen on {}".format(
                         self.port))
                 time.sleep(0.1)  # polling the port for readiness
+
+    def _log_tail(self, lines=15):
+        """The last lines of the node's logs, for an error message (the directory goes)."""
+        log_dir = os.path.join(self.dir, "log")
+        text = []
+        for name in sorted(os.listdir(log_dir)) if os.path.isdir(log_dir) else ():
+            with open(os.path.join(log_dir, name), errors="replace") as f:
+                text.extend("{}: {}".format(name, line.rstrip()) for line in f)
+        return "\n".join(text[-lines:]) or "no log written"
 
     def stop(self):
         """Kill the node (its whole process group) and wait for it."""
@@ -228,9 +247,13 @@ def start_rabbitmq():
     """@return: a started L{RabbitMQServer}, or skip/fail when RabbitMQ is missing."""
     if not (os.path.exists(RABBITMQ_SERVER) and shutil.which("epmd")):
         missing("rabbitmq-server")
-    server = RabbitMQServer()
-    try:
-        return server.start()
-    except Exception:
-        server.close()
-        raise
+    # Two tries: the free ports are picked before the node binds them, so another
+    # process (another test run on the machine) can take one in between.
+    for attempt in (1, 2):
+        server = RabbitMQServer()
+        try:
+            return server.start()
+        except Exception:
+            server.close()
+            if attempt == 2:
+                raise

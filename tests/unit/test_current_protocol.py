@@ -399,3 +399,24 @@ class NamespaceTests(SynchronousTestCase):
             "engine::registered-triggers::list", {"include_internal": True}))[
                 "registered_triggers"]
         assert (row["function_id"], row["namespace"]) == ("svc::fn", "team-a")
+
+
+class FunctionsAvailableTests(SynchronousTestCase):
+    def test_payload_rows_carry_both_generations_keys(self):
+        """engine::functions-available rows: v0.10 FunctionInfo keys and 0.13's."""
+        engine, clock = make_engine()
+        watcher = FakeWorkerConnection.connect(engine)
+        register(watcher, "w::on")
+        watcher.receive({"type": "registertrigger", "id": "fa",
+                         "trigger_type": "engine::functions-available",
+                         "function_id": "w::on", "config": {}})
+        host = FakeWorkerConnection.connect(engine)
+        declare(host, "0.25.0", namespace="team-a")
+        register(host, "svc::fn", description="d")
+        watcher.pop_sent()
+        clock.advance(1)
+        [fired] = watcher.sent_of_type("invokefunction")
+        rows = {(r["function_id"], r["namespace"]): r for r in fired["data"]["functions"]}
+        row = rows[("svc::fn", "team-a")]
+        assert (row["worker_name"], row["description"], row["request_format"]) == (
+            "w-0.25.0", "d", None)
