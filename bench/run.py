@@ -428,6 +428,30 @@ def run_scale(args, servers, agent):
     return scale
 
 
+def run_hotpath(args, pythons):
+    """
+    bench/hotpath.py on each engine's Python: CPU per routed call without sockets.
+
+    @param pythons: C{{target: python}}.
+    @return: C{{target: its JSON answer}} (or C{{"error": ...}}).
+    """
+    found = {}
+    for target, python in pythons.items():
+        sys.stderr.write("\r\033[Khot path without sockets, {} ...".format(target))
+        sys.stderr.flush()
+        cmd = [python, os.path.join(HERE, "hotpath.py"), "--rounds", "3",
+               "--calls", "5000" if args.quick else "20000",
+               "--warmup", "30000" if "pypy" in target else "3000"]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            found[target] = json.loads(out.stdout.strip().splitlines()[-1]) \
+                if out.returncode == 0 else {"error": out.stderr.strip()[-300:]}
+        except Exception as e:
+            found[target] = {"error": str(e)}
+    sys.stderr.write("\r\033[K")
+    return found
+
+
 def port_for(servers, target, op):
     ports = servers.ports
     if op == "http":
@@ -590,10 +614,11 @@ def kib_cell(xs):
     return cell([x / 1024.0 for x in xs if x is not None], 0) + " MiB" if xs else "–"
 
 
-def report(args, results, sdk, info, has_rest_api, warm=None, scale=None):
+def report(args, results, sdk, info, has_rest_api, warm=None, scale=None, hot=None):
     r = results
     warm = warm or {}
     scale = scale or {}
+    hot = hot or {}
     pypy = "iii-pypy" in info.get("systems", ())
     lines = ["# iii-twisted benchmark", ""]
     lines.append(
@@ -698,6 +723,33 @@ def report(args, results, sdk, info, has_rest_api, warm=None, scale=None):
     lines += ["## Routed calls, 4 callers × 16 calls in flight (4 workers, 70 B)", "",
               table(["system", "calls/s", "p50 µs", "p99 µs", "server CPU µs/call",
                      "server RSS", "÷ ours on CPython"], rows), ""]
+
+    # where the time goes
+    if hot:
+        rows = []
+        for t in engines:
+            h = hot.get(t)
+            if not h:
+                continue
+            if "error" in h:
+                rows.append([TARGET_NAMES[t], "failed: {}".format(h["error"]), "", "", ""])
+                continue
+            real = cpu_per_call(r, "pipelined", "4x4x16", t)
+            relay = cpu_per_call(r, "pipelined", "4x4x16", "relay")
+            rows.append([TARGET_NAMES[t], "{:.0f} ({:.0f}–{:.0f})".format(
+                h["median"], min(h["us_per_call"]), max(h["us_per_call"])),
+                cell(real), "{:.0f}".format(med(real) - h["median"]) if real else "–",
+                cell(relay) if t == "iii" else "–"])
+        lines += ["## Where a routed call's CPU goes", "",
+                  "*Without sockets*: `bench/hotpath.py` on the engine's Python, CPU µs "
+                  "per routed call through Autobahn's protocol and our routing on "
+                  "in-memory transports (3 rounds). *Through sockets*: the server CPU "
+                  "per call of the pipelined cell above. The difference is the reactor, "
+                  "the socket reads and writes and the kernel; the minimal relay (on "
+                  "CPython) pays that and framing, and no routing. bench/README.rst has "
+                  "the profile and the upstream patches that would cut the rest.", "",
+                  table(["system", "without sockets", "through sockets",
+                         "difference (I/O, reactor)", "minimal relay"], rows), ""]
 
     # memory
     rows = []
@@ -920,6 +972,9 @@ def main():
     finally:
         agent.stop()
         servers.stop()
+    hot = run_hotpath(args, {t: p for t, p in (("iii", sys.executable),
+                                               ("iii-pypy", pypy_python))
+                             if p and t in servers.processes})
     info = versions(venv_python, pypy_python)
     info["systems"] = sorted(running_systems(servers))
     info["loadavg"] = [load_start, os.getloadavg()[0]]
@@ -927,8 +982,9 @@ def main():
     raw = os.path.join(HERE, "results", "latest.json")
     with open(raw, "w") as f:
         json.dump({"results": results, "sdk": sdk, "info": info, "quick": args.quick,
-                   "rounds": args.rounds, "warmup": warm, "scale": scale}, f, indent=1)
-    text = report(args, results, sdk, info, servers.has_rest_api, warm, scale)
+                   "rounds": args.rounds, "warmup": warm, "scale": scale, "hotpath": hot},
+                  f, indent=1)
+    text = report(args, results, sdk, info, servers.has_rest_api, warm, scale, hot)
     png = os.path.splitext(args.out)[0] + ".png"
     plot = subprocess.run([venv_python, os.path.join(HERE, "plot.py"), raw, png],
                           capture_output=True, text=True)

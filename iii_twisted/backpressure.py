@@ -48,15 +48,23 @@ class ReadHolds:
 
     def hold_reading(self):
         self._read_holds += 1
-        if self._read_holds == 1 and self.transport is not None:
-            self.transport.pauseProducing()
+        if self._read_holds == 1:
+            # Autobahn processes every frame it holds in one loop of processData()
+            # calls; while held, an instance attribute shadows that method and stops
+            # the loop between (or within) frames, leaving the bytes where they are.
+            # (Not an override: that would cost a call on every frame.)
+            self.processData = _nothing_processed
+            if self.transport is not None:
+                self.transport.pauseProducing()
 
     def release_reading(self):
         if self._read_holds <= 0:
             return
         self._read_holds -= 1
-        if self._read_holds == 0 and self.transport is not None:
-            self.transport.resumeProducing()
+        if self._read_holds == 0:
+            self.__dict__.pop("processData", None)
+            if self.transport is not None:
+                self.transport.resumeProducing()
             if self._resume_call is None:
                 # Not from inside the transport's write or another peer's frame.
                 self._resume_call = self.clock.callLater(0, self._consume_held)
@@ -66,18 +74,16 @@ class ReadHolds:
         if not self._read_holds and self.state in (self.STATE_OPEN, self.STATE_CLOSING):
             self.consumeData()
 
-    def processData(self):
-        # Autobahn processes every frame it holds in one loop; a hold stops it between
-        # (or within) frames, leaving the bytes where they are.
-        if self._read_holds:
-            return False
-        return super().processData()
-
     def cancel_read_holds(self):
         self._read_holds = 0
+        self.__dict__.pop("processData", None)
         if self._resume_call is not None and self._resume_call.active():
             self._resume_call.cancel()
         self._resume_call = None
+
+
+def _nothing_processed():
+    return False
 
 
 @implementer(IPushProducer)
@@ -111,7 +117,7 @@ class SendGate:
         self.pending += size
         limits = self._limits
         if self.pending > limits.send_buffer_soft and not self.congested:
-            self.congested = True
+            self.congested = self._protocol.congested = True
             limits.count("peers_paused")
             self._protocol.hold_reading()
             self._stall = self._clock.callLater(
@@ -152,7 +158,7 @@ class SendGate:
         self.paused = False
         self.pending = 0
         if self.congested:
-            self.congested = False
+            self.congested = self._protocol.congested = False
             self._cancel_stall()
             self._protocol.release_reading()
 
@@ -221,7 +227,9 @@ class FrameBudget:
 class LargeFrames:
     """
     Mixin for a L{ReadHolds} Autobahn protocol: account its large incoming messages
-    in C{self.factory.frame_budget} (a L{FrameBudget}).
+    in C{self.factory.frame_budget} (a L{FrameBudget}). Its C{onMessage} calls
+    L{large_message_done} when C{frame_bytes} is set; its C{connectionLost} calls
+    L{release_large_frames}.
     """
 
     frame_bytes = 0  # bytes this protocol holds of the budget
@@ -236,12 +244,11 @@ class LargeFrames:
             if not budget.take(self, total - self.frame_bytes):
                 self.refuse_over_budget(total)
 
-    def onMessageEnd(self):
-        try:
-            super().onMessageEnd()
-        finally:
-            if self.frame_bytes:
-                self.factory.frame_budget.give_back(self)
+    def large_message_done(self):
+        """Call first thing in C{onMessage} when C{self.frame_bytes} is set: the
+        message is complete, its share of the budget goes back. (Not an override of
+        C{onMessageEnd}: that would cost a call on every message.)"""
+        self.factory.frame_budget.give_back(self)
 
     def refuse_over_budget(self, size):
         limit = self.factory.frame_budget._limits.frames_in_flight_budget

@@ -75,6 +75,7 @@ CLOSE_READER_GONE = 4001  # to a writer whose reader left before the end
 CLOSE_EXPIRED = 4002  # the sweep: the other end never attached
 CLOSE_SHUTDOWN = 4003  # the engine is stopping
 CLOSE_DROPPED = 4004  # the channel was dropped (e.g. its HTTP request ended)
+CLOSE_TOO_BIG = 4005  # a text message larger than the reader's socket accepts
 
 
 class Channel:
@@ -320,8 +321,25 @@ class SocketEnd:
 
     def deliver(self, payload, is_binary):
         protocol = self.protocol
-        if protocol.state == protocol.STATE_OPEN:
+        if protocol.state != protocol.STATE_OPEN:
+            return
+        limit = getattr(protocol, "max_frame_size", None)
+        if limit is None or len(payload) <= limit:
             protocol.sendMessage(payload, is_binary)
+        elif is_binary:
+            # The reader's WebSocket would refuse the frame (Python SDK: 1 MiB) and the
+            # stream would die: bytes are a stream, so send them in frames it takes.
+            view = memoryview(payload)
+            for start in range(0, len(payload), limit):
+                protocol.sendMessage(bytes(view[start:start + limit]), True)
+        else:
+            # A text message cannot be split: end the channel saying why, rather than
+            # let the reader's socket fail with a bare 1009.
+            self._log.warn("channel {id}: a text message of {size} bytes is over the "
+                           "{limit} bytes its reader accepts; channel closed",
+                           id=self.channel.id, size=len(payload), limit=limit)
+            self.channel.abort(CLOSE_TOO_BIG, "text message of {} bytes is over the {} "
+                               "bytes the reader accepts".format(len(payload), limit))
 
     def finish(self):
         self.abort(CLOSE_NORMAL, None)

@@ -125,7 +125,8 @@ LISTENER_SCHEMA = Section(
                                "worker by its declared runtime, bytes; over the built-in "
                                "python 1 MiB, node 100 MiB, rust 16 MiB"),
     handshake_timeout_ms=Key(int, 10000, "ms a client has to finish its WebSocket "
-                             "opening handshake (docs/limits.rst)", min=1),
+                             "opening handshake (docs/limits.rst; 0: no deadline)",
+                             min=0),
     auth=Key(dict, None, "tokens and grants of connections to this port "
              "(docs/security.rst); absent: unauthenticated, every grant"),
     rbac=Key(dict, None, "the reference's RBAC: auth_function_id, expose_functions "
@@ -145,6 +146,8 @@ ENGINE_SCHEMA = Section(
     watch=Key(bool, False, "reload when this file changes (it is polled)"),
     watch_interval_ms=Key(int, 1000, "how often the file is polled when watch is on, "
                           "ms", min=10),
+    shutdown_timeout_ms=Key(int, 5000, "on SIGTERM, how long calls in flight may "
+                            "finish before the engine stops, ms (0: stop at once)", min=0),
     limits=Key(LIMITS_SCHEMA, None, "what one client may take of the engine "
                "(docs/limits.rst)"),
     log_level=Key(str, "info", "least important log events kept (logsetup.py)",
@@ -248,7 +251,8 @@ class EngineConfig:
                  ws_ping_interval=30.0, ws_ping_timeout=30.0, source=None,
                  format=V010, watch=False, watch_interval=1.0, listener_key="",
                  frame_limits=None, log_level="info", log_format="text",
-                 limits=None, handshake_timeout=10.0, auth=None, listeners=None):
+                 shutdown_timeout=5.0, limits=None, handshake_timeout=10.0, auth=None,
+                 listeners=None):
         self.port = port
         self.host = host
         self.listen = listen or "tcp:{}:interface={}".format(port, host)
@@ -271,6 +275,7 @@ class EngineConfig:
         self.frame_limits = frame_limits
         self.log_level = log_level
         self.log_format = log_format
+        self.shutdown_timeout = shutdown_timeout
         self.listeners = list(listeners) if listeners else [ListenerConfig(
             LISTENER_NAME, self.listen, auth, max_message_size, ws_ping_interval,
             ws_ping_timeout, listener_key, frame_limits, handshake_timeout)]
@@ -460,6 +465,7 @@ def from_dict(data, source=None):
         frame_limits=listeners[0].frame_limits,
         log_level=_value(top, "log_level", ENGINE_SCHEMA),
         log_format=_value(top, "log_format", ENGINE_SCHEMA),
+        shutdown_timeout=_value(top, "shutdown_timeout_ms", ENGINE_SCHEMA) / 1000.0,
         limits=Limits.from_config(top.get("limits")),
         handshake_timeout=listeners[0].handshake_timeout,
     )

@@ -20,6 +20,16 @@ _INCLUDE_INTERNAL = {
     "type": "object",
     "properties": {"include_internal": {"type": "boolean", "default": False}},
 }
+_LIST_FUNCTIONS = {
+    "type": "object",
+    "properties": {"include_internal": {"type": "boolean", "default": False},
+                   "include_host": {"type": "boolean", "default": False}},
+}
+_LIST_TRIGGERS = {
+    "type": "object",
+    "properties": {"include_internal": {"type": "boolean", "default": False},
+                   "include_refused": {"type": "boolean", "default": False}},
+}
 
 
 def _input(function_id, data):
@@ -59,14 +69,17 @@ def register_engine_functions(engine):
     def list_functions(data):
         internal = _flag("engine::functions::list", data, "include_internal")
         data = _input("engine::functions::list", data)
+        host = _flag("engine::functions::list", data, "include_host")
         shape = current.current_shape(engine, data)
-        rows = [
-            current.function_row(engine, entry)
-            for function_id, entry in engine.functions.items()
-            if internal or not function_id.startswith("engine::")
-            or (shape and function_id.startswith("engine::queue::"))
-            if visible(function_id, entry.metadata)
-        ]
+        rows = []
+        for function_id, entry in engine.functions.items():
+            if (internal or not function_id.startswith("engine::")
+                    or (shape and function_id.startswith("engine::queue::"))) \
+                    and visible(function_id, entry.metadata):
+                row = current.function_row(engine, entry)
+                if host:
+                    _add_host(row, entry)
+                rows.append(row)
         return {"functions": current.filter_functions(rows, data, shape)}
 
     def list_workers(data):
@@ -99,11 +112,15 @@ def register_engine_functions(engine):
                 listed["triggers"] = [t for t in listed["triggers"]
                                       if session.may_register_trigger(t["id"])]
             return listed
-        return {"triggers": [
+        result = {"triggers": [
             trigger.info() for trigger in engine.triggers.values()
             if (internal or not trigger.function_id.startswith("engine::"))
             and visible(trigger.function_id)
         ]}
+        if _flag("engine::triggers::list", data, "include_refused"):
+            result["refused"] = [t for t in engine.refused_triggers
+                                 if visible(t["function_id"])]
+        return result
 
     def list_trigger_types(data):
         internal = _flag("engine::trigger-types::list", data, "include_internal")
@@ -152,8 +169,9 @@ def register_engine_functions(engine):
 
     engine.register_function(
         "engine::functions::list", list_functions,
-        "List registered functions (engine::* ones only with include_internal)",
-        _INCLUDE_INTERNAL,
+        "List registered functions (engine::* ones only with include_internal; with "
+        "include_host, each says where it runs: host worker|in-process|http, worker_id)",
+        _LIST_FUNCTIONS,
         {"type": "object", "properties": {"functions": {"type": "array"}}},
     )
     engine.register_function(
@@ -166,8 +184,8 @@ def register_engine_functions(engine):
     engine.register_function(
         "engine::triggers::list", list_triggers,
         "List registered triggers (those bound to engine::* functions only with "
-        "include_internal)",
-        _INCLUDE_INTERNAL,
+        "include_internal; with include_refused, also the latest refused ones and why)",
+        _LIST_TRIGGERS,
         {"type": "object", "properties": {"triggers": {"type": "array"}}},
     )
     engine.register_function(
@@ -186,6 +204,12 @@ def register_engine_functions(engine):
             "pid": {"type": "integer"}, "telemetry": {"type": "object"}}},
         {"type": "object", "properties": {"success": {"type": "boolean"}}},
     )
+
+
+def _add_host(info, entry):
+    """Say where a function runs: ``host`` (worker, in-process, http) and ``worker_id``."""
+    info["host"] = getattr(entry.host, "host_kind", "in-process")
+    info["worker_id"] = entry.owner.id if entry.owner is not None else None
 
 
 def _update_worker(worker, data):

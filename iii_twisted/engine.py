@@ -15,6 +15,7 @@ import hmac
 import secrets
 import time
 import traceback
+from collections import deque
 from inspect import iscoroutine
 from uuid import uuid4
 
@@ -26,6 +27,7 @@ from zope.interface import implementer
 from . import auth
 from . import protocol as P
 from .interfaces import IFunctionHost, ITriggerProvider, TriggerError
+from .hints import function_hint, module_for_trigger_type, trigger_type_hint
 from .invocations import InvocationTracker
 from .limits import LIMIT_EXCEEDED, Limits, check_stored
 from .namespaces import Namespaces, plain
@@ -62,7 +64,7 @@ class WorkerRecord:
     __slots__ = (
         "id", "connection", "ip_address", "connected_at_ms", "name", "runtime",
         "version", "os", "pid", "telemetry", "functions", "triggers", "trigger_types",
-        "active_calls", "host", "reattach_token", "session", "declared",
+        "active_calls", "host", "reattach_token", "session", "declared", "held",
         "__weakref__",
     )
 
@@ -80,6 +82,8 @@ class WorkerRecord:
         self.host = None
         self.reattach_token = None
         self.session = None
+        # Messages waiting while a registration hook decides (iii_twisted.auth), or None.
+        self.held = None
         self.declared = {}
 
     def __repr__(self):
@@ -193,6 +197,7 @@ class CallableHost:
     """
 
     _log = Logger()
+    host_kind = "in-process"  # what engine::functions::list says with include_host
 
     def __init__(self, fn):
         self._fn = fn
@@ -232,6 +237,7 @@ class WorkerHost:
     """Runs a function on a worker: ``invokefunction`` out, ``invocationresult`` back."""
 
     __slots__ = ("_tracker", "_worker", "_limits")
+    host_kind = "worker"
 
     def __init__(self, tracker, worker, limits=None):
         self._tracker = tracker
@@ -388,6 +394,9 @@ class Engine:
         self._functions_available_delay = functions_available_delay
         self._functions_check = None
         self._last_function_ids = frozenset()
+        # The latest triggers a provider refused, with why (engine::triggers::list
+        # with include_refused; the console's triggers page).
+        self.refused_triggers = deque(maxlen=100)
         self.namespaces = Namespaces(self)
         self._handlers = {
             P.INVOKE_FUNCTION: self._handle_invokefunction,
@@ -491,8 +500,13 @@ class Engine:
         Act on one decoded message (L{iii_twisted.protocol.decode}) from C{worker}.
 
         Runs synchronously up to the point where a call is handed to its host, so the
-        messages of one connection take effect in the order they arrived.
+        messages of one connection take effect in the order they arrived. While a
+        registration hook of the worker's session decides (L{iii_twisted.auth}), its
+        later messages wait, in order.
         """
+        if worker.held is not None:
+            worker.held.append(message)
+            return
         self._handlers[message["type"]](worker, message)
 
     def ingest_telemetry(self, kind, payload, worker_id):
@@ -659,7 +673,12 @@ class Engine:
             if self.http_functions is not None else None
         refusal = refusal or self.limits.refusal(function_id)
         if refusal is None:
-            return self.namespaces.not_found(function_id)
+            error = self.namespaces.not_found(function_id)
+            # "publish" with no pub/sub module: say which module to add (hints.py).
+            hint = function_hint(plain(function_id))
+            if hint and error.message.endswith(" not found"):
+                return InvocationError(error.code, error.message + hint)
+            return error
         return InvocationError(P.FUNCTION_NOT_FOUND, "Function {} not found ({})".format(
             function_id, refusal))
 
@@ -805,9 +824,12 @@ class Engine:
             owner.triggers.add(trigger_id)
         provider_type = self.trigger_types.get(trigger_type)
         if provider_type is None:
-            self._log.info(
-                "trigger {trigger_id} waits for a provider of type {trigger_type}",
-                trigger_id=trigger_id, trigger_type=trigger_type)
+            # Warn when a module would provide the type: a cron trigger without the
+            # cron module waits for ever (hints.py).
+            log = self._log.warn if module_for_trigger_type(trigger_type) else self._log.info
+            log("trigger {trigger_id} ({function_id}) waits: {hint}", trigger_id=trigger_id,
+                function_id=function_id, hint=trigger_type_hint(trigger_type),
+                trigger_type=trigger_type)
             return succeed(trigger)
         return self._activate(trigger, provider_type)
 
@@ -840,6 +862,9 @@ class Engine:
         self._log.warn(
             "trigger {trigger_id} of type {trigger_type} refused: {message}",
             trigger_id=trigger.id, trigger_type=trigger.trigger_type, message=message)
+        self.refused_triggers.append(dict(
+            trigger.info(), status="refused", error=P.error_body(code, message),
+            refused_at_ms=int(time.time() * 1000)))
         if self.triggers.get(trigger.id) is trigger:
             self._forget_trigger(trigger)
             if trigger.owner is not None:
@@ -1015,6 +1040,8 @@ class Engine:
                 invocation_id=message["invocation_id"], worker_id=worker.id)
 
     def _handle_registerfunction(self, worker, message):
+        if auth.held_for_hook(self, worker, message, self._handle_registerfunction):
+            return
         if self.limits.refuse_function(worker, message):
             return  # logged; a call of it fails saying why (_not_found)
         function_id = message["id"]
@@ -1050,6 +1077,8 @@ class Engine:
                                  owner=worker)
 
     def _handle_registertriggertype(self, worker, message):
+        if auth.held_for_hook(self, worker, message, self._handle_registertriggertype):
+            return
         if auth.refuse_trigger_type_registration(self, worker, message["id"]):
             return
         if self.limits.refuse_trigger_type(worker, message):
@@ -1063,6 +1092,8 @@ class Engine:
         self.unregister_trigger_type(message["id"], owner=worker)
 
     def _handle_registertrigger(self, worker, message):
+        if auth.held_for_hook(self, worker, message, self._handle_registertrigger):
+            return
         reason = self.limits.refuse_trigger(worker, message)
         if reason:
             worker.connection.send({

@@ -12,8 +12,9 @@ endpoints.
   ``checks`` maps each module with a store (``state``, ``stream``, ``queue`` ...) to
   ``"ok"`` or what is wrong.
 
-A store takes part by having a ``health()`` method returning (or firing a Deferred
-with) None when it is usable, else a short reason; a store without one counts as ok.
+A store (``module.store``) or a queue broker (``module.broker``) takes part by having a
+``health()`` method returning (or firing a Deferred with) None when it is usable, else
+a short reason; one without counts as ok.
 A module can also have ``health()`` itself. A check that takes longer than
 L{CHECK_TIMEOUT} seconds, or raises, counts as unready.
 """
@@ -83,10 +84,10 @@ def _checks_of(module):
     own = getattr(module, "health", None)
     if callable(own):
         yield name, own
-    store = getattr(module, "store", None)
-    check = getattr(store, "health", None)
-    if callable(check):
-        yield name + ".store", check
+    for part in ("store", "broker"):  # a queue module may have a broker (Redis, AMQP)
+        check = getattr(getattr(module, part, None), "health", None)
+        if callable(check):
+            yield "{}.{}".format(name, part), check
 
 
 def _module_name(module):

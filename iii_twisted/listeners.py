@@ -6,8 +6,8 @@ Listeners: every port the engine opens is a L{Listener}, a strports service that
 - answers the start-up report (L{Listener.report}): its name, endpoint, bound port and
   whether connections on it are authenticated.
 
-Authentication (issue 13) sets C{authenticated} on the listeners it guards; until then
-every listener reports ``unauthenticated``.
+The engine sets C{authenticated} on a worker listener whose ``auth`` demands
+credentials (iii_twisted/auth.py); every other listener reports ``unauthenticated``.
 """
 
 from twisted.application.internet import StreamServerEndpointService
@@ -25,7 +25,7 @@ class Listener(StreamServerEndpointService):
 
     @ivar name: which listener (``iii-worker-manager``, ``iii-http``, ...).
     @ivar description: its endpoint string (``tcp:3111:interface=0.0.0.0``).
-    @ivar authenticated: whether connections must authenticate (False until auth).
+    @ivar authenticated: whether connections must authenticate.
     """
 
     def __init__(self, description, factory, reactor, name, authenticated=False):

@@ -85,6 +85,15 @@ class PeerFrameLimits:
             return self.by_runtime.get("python", self.default)
         return self.default
 
+    def for_channel(self, user_agent):
+        """
+        The limit of a data channel end: a Python SDK's (``websockets``) is known;
+        any other end says nothing about itself, so it gets no limit (None).
+        """
+        if user_agent and "websockets/" in user_agent:
+            return self.by_runtime.get("python", self.default)
+        return None
+
     def for_runtime(self, runtime):
         """The limit of a peer that said its runtime."""
         if isinstance(runtime, str):

@@ -26,7 +26,9 @@ def describe_store(store):
     for attribute in ("directory", "path"):
         value = getattr(inner, attribute, None)
         if isinstance(value, str):
-            return "data in {}".format(os.path.abspath(value))
+            opened = getattr(inner, "opened_as", None)  # "new store", "existing ..."
+            return "data in {}{}".format(os.path.abspath(value),
+                                         " ({})".format(opened) if opened else "")
     return "data in memory"
 
 

@@ -19,6 +19,7 @@ import signal
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred, succeed
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from . import __version__
@@ -34,6 +35,8 @@ from .modules import build_module
 from .reload import KeptStore, diff_configs, handover
 from .report import startup_report
 from .worker import WorkerFactory
+
+DRAIN_POLL = 0.05  # seconds between looks at the calls in flight while draining
 
 # Engine attributes a module may set to itself (cleared when it is removed).
 _ENGINE_HOOKS = ("enqueuer", "telemetry_sink", "worker_metrics", "http_functions")
@@ -223,8 +226,48 @@ class EngineService(MultiService):
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
         self._stop_watching()
-        if self.engine.health.state != health.DRAINING:
-            self.engine.health.state = health.STOPPED
+        if self.drain_timeout:
+            d = Deferred.fromCoroutine(self._drain(self.drain_timeout))
+            d.addCallback(lambda _: self._stop())
+            return d
+        return self._stop()
+
+    # SIGTERM drain (twistd iii sets it from shutdown_timeout_ms): seconds to let the
+    # calls in flight finish before stopping; None stops at once (embedding default).
+    drain_timeout = None
+
+    def in_flight(self):
+        """@return: calls the engine is carrying now (worker calls and HTTP requests)."""
+        count = len(self.engine.tracker)
+        for module in self.modules:
+            counter = getattr(module, "in_flight", None)
+            if callable(counter):
+                count += counter()
+        return count
+
+    async def _drain(self, timeout):
+        """
+        Stop taking new work (readiness 503, new worker connections and HTTP requests
+        refused with 503) and wait, up to C{timeout} seconds, for the calls in flight.
+        """
+        self.engine.health.state = health.DRAINING
+        waiting = self.in_flight()
+        if not waiting:
+            return
+        self._log.info("shutting down: waiting up to {timeout}s for {count} calls in "
+                       "flight", timeout=timeout, count=waiting)
+        deadline = self.reactor.seconds() + timeout
+        while self.in_flight() and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, DRAIN_POLL, lambda: None)
+        left = self.in_flight()
+        if left:
+            self._log.warn("shutting down: {count} calls still in flight after {timeout}s "
+                           "fail with invocation_stopped", count=left, timeout=timeout)
+        else:
+            self._log.info("shutting down: calls in flight finished")
+
+    def _stop(self):
+        self.engine.health.state = health.STOPPED
         d = MultiService.stopService(self)
 
         def stop_engine(result):

@@ -129,6 +129,7 @@ def makeService(options, reactor=None):
     service.reload_on_sighup = True
     config = options["engine_config"]
     service.log_settings = LogSettingsService(config.log_level)
+    service.drain_timeout = config.shutdown_timeout  # SIGTERM: let calls finish
     configure_twist(getattr(options, "parent", None), config.log_level, config.log_format)
     if not options["debug"]:
         sys.excepthook = _quiet_excepthook(sys.excepthook)

@@ -85,11 +85,9 @@ class WorkerProtocol(LargeFrames, ReadHolds, WebSocketServerProtocol):
     def clock(self):
         return self.factory.reactor
 
-    @property
-    def congested(self):
-        """True while the peer does not read what it was sent (L{SendGate})."""
-        gate = self._gate
-        return gate is not None and gate.congested
+    # True while the peer does not read what it was sent (set by its L{SendGate}); a
+    # plain attribute, read for every call forwarded to a worker.
+    congested = False
 
     def onConnect(self, request):
         authenticator = self.factory.authenticator
@@ -117,6 +115,11 @@ class WorkerProtocol(LargeFrames, ReadHolds, WebSocketServerProtocol):
     def _accept(self, request):
         try:
             path = request.path
+            health = self.factory.engine.health
+            if path == WORKER_PATH and health is not None and health.state == "draining":
+                # No new workers while shutting down; channel ends (the calls in
+                # flight may need them) are still accepted.
+                raise ConnectionDeny(503, "engine shutting down")
             if path == WORKER_PATH:
                 self._role = "worker"
             elif path == OTEL_PATH:
@@ -129,10 +132,12 @@ class WorkerProtocol(LargeFrames, ReadHolds, WebSocketServerProtocol):
             else:
                 raise ConnectionDeny(404, "Not Found")
             self.peer_address = getattr(self.transport.getPeer(), "host", None)
-            if self._role == "worker":
+            if self._role in ("worker", "channel"):
                 self.user_agent = request.headers.get("user-agent")
-                self.max_frame_size = self.factory.frame_limits.for_user_agent(
-                    self.user_agent)
+                limits = self.factory.frame_limits
+                # A channel end never says its runtime: only a known library limits it.
+                self.max_frame_size = limits.for_user_agent(self.user_agent) \
+                    if self._role == "worker" else limits.for_channel(self.user_agent)
         except ConnectionDeny:
             raise
         except Exception:
@@ -154,6 +159,8 @@ class WorkerProtocol(LargeFrames, ReadHolds, WebSocketServerProtocol):
             self.sendClose(1011)
 
     def onMessage(self, payload, isBinary):
+        if self.frame_bytes:
+            self.large_message_done()
         if self._role == "channel":
             self._channel_end.frame(payload, isBinary)
             return

@@ -176,6 +176,7 @@ class RabbitMQServer:
             RABBITMQ_PID_FILE=os.path.join(self.dir, "rabbit.pid"),
             RABBITMQ_ENABLED_PLUGINS_FILE=plugins, RABBITMQ_CONFIG_FILE=config,
             RABBITMQ_CONF_ENV_FILE=env_file,
+            ERL_CRASH_DUMP=os.path.join(self.dir, "erl_crash.dump"),
             RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
         )
 

@@ -190,6 +190,7 @@ class FileKvStore(KvStoreBase):
                 data = f.read()
             if len(data) < len(MAGIC) and MAGIC.startswith(data):
                 # New, or torn while its header was written.
+                self.opened_as = "new store"
                 os.ftruncate(fd, 0)
                 _write_all(fd, MAGIC)
                 os.fsync(fd)
@@ -210,6 +211,8 @@ class FileKvStore(KvStoreBase):
                 os.ftruncate(fd, good)
                 os.fsync(fd)
             self.log_bytes = good
+            self.opened_as = "existing store: {} keys, {} bytes".format(
+                sum(len(g) for g in self._groups.values()), good)
             return fd
         except BaseException:
             os.close(fd)

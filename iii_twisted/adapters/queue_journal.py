@@ -137,8 +137,10 @@ class JournalQueueStore:
         @param compact_min_records: compact only once the journal holds at least this
             many records, and four times as many as the live state.
         """
-        self.directory = directory
-        self.path = os.path.join(directory, JOURNAL_NAME)
+        # Absolute at once: a relative file_path follows the working directory of
+        # the process at start-up, and the report says where that was.
+        self.directory = os.path.abspath(directory)
+        self.path = os.path.join(self.directory, JOURNAL_NAME)
         self._run = run_in_thread
         self._compact_min = compact_min_records
         self._file = None
@@ -161,9 +163,11 @@ class JournalQueueStore:
         self._snapshot = snapshot
         os.makedirs(self.directory, exist_ok=True)
         records = []
+        self.opened_as = "new journal"
         if os.path.exists(self.path):
             with open(self.path, "rb") as f:
                 blob = f.read()
+            self.opened_as = "existing journal: {} bytes".format(len(blob))
             records, good = decode_frames(blob)
             if good < len(blob):
                 self._log.warn(

@@ -30,7 +30,8 @@ The message body is the job's JSON (the reference sends the bare data with heade
 a fleet mixing this engine and the reference must not share queues.
 
 Dead-letter listing, redrive and discard read the DLQ with ``basic_get`` and put back
-what they leave (not atomic, as in the reference). Queue stats count what RabbitMQ
+what they leave (not atomic, as in the reference). In a FIFO queue a retry keeps its delivery (the
+next message waits for it) and is handed out again after its backoff. Queue stats count what RabbitMQ
 reports ready in the queue and its DLQ (``in_flight`` and ``delayed`` are this
 engine's own counts).
 """
@@ -180,6 +181,13 @@ class RabbitMQBroker:
         self._publisher = publisher
         self._declared.clear()
         self._delays.clear()
+
+    def health(self):
+        """Readiness (iii_twisted.health): None while connected, else why not."""
+        connection = self._connection
+        if connection is not None and connection.is_open and self._publisher is not None:
+            return None
+        return "no connection to RabbitMQ at {}".format(self._safe_url)
 
     def stop(self):
         self._stopping = True
@@ -360,12 +368,24 @@ class RabbitMQBroker:
         await self.ack(job)
 
     def retry(self, job, delay_ms):
+        consumer = self._consumers.get(job.queue)
+        if consumer is not None and consumer.fifo and (job.queue, job.id) in self._held:
+            # FIFO (one active consumer, prefetch 1): keep the delivery, so nothing
+            # overtakes it, and hand it out again after the delay. Should this engine
+            # go, RabbitMQ gives it back at the head of the queue.
+            self._reactor.callLater(delay_ms / 1000.0, self._again, job)
+            return defer.succeed(None)
+
         async def declare(channel):
             return await self._declare_delay(channel, job.queue, delay_ms)
         return defer.Deferred.fromCoroutine(self._then_ack(
             job, self._publish("", None, job, declare)))
 
     requeue = retry  # the module did not count an attempt
+
+    def _again(self, job):
+        if (job.queue, job.id) in self._held and not self._stopping:
+            self._arrived(job)
 
     def dead(self, job, error, failed_at):
         n = names(job.queue)

@@ -118,6 +118,13 @@ class RedisKvStore:
         self._cas = client.script(_COMPARE_AND_SET)
         self._list = client.script(_LIST)
 
+    def health(self):
+        """
+        Readiness (iii_twisted.health): a Deferred firing None when Redis answers
+        PING; failing (the engine's readiness then says why) when it does not.
+        """
+        return self._client.execute("PING").addCallback(lambda _: None)
+
     def _keys(self, group):
         key = self._key_prefix + group
         return [key, ORDER_PREFIX + key, SEQ_KEY]

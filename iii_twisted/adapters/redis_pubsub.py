@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..interfaces import IPubSubAdapter
+from ..protocol import loads
 from ..redis_client import RedisUnavailable
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -79,8 +80,10 @@ class RedisPubSubAdapter:
 
     def _message(self, channel, message):
         try:
-            data = json.loads(message)
-        except ValueError:
+            # Anyone with access to Redis may publish: refuse what the engine could not
+            # write back (NaN, 1e999; protocol.loads).
+            data = loads(message)
+        except (ValueError, RecursionError):
             self._log.warn("pubsub: message on {topic} is not JSON; dropped", topic=channel)
             return
         for function_id in list(self._topics.get(channel, {}).values()):

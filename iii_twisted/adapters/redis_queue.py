@@ -234,6 +234,10 @@ class RedisQueueBroker:
 
     # -- life ------------------------------------------------------------------------
 
+    def health(self):
+        """Readiness (iii_twisted.health): fires None when Redis answers PING."""
+        return self._client.execute("PING").addCallback(lambda _: None)
+
     def start(self, arrived):
         self._arrived = arrived
         self._stopped = False

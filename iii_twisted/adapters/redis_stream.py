@@ -16,9 +16,9 @@ is down are lost for that engine's clients (Redis pub/sub keeps nothing); client
 re-``join`` to get a ``sync`` of the current items.
 """
 
-import json
-
 from twisted.logger import Logger
+
+from ..protocol import loads
 
 CHANNEL = "stream::events"
 
@@ -60,9 +60,9 @@ class RedisStreamBus:
 
     def _message(self, channel, text):
         try:
-            message = json.loads(text)
+            message = loads(text)  # refuses NaN and 1e999 too (protocol.loads)
             name, group, item = message["streamName"], message["groupId"], message.get("id")
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             self._log.warn("stream: a message on {channel} is not a stream push; dropped",
                            channel=channel)
             return

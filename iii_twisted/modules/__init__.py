@@ -31,6 +31,7 @@ MODULE_CLASSES = {
     "modules::observability::OtelModule": "iii_twisted.modules.observability:OtelModule",
     "modules::observability::ObservabilityModule":
         "iii_twisted.modules.observability:OtelModule",
+    "modules::console::ConsoleModule": "iii_twisted.modules.console:ConsoleModule",
 }
 
 # The current format's worker names (reference v0.11 on; short aliases from v0.22) and
@@ -53,6 +54,8 @@ WORKER_NAMES = {
     "cron": "modules::cron::CronModule",
     "iii-observability": "modules::observability::OtelModule",
     "iii-http-functions": "modules::http_functions::HttpFunctionsModule",
+    # Ours: the reference's console is a separate app, not a worker entry.
+    "iii-console": "modules::console::ConsoleModule",
 }
 
 # Reference names this engine refuses, with the reason.
@@ -66,7 +69,6 @@ NOT_IMPLEMENTED = {
     "sandbox": "not part of this engine (the reference's sandboxed workers)",
     "compose": "not part of this engine (the reference's compose daemon)",
     "iii-compose": "not part of this engine (the reference's compose daemon)",
-    "iii-console": "not part of this engine as a worker entry",
 }
 
 

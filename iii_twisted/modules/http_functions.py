@@ -389,6 +389,7 @@ class HttpFunctionHost:
     """Runs a function by calling its URL."""
 
     _log = Logger()
+    host_kind = "http"
 
     def __init__(self, module, spec, auth):
         self.module = module

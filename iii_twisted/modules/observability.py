@@ -42,7 +42,7 @@ from .. import __version__
 from ..config import ConfigError
 from ..listeners import Listener
 from ..logsetup import QuietSite
-from ..schema import Key, ListOf, MapOf, Section
+from ..schema import Key, ListOf, MapOf, Section, closest
 from ..engine import VOID
 from ..interfaces import IModule, ITelemetrySink, ITriggerProvider, TriggerError
 from ..observability import otlp
@@ -412,6 +412,49 @@ def _bad_input(function_id, why):
                            "Failed to deserialize input for {}: {}".format(function_id, why))
 
 
+# The parameters of the read functions, as the current reference names them
+# (engine/src/workers/observability/mod.rs TracesListInput, LogsListInput,
+# MetricsListInput). The reference ignores any other key and sorts by start_time for
+# an unknown sort_by; we refuse both, naming the key (docs/deviations.rst), so that a
+# misspelt filter is not a silently unfiltered answer.
+TRACES_LIST_KEYS = frozenset([
+    "trace_id", "trace_ids", "offset", "limit", "service_name", "name", "status",
+    "min_duration_ms", "max_duration_ms", "start_time", "end_time", "sort_by",
+    "sort_order", "attributes", "exclude_attributes", "include_internal",
+    "search_all_spans"])
+LOGS_LIST_KEYS = frozenset([
+    "start_time", "end_time", "trace_id", "span_id", "severity_min", "severity_text",
+    "offset", "limit"])
+METRICS_LIST_KEYS = frozenset(["start_time", "end_time", "metric_name",
+                               "aggregate_interval",
+                               # ours (the console): engine metrics only
+                               "include_sdk_metrics"])
+SORT_KEYS = ("start_time", "duration", "duration_ms", "service_name", "name")
+
+
+def _known_keys(function_id, data, known):
+    """
+    @raise InvocationError: ``deserialization_error`` naming the first unknown key
+        (and the closest known one). Keys the engine itself adds to a worker's call
+        data (``_caller_*``) are not the caller's and pass.
+    """
+    for key in data:
+        if key in known or (isinstance(key, str) and key.startswith("_caller")):
+            continue
+        hint = closest(key, sorted(known))
+        raise _bad_input(function_id, "unknown field `{}`{}; expected one of {}".format(
+            key, ", did you mean `{}`?".format(hint) if hint else "",
+            ", ".join(sorted(known))))
+
+
+def _one_of(function_id, data, key, choices, default):
+    value = _field(function_id, data, key, (str,), default)
+    if value not in choices:
+        raise _bad_input(function_id, "unknown {} `{}`; expected one of {}".format(
+            key, value, ", ".join(choices)))
+    return value
+
+
 def _field(function_id, data, key, kinds, default=None, required=False):
     value = data.get(key)
     if value is None:
@@ -757,6 +800,7 @@ class OtelModule(MultiService):
     def traces_list(self, data):
         fid = "engine::traces::list"
         data = _input(fid, data)
+        _known_keys(fid, data, TRACES_LIST_KEYS)
         store = self._span_store()
         query = {
             "trace_id": _field(fid, data, "trace_id", (str,)),
@@ -769,15 +813,24 @@ class OtelModule(MultiService):
             "max_duration_ms": _field(fid, data, "max_duration_ms", (int, float)),
             "start_time": _field(fid, data, "start_time", (int,)),
             "end_time": _field(fid, data, "end_time", (int,)),
-            "sort_by": _field(fid, data, "sort_by", (str,), "start_time"),
-            "sort_order": _field(fid, data, "sort_order", (str,), "asc"),
+            "sort_by": _one_of(fid, data, "sort_by", SORT_KEYS, "start_time"),
+            "sort_order": _one_of(fid, data, "sort_order", ("asc", "desc"), "asc"),
             "attributes": _field(fid, data, "attributes", (list,)),
+            "exclude_attributes": _field(fid, data, "exclude_attributes", (list,)),
+            "trace_ids": _field(fid, data, "trace_ids", (list,)),
             "include_internal": _field(fid, data, "include_internal", (bool,), False),
             "search_all_spans": _field(fid, data, "search_all_spans", (bool,), False),
         }
-        for pair in query["attributes"] or ():
-            if not isinstance(pair, list) or not all(isinstance(x, str) for x in pair):
-                raise _bad_input(fid, "attributes must be a list of [key, value] strings")
+        for key in ("attributes", "exclude_attributes"):
+            for pair in query[key] or ():
+                if not (isinstance(pair, list) and len(pair) == 2
+                        and all(isinstance(x, str) for x in pair)):
+                    raise _bad_input(fid, "{} must be a list of [key, value] strings"
+                                     .format(key))
+        if query["trace_ids"] is not None:
+            if not all(isinstance(t, str) for t in query["trace_ids"]):
+                raise _bad_input(fid, "trace_ids must be a list of strings")
+            query["trace_ids"] = [t.lower() for t in query["trace_ids"]]
         if query["trace_id"]:
             query["trace_id"] = query["trace_id"].lower()
         spans, total = list_traces(store.records(), query)
@@ -797,12 +850,16 @@ class OtelModule(MultiService):
     def metrics_list(self, data):
         fid = "engine::metrics::list"
         data = _input(fid, data)
+        _known_keys(fid, data, METRICS_LIST_KEYS)
         start = _field(fid, data, "start_time", (int,))
         end = _field(fid, data, "end_time", (int,))
         name = _field(fid, data, "metric_name", (str,))
         interval = _field(fid, data, "aggregate_interval", (int,))
+        # Ours: a reader that wants the engine's metrics only (the console, every
+        # second) need not copy every stored SDK metric.
+        with_sdk = _field(fid, data, "include_sdk_metrics", (bool,), True)
         sdk = []
-        if self.options.metrics_enabled:
+        if self.options.metrics_enabled and with_sdk:
             for metric in self.sdk_metrics.records():
                 ts = metric["timestamp_unix_nano"] // 1_000_000
                 if name and metric["name"] != name:
@@ -824,6 +881,7 @@ class OtelModule(MultiService):
     def logs_list(self, data):
         fid = "engine::logs::list"
         data = _input(fid, data)
+        _known_keys(fid, data, LOGS_LIST_KEYS)
         query = {
             "start_time": _field(fid, data, "start_time", (int,)),
             "end_time": _field(fid, data, "end_time", (int,)),

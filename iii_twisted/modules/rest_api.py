@@ -478,6 +478,13 @@ class RestApiModule(MultiService):
             which = path[len(HEALTH_PREFIX):]
             if which in ("live", "ready"):
                 return health_render(request, self.engine.health, which)
+        health = self.engine.health
+        if health is not None and health.state == "draining":
+            # Shutting down: no new work (the calls in flight finish).
+            request.setHeader(b"connection", b"close")
+            request.setResponseCode(503)
+            request.setHeader(b"content-type", b"application/json")
+            return b'{"error":"engine shutting down"}'
         route, extra = self.routes.lookup(method, path)
         if route is None:
             if extra:
@@ -539,6 +546,10 @@ class RestApiModule(MultiService):
             return b"*"
         text = origin.decode("latin-1")
         return origin if text in origins else None
+
+    def in_flight(self):
+        """@return: HTTP requests being answered (the engine's drain waits for them)."""
+        return len(self._exchanges)
 
     def stopService(self):
         for exchange in list(self._exchanges):
@@ -629,7 +640,8 @@ class _Exchange:
             peer = request.getClientAddress()
             d = Deferred.fromCoroutine(gate.admit(
                 payload, getattr(peer, "host", None), self.route.middleware,
-                lambda: self.engine.check_condition(self.trigger, dict(payload))))
+                lambda: self.engine.check_condition(self.trigger, dict(payload)),
+                request.path.decode("utf-8", "replace")))
             self._call = d
             d.addCallbacks(self._admitted, self._failed, callbackArgs=(payload,))
         elif isinstance(self.trigger.config, dict) and \

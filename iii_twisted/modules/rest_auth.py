@@ -116,7 +116,8 @@ class HttpGate:
         """@return: whether a request on a route with these middleware ids needs L{admit}."""
         return bool(self.authenticator is not None or self.middleware or route_ids)
 
-    async def admit(self, request_info, ip_address, route_ids, check_condition):
+    async def admit(self, request_info, ip_address, route_ids, check_condition,
+                    path=None):
         """
         Run a request through the credentials, the middleware and the condition.
 
@@ -124,6 +125,7 @@ class HttpGate:
             ``path_params``, ``method``, ``path``).
         @param check_condition: a callable returning a Deferred of True/False (the
             route's condition).
+        @param path: the request's path, for the refusal log.
         @return: ``(GO, session)`` (session None without ``auth:``), ``(RESPOND,
             status, body, headers)`` or ``(RESPOND, 422, ...)`` for an unmet condition.
         @raise MiddlewareError, InvocationError: a middleware or the condition failed
@@ -134,7 +136,8 @@ class HttpGate:
             params = {k: [v] for k, v in request_info["query_params"].items()}
             try:
                 session = await self.authenticator.authenticate(
-                    request_info["headers"], params, ip_address, request_info["path"])
+                    request_info["headers"], params, ip_address,
+                    path or request_info["path"])
             except AuthRefused:
                 return (RESPOND, 401, {"error": "unauthorized"},
                         {"www-authenticate": "Bearer"})

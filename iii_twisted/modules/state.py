@@ -173,10 +173,18 @@ class StateModule(Service):
         return d.addErrback(failed).addCallback(self._changed, scope, key)
 
     def list(self, data):
-        """@return: Deferred firing with the scope's values; failing with ``LIST_ERROR``."""
+        """
+        @return: Deferred firing with the scope's values, or with ``with_keys: true``
+            (our addition, for the console) C{[{"key", "value"}]}; failing with
+            ``LIST_ERROR``.
+        """
         read_input("state::list", data, strings=("scope",))
-        return self.store.list(data["scope"]).addErrback(
-            _store_error, "LIST_ERROR", "list values")
+        if data.get("with_keys") is True:
+            d = self.store.items(data["scope"]).addCallback(
+                lambda pairs: [{"key": k, "value": v} for k, v in pairs])
+        else:
+            d = self.store.list(data["scope"])
+        return d.addErrback(_store_error, "LIST_ERROR", "list values")
 
     def list_groups(self, data):
         """@return: Deferred firing with C{{"groups": [...]}}; failing with ``LIST_GROUPS_ERROR``."""

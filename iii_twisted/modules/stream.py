@@ -68,7 +68,8 @@ from ..schema import Adapter, Adapters, Key, Section
 from ..interfaces import IModule, InvalidUpdateOp, ITriggerProvider, KvStoreError, TriggerError
 from ..protocol import InvocationError, encode, loads
 from ..adapters.ops import validate_ops
-from ..limits import check_stored
+from ..connlimits import AddressCounter
+from ..limits import check_stored, release_receive_buffers
 from ._kvcommon import (
     EventDispatcher, check_keys, input_error, kv_adapter_from_config, read_input,
 )
@@ -359,7 +360,8 @@ class StreamModule(MultiService):
 
     async def list(self, data):
         """
-        @return: the group's items (C{[]} for an unknown group).
+        @return: the group's items (C{[]} for an unknown group); with ``with_keys:
+            true`` (our addition, for the console) C{[{"key", "value"}]}.
         @raise InvocationError: ``deserialization_error``, ``STREAM_GET_GROUP_ERROR``,
             or a custom list function's own error.
         """
@@ -369,6 +371,9 @@ class StreamModule(MultiService):
         if custom is not None:
             return await self._engine.call(custom, {"stream_name": name, "group_id": group})
         try:
+            if data.get("with_keys") is True:  # our addition, for the console
+                pairs = await self.store.items(_store_group(name, group))
+                return [{"key": k, "value": v} for k, v in pairs]
             return await self.store.list(_store_group(name, group))
         except KvStoreError as e:
             raise _fail("STREAM_GET_GROUP_ERROR", "get group", e)
@@ -824,6 +829,15 @@ class StreamProtocol(WebSocketServerProtocol):
             return
         self.client.received(message)
 
+    counted_host = None
+
+    def connectionLost(self, reason):
+        WebSocketServerProtocol.connectionLost(self, reason)
+        release_receive_buffers(self)
+        if self.factory.addresses is not None:
+            self.factory.addresses.release(self.counted_host)
+            self.counted_host = None
+
     def onClose(self, wasClean, code, reason):
         client, self.client = self.client, None
         if client is not None:
@@ -905,3 +919,14 @@ class StreamSocketFactory(WebSocketServerFactory):
             failByDrop=False,
             perMessageCompressionAccept=lambda offers: None,
         )
+        limits = getattr(getattr(module, "_engine", None), "limits", None)
+        # Connections per client address (docs/limits.rst), as on the worker port.
+        self.addresses = AddressCounter(limits, "stream") if limits is not None else None
+
+    def buildProtocol(self, addr):
+        host = self.addresses.admit(addr) if self.addresses is not None else None
+        if host is False:
+            return None  # Twisted closes the new socket at once
+        protocol = WebSocketServerFactory.buildProtocol(self, addr)
+        protocol.counted_host = host
+        return protocol

@@ -57,7 +57,35 @@ class FunctionStats:
             "avg_duration_ms": (self.total_seconds / self.calls * 1000) if self.calls else 0,
             "min_duration_ms": (self.min or 0) * 1000,
             "max_duration_ms": self.max * 1000,
+            "p50_duration_ms": quantile_ms(self.buckets, 0.50),
+            "p99_duration_ms": quantile_ms(self.buckets, 0.99),
+            # Counts per BUCKETS bound (the last is +Inf): lets a reader (the console)
+            # merge functions into one distribution.
+            "buckets": list(self.buckets),
         }
+
+
+def quantile_ms(counts, q):
+    """
+    Estimate a quantile from histogram counts (one per L{BUCKETS} bound, then +Inf).
+
+    @return: milliseconds, interpolated linearly inside the bucket the quantile falls
+        in (the +Inf bucket answers the largest finite bound); 0 for no calls.
+    """
+    total = sum(counts)
+    if not total:
+        return 0
+    rank = q * total
+    seen = 0
+    for index, count in enumerate(counts):
+        if count and seen + count >= rank:
+            if index >= len(BUCKETS):
+                return BUCKETS[-1] * 1000
+            low = BUCKETS[index - 1] if index else 0.0
+            high = BUCKETS[index]
+            return (low + (high - low) * (rank - seen) / count) * 1000
+        seen += count
+    return BUCKETS[-1] * 1000
 
 
 class EngineMetrics:
@@ -201,6 +229,7 @@ class EngineMetrics:
                 "error": self.errors,
                 "deferred": self.deferred_count(),
                 "by_function": {fid: stats.to_dict() for fid, stats in self.functions.items()},
+                "bucket_bounds_ms": [bound * 1000 for bound in BUCKETS],
             },
             "workers": {
                 "spawns": self.spawns,

@@ -211,8 +211,14 @@ def span_matches(span, query):
         return False
     if query.get("end_time") is not None and span.start_ns > query["end_time"] * 1_000_000:
         return False
+    own = None
     for pair in query.get("attributes") or ():
-        if len(pair) != 2 or [pair[0], pair[1]] not in [list(a) for a in span.attributes]:
+        own = own if own is not None else [list(a) for a in span.attributes]
+        if len(pair) != 2 or [pair[0], pair[1]] not in own:
+            return False
+    for pair in query.get("exclude_attributes") or ():
+        own = own if own is not None else [list(a) for a in span.attributes]
+        if [pair[0], pair[1]] in own:  # any one excludes the row (the reference's OR)
             return False
     return True
 
@@ -236,6 +242,10 @@ def list_traces(spans, query):
         if name:
             selected = [s for s in selected if _contains(s.name, name)]
     else:
+        wanted = query.get("trace_ids")
+        if wanted is not None:  # one group's members (ignored with trace_id)
+            wanted = set(wanted)
+            spans = [s for s in spans if s.trace_id in wanted]
         by_trace = {}
         ids = set()
         for span in spans:
@@ -256,6 +266,8 @@ def list_traces(spans, query):
     sort_by = query.get("sort_by") or "start_time"
     key = {
         "duration": lambda s: s.duration_ms,
+        "duration_ms": lambda s: s.duration_ms,
+        "service_name": lambda s: (s.service_name or "").lower(),
         "name": lambda s: s.name,
     }.get(sort_by, lambda s: s.start_ns)
     selected.sort(key=key, reverse=(query.get("sort_order") == "desc"))

@@ -218,6 +218,10 @@ class KvStoreContract:
         self.assertEqual(self.ok(self.store.get("g", "k")), {"n": 1})
         self.assertIsNone(self.ok(self.store.get("g", "other")))
 
+    def test_health_while_usable(self):
+        """Readiness (iii_twisted.health) asks every store: a usable one says None."""
+        self.assertIsNone(self.ok(maybeDeferred(self.store.health)))
+
     def test_non_json_value_refused(self):
         self.failureResultOf(self.store.set("g", "k", object()), KvStoreError)
         self.failureResultOf(self.store.set("g", "k", float("nan")), KvStoreError)

@@ -195,6 +195,7 @@ listeners:
       auth_timeout_ms: 5000
       expose_functions: ['match("public::*")', {{metadata: {{open: true}}}}]
       middleware_function_id: mw::audit
+      on_function_registration_function_id: hook::functions
 modules: []
 """
 
@@ -226,6 +227,15 @@ def test_rbac_auth_function_on_a_trusted_listener(start_engine, sdk_worker, unco
                                               "payload": data["payload"]})
         return {"audited": True, "result": result}
 
+    hooked = []
+
+    def registration_hook(data):
+        hooked.append(data)
+        if data["function_id"] == "refused":
+            return None
+        return {"description": "checked by the hook"}
+
+    trusted.register_function({"id": "hook::functions"}, registration_hook)
     trusted.register_function({"id": "my::auth"}, authenticate)
     trusted.register_function({"id": "mw::audit"}, audit)
     trusted.register_function({"id": "public::hello"}, lambda data: "hello")
@@ -255,9 +265,91 @@ def test_rbac_auth_function_on_a_trusted_listener(start_engine, sdk_worker, unco
 
     # Registered under its prefix; the engine calls it by the id it registered.
     alice.register_function({"id": "echo"}, lambda data: {"alice": data["n"]})
+    alice.register_function({"id": "refused"}, lambda data: None)
     alice.register_function({"id": "barrier"}, lambda data: None)
     wait_until(lambda: "alice::barrier" in {f["function_id"] for f in trusted.trigger(
         {"function_id": "engine::functions::list", "payload": {}})["functions"]},
         what="alice's registrations")
+    # The reference's registration hook saw each (with alice's context) and decided.
+    functions = {f["function_id"]: f for f in trusted.trigger(
+        {"function_id": "engine::functions::list", "payload": {}})["functions"]}
+    assert functions["alice::echo"]["description"] == "checked by the hook"
+    assert "alice::refused" not in functions
+    assert [h["function_id"] for h in hooked] == ["echo", "refused", "barrier"]
+    assert hooked[0]["context"] == {"user": "alice"}
     assert trusted.trigger({"function_id": "alice::echo", "payload": {"n": 5}}) == {
         "alice": 5}
+
+
+HTTP_AUTH_CONFIG = """
+port: {port}
+host: 127.0.0.1
+invocation_timeout_ms: 20000
+modules:
+  - class: modules::api::RestApiModule
+    config:
+      host: 127.0.0.1
+      port: {http}
+      default_timeout: 10000
+      auth:
+        tokens:
+          - {{name: web, token: "${{III_TEST_WEB_TOKEN}}", allowed_functions: ["public::*"]}}
+          - {{name: admin, token: "${{III_TEST_BACKEND_TOKEN}}"}}
+      middleware:
+        - {{function_id: "mw::tenant", priority: 1}}
+"""
+
+
+def _http(url, headers=None):
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=20) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_rest_api_tokens_and_middleware_with_a_real_worker(start_engine, sdk_worker):
+    """
+    The REST API with auth: and a global middleware hosted by a 0.10.0 worker: 401
+    without a token, 403 for a route outside the token's grants, the middleware's own
+    answer, and the routes' answers.
+    """
+    engine = start_engine(HTTP_AUTH_CONFIG, env=TOKENS, http=True)
+    base = "http://127.0.0.1:{}".format(engine.ports["http"])
+    worker = sdk_worker(engine.url, "http-auth")
+    seen = []
+
+    def tenant(data):
+        seen.append(data)
+        if data["request"]["headers"].get("x-tenant") == "blocked":
+            return {"action": "respond",
+                    "response": {"status_code": 429, "body": {"error": "slow down"}}}
+        return {"action": "continue"}
+
+    worker.register_function({"id": "mw::tenant"}, tenant)
+    worker.register_function({"id": "public::hello"},
+                             lambda data: {"status_code": 200, "body": {"hi": 1}})
+    worker.register_function({"id": "admin::stats"},
+                             lambda data: {"status_code": 200, "body": {"stats": 2}})
+    worker.register_trigger({"type": "http", "function_id": "public::hello",
+                             "config": {"api_path": "hello"}})
+    worker.register_trigger({"type": "http", "function_id": "admin::stats",
+                             "config": {"api_path": "stats"}})
+    web = {"Authorization": "Bearer " + WEB}
+    wait_until(lambda: _http(base + "/stats", web)[0] == 403, what="the routes")
+
+    assert _http(base + "/hello")[0] == 401
+    assert _http(base + "/hello", {"Authorization": "Bearer nope"})[0] == 401
+    status, body = _http(base + "/hello", web)
+    assert (status, json.loads(body)) == (200, {"hi": 1})
+    assert _http(base + "/hello?token=" + WEB)[0] == 200
+    status, body = _http(base + "/stats", {"Authorization": "Bearer " + BACKEND})
+    assert (status, json.loads(body)) == (200, {"stats": 2})
+    status, body = _http(base + "/hello", dict(web, **{"X-Tenant": "blocked"}))
+    assert (status, json.loads(body)) == (429, {"error": "slow down"})
+    assert seen[-1]["phase"] == "preHandler" and seen[-1]["request"]["method"] == "GET"
+    assert "refused a connection to /hello on iii-http from 127.0.0.1" in engine.log()

@@ -78,3 +78,59 @@ def test_oversized_echo_call_and_http_body_fail_one_call_only(start_engine, sdk_
     assert 'worker "small-frames" (python 0.10.0' in log
     assert "over the 1048576 bytes it accepts" in log
     assert "disconnected" not in log  # nobody was killed
+
+
+SMALL_LIMIT_CONFIG = """
+port: {port}
+host: 127.0.0.1
+invocation_timeout_ms: 20000
+max_message_size: 200000
+"""
+
+
+def test_oversized_call_from_a_0_10_worker_is_answered(start_engine, sdk_worker):
+    """
+    Python iii-sdk 0.10.0 writes invocation_id after data: a call over the engine's
+    max_message_size is still answered (message_too_large), not left to time out.
+    """
+    import time
+
+    engine = start_engine(SMALL_LIMIT_CONFIG)
+    worker = sdk_worker(engine.url, "big-sender")
+    worker.register_function({"id": "py::sink"}, lambda data: {"ok": True})
+    wait_until(lambda: "py::sink" in [f.function_id for f in worker.list_functions()],
+               what="py::sink")
+    started = time.monotonic()
+    error = _error_of(worker, "py::sink", {"blob": "y" * 300000})
+    assert "message_too_large" in error
+    assert time.monotonic() - started < 10  # answered, not the 20 s timeout
+    assert call(worker, "py::sink", {"blob": "small"}) == {"ok": True}
+
+
+def test_large_binary_frame_reaches_a_python_channel_reader(start_engine, sdk_worker):
+    """
+    A writer (here a plain WebSocket client, as a Node or custom writer may be) sends
+    one 3 MiB binary frame; the Python SDK's ChannelReader (1 MiB frames) reads all of
+    it, because the engine splits it into frames the reader accepts.
+    """
+    import asyncio
+
+    from iii.channels import ChannelReader
+    from websockets.sync.client import connect
+
+    engine = start_engine("port: {port}\nhost: 127.0.0.1\n")
+    worker = sdk_worker(engine.url, "channel-reader")
+    refs = call(worker, "engine::channels::create", {})
+    blob = bytes(range(256)) * (3 * 1024 * 1024 // 256)
+    writer_url = "{}/ws/channels/{}?key={}&dir=write".format(
+        engine.url, refs["writer"]["channel_id"], refs["writer"]["access_key"])
+    with connect(writer_url, max_size=None) as ws:
+        ws.send(blob)
+
+    class Ref:
+        channel_id = refs["reader"]["channel_id"]
+        access_key = refs["reader"]["access_key"]
+
+    reader = ChannelReader(engine.url, Ref)
+    data = asyncio.run(asyncio.wait_for(reader.read_all(), 20))
+    assert data == blob

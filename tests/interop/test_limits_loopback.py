@@ -137,6 +137,43 @@ def _send_until_refused(sock, data):
         pass  # the engine stopped reading, then dropped the connection
 
 
+HTTP_CONFIG = """
+port: {port}
+host: 127.0.0.1
+modules:
+  - class: modules::api::RestApiModule
+    config:
+      host: 127.0.0.1
+      port: {http}
+"""
+
+
+def test_an_http_client_that_never_reads_cannot_grow_the_engine(engines, sdk_worker):
+    """HTTP has backpressure too: 400 pipelined requests for a 500 kB answer on one
+    connection that is never read. The engine answers one request at a time and stops
+    reading the connection while an answer waits for the client."""
+    engine = engines(HTTP_CONFIG, http=True)
+    worker = sdk_worker(engine.url, "big-answers")
+    worker.register_function({"id": "app::big"}, lambda data: {"body": "x" * 500000})
+    worker.register_trigger({"type": "http", "function_id": "app::big",
+                             "config": {"api_path": "big", "http_method": "GET"}})
+    url = "http://127.0.0.1:{}/big".format(engine.ports["http"])
+    wait_until(lambda: _get(url), 10, "the route to answer")
+    baseline = rss_bytes(engine.process.pid, "VmHWM")
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    slow.connect(("127.0.0.1", engine.ports["http"]))
+    request = b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n"
+    threading.Thread(target=_send_until_refused, args=(slow, request * 400),
+                     daemon=True).start()
+    for _ in range(10):  # others are served meanwhile
+        assert len(_get(url)) > 500000
+    growth = rss_bytes(engine.process.pid, "VmHWM") - baseline
+    # Unbounded, 400 answers of 500 kB would be 200 MB.
+    assert growth < 40 * MiB, "peak memory grew by {} MiB".format(growth // MiB)
+    slow.close()
+
+
 FRAMES_CONFIG = """
 port: {port}
 host: 127.0.0.1

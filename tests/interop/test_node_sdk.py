@@ -483,3 +483,23 @@ def test_node_http_invoked_function_and_functions_available(
     notice = node.wait_event(lambda l: l.get("event") == "functions_available"
                              and "py::late" in l["function_ids"])
     assert "ext::double" in notice["function_ids"]
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_node_http_responses_buffer_and_raw_text(package, start_engine, node_worker):
+    """A Node handler's Buffer body goes out as bytes; a text/xml string goes out raw."""
+    engine = start_engine(MODULES_CONFIG, http=True)
+    base = "http://127.0.0.1:{}".format(engine.ports["http"])
+    node = node_worker(package, engine.url, "node-shapes")
+    for kind in ("buffer", "xml"):
+        node.request("register_function", function_id="node::" + kind, http=kind)
+        node.request("register_trigger", type="http", function_id="node::" + kind,
+                     config={"api_path": "shapes/" + kind, "http_method": "GET"})
+    node.request("list_triggers")  # barrier: the routes are bound
+    request = urllib.request.Request(base + "/shapes/buffer")
+    with urllib.request.urlopen(request, timeout=20) as response:
+        assert response.headers["content-type"] == "image/png"
+        assert response.read() == b"\x89PNG\r\n\x1a\n"
+    with urllib.request.urlopen(base + "/shapes/xml", timeout=20) as response:
+        assert response.headers["content-type"] == "text/xml"
+        assert response.read() == b"<ok/>"

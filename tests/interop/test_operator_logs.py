@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -166,3 +167,82 @@ def test_health_endpoints_and_metrics_of_a_real_engine(start_engine, sdk_worker)
         assert json.loads(body)["status"] == "unready"
     status, _ = _get(rest + "live")
     assert status == 200
+    # The image's HEALTHCHECK command says the same.
+    probe = [sys.executable, "-m", "iii_twisted.healthcheck", rest + "ready"]
+    result = subprocess.run(probe, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "503" in result.stdout
+    os.makedirs(os.path.join(engine.workdir, "data", "state"))
+    result = subprocess.run(probe, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout
+
+
+def test_sigterm_drains_calls_in_flight(start_engine, sdk_worker):
+    """
+    SIGTERM: the call in flight finishes (up to shutdown_timeout_ms), then the process
+    ends as twistd ends on SIGTERM (it re-raises the signal, which systemd counts as a
+    clean stop).
+    """
+    import threading
+    import time
+
+    from engine_process import Waiter
+
+    engine = start_engine("port: {port}\nhost: 127.0.0.1\nshutdown_timeout_ms: 8000\n")
+    host = sdk_worker(engine.url, "slow")
+    started = threading.Event()
+
+    def slow(data):
+        started.set()
+        time.sleep(1.5)
+        return {"done": data["n"]}
+    host.register_function({"id": "slow::fn"}, slow)
+    caller = sdk_worker(engine.url, "caller")
+    wait_until(lambda: "slow::fn" in [f.function_id for f in caller.list_functions()],
+               what="slow::fn")
+    outcome = Waiter()
+    threading.Thread(target=lambda: outcome.add(caller.trigger(
+        {"function_id": "slow::fn", "payload": {"n": 7}})), daemon=True).start()
+    assert started.wait(10)
+    engine.process.send_signal(signal.SIGTERM)
+    assert outcome.wait_for() == [{"done": 7}]
+    assert engine.process.wait(15) in (0, -signal.SIGTERM)
+    log = engine.log()
+    assert "shutting down: waiting up to 8.0s for 1 calls in flight" in log
+    assert "shutting down: calls in flight finished" in log
+
+
+REDIS_CONFIG = """
+port: {{port}}
+host: 127.0.0.1
+modules:
+  - class: modules::rest_api::RestApiModule
+    config: {{{{host: 127.0.0.1, port: {{http}}}}}}
+  - class: modules::state::StateModule
+    config:
+      adapter:
+        class: modules::state::adapters::RedisAdapter
+        config:
+          redis_url: "{redis}"
+  - class: modules::queue::QueueModule
+    config:
+      adapter:
+        class: modules::queue::RedisAdapter
+        config:
+          redis_url: "{redis}"
+"""
+
+
+def test_not_ready_while_redis_is_down(start_engine, own_redis):
+    """Readiness is false while a required store (Redis) is unreachable, and comes back."""
+    engine = start_engine(REDIS_CONFIG.format(redis=own_redis.url), http=True)
+    ready = "http://127.0.0.1:{}/_iii/health/ready".format(engine.ports["http"])
+    wait_until(lambda: _get(ready)[0] == 200, what="ready with Redis up")
+    own_redis.stop()
+    status, body = _get(ready)
+    assert status == 503
+    checks = json.loads(body)["checks"]
+    assert checks["StateModule.store"].startswith("check failed"), checks
+    assert checks["QueueModule.broker"].startswith("check failed"), checks
+    assert _get(ready.replace("ready", "live"))[0] == 200
+    own_redis.start()
+    wait_until(lambda: _get(ready)[0] == 200, timeout=30, what="ready again")

@@ -1,7 +1,7 @@
 """
 The twistd plugin is found after a plain ``pip install .`` outside the source tree
 (STYLE.md §C): the wheel must carry ``twisted/plugins/iii_plugin.py`` and no
-``twisted/plugins/__init__.py``.
+``twisted/plugins/__init__.py``; and the web console's static assets.
 """
 
 import os
@@ -36,6 +36,12 @@ def test_wheel_ships_the_dropin_and_twistd_finds_it(tmp_path):
     assert "twisted/plugins/__init__.py" not in names
     assert "twisted/__init__.py" not in names
     assert not any(name.endswith("dropin.cache") for name in names)
+    # The web console's assets ship inside the package (no Node toolchain to install).
+    static = os.path.join(ROOT, "iii_twisted", "modules", "console", "static")
+    assets = sorted(os.listdir(static))
+    assert {"index.html", "app.js", "style.css"} <= set(assets)
+    for asset in assets:
+        assert "iii_twisted/modules/console/static/" + asset in names
     target = tmp_path / "site"
     _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
           str(target), str(wheel)])

@@ -763,3 +763,84 @@ def test_restricted_session_and_namespaced_calls():
     assert first["result"] == 1
     assert second["error"] == {"code": "FORBIDDEN", "message":
                                "function 'public::a' not allowed in namespace 'team'"}
+
+
+# -- the reference's registration hooks --------------------------------------------------
+
+
+class RegistrationHookTests(SynchronousTestCase):
+    def setUp(self):
+        self.engine, self.clock = make_engine(invocation_timeout=30)
+        self.engine.register_function("public::x", lambda d: 1)
+        self.asked = []
+        self.pending = []
+
+        def hook(data):
+            self.asked.append(data)
+            d = Deferred()
+            self.pending.append(d)
+            return d
+        self.engine.register_function("hook::reg", hook)
+        hooks = {"registerfunction": "hook::reg", "registertrigger": "hook::reg",
+                 "registertriggertype": "hook::reg"}
+        self.conn = connect(self.engine, Session(name="w", context={"team": "a"},
+                                                 hooks=hooks, hook_timeout=2.0))
+
+    def test_function_hook_rewrites_and_later_messages_wait(self):
+        self.conn.receive({"type": "registerfunction", "id": "f", "description": "d"})
+        # A call right behind the registration waits for the hook, then finds it.
+        invoke(self.conn, "engine::functions::list", {})
+        assert self.asked == [{"function_id": "f", "description": "d", "metadata": None,
+                               "namespace": "default", "context": {"team": "a"}}]
+        assert "f" not in self.engine.functions
+        assert self.conn.sent_of_type("invocationresult") == []
+        self.pending[0].callback({"function_id": "team_a::f", "description": "hooked"})
+        assert self.engine.functions["team_a::f"].description == "hooked"
+        [listed] = self.conn.sent_of_type("invocationresult")
+        assert "team_a::f" in {f["function_id"] for f in listed["result"]["functions"]}
+
+    def test_a_non_object_answer_or_a_timeout_refuses_and_tells(self):
+        self.conn.receive({"type": "registerfunction", "id": "f"})
+        self.pending[0].callback(None)
+        assert "f" not in self.engine.functions
+        [told] = self.conn.sent_of_type("registrationrejected")
+        assert (told["code"], told["function_id"]) == ("FORBIDDEN", "f")
+        self.conn.receive({"type": "registertrigger", "id": "t", "trigger_type": "cron",
+                           "function_id": "public::x", "config": {}})
+        self.conn.receive({"type": "ping"})
+        assert self.conn.sent_of_type("pong") == []
+        self.clock.advance(2)
+        assert "t" not in self.engine.triggers
+        [result] = self.conn.sent_of_type("triggerregistrationresult")
+        assert result["error"]["code"] == "FORBIDDEN"
+        assert len(self.conn.sent_of_type("pong")) == 1
+
+    def test_trigger_and_trigger_type_hooks(self):
+        self.conn.receive({"type": "registertriggertype", "id": "hooked-type",
+                           "description": "d"})
+        assert self.asked[-1] == {"trigger_type_id": "hooked-type", "description": "d",
+                                  "context": {"team": "a"}}
+        self.pending[-1].callback({"trigger_type_id": "renamed-type"})
+        assert "renamed-type" in self.engine.trigger_types
+        self.conn.receive({"type": "registertrigger", "id": "t", "trigger_type": "cron",
+                           "function_id": "public::x", "config": {"a": 1}})
+        assert self.asked[-1]["config"] == {"a": 1}
+        self.pending[-1].callback({"config": {"a": 2}})
+        assert self.engine.triggers["t"].config == {"a": 2}
+
+    def test_the_worker_leaving_while_held(self):
+        self.conn.receive({"type": "registerfunction", "id": "f"})
+        self.conn.disconnect()
+        self.pending[0].callback({})
+        assert "f" not in self.engine.functions
+
+
+def test_hook_config_keys():
+    from iii_twisted.auth import parse_listener_auth
+
+    config = parse_listener_auth(None, {"auth_function_id": "a",
+                                        "on_trigger_registration_function_id": "h"}, None)
+    assert config.hooks == {"registertrigger": "h"}
+    config = parse_auth_config({"tokens": [{"name": "x", "token": "y" * 20}],
+                                "on_function_registration_function_id": "h2"})
+    assert config.hooks == {"registerfunction": "h2"}

@@ -190,9 +190,9 @@ FILE_ERRORS = [
     ("workers:\n  - name: iii-worker-manager\n    config: {port: -1}\n",
      "workers[0].config.port", "must be between 0 and 65535"),
     ("workers:\n  - name: iii-worker-manager\n    config: {rbac: "
-     "{on_function_registration_function_id: f}}\n",
+     "{on_function_registration_function_id: 3}}\n",
      "workers[0].config.rbac.on_function_registration_function_id",
-     "not supported by this engine yet"),
+     "must be a string"),
     ("workers:\n  - name: iii-worker-manager\n    config: {rbac: {}, auth: "
      "{auth_function_id: f}}\n", "workers[0].config.rbac", "not both"),
     ("watch: yes please\n", "watch", "must be true or false"),

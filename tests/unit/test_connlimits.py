@@ -129,3 +129,22 @@ def test_worker_port_connections_per_address_are_capped_and_given_back():
     first.connectionLost(Failure(ConnectionDone()))
     assert connect(factory, "10.0.0.1", 5)[0] is not None
     assert factory.addresses.open == {"10.0.0.1": 2, "10.0.0.2": 1}
+
+
+def test_stream_port_connections_per_address_are_capped_and_given_back():
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    from iii_twisted.modules import build_module
+    reactor = MemoryReactorClock()
+    engine = Engine(reactor)
+    engine.limits = Limits(connections_per_address=2)
+    module = build_module("modules::stream::StreamModule", engine,
+                          {"port": 0, "host": "127.0.0.1"}, reactor)
+    factory = module.factory
+    first, _ = connect(factory, "10.0.0.1", 1)
+    connect(factory, "10.0.0.1", 2)
+    assert connect(factory, "10.0.0.1", 3) == (None, None)
+    assert engine.limits.counters["connections_refused_per_address"] == 1
+    first.connectionLost(Failure(ConnectionDone()))
+    assert connect(factory, "10.0.0.1", 4)[0] is not None

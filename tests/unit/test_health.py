@@ -178,3 +178,28 @@ def test_queue_module_reports_dlq_depths():
     clock.advance(10)
     clock.advance(10)
     assert queues.dlq_depths() == {"mail": 1}
+
+
+def test_rabbitmq_broker_is_unready_without_its_connection():
+    pytest = __import__("pytest")
+    pytest.importorskip("pika")
+    from iii_twisted.adapters.rabbitmq_queue import RabbitMQBroker
+
+    broker = RabbitMQBroker("amqp://guest:guest@127.0.0.1:1/%2F", MemoryReactorClock(),
+                            lambda record: record)
+    assert broker.health() == "no connection to RabbitMQ at amqp://127.0.0.1:1/"
+
+    class Module:
+        iii_class = "modules::queue::QueueModule"
+        store = None
+
+    module = Module()
+    module.broker = broker
+    clock = MemoryReactorClock()
+    service = EngineService({"port": 0}, reactor=clock)
+    service.engine.health.state = "running"
+    service.modules = [module]
+    code, body = _ready(service)
+    assert code == 503
+    assert body["checks"] == {"QueueModule.broker": "no connection to RabbitMQ at "
+                                                    "amqp://127.0.0.1:1/"}

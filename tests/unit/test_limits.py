@@ -394,3 +394,29 @@ def test_engine_service_raises_the_descriptor_limit_and_reports_both():
     finally:
         globalLogPublisher.removeObserver(events.append)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_redis_pubsub_and_stream_messages_with_1e999_are_dropped():
+    """Anyone with access to Redis may publish: a message the engine could not write
+    back is dropped like one that is not JSON."""
+    from twisted.internet.defer import succeed
+
+    from iii_twisted.adapters.redis_pubsub import RedisPubSubAdapter
+    from iii_twisted.adapters.redis_stream import RedisStreamBus
+
+    class Client:
+        def subscribe(self, channel, callback):
+            return succeed(None)
+
+    delivered = []
+    adapter = RedisPubSubAdapter(Client(), lambda f, data: delivered.append(data))
+    adapter.subscribe("t", "s1", "app::f")
+    adapter._message("t", '{"x": 1e999}')
+    adapter._message("t", '{"x": 1.5}')
+    assert delivered == [{"x": 1.5}]
+    pushed = []
+    bus = RedisStreamBus.__new__(RedisStreamBus)
+    bus._push_local = lambda *args: pushed.append(args)
+    bus._message("stream::events", '{"streamName": "s", "groupId": "g", "x": -1E400}')
+    bus._message("stream::events", '{"streamName": "s", "groupId": "g", "id": "i"}')
+    assert [p[:3] for p in pushed] == [("s", "g", "i")]

@@ -214,3 +214,53 @@ def test_large_messages_capability_raises_the_limit_to_64_mib():
                  "action": {"type": "void"}})
     harness.flush()
     assert server.max_frame_size == 64 * MIB
+
+
+def _channel_end(harness, ref, useragent):
+    from test_channels import Client as ChannelClient
+
+    server = harness.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 49134))
+    client_factory = WebSocketClientFactory(
+        "ws://127.0.0.1:49134/ws/channels/{}?key={}&dir={}".format(
+            ref["channel_id"], ref["access_key"], ref["direction"]),
+        reactor=harness.reactor, useragent=useragent)
+    client_factory.protocol = ChannelClient
+    client = client_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 49134))
+    harness.pumps.append(iosim.connect(
+        server, iosim.FakeTransport(server, isServer=True), client,
+        iosim.FakeTransport(client, isServer=False), greet=False))
+    harness.flush()
+    return client, server
+
+
+def test_channel_frames_fit_a_python_reader():
+    """Binary frames over a Python reader's 1 MiB are split; a text one ends the channel."""
+    from test_channels import Harness as ChannelHarness, _result
+
+    harness = ChannelHarness()
+    refs = _result(harness.engine.call("engine::channels::create", {}))
+    writer, _ = _channel_end(harness, refs["writer"], "node")
+    reader, reader_server = _channel_end(harness, refs["reader"], PYTHON_UA)
+    assert reader_server.max_frame_size == MIB
+    blob = bytes(range(256)) * (MIB // 256 * 2 + 3)  # 2 MiB + 768 bytes
+    writer.sendMessage(blob, isBinary=True)
+    writer.sendMessage(b'{"small": true}', isBinary=False)
+    harness.flush()
+    sizes = [len(p) for p, binary in reader.frames if binary]
+    assert sizes == [MIB, MIB, 768]
+    assert b"".join(p for p, binary in reader.frames if binary) == blob
+    assert (b'{"small": true}', False) in reader.frames
+    with log_lines() as lines:
+        writer.sendMessage(b'"' + b"t" * MIB + b'"', isBinary=False)
+        harness.flush()
+    assert reader.closed_with == (True, 4005)
+    assert any("over the 1048576 bytes its reader accepts" in line for line in lines)
+
+
+def test_channel_end_of_unknown_library_is_not_limited():
+    from test_channels import Harness as ChannelHarness, _result
+
+    harness = ChannelHarness()
+    refs = _result(harness.engine.call("engine::channels::create", {}))
+    _, reader_server = _channel_end(harness, refs["reader"], "node")
+    assert reader_server.max_frame_size is None

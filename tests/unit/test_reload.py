@@ -345,8 +345,8 @@ def test_startup_report(tmp_path, logs):
     assert lines[3] == ("module iii-http (modules::api::RestApiModule): iii-http listens "
                         "on tcp:4001:interface=0.0.0.0, unauthenticated")
     assert lines[4].startswith("module iii-http#2 ")
-    assert lines[5] == "module iii-state (modules::state::StateModule): data in {}".format(
-        tmp_path / "rel" / "state")
+    assert lines[5] == ("module iii-state (modules::state::StateModule): data in {} "
+                        "(new store)".format(tmp_path / "rel" / "state"))
     assert lines[6] == "module iii-pubsub (modules::pubsub::PubSubModule)"
     service.stopService()
 

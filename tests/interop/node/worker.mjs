@@ -20,7 +20,9 @@
 //       {"handled_by": <worker-name>, "sdk": <version>, "data": data}; if data.call is
 //       {function_id, payload}, it first calls that function and adds its result as
 //       "nested" (a call made from inside a handler). With http, it returns that
-//       as an HTTP response instead: {"status_code": 201, "body": ...}.
+//       as an HTTP response instead: {"status_code": 201, "body": ...}; http "buffer"
+//       returns a PNG signature as a Buffer body, http "xml" the string "<ok/>" as
+//       text/xml.
 //   unregister_function {function_id}
 //   call {function_id, payload, void?, metadata?} -> {result}; the handler's event
 //       carries the invocation metadata it was given (0.22: 2nd argument), or null
@@ -102,6 +104,15 @@ async function handler(functionId, data, http, metadata, fail) {
       function_id: data.call.function_id,
       payload: data.call.payload,
     })
+  }
+  if (http === 'buffer') {
+    // A binary answer as Node code writes it: a Buffer body (JSON.stringify makes it
+    // {"type": "Buffer", "data": [...]} on the wire).
+    return { status_code: 200, headers: { 'content-type': 'image/png' },
+             body: Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]) }
+  }
+  if (http === 'xml') {
+    return { status_code: 200, headers: { 'Content-Type': 'text/xml' }, body: '<ok/>' }
   }
   return http ? { status_code: 201, body: result } : result
 }
