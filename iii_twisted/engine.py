@@ -34,6 +34,7 @@ from .namespaces import Namespaces, plain
 from .oplog import describe_agent, describe_close, describe_worker
 from .peer_limits import NotSent
 from .protocol import InvocationError
+from .replicas import SPREAD, Replicas
 
 WORKERS_AVAILABLE = "engine::workers-available"
 FUNCTIONS_AVAILABLE = "engine::functions-available"
@@ -352,7 +353,8 @@ class Engine:
 
     _log = Logger()
 
-    def __init__(self, clock, invocation_timeout=300.0, functions_available_delay=0.1):
+    def __init__(self, clock, invocation_timeout=300.0, functions_available_delay=0.1,
+                 function_replicas=SPREAD):
         """
         @param clock: the C{IReactorTime} for every timer of the core.
         @param invocation_timeout: seconds any call may stay unanswered before it fails
@@ -360,6 +362,8 @@ class Engine:
             forever.
         @param functions_available_delay: seconds to gather registry changes before
             ``engine::functions-available`` fires (the reference polls every 5 s).
+        @param function_replicas: ``spread`` (several workers may host one id; see
+            L{iii_twisted.replicas}) or ``last_wins`` (the reference's takeover).
         """
         self.clock = clock
         self.invocation_timeout = invocation_timeout
@@ -372,6 +376,9 @@ class Engine:
         self._services_by_worker = {}  # worker id -> names it registered
         self.limits = Limits()  # EngineService sets the configured ones
         self.tracker = InvocationTracker(clock, invocation_timeout)
+        # Ids hosted by several workers, and the router picking one per call.
+        self.replicas = Replicas(self.tracker, function_replicas)
+        self._replica_sets = self.replicas.sets
         # Invocation ids need not be unguessable: a result is accepted only from the
         # worker the call went to (InvocationTracker.resolve).
         self._invocation_ids = P.sequential_ids()
@@ -537,8 +544,10 @@ class Engine:
 
     def add_function(self, entry):
         """
-        Put C{entry} in the registry, replacing any function with the same id (the last
-        registration wins, as in the reference).
+        Put C{entry} in the registry. Where another live worker hosts the id, a
+        worker's entry joins it as a replica (L{iii_twisted.replicas}; the entry becomes
+        the primary one discovery shows); with ``function_replicas: last_wins``, or
+        for an in-process entry, it replaces the function (the reference's takeover).
 
         Deviation: a worker may not replace an in-process function (``engine::*`` and
         the modules' functions), nor, with auth, a function of another principal
@@ -555,12 +564,17 @@ class Engine:
                                     function_id):
                 auth.tell_function_taken(self, entry.owner, function_id, previous.owner)
                 return None
-            if previous.owner is not None and previous.owner is not entry.owner:
-                previous.owner.functions.discard(function_id)
-                self._log.warn(
-                    "function {function_id} of worker {old} replaced by worker {new}",
-                    function_id=function_id, old=previous.owner.id,
-                    new=entry.owner.id if entry.owner else "engine")
+            if previous.owner is entry.owner:
+                self.replicas.replaced(entry)
+            elif not self.replicas.join(previous, entry):
+                for gone in self.replicas.drop(function_id) or [previous]:
+                    if gone.owner is not None and gone.owner is not entry.owner:
+                        gone.owner.functions.discard(function_id)
+                if previous.owner is not None:
+                    self._log.warn(
+                        "function {function_id} of worker {old} replaced by worker {new}",
+                        function_id=function_id, old=previous.owner.id,
+                        new=entry.owner.id if entry.owner else "engine")
         self.functions[function_id] = entry
         if entry.owner is not None:
             entry.owner.functions.add(function_id)
@@ -573,13 +587,21 @@ class Engine:
         Remove a function.
 
         @param owner: the worker asking, or None for in-process code. A worker removes
-            only a function it hosts (deviation: the reference removes any).
+            only a function it hosts (deviation: the reference removes any); where
+            other workers host it too, only its own replica goes and the id stays.
         @return: the removed L{FunctionEntry}, or None.
         """
         entry = self.functions.get(function_id)
-        if entry is None or (owner is not None and entry.owner is not owner):
+        if entry is None:
+            return None
+        if owner is not None and function_id in self._replica_sets:
+            return self.drop_host(function_id, owner)
+        if owner is not None and entry.owner is not owner:
             return None
         del self.functions[function_id]
+        for gone in self.replicas.drop(function_id):  # in-process code removes them all
+            if gone.owner is not None:
+                gone.owner.functions.discard(function_id)
         if entry.owner is not None:
             entry.owner.functions.discard(function_id)
         closer = getattr(entry.host, "unregistered", None)
@@ -588,6 +610,29 @@ class Engine:
         self._service_remove(function_id)
         self._functions_changed()
         return entry
+
+    def host_entry(self, function_id, worker):
+        """@return: C{worker}'s own entry for C{function_id} (a replica's), or None."""
+        entry = self.replicas.entry_of(function_id, worker)
+        if entry is None:
+            entry = self.functions.get(function_id)
+        return entry if entry is not None and entry.owner is worker else None
+
+    def drop_host(self, function_id, worker):
+        """
+        Take C{worker}'s replica of a function several workers host out of the
+        registry; the id stays with the others (no other effect: no
+        ``engine::functions-available``, the id set is unchanged).
+
+        @return: the removed entry, or None when C{worker} is not one of its hosts.
+        """
+        left = self.replicas.leave(function_id, worker)
+        if left is None:
+            return None
+        removed, primary = left
+        self.functions[function_id] = primary
+        worker.functions.discard(function_id)
+        return removed
 
     # -- calls -----------------------------------------------------------------------
 
@@ -647,6 +692,8 @@ class Engine:
         if entry is None:
             self.unknown_calls += 1  # iii_invocations_not_found_total
             return fail(self._not_found(function_id))
+        if function_id in self._replica_sets:
+            entry = self.replicas.pick(function_id)  # several workers host it
         invocation_id = next(self._invocation_ids)
         finish = None
         if self._observers:

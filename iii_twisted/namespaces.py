@@ -194,14 +194,16 @@ class Namespaces:
     def _move(self, worker, old, new):
         functions = self.engine.functions
         for registry_key in sorted(worker.functions):
-            entry = functions.get(registry_key)
-            if entry is None or entry.owner is not worker:
+            entry = self.engine.host_entry(registry_key, worker)
+            if entry is None:
                 continue
             if getattr(entry.host, "unregistered", None) is not None:
                 continue  # HTTP-invoked functions stay where they were registered
             function_id = plain(registry_key)
-            del functions[registry_key]
-            worker.functions.discard(registry_key)
+            # One of several hosts (iii_twisted.replicas): the others keep the id.
+            if self.engine.drop_host(registry_key, worker) is None:
+                del functions[registry_key]
+                worker.functions.discard(registry_key)
             target = self._claim(worker, new, function_id)
             if target is None:
                 continue
