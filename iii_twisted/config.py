@@ -26,7 +26,8 @@ key path and the key probably meant. A file mixing the formats is refused.
 Our own optional top-level keys (the reference ignores unknown keys, so a file using
 them still loads there): ``host`` (interface, default 0.0.0.0), ``listen`` (a Twisted
 endpoint string that overrides port and host), ``invocation_timeout_ms``,
-``max_message_size``, ``ws_ping_interval_ms``, ``ws_ping_timeout_ms``, ``auth``
+``max_message_size``, ``ws_ping_interval_ms``, ``ws_ping_timeout_ms``,
+``function_replicas`` (``spread`` or ``last_wins``, L{iii_twisted.replicas}), ``auth``
 (tokens and grants of the worker port, L{iii_twisted.auth.parse_auth_config};
 docs/security.rst), ``rbac`` and ``middleware_function_id`` (the reference's), and
 ``listeners`` (several worker ports, each with the listener keys above plus ``name``;
@@ -154,6 +155,10 @@ ENGINE_SCHEMA = Section(
                   choices=("debug", "info", "warn", "error", "critical")),
     log_format=Key(str, "text", "what twist iii writes, also when not on a terminal",
                    choices=("text", "json")),
+    function_replicas=Key(str, "spread", "several live workers registering one "
+                          "function id: spread calls across them, or last_wins (the "
+                          "reference: the last registration replaces the others; "
+                          "docs/cluster.rst)", choices=("spread", "last_wins")),
 )
 
 # Top-level keys of each format besides the engine's own.
@@ -244,6 +249,7 @@ class EngineConfig:
     @ivar auth: the (first) listener's L{iii_twisted.auth.AuthConfig}, or None.
     @ivar listeners: the L{ListenerConfig}s of every worker port; the first is the one
         C{port}/C{listen}/C{auth} describe.
+    @ivar function_replicas: ``spread`` or ``last_wins`` (L{iii_twisted.replicas}).
     """
 
     def __init__(self, port=DEFAULT_PORT, host="0.0.0.0", listen=None, modules=(),
@@ -252,7 +258,8 @@ class EngineConfig:
                  format=V010, watch=False, watch_interval=1.0, listener_key="",
                  frame_limits=None, log_level="info", log_format="text",
                  shutdown_timeout=5.0, limits=None, handshake_timeout=10.0, auth=None,
-                 listeners=None):
+                 listeners=None, function_replicas="spread"):
+        self.function_replicas = function_replicas
         self.port = port
         self.host = host
         self.listen = listen or "tcp:{}:interface={}".format(port, host)
@@ -468,6 +475,7 @@ def from_dict(data, source=None):
         shutdown_timeout=_value(top, "shutdown_timeout_ms", ENGINE_SCHEMA) / 1000.0,
         limits=Limits.from_config(top.get("limits")),
         handshake_timeout=listeners[0].handshake_timeout,
+        function_replicas=_value(top, "function_replicas", ENGINE_SCHEMA),
     )
 
 

@@ -89,7 +89,8 @@ class EngineService(MultiService):
         self.config_path = config_path
         self.reactor = reactor
         self.reload_on_sighup = False
-        self.engine = Engine(reactor, invocation_timeout=config.invocation_timeout)
+        self.engine = Engine(reactor, invocation_timeout=config.invocation_timeout,
+                             function_replicas=config.function_replicas)
         self.engine.limits = config.limits
         self.engine.health = Health(reactor, lambda: self.modules)
         # Data channels first: modules (the REST API) create channels too, and the
@@ -352,6 +353,7 @@ class EngineService(MultiService):
             self.log_settings.set_level(new.log_level)
         self.engine.invocation_timeout = new.invocation_timeout
         self.engine.tracker._timeout = new.invocation_timeout
+        self.engine.replicas.set_policy(new.function_replicas)
         self.engine.limits.update_from(new.limits)  # in place: ports and gates hold it
         new.limits = self.engine.limits
         self.modules = [self._instances[i][1] for i in after]
