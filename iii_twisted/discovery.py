@@ -77,6 +77,8 @@ def register_engine_functions(engine):
                     or (shape and function_id.startswith("engine::queue::"))) \
                     and visible(function_id, entry.metadata):
                 row = current.function_row(engine, entry)
+                # How many workers host it (iii_twisted.replicas); SDKs ignore the key.
+                row["host_count"] = engine.replicas.host_count(function_id)
                 if host:
                     _add_host(row, entry)
                 rows.append(row)

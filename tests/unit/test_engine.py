@@ -444,7 +444,7 @@ class DiscoveryTests(SynchronousTestCase):
         assert listed == [{"function_id": "svc::fn", "description": "d",
                            "request_format": {"type": "object"}, "response_format": None,
                            "metadata": {"team": "core"}, "namespace": "default",
-                           "worker_name": "svc"}]
+                           "worker_name": "svc", "host_count": 1}]
         internal = self.call("engine::functions::list", {"include_internal": True})["functions"]
         assert "engine::workers::list" in {f["function_id"] for f in internal}
 
