@@ -33,6 +33,12 @@ LAST_WINS = "last_wins"  # the reference: the last registration replaces the oth
 POLICIES = (SPREAD, LAST_WINS)
 
 
+def _on_its_worker(entry):
+    """Is C{entry} run by its owner over its own connection (not HTTP-invoked)?"""
+    owner = entry.owner
+    return owner is not None and entry.host is owner.host
+
+
 def _local(entry):
     """Every host of one engine ranks 0; the seam for "local first" in a cluster."""
     return 0
@@ -130,10 +136,12 @@ class Replicas:
         entry of another live worker, is registered; auth has allowed it.
 
         @return: True when both stay as replicas; False when the policy is
-            L{LAST_WINS} or either is not a worker's (the caller replaces, and calls
-            L{drop} for the replicas that go with it).
+            L{LAST_WINS} or either is not run by its worker over its connection (an
+            in-process or HTTP-invoked function: the last wins), and the caller
+            replaces, calling L{drop} for the replicas that go with it.
         """
-        if self.policy != SPREAD or previous.owner is None or entry.owner is None:
+        if self.policy != SPREAD or not (_on_its_worker(previous)
+                                         and _on_its_worker(entry)):
             return False
         function_id = entry.function_id
         replicas = self.sets.get(function_id)

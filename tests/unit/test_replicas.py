@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from iii_twisted.auth import Session
 from iii_twisted.config import ConfigError, from_dict
-from iii_twisted.engine import Engine
+from iii_twisted.engine import CallableHost, Engine, FunctionEntry
 from iii_twisted.modules.rest_api import RestApiModule
 from iii_twisted.protocol import INVOCATION_STOPPED, InvocationError
 from iii_twisted.replicas import LAST_WINS, ReplicaSet, Replicas
@@ -139,6 +139,16 @@ class SpreadTests(SynchronousTestCase):
         assert self.successResultOf(self.engine.call("svc::health")) == "engine"
         self.b.disconnect()
         assert self.successResultOf(self.engine.call("svc::health")) == "engine"
+
+    def test_an_http_invoked_registration_replaces_as_before(self):
+        """A function a worker registers behind a URL is not a replica: the last wins."""
+        c = FakeWorkerConnection.connect(self.engine)
+        entry = FunctionEntry("svc::health", CallableHost(lambda data: "url"), c.worker)
+        assert self.engine.add_function(entry) is entry
+        assert self.engine.replicas.sets == {}
+        assert "svc::health" not in self.a.worker.functions
+        assert "svc::health" not in self.b.worker.functions
+        assert self.successResultOf(self.engine.call("svc::health")) == "url"
 
     def test_discovery_lists_one_row_with_its_host_count(self):
         result = self.successResultOf(self.engine.call("engine::functions::list", {}))
