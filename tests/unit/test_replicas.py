@@ -289,3 +289,29 @@ def test_config_key_function_replicas():
         from_dict({"modules": [], "function_replicas": "first"})
     with pytest.raises(ConfigError, match="function_replicas"):
         from_dict({"modules": [], "function_replicas": 3})
+
+
+class NamespaceTests(SynchronousTestCase):
+    """A replica whose connection then names a namespace (current SDKs) moves there."""
+
+    def declare(self, conn, namespace):
+        conn.receive({"type": "invokefunction", "function_id": "engine::workers::register",
+                      "data": {"runtime": "python", "version": "0.25.0", "name": "w",
+                               "namespace": namespace},
+                      "action": {"type": "void"}})
+
+    def test_the_moved_host_leaves_the_default_id_to_the_other(self):
+        engine, _ = make_engine()
+        a = FakeWorkerConnection.connect(engine)
+        b = FakeWorkerConnection.connect(engine)
+        register(a, "svc::fn")
+        register(b, "svc::fn")
+        self.declare(b, "team-a")
+        assert engine.replicas.sets == {}
+        assert engine.functions["svc::fn"].owner is a.worker
+        assert "svc::fn" in a.worker.functions and "svc::fn" not in b.worker.functions
+        moved = [key for key in engine.functions if key != "svc::fn"
+                 and engine.functions[key].owner is b.worker]
+        assert len(moved) == 1 and moved[0] in b.worker.functions
+        b.disconnect()
+        assert engine.functions["svc::fn"].owner is a.worker
