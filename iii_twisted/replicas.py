@@ -11,7 +11,8 @@ engine does not replace the first one: L{Replicas.join} puts both entries in a
 L{ReplicaSet}, and each call of the id goes to the host L{ReplicaSet.pick} chooses:
 
 1. the fewest calls in flight (results the worker still owes, all functions counted:
-   L{iii_twisted.invocations.InvocationTracker.count_for});
+   L{iii_twisted.invocations.InvocationTracker.count_for}); a worker that does not
+   read its connection (over ``limits.send_buffer_soft``) comes after every other;
 2. then local hosts before remote ones (L{ReplicaSet.pick}'s C{preference}: every
    host is local today; the cluster's link to another engine will rank 1);
 3. then round robin, so equally loaded replicas take turns.
@@ -31,6 +32,7 @@ from twisted.logger import Logger
 SPREAD = "spread"  # every live registration of an id is a replica (default)
 LAST_WINS = "last_wins"  # the reference: the last registration replaces the others
 POLICIES = (SPREAD, LAST_WINS)
+_CONGESTED = float("inf")  # the load of a host that does not read its connection
 
 
 def _on_its_worker(entry):
@@ -201,4 +203,10 @@ class Replicas:
 
     def _load(self, entry):
         owner = entry.owner
-        return self._tracker.count_for(owner) if owner is not None else 0
+        if owner is None:
+            return 0
+        if getattr(owner.connection, "congested", False):
+            # It does not read its socket (backpressure): a call sent there would fail
+            # with limit_exceeded at once, so any other host goes first.
+            return _CONGESTED
+        return self._tracker.count_for(owner)

@@ -79,6 +79,16 @@ class SpreadTests(SynchronousTestCase):
         assert self.engine.tracker.count_for(busy.worker) == 2
         self.assertNoResult(first)
 
+    def test_a_congested_host_is_passed_over(self):
+        """A host that does not read its socket gets no call while another can take it."""
+        self.a.congested = True
+        for i in range(3):
+            d = self.engine.call("svc::health")
+            [inv] = invocations(self.b)
+            answer(self.b, inv, i)
+            assert self.successResultOf(d) == i
+        assert invocations(self.a) == []
+
     def test_a_leaving_host_hands_its_share_to_the_other(self):
         """B disconnects: the id stays, every later call goes to A."""
         self.b.disconnect()
