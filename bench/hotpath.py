@@ -14,6 +14,7 @@ holds on a machine others are loading, which wall-clock rates do not.
     python bench/hotpath.py                 # 3 rounds of 20,000 calls after warm-up
     python bench/hotpath.py --profile       # cProfile of one round, top 30 by tottime
     python bench/hotpath.py --idle-workers 1000 --functions 10000   # the same, grown
+    python bench/hotpath.py --replicas 2    # bench::echo hosted by 2 workers (replicas.py)
     AUTOBAHN_USE_NVX=0 python bench/hotpath.py   # Autobahn's pure-Python masker
 
 Prints one JSON line: ``{"python", "us_per_call": [per round], "median", "warmup"}``.
@@ -92,7 +93,7 @@ class Peer:
         return unframe(data)
 
 
-def setup(payload_size, idle_workers=0, functions=0):
+def setup(payload_size, idle_workers=0, functions=0, replicas=1):
     engine, clock = make_engine(invocation_timeout=30.0)
     factory = WorkerFactory(engine, clock, ping_interval=0)
     idle = [Peer(factory, 41000 + k) for k in range(idle_workers)]
@@ -104,9 +105,11 @@ def setup(payload_size, idle_workers=0, functions=0):
             many.send('{{"type":"registerfunction","id":"many::{}"}}'.format(k).encode())
         idle.append(many)
     clock.advance(1)  # engine::functions-available and the like, once
-    worker, caller = Peer(factory, 40001), Peer(factory, 40002)
-    worker.send(b'{"type":"registerfunction","id":"bench::echo"}')
-    worker.received()
+    workers = [Peer(factory, 40100 + k) for k in range(replicas)]
+    caller = Peer(factory, 40002)
+    for worker in workers:
+        worker.send(b'{"type":"registerfunction","id":"bench::echo"}')
+        worker.received()
     caller.received()
     pad = "x" * max(payload_size - 10, 0)
     call = frame(json.dumps({"type": "invokefunction", "invocation_id": "1",
@@ -115,12 +118,15 @@ def setup(payload_size, idle_workers=0, functions=0):
     result_head = b'{"type":"invocationresult","invocation_id":"'
     result_tail = ('","function_id":"bench::echo","result":' + json.dumps(
         {"pad": pad}, separators=(",", ":")) + "}").encode()
-    worker_protocol, caller_protocol = worker.protocol, caller.protocol
-    worker_transport, caller_transport = worker.transport, caller.transport
+    caller_protocol, caller_transport = caller.protocol, caller.transport
+    hosts = [(w.protocol, w.transport) for w in workers]
 
     def one_call():
         caller_protocol.dataReceived(call)
-        out = worker_transport.value()
+        for worker_protocol, worker_transport in hosts:  # the one the router picked
+            out = worker_transport.value()
+            if out:
+                break
         worker_transport.clear()
         i = out.index(b'"invocation_id":"') + 17
         invocation_id = out[i:out.index(b'"', i)]
@@ -153,8 +159,10 @@ def main():
                         help="connected workers, each hosting one function, never called")
     parser.add_argument("--functions", type=int, default=0,
                         help="more functions, registered by one more worker")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="workers hosting bench::echo (calls spread across them)")
     args = parser.parse_args()
-    one_call = setup(args.payload, args.idle_workers, args.functions)
+    one_call = setup(args.payload, args.idle_workers, args.functions, args.replicas)
     started = time.process_time()
     for _ in range(args.warmup):
         one_call()
@@ -176,7 +184,7 @@ def main():
         "python": "{} {}".format(platform.python_implementation(), platform.python_version()),
         "autobahn_use_nvx": os.environ.get("AUTOBAHN_USE_NVX"),
         "payload": args.payload, "idle_workers": args.idle_workers,
-        "functions": args.functions, "us_per_call": [round(r, 2) for r in rounds],
+        "functions": args.functions, "replicas": args.replicas, "us_per_call": [round(r, 2) for r in rounds],
         "median": round(statistics.median(rounds), 2),
         "harness_us_per_call": round(harness_cost(args.calls, args.payload), 2),
         "warmup_calls": args.warmup, "warmup_us_per_call": round(
