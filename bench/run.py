@@ -185,7 +185,10 @@ class Servers:
                            "      default_timeout: 30000".format(ports[http]))
             config = os.path.join(self.workdir, name + "-config.yaml")
             with open(config, "w") as f:
+                # The scale section opens 1,000+ connections from 127.0.0.1 (the
+                # default allows 512 per address).
                 f.write("port: {}\nhost: 127.0.0.1\ninvocation_timeout_ms: 30000\n"
+                        "limits:\n  max_connections_per_address: 4096\n"
                         "modules:{}\n".format(ports[ws], modules or " []"))
             twistd = os.path.join(os.path.dirname(python), "twistd")
             self._spawn(name, [twistd, "-n", "--pidfile=", "iii", "--config", config], env)
@@ -873,7 +876,7 @@ def report(args, results, sdk, info, has_rest_api, warm=None, scale=None, hot=No
                     return f.format(v) if v is not None else "–"
                 rows.append([
                     TARGET_NAMES[t], "{:,}".format(st["idle"]), "{:,}".format(
-                        st["idle"] + st["functions"] + 4 + (1 if st["functions"] else 0)),
+                        st["idle"] + st["functions"] + 4),
                     "{:,.0f} MiB".format(st["rss_kib"] / 1024.0),
                     "{:.1%}".format(st["idle_cpu"]), num(seq.get("p50_us")),
                     num(seq.get("rate")), num(pipe.get("rate")),
