@@ -433,13 +433,16 @@ def check_known(failed_ids, passed_ids, known):
     """
     Compare a run's failures with the known ones (L{read_known_failures}).
 
-    @return: C{(unexpected, fixed)}: failed tests no pattern covers, and tests that
-        an exact (wildcard-free) entry names but that passed.
+    @return: C{(unexpected, fixed)}: failed tests no pattern covers, and entries
+        that no failure matched (an exact one whose test passed, or a pattern none
+        of whose tests failed).
     """
     from fnmatch import fnmatchcase
     unexpected = [t for t in failed_ids
                   if not any(fnmatchcase(t, pattern) for pattern, _ in known)]
-    fixed = [p for p, _ in known if "*" not in p and p in passed_ids]
+    fixed = [p for p, _ in known
+             if not any(fnmatchcase(t, p) for t in failed_ids)
+             and ("*" in p or p in passed_ids)]
     return unexpected, fixed
 
 
@@ -522,7 +525,7 @@ def main(argv=None):
                 known = read_known_failures(args.known_failures)[0]
                 unexpected, fixed = check_known(ids["failed"], set(ids["passed"]), known)
                 for test_id in fixed:
-                    log("NOTE: {} passed; remove it from {}".format(
+                    log("NOTE: no failure matches {}; remove it from {}".format(
                         test_id, args.known_failures))
                 for test_id in unexpected:
                     log("UNEXPECTED failure: {}".format(test_id))

@@ -197,7 +197,10 @@ class RabbitMQBroker:
             d.errback(RabbitMQUnavailable("the RabbitMQ broker is stopped"))
         if self._service is None:
             return defer.succeed(None)
-        return self._service.stopService()
+        # A connection dropped mid-handshake fails its own Deferreds; stopping is done.
+        return self._service.stopService().addErrback(lambda f: self._log.info(
+            "RabbitMQ at {url}: stopped ({error})", url=self._safe_url,
+            error=f.getErrorMessage()))
 
     # -- topology --------------------------------------------------------------------
 
@@ -333,11 +336,17 @@ class RabbitMQBroker:
         await channel.queue_bind(queue=names(queue)["queue"], exchange=exchange)
 
     def add_fanout(self, topic, queue):
-        """Binds the queue to the topic's durable fanout exchange ``iii.fanout::TOPIC``."""
+        """
+        Binds the queue to the topic's durable fanout exchange ``iii.fanout::TOPIC``
+        (now, or as soon as connected; again on every reconnection).
+
+        @return: Deferred firing once bound; failing when RabbitMQ cannot be reached
+            in time (the binding is then made on connection).
+        """
         self._fanouts.add((topic, queue))
-        if self._publisher is None:
-            return defer.succeed(None)  # bound once connected (_prepare)
-        return defer.Deferred.fromCoroutine(self._add_fanout(topic, queue))
+        d = self._ready()
+        return d.addCallback(lambda _: defer.Deferred.fromCoroutine(
+            self._add_fanout(topic, queue)))
 
     def publish_fanout(self, topic, job):
         """One publish to the fanout exchange; RabbitMQ copies it to every bound queue."""
@@ -381,7 +390,25 @@ class RabbitMQBroker:
         return defer.Deferred.fromCoroutine(self._then_ack(
             job, self._publish("", None, job, declare)))
 
-    requeue = retry  # the module did not count an attempt
+    def requeue(self, job, delay_ms):
+        """
+        The function is not on this engine: keep the delivery for C{delay_ms}, then
+        give it back to the queue (``basic_nack`` with requeue), where any engine's
+        consumer may take it. It never leaves the queue, so nothing can lose it (a
+        trip through a delay queue would be dead-lettered, which RabbitMQ does not
+        confirm). In a FIFO queue it is handed out here again, as a retry is.
+        """
+        consumer = self._consumers.get(job.queue)
+        if consumer is not None and consumer.fifo:
+            return self.retry(job, delay_ms)
+        self._reactor.callLater(delay_ms / 1000.0, self._give_back, job)
+        return defer.succeed(None)
+
+    def _give_back(self, job):
+        held = self._held.pop((job.queue, job.id), None)
+        if held is not None:
+            channel, tag = held
+            channel.basic_nack(delivery_tag=tag, requeue=True)
 
     def _again(self, job):
         if (job.queue, job.id) in self._held and not self._stopping:

@@ -115,19 +115,25 @@ def test_calls_to_a_worker_that_stopped_reading_are_refused_not_piled_up(engines
                            for f in caller.read_message()["result"]["functions"]), 10,
                "stopped::f registered")
     baseline = rss_bytes(engine.process.pid, "VmHWM")
-    data = {"blob": "b" * 50000}
-    refused = 0
-    for i in range(600):  # 30 MB of calls if all were kept
-        caller.send(invoke("c{}".format(i), "stopped::f", data))
-    for i in range(600):
-        answer = caller.read_message()
-        if answer.get("error", {}).get("code") == "limit_exceeded":
-            refused += 1
+    data = {"blob": "b" * 100000}
+    calls = 1000  # 100 MB of calls if all were kept
+    threading.Thread(target=lambda: [caller.send(invoke("c{}".format(i), "stopped::f", data))
+                                     for i in range(calls)], daemon=True).start()
+    codes = {}
+    for i in range(calls):  # every call is answered
+        code = caller.read_message().get("error", {}).get("code")
+        codes[code] = codes.get(code, 0) + 1
     # The first calls filled the kernel's buffers and send_buffer_soft; the rest were
-    # refused, not kept.
-    assert refused > 300
+    # refused, not kept (limit_exceeded), until the worker was dropped after
+    # send_stall_timeout_ms: the calls it held then failed (invocation_stopped) and
+    # later ones found no function.
+    assert set(codes) <= {"limit_exceeded", "invocation_stopped", "function_not_found"}
+    assert codes.get("limit_exceeded", 0) > 0
+    assert codes.get("invocation_stopped", 0) < 200, codes
+    assert "it does not read" in engine.log()
     growth = rss_bytes(engine.process.pid, "VmHWM") - baseline
-    assert growth < 20 * MiB, "peak memory grew by {} MiB".format(growth // MiB)
+    # Half of what keeping them would take (the margin is for PyPy's collector).
+    assert growth < 50 * MiB, "peak memory grew by {} MiB".format(growth // MiB)
     caller.send(invoke("after", "state::set", {"scope": "s", "key": "k", "value": 1}))
     assert caller.read_message()["result"]["new_value"] == 1
     stopped.close()
@@ -163,7 +169,7 @@ def test_an_http_client_that_never_reads_cannot_grow_the_engine(engines, sdk_wor
     worker.register_trigger({"type": "http", "function_id": "app::big",
                              "config": {"api_path": "big", "http_method": "GET"}})
     url = "http://127.0.0.1:{}/big".format(engine.ports["http"])
-    wait_until(lambda: _get(url), 10, "the route to answer")
+    wait_until(lambda: _get(url), 30, "the route to answer")
     baseline = rss_bytes(engine.process.pid, "VmHWM")
     slow = socket.socket()
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
@@ -195,7 +201,7 @@ def test_large_frames_at_once_wait_for_the_budget(engines, sdk_worker):
     the frames being received at once are bounded by frames_in_flight_budget; the
     others wait, and every one is answered."""
     engine = engines(FRAMES_CONFIG)
-    count, size = 24, 3 * MiB
+    count, size = 32, 4 * MiB - 1024
     clients = [RawClient(engine.port, timeout=30) for _ in range(count)]
     for client in clients:
         assert client.read_message()["type"] == "workerregistered"
@@ -212,8 +218,9 @@ def test_large_frames_at_once_wait_for_the_budget(engines, sdk_worker):
         thread.join(60)
     assert [c.read_message()["type"] for c in clients] == ["pong"] * count
     growth = rss_bytes(engine.process.pid, "VmHWM") - baseline
-    # Without the budget: 24 x 3 MiB received at once, and more in copies.
-    assert growth < 40 * MiB, "peak memory grew by {} MiB".format(growth // MiB)
+    # Without the budget: 32 x 4 MiB received at once (128 MiB), and more in copies;
+    # with it, 8 MiB at a time (the margin is for PyPy's collector).
+    assert growth < 64 * MiB, "peak memory grew by {} MiB".format(growth // MiB)
     assert other.trigger({"function_id": "app::echo", "payload": {"x": 1}})["x"] == 1
     for client in clients:
         client.close()
@@ -262,7 +269,8 @@ def test_slow_connections_leave_room_for_new_workers_and_requests(engines, sdk_w
     held = []
     try:
         engine = engines(SLOW_CONFIG, preexec_fn=_lower_nofile, http=True)
-        assert "(was 1024)" in engine.log() or "was {}".format(min(1024, hard)) in engine.log()
+        wait_until(lambda: "open-file limit: soft {} (was {}), hard {}".format(
+            hard, min(1024, hard), hard) in engine.log(), 10, "the open-file limit line")
         http = engine.ports["http"]
         # 1,000 slow connections on each port, from four loopback addresses (250 each,
         # under the per-address cap): handshakes and headers never finished.
@@ -276,7 +284,7 @@ def test_slow_connections_leave_room_for_new_workers_and_requests(engines, sdk_w
         worker.register_trigger({"type": "http", "function_id": "app::hello",
                                  "config": {"api_path": "hello", "http_method": "GET"}})
         url = "http://127.0.0.1:{}/hello".format(http)
-        body = wait_until(lambda: _get(url), 10, "the route to answer")
+        body = wait_until(lambda: _get(url), 30, "the route to answer")
         assert b'"hi"' in body
         # The per-address cap: a 301st connection from one address is closed at once.
         crowd = [_slow_connection(engine.port, "127.0.0.6", b"GET") for _ in range(300)]

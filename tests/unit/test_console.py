@@ -217,7 +217,9 @@ def test_wrong_host_is_refused_on_loopback():
 def test_bad_bodies_are_400():
     console = Console()
     cookies, token = console.session()
-    for data in (b"not json", b"[1]", b'{"function_id": 3}'):
+    for data in (b"not json", b"[1]", b'{"function_id": 3}',
+                 b'{"function_id": "app::echo", "payload": {"x": 1e999}}',
+                 b"[" * 100000):
         response = console.request("POST", "/api/call", data=data, cookies=cookies,
                                    headers={"Content-Type": "application/json",
                                             "X-CSRF-Token": token})

@@ -6,7 +6,7 @@ Routes (all on the console's own port)::
 
     GET  /                   the page (sets the session cookie)
     GET  /static/<name>      the shipped assets (JavaScript modules, CSS)
-    GET  /api/session        {"csrf_token", "auth_required", "authenticated", "reads"}
+    GET  /api/session        {"csrf_token", "auth_required", "authenticated", "pages"}
     POST /api/login          {"token"}  -> {"authenticated": true} | 401
     POST /api/call           {"function_id", "payload"} -> {"ok", "result"|"error"}
     GET  /api/events?page=P&params=JSON   text/event-stream of {"page", "data"}
@@ -31,7 +31,6 @@ Safety (issue 19, "Safe by default"):
 from __future__ import annotations
 
 import hmac
-import json
 import os
 import re
 import secrets
@@ -44,7 +43,7 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.web.server import Site
 
-from ...protocol import InvocationError, encode
+from ...protocol import InvocationError, encode, loads
 from .auth import AllGrants, OpenAccess, call
 from .views import READS
 
@@ -230,8 +229,9 @@ class ConsoleWeb:
         if len(data) > MAX_BODY:
             raise _Refused(413, "too_large", "request body over {} bytes".format(MAX_BODY))
         try:
-            body = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+            # protocol.loads: NaN and 1e999 are refused too (docs/limits.rst).
+            body = loads(data)
+        except (ValueError, RecursionError):
             raise _Refused(400, "bad_request", "the body is not JSON")
         if not isinstance(body, dict):
             raise _Refused(400, "bad_request", "the body must be a JSON object")
@@ -318,8 +318,8 @@ class ConsoleWeb:
             raise _Refused(404, "unknown_page", "no console page {!r}".format(page))
         raw = (request.args.get(b"params") or [b"{}"])[0]
         try:
-            params = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+            params = loads(raw)
+        except (ValueError, RecursionError):
             params = {}
         stream = EventStream(self, request, session, page, params)
         self.streams.add(stream)
