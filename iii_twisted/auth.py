@@ -3,7 +3,7 @@ Who a connection is and what it may do: L{Session}s, their grants, and how a
 connection gets one (L{Authenticator}: named tokens, the reference's RBAC auth
 function).
 
-Every connection has a session (DESIGN.md, "Every connection has a session"). The
+Every connection has a session. The
 engine checks it in one place each for calls (L{Engine.call}) and registrations (the
 worker message handlers); modules never check permissions. A connection on a listener
 without ``auth:`` has no session object at all (C{None}), which means every grant: the

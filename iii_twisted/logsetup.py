@@ -7,6 +7,12 @@ The engine's log as an operator reads it.
 - Twisted's ``Starting factory <... object at 0x...>`` / ``Stopping factory`` lines are
   dropped (our listeners' factories are not noisy; this also quiets the client
   factories of outgoing HTTP connections).
+- Autobahn's own line for each failed handshake and each unclean drop (``failing
+  WebSocket opening handshake``, ``dropping connection to peer ...``) is kept at most
+  10 times a minute (L{PerConnectionLines}): a peer failing a thousand upgrades in a
+  row (wrong tokens) would otherwise write two thousand lines. The engine's own lines
+  for the same events (refusals in ``authn``, disconnects in ``oplog``) say more and
+  are bounded where they are made.
 - ``log_format`` (``text`` (default) or ``json``): what ``twist iii`` writes. ``twist``
   writes JSON events when its output is not a terminal (Docker, systemd); we make text
   the default there too, unless ``--log-format`` is given on the command line.
@@ -42,10 +48,43 @@ def drop_factory_noise(event):
     return PredicateResult.maybe
 
 
+# Autobahn's per-connection failure lines (autobahn/websocket/protocol.py:
+# failHandshake at info, dropConnection of an unclean close at warn).
+_PER_CONNECTION = ("failing WebSocket opening handshake", "dropping connection to peer")
+
+
+class PerConnectionLines:
+    """
+    A log predicate: at most C{limit} of Autobahn's per-connection failure lines in any
+    window of C{window} seconds, timed by the events' own C{log_time}; the rest are
+    dropped. Every other event passes untouched.
+    """
+
+    def __init__(self, limit=10, window=60.0):
+        self.limit = limit
+        self.window = window
+        self._window_start = None
+        self._count = 0
+
+    def __call__(self, event):
+        text = event.get("log_format")
+        if not (isinstance(text, str) and text.startswith(_PER_CONNECTION)):
+            return PredicateResult.maybe
+        now = event.get("log_time") or 0.0
+        if self._window_start is None or now - self._window_start >= self.window:
+            self._window_start = now
+            self._count = 0
+        self._count += 1
+        return PredicateResult.maybe if self._count <= self.limit else PredicateResult.no
+
+
 def predicates(level):
-    """The predicates the engine's log applies: C{level} (a name) and no factory noise."""
+    """
+    The predicates the engine's log applies: C{level} (a name), no factory noise, and
+    Autobahn's per-connection lines bounded (L{PerConnectionLines}).
+    """
     return [LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level)),
-            drop_factory_noise]
+            drop_factory_noise, PerConnectionLines()]
 
 
 class LogSettingsService(Service):
@@ -116,7 +155,7 @@ def configure_twist(parent, level, fmt, argv=None):
     if not any(a.startswith("--log-format") for a in argv):
         base = jsonFileLogObserver if fmt == "json" else textFileLogObserver
         parent["fileLogObserverFactory"] = lambda f: FilteringLogObserver(
-            base(f), [drop_factory_noise])
+            base(f), [drop_factory_noise, PerConnectionLines()])
         parent["logFormat"] = fmt
 
 

@@ -10,12 +10,14 @@ async def test_publish_reaches_every_subscription_on_both_engines_once(engines, 
     a = engines.start(redis_modules(redis_url, "pubsub"))
     b = engines.start(redis_modules(other_pool(redis_url), "pubsub"))
     on_a = AutoWorker(a.engine, "sub::a1", "sub::a2")
-    on_a.trigger("t1", "subscribe", "sub::a1", {"topic": "orders"})
-    on_a.trigger("t2", "subscribe", "sub::a2", {"topic": "orders"})
     on_b = AutoWorker(b.engine, "sub::b1")
-    on_b.trigger("t3", "subscribe", "sub::b1", {"topic": "orders"})
-    # Registration is confirmed by Redis before the trigger is live: wait for it.
-    await wait_for(lambda: "orders" in _channels(a, b), what="subscriptions")
+    # Registered as a worker's are, each awaited until its provider has it live (the
+    # Redis subscription confirmed).
+    for service, worker, trigger_id, function_id in [
+            (a, on_a, "t1", "sub::a1"), (a, on_a, "t2", "sub::a2"),
+            (b, on_b, "t3", "sub::b1")]:
+        await service.engine.register_trigger(trigger_id, "subscribe", function_id,
+                                              {"topic": "orders"}, owner=worker.conn.worker)
 
     await a.engine.call("publish", {"topic": "orders", "data": {"id": 1, "l": []}})
     await b.engine.call("publish", {"topic": "orders", "data": "marker"})
@@ -30,18 +32,6 @@ async def test_publish_reaches_every_subscription_on_both_engines_once(engines, 
     await a.engine.call("publish", {"topic": "orders", "data": 2})
     await wait_for(lambda: 2 in on_b.data_of("sub::b1") and 2 in on_a.data_of("sub::a2"))
     assert 2 not in on_a.data_of("sub::a1")
-
-
-def _channels(*services):
-    from iii_twisted.modules.pubsub import PubSubModule
-    from engines import module_of
-
-    topics = set()
-    for service in services:
-        client = module_of(service, PubSubModule).adapter._client
-        if client._subscriber is not None and client._subscriber.pool:
-            topics.update(client._channels)
-    return topics
 
 
 @pytest_twisted.ensureDeferred

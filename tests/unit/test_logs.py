@@ -147,3 +147,31 @@ def test_prometheus_site_logs_no_scrape():
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert events == []
+
+
+def test_autobahn_per_connection_lines_are_bounded_per_minute():
+    """
+    A thousand failed upgrades (wrong tokens) write at most 10 of Autobahn's own
+    failure lines a minute; other events pass; a new minute lets lines through again.
+    """
+    from twisted.logger import PredicateResult
+
+    from iii_twisted.logsetup import PerConnectionLines
+
+    limit = PerConnectionLines(limit=10, window=60.0)
+
+    def failed(t):
+        return limit({"log_format": "failing WebSocket opening handshake ('{reason}')",
+                      "reason": "Unauthorized", "log_time": t})
+
+    def dropped(t):
+        return limit({"log_format": "dropping connection to peer {peer} with "
+                                    "abort={abort}: {reason}", "log_time": t})
+
+    kept = [r for i in range(500) for r in (failed(1000 + i * 0.01),
+                                            dropped(1000 + i * 0.01))
+            if r is PredicateResult.maybe]
+    assert len(kept) == 10
+    other = limit({"log_format": "worker {worker} registered", "log_time": 1001.0})
+    assert other is PredicateResult.maybe
+    assert failed(1061.0) is PredicateResult.maybe

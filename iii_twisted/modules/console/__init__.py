@@ -13,7 +13,7 @@ Config (all optional)::
         sample_interval: 5.0   # seconds between two samples of the overview's chart
         history: 60            # samples kept (5 minutes at the default interval)
 
-The console is a client of the engine (DESIGN.md, "The console is a client"): each page
+The console is a client of the engine: each page
 is computed from engine function calls (discovery, observability, queue, state and
 stream functions) checked against the session's grants (L{auth}), and pushed to the
 browser over Server-Sent Events; actions (calling a function, redrive, discard, state

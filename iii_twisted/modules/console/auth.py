@@ -1,7 +1,7 @@
 """
 Who may do what in the console: the seam to the engine's authentication.
 
-The console is a client (DESIGN.md, "The console is a client"): every read and every
+The console is a client of the engine: every read and every
 action is an engine function call made with the console session's grants, the way a
 worker's calls are made with its own.
 

@@ -6,7 +6,7 @@ Routes (all on the console's own port)::
 
     GET  /                   the page (sets the session cookie)
     GET  /static/<name>      the shipped assets (JavaScript modules, CSS)
-    GET  /api/session        {"csrf_token", "auth_required", "authenticated", "reads"}
+    GET  /api/session        {"csrf_token", "auth_required", "authenticated", "pages"}
     POST /api/login          {"token"}  -> {"authenticated": true} | 401
     POST /api/call           {"function_id", "payload"} -> {"ok", "result"|"error"}
     GET  /api/events?page=P&params=JSON   text/event-stream of {"page", "data"}
