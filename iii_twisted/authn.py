@@ -144,8 +144,7 @@ def parse_auth_config(raw, key="auth"):
     _check(raw, dict, key)
     for name in raw:
         if name not in _AUTH_KEYS:
-            raise ConfigError("unknown key; known keys: {}".format(", ".join(_AUTH_KEYS)),
-                              "{}.{}".format(key, name))
+            raise _unknown_key(name, _AUTH_KEYS, "{}.{}".format(key, name))
     tokens = []
     names, digests = set(), set()
     for i, entry in enumerate(_check(raw.get("tokens") or [], list, key + ".tokens")):
@@ -153,8 +152,7 @@ def parse_auth_config(raw, key="auth"):
         _check(entry, dict, where)
         for name in entry:
             if name not in _TOKEN_KEYS:
-                raise ConfigError("unknown key; known keys: {}".format(
-                    ", ".join(_TOKEN_KEYS)), "{}.{}".format(where, name))
+                raise _unknown_key(name, _TOKEN_KEYS, "{}.{}".format(where, name))
             if entry[name] is not None:
                 if _TOKEN_KEYS[name] is list:
                     _string_list(entry[name], "{}.{}".format(where, name))
@@ -261,8 +259,7 @@ def parse_listener_auth(auth, rbac, middleware, prefix=""):
     _check(rbac, dict, key)
     for name in rbac:
         if name not in _RBAC_KEYS:
-            raise ConfigError("unknown key; known keys: {}".format(", ".join(_RBAC_KEYS)),
-                              "{}.{}".format(key, name))
+            raise _unknown_key(name, _RBAC_KEYS, "{}.{}".format(key, name))
     function_id = rbac.get("auth_function_id")
     if function_id is not None:
         _check(function_id, str, key + ".auth_function_id")
@@ -450,3 +447,13 @@ def _credential(headers, params):
 def headers_of(request):
     """@return: an Autobahn request's headers as {lower-case name: str}."""
     return OrderedDict((k.lower(), v) for k, v in request.headers.items())
+
+
+def _unknown_key(name, known, path):
+    """The L{ConfigError} for an unknown key at C{path}: the key it was probably meant
+    to be (as the schema says it elsewhere), then every known one."""
+    from .schema import closest
+
+    hint = closest(name, known)
+    return ConfigError("unknown key; {}known keys: {}".format(
+        "did you mean {!r}? ".format(hint) if hint else "", ", ".join(known)), path)

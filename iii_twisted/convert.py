@@ -3,8 +3,9 @@
 
 A v0.10 file (``port``, ``modules: [{class, config}]``, adapters by ``class``) becomes
 a current one (``workers: [{name, config}]``, the port in an ``iii-worker-manager``
-entry, adapters by ``name``), and back. The file is validated first; ``${VAR}``
-references are kept as written. Comments are not carried over (the output says so).
+entry, adapters by ``name``), and back. The file is validated first, so every
+``${VAR}`` it uses without a default must be set (to any value of the right type: the
+output keeps the reference as written, never its value). Comments are not carried over (the output says so).
 The only key without a v0.10 equivalent, ``registration_namespace_grace_ms``, is
 dropped with a note.
 """
@@ -51,7 +52,8 @@ def convert_text(text, source="<config>"):
     config = parse_config(text, source=source)
     raw = yaml.load(text, Loader=_RawLoader) or {}
     if config.format == V010:
-        converted, target, notes = _to_current(raw), "current", []
+        converted, notes = _to_current(raw)
+        target = "current"
     else:
         converted, notes = _to_v010(raw)
         target = "v0.10"
@@ -70,7 +72,7 @@ def _adapter_keys(iii_class):
 
 
 def _to_current(raw):
-    out = {}
+    out, notes = {}, []
     listener = {}
     for key, value in raw.items():
         if key in ("modules", "workers", "listeners"):
@@ -84,7 +86,10 @@ def _to_current(raw):
         workers.append({"name": LISTENER_NAME, "config": listener})
     # Several worker ports: one iii-worker-manager entry each (their names become
     # the instance ids iii-worker-manager#2, ...).
+    names = []
     for entry in raw.get("listeners") or []:
+        if entry.get("name"):
+            names.append(str(entry["name"]))
         config = {k: v for k, v in entry.items() if k != "name"}
         workers.append(dict({"name": LISTENER_NAME}, **({"config": config} if config else {})))
     for section in ("modules", "workers"):
@@ -101,7 +106,13 @@ def _to_current(raw):
                 item["config"] = config
             workers.append(item)
     out["workers"] = workers
-    return out
+    if names:
+        # The current format has no name for a worker port: its entries are
+        # iii-worker-manager, iii-worker-manager#2, ... in file order.
+        notes.append("listener names not kept ({}): the current format names the "
+                     "worker ports iii-worker-manager, iii-worker-manager#2, ... in this "
+                     "order".format(", ".join(names)))
+    return out, notes
 
 
 def _to_v010(raw):

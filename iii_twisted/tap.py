@@ -68,8 +68,11 @@ class Options(usage.Options):
             config = load_config(path)
         except ConfigError as e:
             fail(e, self["debug"])
+        ports = [config.listen]
+        if getattr(config, "listeners", None):
+            ports = ["{} ({})".format(l.listen, l.name) for l in config.listeners]
         print("{}: valid ({} format); workers listen on {}; modules: {}".format(
-            path, config.format, config.listen,
+            path, config.format, ", ".join(ports),
             ", ".join(m.instance for m in config.modules) or "none"))
         sys.exit(0)
 

@@ -199,6 +199,11 @@ class RabbitMQServer:
                 if self.epmd.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("epmd did not listen on {}".format(self.epmd_port))
                 time.sleep(0.05)  # polling the port for readiness
+        # A fresh distribution port on every start: after a kill the old one may still
+        # be held (the restart tests saw dist_port_already_used); AMQP keeps its port,
+        # which the clients reconnect to.
+        self.dist_port = free_port()
+        self.env["RABBITMQ_DIST_PORT"] = str(self.dist_port)
         self.process = subprocess.Popen(
             [RABBITMQ_SERVER], env=self.env, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True)

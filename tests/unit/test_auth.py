@@ -213,6 +213,19 @@ def test_config_errors_name_the_key(auth, key):
     assert e.value.key == key
 
 
+@pytest.mark.parametrize("auth,key,meant", [
+    ("{tokens: [{name: a, token: aaaaaaaaaaaaaaaaaaa, allowed_function: [x]}]}",
+     "auth.tokens[0].allowed_function", "allowed_functions"),
+    ("{token: [], auth_function_id: f}", "auth.token", "tokens"),
+])
+def test_a_misspelt_auth_key_names_the_key_meant(auth, key, meant):
+    """As everywhere in the config: the closest known key is named."""
+    with pytest.raises(ConfigError) as e:
+        parse_config("auth: " + auth + "\n")
+    assert e.value.key == key
+    assert "did you mean {!r}?".format(meant) in str(e.value)
+
+
 def test_current_format_rbac_and_several_worker_managers():
     """Each iii-worker-manager entry is a listener; rbac: and middleware as the reference."""
     config = parse_config(

@@ -153,6 +153,12 @@ def test_check_config(tmp_path, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "valid (current format)" in out and "tcp:5000" in out and "iii-http" in out
+    two = tmp_path / "two.yaml"
+    two.write_text("listeners:\n  - name: trusted\n    listen: 'unix:/tmp/t.sock'\n"
+                   "  - name: public\n    listen: 'tcp:0'\n")
+    with pytest.raises(SystemExit) as e:
+        tap.Options().parseOptions(["--check-config", str(two)])
+    assert "unix:/tmp/t.sock (trusted), tcp:0 (public)" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     bad.write_text("workers:\n  - name: htp\n")
     with pytest.raises(SystemExit) as e:

@@ -351,3 +351,14 @@ def test_every_module_declares_its_schema():
         schema = getattr(load_module_factory(iii_class), "config_schema", None)
         assert isinstance(schema, Section) and not schema.open, iii_class
     assert set(WORKER_NAMES.values()) <= set(MODULE_CLASSES)
+
+
+def test_convert_says_it_drops_listener_names():
+    """The current format cannot name a worker port: the output says so."""
+    from iii_twisted.convert import convert_text
+
+    target, text = convert_text(
+        "listeners:\n  - name: trusted\n    listen: 'unix:/tmp/t.sock'\n"
+        "  - name: public\n    listen: 'tcp:0'\nmodules: []\n")
+    assert target == "current"
+    assert "# note: listener names not kept (trusted, public)" in text
