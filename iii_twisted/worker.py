@@ -242,8 +242,19 @@ class WorkerProtocol(LargeFrames, ReadHolds, WebSocketServerProtocol):
         return True
 
     def disconnect(self, code=1000, reason=None):
-        if self.state == self.STATE_OPEN:
+        """
+        Close with C{code} (an int) and C{reason} (text). Autobahn's C{sendClose} takes
+        only 1000 and 3000-4999 (the codes an application picks); the protocol codes
+        a server sends itself (1001 going away at shutdown, 1008, 1009, ...) go through
+        its close-frame method, as its own protocol violations do.
+        """
+        if self.state != self.STATE_OPEN:
+            return
+        if code == 1000 or 3000 <= code <= 4999:
             self.sendClose(code, reason)
+        else:
+            reason_utf8 = reason.encode("utf-8")[:123] if reason else None
+            self.sendCloseFrame(code=code, reasonUtf8=reason_utf8, isReply=False)
 
     def drop_slow_peer(self, reason):
         """Called by the L{SendGate}: the peer does not read; drop the connection."""

@@ -255,6 +255,21 @@ class StreamSocketTests(SynchronousTestCase):
     def setUp(self):
         self.h = StreamHarness()
 
+    def test_stopping_closes_clients_going_away_without_an_error(self):
+        """
+        Stopping the module closes each client with 1001 (going away); Autobahn's
+        sendClose refuses that code, which used to log an unhandled error per client.
+        """
+        from iii_twisted.testing import logged_failures
+
+        client = self.h.connect()
+        self.h.module.startService()
+        with logged_failures() as failures:
+            self.h.module.stopService()
+            self.h.flush()
+        self.assertEqual(failures, [])
+        self.assertEqual(client.closed_with, 1001)
+
     def test_join_group_gets_sync_and_pushes(self):
         self.successResultOf(self.h.call("stream::set", dict(ids("g", "a"), data=1)))
         client = self.h.connect()

@@ -314,3 +314,16 @@ def test_nan_in_a_registration_is_refused_and_discovery_unharmed(harness):
     [listed] = caller.of_type("invocationresult")
     assert listed["result"] == {"functions": []}
     assert worker.closed_with is None
+
+
+@pytest.mark.parametrize("code", [1001, 1008, 1000, 4000])
+def test_disconnect_sends_protocol_close_codes(harness, code):
+    """
+    The engine closes with 1001 (going away) at shutdown: Autobahn's sendClose refuses
+    that code (it raised, and shutdown logged an unhandled error); the peer must get it.
+    """
+    client, server = harness.connect()
+    server.disconnect(code, "engine shutting down")
+    harness.flush()
+    assert client.closed_with == code
+    assert harness.engine.workers == {}
