@@ -242,19 +242,8 @@ class WorkerProtocol(LargeFrames, ReadHolds, WebSocketServerProtocol):
         return True
 
     def disconnect(self, code=1000, reason=None):
-        """
-        Close with C{code} (an int) and C{reason} (text). Autobahn's C{sendClose} takes
-        only 1000 and 3000-4999 (the codes an application picks); the protocol codes
-        a server sends itself (1001 going away at shutdown, 1008, 1009, ...) go through
-        its close-frame method, as its own protocol violations do.
-        """
-        if self.state != self.STATE_OPEN:
-            return
-        if code == 1000 or 3000 <= code <= 4999:
-            self.sendClose(code, reason)
-        else:
-            reason_utf8 = reason.encode("utf-8")[:123] if reason else None
-            self.sendCloseFrame(code=code, reasonUtf8=reason_utf8, isReply=False)
+        """Close with C{code} and C{reason} (L{send_close}: 1001 at shutdown too)."""
+        send_close(self, code, reason)
 
     def drop_slow_peer(self, reason):
         """Called by the L{SendGate}: the peer does not read; drop the connection."""
@@ -392,3 +381,21 @@ class WorkerFactory(WebSocketServerFactory):
         protocol = WebSocketServerFactory.buildProtocol(self, addr)
         protocol._counted_host = host
         return protocol
+
+
+def send_close(protocol, code=1000, reason=None):
+    """
+    Close an open Autobahn server C{protocol} with C{code} (an int) and C{reason}
+    (text); nothing when it is not open. Autobahn's C{sendClose} takes only 1000 and
+    3000-4999 (the codes an application picks) and raises for others; the protocol
+    codes a server sends itself (1001 going away at shutdown, 1008, 1009, ...) go
+    through its close-frame method, as its own protocol violations do. Used by the
+    worker and stream sockets.
+    """
+    if protocol.state != protocol.STATE_OPEN:
+        return
+    if code == 1000 or 3000 <= code <= 4999:
+        protocol.sendClose(code, reason)
+    else:
+        reason_utf8 = reason.encode("utf-8")[:123] if reason else None
+        protocol.sendCloseFrame(code=code, reasonUtf8=reason_utf8, isReply=False)

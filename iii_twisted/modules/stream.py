@@ -67,6 +67,7 @@ from ..listeners import Listener
 from ..schema import Adapter, Adapters, Key, Section
 from ..interfaces import IModule, InvalidUpdateOp, ITriggerProvider, KvStoreError, TriggerError
 from ..protocol import InvocationError, encode, loads
+from ..worker import send_close
 from ..adapters.ops import validate_ops
 from ..connlimits import AddressCounter
 from ..limits import check_stored, release_receive_buffers
@@ -884,19 +885,8 @@ class StreamProtocol(WebSocketServerProtocol):
             self._send_frame(payload)
 
     def disconnect(self, code=1000, reason=None):
-        """
-        Close with C{code} (an int) and C{reason} (text). Autobahn's C{sendClose} takes
-        only 1000 and 3000-4999 (the codes an application picks); the protocol codes
-        a server sends itself (1001 going away at shutdown, 1008, 1009, ...) go through
-        its close-frame method, as its own protocol violations do.
-        """
-        if self.state != self.STATE_OPEN:
-            return
-        if code == 1000 or 3000 <= code <= 4999:
-            self.sendClose(code, reason)
-        else:
-            reason_utf8 = reason.encode("utf-8")[:123] if reason else None
-            self.sendCloseFrame(code=code, reasonUtf8=reason_utf8, isReply=False)
+        """Close with C{code} and C{reason} (L{send_close}: 1001 at shutdown too)."""
+        send_close(self, code, reason)
 
     def pause_reading(self):
         self.transport.pauseProducing()
