@@ -56,3 +56,21 @@ def redis_client_for(config, needed_by, reactor, key="redis_url"):
         return redis_client.acquire(url, reactor)
     except ValueError as e:
         raise ConfigError(str(e), key)
+
+
+def redis_adapter_client(config, needed_by, reactor):
+    """
+    The shared client for an adapter whose only key is ``redis_url`` (the pub/sub and
+    cron Redis adapters), with errors named as the adapter's config keys.
+
+    @raise ConfigError: ``adapter.config.<key>`` for an unknown key or a bad URL;
+        ``adapter.class`` for the missing ``redis`` extra.
+    """
+    for key in config:
+        if key != "redis_url":
+            raise ConfigError("unknown key {!r}; known keys: redis_url".format(key),
+                              "adapter.config." + key)
+    try:
+        return redis_client_for(config, needed_by, reactor)
+    except ConfigError as e:
+        raise e if e.key == "adapter.class" else e.within("adapter.config")

@@ -101,16 +101,9 @@ class RedisCronAdapter:
 
     def __init__(self, config, reactor):
         """@raise ConfigError: naming the key, or the missing ``redis`` extra."""
-        from ..extras import redis_client_for, require_extra
+        from ..extras import redis_adapter_client, require_extra
 
-        for key in config:
-            if key != "redis_url":
-                raise ConfigError("unknown key {!r}; known keys: redis_url".format(key),
-                                  "adapter.config." + key)
-        try:
-            client = redis_client_for(config, REDIS_CRON_ADAPTER, reactor)
-        except ConfigError as e:
-            raise e if e.key == "adapter.class" else e.within("adapter.config")
+        client = redis_adapter_client(config, REDIS_CRON_ADAPTER, reactor)
         redis_cron = require_extra("iii_twisted.adapters.redis_cron", REDIS_CRON_ADAPTER)
         self.lock = redis_cron.RedisCronLock(client)
 

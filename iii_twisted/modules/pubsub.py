@@ -111,16 +111,9 @@ class PubSubModule(Service):
             "subscribe", self, "Receive the data `publish` sends to a topic")
 
     def _redis_adapter(self, config, reactor):
-        from ..extras import redis_client_for, require_extra
+        from ..extras import redis_adapter_client, require_extra
 
-        for key in config:
-            if key != "redis_url":
-                raise ConfigError("unknown key {!r}; known keys: redis_url".format(key),
-                                  "adapter.config." + key)
-        try:
-            client = redis_client_for(config, REDIS_ADAPTER, reactor)
-        except ConfigError as e:
-            raise e if e.key == "adapter.class" else e.within("adapter.config")
+        client = redis_adapter_client(config, REDIS_ADAPTER, reactor)
         module = require_extra("iii_twisted.adapters.redis_pubsub", REDIS_ADAPTER)
         return module.RedisPubSubAdapter(client, self._deliver)
 
