@@ -103,3 +103,22 @@ class PubSubTests(SynchronousTestCase):
 
     def test_local_adapter_provides_the_interface(self):
         verifyObject(IPubSubAdapter, LocalAdapter(lambda f, d: None))
+
+
+def test_redis_adapters_name_an_unknown_key():
+    """The pub/sub and cron Redis adapters take redis_url only, and say so by key."""
+    import pytest
+    from twisted.internet.task import Clock
+
+    from iii_twisted.config import ConfigError
+    from iii_twisted.engine import Engine
+    from iii_twisted.modules.cron import CronModule
+    from iii_twisted.modules.pubsub import PubSubModule
+
+    for module, adapter in ((PubSubModule, "modules::pubsub::RedisAdapter"),
+                            (CronModule, "modules::cron::RedisCronAdapter")):
+        with pytest.raises(ConfigError) as e:
+            module(Engine(Clock()), {"adapter": {"class": adapter, "config": {"colour": 1}}},
+                   reactor=Clock())
+        assert e.value.key == "adapter.config.colour"
+        assert "known keys: redis_url" in str(e.value)
