@@ -16,7 +16,7 @@ from iii_twisted.config import ConfigError, from_dict
 from iii_twisted.peer_limits import MIB, PeerFrameLimits
 from iii_twisted.testing import FakeWorkerConnection, log_lines, make_engine
 
-from test_worker_socket import Client, Harness
+from socket_harness import Client, Harness
 
 PYTHON_UA = "Python/3.11 websockets/13.1"
 BIG = "x" * (MIB + 100)
