@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from engine_process import EngineProcess
+from engine_process import EngineProcess, v010_config
 
 try:
     from iii import InitOptions, register_worker
@@ -41,27 +41,27 @@ def pytest_pycollect_makemodule(module_path, parent):
             return _SdkUnavailableModule.from_parent(parent, path=module_path)
     return None
 
-CORE_CONFIG = """
-port: {port}
-host: 127.0.0.1
-invocation_timeout_ms: 20000
-modules: []
-"""
+CORE_CONFIG = v010_config()
 
 
 @pytest.fixture
 def start_engine(tmp_path):
     """
-    @return: a function C{start(config_text=CORE_CONFIG, **ports)} that starts an
-        engine (ports named in the template are chosen free) and stops it after the
-        test.
+    @return: a function C{start(config_text=CORE_CONFIG, env=None, workdir=None,
+        preexec_fn=None, **ports)} that starts an engine (ports named in the template
+        are chosen free; C{workdir}, a directory name under the test's tmp_path, for
+        engines that must not share files) and stops it after the test.
     """
     engines = []
 
-    def start(config_text=CORE_CONFIG, env=None, **ports):
-        engine = EngineProcess(config_text, tmp_path, env=env, **ports)
+    def start(config_text=CORE_CONFIG, env=None, workdir=None, preexec_fn=None, **ports):
+        directory = tmp_path
+        if workdir is not None:
+            directory = tmp_path / workdir
+            directory.mkdir()
+        engine = EngineProcess(config_text, directory, env=env, **ports)
         engines.append(engine)
-        return engine.start()
+        return engine.start(preexec_fn=preexec_fn)
 
     yield start
     for engine in engines:

@@ -2,6 +2,11 @@
 Start the engine as a real process for interop tests: ``twistd -n iii --config FILE``
 on loopback, on free ports, waited for until it accepts TCP and stopped (process group
 killed) afterwards.
+
+Config templates are built from the pieces below: a head (top-level keys) and the
+``modules:`` entries a test needs, e.g. C{v010_config(STATE_MEMORY, REST_API)}. They
+are C{str.format} templates: EngineProcess fills ``{port}`` and named ports such as
+``{http}``; literal braces are doubled.
 """
 
 import os
@@ -9,8 +14,13 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
+import urllib.error
+import urllib.request
+
+import yaml
 
 #: The Python that runs the engine: this one, or the one named by III_ENGINE_PYTHON
 #: (e.g. a PyPy venv's bin/python), so that tests driving it with official SDK workers,
@@ -18,6 +28,203 @@ import time
 ENGINE_PYTHON = os.environ.get("III_ENGINE_PYTHON") or sys.executable
 TWISTD = os.path.join(os.path.dirname(ENGINE_PYTHON), "twistd")
 
+# -- config templates ------------------------------------------------------------
+
+#: The worker port, on loopback.
+LISTEN = """\
+port: {port}
+host: 127.0.0.1
+"""
+
+#: The usual head: L{LISTEN} and a call timeout long enough for a loaded machine.
+HEAD = LISTEN + "invocation_timeout_ms: 20000\n"
+
+
+def v010_config(*modules, head=HEAD):
+    """
+    @param modules: ``modules:`` entries (the texts below), in order; none gives
+        ``modules: []`` (the core only).
+    @param head: the top-level keys before ``modules:``.
+    @return: a config template in the v0.10 form (``modules:`` of ``class:`` entries).
+    """
+    if not modules:
+        return head + "modules: []\n"
+    return head + "modules:\n" + "".join(modules)
+
+
+def module(cls, config=None):
+    """
+    @param config: the module's config (plain data, rendered as YAML; it holds no
+        placeholders, so its braces are doubled for the template).
+    @return: a ``modules:`` entry for a config of the test's own.
+    """
+    entry = "  - class: {}\n".format(cls)
+    if config is not None:
+        body = yaml.safe_dump({"config": config}, sort_keys=False, default_flow_style=False)
+        entry += textwrap.indent(body, "    ").replace("{", "{{").replace("}", "}}")
+    return entry
+
+
+def queue_module(queue_configs=None, adapter=None):
+    """
+    @param queue_configs: {queue name: its settings}, e.g. C{{"jobs": {"max_retries": 3}}}.
+    @param adapter: the adapter (C{{"class": ..., "config": {...}}}), or None for the
+        built-in one in memory.
+    @return: the queue module's entry.
+    """
+    config = {}
+    if queue_configs is not None:
+        config["queue_configs"] = queue_configs
+    if adapter is not None:
+        config["adapter"] = adapter
+    return module("modules::queue::QueueModule", config)
+
+
+STATE_MEMORY = """\
+  - class: modules::state::StateModule
+    config:
+      adapter:
+        class: modules::state::adapters::KvStore
+        config:
+          store_method: in_memory
+"""
+
+
+def state_file(file_path):
+    """@return: the state module on the KV store, saved to C{file_path}."""
+    return """\
+  - class: modules::state::StateModule
+    config:
+      adapter:
+        class: modules::state::adapters::KvStore
+        config:
+          store_method: file_based
+          file_path: {}
+""".format(file_path)
+
+
+def state_redis(redis_url):
+    return """\
+  - class: modules::state::StateModule
+    config:
+      adapter:
+        class: modules::state::adapters::RedisAdapter
+        config:
+          redis_url: "{}"
+""".format(redis_url)
+
+
+def rest_api(default_timeout=None, more=""):
+    """
+    @param default_timeout: the ``default_timeout`` (ms) of HTTP-triggered calls, or
+        None for the module's default.
+    @param more: further lines of the module's config (indented 6).
+    @return: the REST API module on loopback, on the named port ``{http}``.
+    """
+    timeout = "" if default_timeout is None else (
+        "      default_timeout: {}\n".format(default_timeout))
+    return """\
+  - class: modules::api::RestApiModule
+    config:
+      host: 127.0.0.1
+      port: {http}
+""" + timeout + more
+
+
+#: The REST API with a 10 s default timeout for HTTP-triggered calls.
+REST_API = rest_api(default_timeout=10000)
+
+PUBSUB_LOCAL = """\
+  - class: modules::pubsub::PubSubModule
+    config:
+      adapter:
+        class: modules::pubsub::LocalAdapter
+"""
+
+
+def pubsub_redis(redis_url):
+    return """\
+  - class: modules::pubsub::PubSubModule
+    config:
+      adapter:
+        class: modules::pubsub::RedisAdapter
+        config:
+          redis_url: "{}"
+""".format(redis_url)
+
+
+CRON_KV = """\
+  - class: modules::cron::CronModule
+    config:
+      adapter:
+        class: modules::cron::KvCronAdapter
+"""
+
+
+def cron_redis(redis_url):
+    return """\
+  - class: modules::cron::CronModule
+    config:
+      adapter:
+        class: modules::cron::RedisCronAdapter
+        config:
+          redis_url: "{}"
+""".format(redis_url)
+
+
+#: The stream module's WebSocket on loopback, on the named port ``{stream}``.
+STREAM = """\
+  - class: modules::stream::StreamModule
+    config:
+      port: {stream}
+      host: 127.0.0.1
+"""
+
+
+def stream_redis(redis_url):
+    return STREAM + """\
+      adapter:
+        class: modules::stream::adapters::RedisAdapter
+        config:
+          redis_url: "{}"
+""".format(redis_url)
+
+
+def http_functions(url_allowlist):
+    """
+    @param url_allowlist: the YAML list of hosts HTTP functions may call.
+    @return: the HTTP functions module, let call loopback over plain HTTP.
+    """
+    return """\
+  - class: modules::http_functions::HttpFunctionsModule
+    config:
+      security:
+        url_allowlist: {}
+        require_https: false
+        block_private_ips: false
+""".format(url_allowlist)
+
+
+def otel(service_name="iii-test"):
+    """
+    @param service_name: the ``service_name``, or None for the module's default.
+    @return: the OpenTelemetry module keeping spans, logs and metrics in memory
+        (readable with the engine's functions), not printing logs.
+    """
+    name = "" if service_name is None else "      service_name: {}\n".format(service_name)
+    return """\
+  - class: modules::observability::OtelModule
+    config:
+""" + name + """\
+      exporter: memory
+      logs_console_output: false
+"""
+
+
+OTEL = otel()
+
+
+# -- processes -------------------------------------------------------------------
 
 def free_port():
     """@return: a TCP port on 127.0.0.1 that was free a moment ago."""
@@ -56,6 +263,21 @@ def wait_until(predicate, timeout=10.0, what="condition"):
         if time.monotonic() > deadline:
             raise AssertionError("timed out after {}s waiting for {}".format(timeout, what))
         time.sleep(0.05)  # polling, bounded by the deadline
+
+
+def http_request(url, data=None, method=None, headers=None, timeout=20):
+    """
+    One HTTP request; an error status is an answer like any other.
+
+    @return: (status, headers, body bytes).
+    @raise OSError: when no answer comes (refused, reset, timed out).
+    """
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
 
 
 class EngineProcess:

@@ -13,7 +13,7 @@ import pytest
 from iii import InitOptions
 from iii.iii import III
 
-from engine_process import wait_until
+from engine_process import HEAD, http_request, rest_api, v010_config, wait_until
 from sdk_process import SdkProcess, WorkerFailed
 from test_newer_python_sdk import WORKER as NEWER_WORKER
 from test_newer_python_sdk import newer_python, newer_worker  # noqa: F401 (fixtures)
@@ -23,10 +23,7 @@ BACKEND = "backend-token-" + "b" * 32
 WEB = "web-token-" + "w" * 32
 TOKENS = {"III_TEST_BACKEND_TOKEN": BACKEND, "III_TEST_WEB_TOKEN": WEB}
 
-AUTH_CONFIG = """
-port: {port}
-host: 127.0.0.1
-invocation_timeout_ms: 20000
+AUTH_CONFIG = v010_config(head=HEAD + """\
 auth:
   tokens:
     - name: backend
@@ -35,8 +32,7 @@ auth:
       token: ${{III_TEST_WEB_TOKEN}}
       allowed_functions: ["public::*", "engine::functions::list"]
       allow_function_registration: false
-modules: []
-"""
+""")
 
 REFUSED = "refused a connection to {} on iii-worker-manager from 127.0.0.1: {}"
 
@@ -281,35 +277,14 @@ def test_rbac_auth_function_on_a_trusted_listener(start_engine, sdk_worker, unco
         "alice": 5}
 
 
-HTTP_AUTH_CONFIG = """
-port: {port}
-host: 127.0.0.1
-invocation_timeout_ms: 20000
-modules:
-  - class: modules::api::RestApiModule
-    config:
-      host: 127.0.0.1
-      port: {http}
-      default_timeout: 10000
+HTTP_AUTH_CONFIG = v010_config(rest_api(default_timeout=10000, more="""\
       auth:
         tokens:
           - {{name: web, token: "${{III_TEST_WEB_TOKEN}}", allowed_functions: ["public::*"]}}
           - {{name: admin, token: "${{III_TEST_BACKEND_TOKEN}}"}}
       middleware:
         - {{function_id: "mw::tenant", priority: 1}}
-"""
-
-
-def _http(url, headers=None):
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(url, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=20) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+"""))
 
 
 def test_rest_api_tokens_and_middleware_with_a_real_worker(start_engine, sdk_worker):
@@ -340,16 +315,17 @@ def test_rest_api_tokens_and_middleware_with_a_real_worker(start_engine, sdk_wor
     worker.register_trigger({"type": "http", "function_id": "admin::stats",
                              "config": {"api_path": "stats"}})
     web = {"Authorization": "Bearer " + WEB}
-    wait_until(lambda: _http(base + "/stats", web)[0] == 403, what="the routes")
+    wait_until(lambda: http_request(base + "/stats", headers=web)[0] == 403, what="the routes")
 
-    assert _http(base + "/hello")[0] == 401
-    assert _http(base + "/hello", {"Authorization": "Bearer nope"})[0] == 401
-    status, body = _http(base + "/hello", web)
+    assert http_request(base + "/hello")[0] == 401
+    assert http_request(base + "/hello", headers={"Authorization": "Bearer nope"})[0] == 401
+    status, _, body = http_request(base + "/hello", headers=web)
     assert (status, json.loads(body)) == (200, {"hi": 1})
-    assert _http(base + "/hello?token=" + WEB)[0] == 200
-    status, body = _http(base + "/stats", {"Authorization": "Bearer " + BACKEND})
+    assert http_request(base + "/hello?token=" + WEB)[0] == 200
+    status, _, body = http_request(base + "/stats",
+                                   headers={"Authorization": "Bearer " + BACKEND})
     assert (status, json.loads(body)) == (200, {"stats": 2})
-    status, body = _http(base + "/hello", dict(web, **{"X-Tenant": "blocked"}))
+    status, _, body = http_request(base + "/hello", headers=dict(web, **{"X-Tenant": "blocked"}))
     assert (status, json.loads(body)) == (429, {"error": "slow down"})
     assert seen[-1]["phase"] == "preHandler" and seen[-1]["request"]["method"] == "GET"
     assert "refused a connection to /hello on iii-http from 127.0.0.1" in engine.log()

@@ -14,23 +14,14 @@ import urllib.request
 
 import pytest
 
+from engine_process import LISTEN, REST_API, queue_module, v010_config
 from sdk_process import WorkerFailed
 from test_newer_python_sdk import newer_python, newer_worker  # noqa: F401 (fixtures)
 from test_node_sdk import node_sdks, node_worker  # noqa: F401 (fixtures)
 
 NODE = "iii-sdk-022"
 
-HTTP_CONFIG = """
-port: {port}
-host: 127.0.0.1
-invocation_timeout_ms: 20000
-modules:
-  - class: modules::api::RestApiModule
-    config:
-      host: 127.0.0.1
-      port: {http}
-      default_timeout: 10000
-"""
+HTTP_CONFIG = v010_config(REST_API)
 
 
 def _post(engine, path, body):
@@ -200,13 +191,10 @@ def test_discovery_per_generation(start_engine, sdk_worker, newer_worker, node_w
     assert workers["node-disc"]["namespace"] == "default"
 
 
-LARGE_CONFIG = """
-port: {port}
-host: 127.0.0.1
+LARGE_CONFIG = v010_config(head=LISTEN + """\
 invocation_timeout_ms: 60000
 max_message_size: 67108864
-modules: []
-"""
+""")
 
 
 def test_large_messages_when_configured(start_engine, newer_worker):
@@ -235,23 +223,9 @@ def test_large_messages_when_configured(start_engine, newer_worker):
     assert refused.value.error["code"] == "message_too_large"
 
 
-QUEUE_CONFIG = """
-port: {port}
-host: 127.0.0.1
-invocation_timeout_ms: 20000
-modules:
-  - class: modules::queue::QueueModule
-    config:
-      queue_configs:
-        jobs:
-          max_retries: 3
-          concurrency: 2
-          backoff_ms: 50
-      adapter:
-        class: modules::queue::BuiltinQueueAdapter
-        config:
-          backoff_ms: 1000
-"""
+QUEUE_CONFIG = v010_config(queue_module(
+    {"jobs": {"max_retries": 3, "concurrency": 2, "backoff_ms": 50}},
+    adapter={"class": "modules::queue::BuiltinQueueAdapter", "config": {"backoff_ms": 1000}}))
 
 
 def test_current_queue_api(start_engine, newer_worker, node_worker):

@@ -12,26 +12,10 @@ import urllib.request
 
 import pytest
 
-from engine_process import wait_until
+from engine_process import HEAD, LISTEN, REST_API, STATE_MEMORY, v010_config, wait_until
 from test_state_sdk import call
 
-CONFIG = """
-port: {port}
-host: 127.0.0.1
-invocation_timeout_ms: 20000
-modules:
-  - class: modules::state::StateModule
-    config:
-      adapter:
-        class: modules::state::adapters::KvStore
-        config:
-          store_method: in_memory
-  - class: modules::api::RestApiModule
-    config:
-      host: 127.0.0.1
-      port: {http}
-      default_timeout: 10000
-"""
+CONFIG = v010_config(STATE_MEMORY, REST_API)
 
 BIG = "x" * (1024 * 1024 + 100)
 
@@ -80,12 +64,7 @@ def test_oversized_echo_call_and_http_body_fail_one_call_only(start_engine, sdk_
     assert "disconnected" not in log  # nobody was killed
 
 
-SMALL_LIMIT_CONFIG = """
-port: {port}
-host: 127.0.0.1
-invocation_timeout_ms: 20000
-max_message_size: 200000
-"""
+SMALL_LIMIT_CONFIG = HEAD + "max_message_size: 200000\n"
 
 
 def test_oversized_call_from_a_0_10_worker_is_answered(start_engine, sdk_worker):
@@ -118,7 +97,7 @@ def test_large_binary_frame_reaches_a_python_channel_reader(start_engine, sdk_wo
     from iii.channels import ChannelReader
     from websockets.sync.client import connect
 
-    engine = start_engine("port: {port}\nhost: 127.0.0.1\n")
+    engine = start_engine(LISTEN)
     worker = sdk_worker(engine.url, "channel-reader")
     refs = call(worker, "engine::channels::create", {})
     blob = bytes(range(256)) * (3 * 1024 * 1024 // 256)

@@ -10,33 +10,17 @@ import os
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from iii import HttpInvocationConfig, http
 
-from engine_process import Waiter, wait_until
+from engine_process import Waiter, http_functions, rest_api, v010_config, wait_until
+from engine_process import http_request as _request
 
-API_CONFIG = """
-port: {port}
-host: 127.0.0.1
-invocation_timeout_ms: 20000
-modules:
-  - class: modules::api::RestApiModule
-    config:
-      host: 127.0.0.1
-      port: {http}
-      default_timeout: 3000
-      body_limit: 33554432
-  - class: modules::http_functions::HttpFunctionsModule
-    config:
-      security:
-        url_allowlist: ["127.0.0.1", "[::1]"]
-        require_https: false
-        block_private_ips: false
-"""
+API_CONFIG = v010_config(
+    rest_api(default_timeout=3000, more="      body_limit: 33554432\n"),
+    http_functions('["127.0.0.1", "[::1]"]'))
 
 
 @pytest.fixture
@@ -44,16 +28,6 @@ def api(start_engine):
     engine = start_engine(API_CONFIG, http=True)
     engine.base = "http://127.0.0.1:{}".format(engine.ports["http"])
     return engine
-
-
-def _request(url, data=None, method=None, headers=None, timeout=20):
-    """@return: (status, headers, body bytes) of one HTTP request."""
-    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.headers, response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers, e.read()
 
 
 def _wait_for_route(url, timeout=10.0, absent=False):

@@ -14,48 +14,33 @@ import urllib.request
 
 import pytest
 
-from engine_process import EngineProcess, wait_until
+from engine_process import HEAD, LISTEN, STATE_MEMORY, rest_api, v010_config, wait_until
 from rawws import RawClient, frame, handshake_bytes, rss_bytes
 
 MiB = 1024 * 1024
 
-STATE_CONFIG = """
-port: {port}
-host: 127.0.0.1
-invocation_timeout_ms: 20000
+STATE_CONFIG = v010_config(STATE_MEMORY, head=HEAD + """\
 # The raw clients here receive any frame size (the default for an unknown peer is 1 MiB).
 worker_max_frame_size: 16777216
 limits:
   send_buffer_soft: 4194304
   send_buffer_hard: 33554432
   send_stall_timeout_ms: 3000
-modules:
-  - class: modules::state::StateModule
-    config:
-      adapter:
-        class: modules::state::adapters::KvStore
-        config:
-          store_method: in_memory
-"""
+""")
 
 
 @pytest.fixture
-def engines(tmp_path):
-    started = []
-
+def engines(start_engine):
+    """C{start_engine}, with the engine's memory measurable on PyPy too."""
     def start(config_text, preexec_fn=None, **ports):
         # On PyPy (III_ENGINE_PYTHON), RSS also holds garbage until the next major
         # collection, which by default waits for the heap to grow by up to 82%: tens
         # of MiB that say nothing about what the engine keeps. PYPY_GC_MAX_DELTA makes
         # it collect after 8 MB of growth; CPython ignores it.
-        engine = EngineProcess(config_text, tmp_path, env={"PYPY_GC_MAX_DELTA": "8MB"},
-                               **ports)
-        started.append(engine)
-        return engine.start(preexec_fn=preexec_fn)
+        return start_engine(config_text, env={"PYPY_GC_MAX_DELTA": "8MB"},
+                            preexec_fn=preexec_fn, **ports)
 
-    yield start
-    for engine in started:
-        engine.stop()
+    return start
 
 
 def invoke(invocation_id, function_id, data):
@@ -148,15 +133,7 @@ def _send_until_refused(sock, data):
         pass  # the engine stopped reading, then dropped the connection
 
 
-HTTP_CONFIG = """
-port: {port}
-host: 127.0.0.1
-modules:
-  - class: modules::api::RestApiModule
-    config:
-      host: 127.0.0.1
-      port: {http}
-"""
+HTTP_CONFIG = v010_config(rest_api(), head=LISTEN)
 
 
 def test_an_http_client_that_never_reads_cannot_grow_the_engine(engines, sdk_worker):
@@ -185,15 +162,12 @@ def test_an_http_client_that_never_reads_cannot_grow_the_engine(engines, sdk_wor
     slow.close()
 
 
-FRAMES_CONFIG = """
-port: {port}
-host: 127.0.0.1
+FRAMES_CONFIG = v010_config(head=LISTEN + """\
 max_message_size: 4194304
 limits:
   large_frame_size: 1048576
   frames_in_flight_budget: 8388608
-modules: []
-"""
+""")
 
 
 def test_large_frames_at_once_wait_for_the_budget(engines, sdk_worker):
@@ -226,19 +200,12 @@ def test_large_frames_at_once_wait_for_the_budget(engines, sdk_worker):
         client.close()
 
 
-SLOW_CONFIG = """
-port: {port}
-host: 127.0.0.1
+SLOW_CONFIG = v010_config(rest_api(), head=LISTEN + """\
 handshake_timeout_ms: 60000
 limits:
   http_header_timeout_ms: 60000
   max_connections_per_address: 300
-modules:
-  - class: modules::api::RestApiModule
-    config:
-      host: 127.0.0.1
-      port: {http}
-"""
+""")
 
 
 def _lower_nofile():
@@ -315,18 +282,11 @@ def _get(url):
         return None
 
 
-HANDSHAKE_CONFIG = """
-port: {port}
-host: 127.0.0.1
+HANDSHAKE_CONFIG = v010_config(rest_api(), head=LISTEN + """\
 handshake_timeout_ms: 1500
 limits:
   http_header_timeout_ms: 1500
-modules:
-  - class: modules::api::RestApiModule
-    config:
-      host: 127.0.0.1
-      port: {http}
-"""
+""")
 
 
 def test_slow_handshakes_are_cut_off_at_the_timeout(engines):

@@ -25,7 +25,7 @@ import urllib.request
 
 import pytest
 
-from engine_process import Waiter
+from engine_process import PUBSUB_LOCAL, Waiter, rest_api, v010_config
 from sdk_process import SdkProcess, WorkerFailed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,20 +33,7 @@ REQUIREMENTS = os.path.join(HERE, "newer_sdk_requirements.txt")
 WORKER = os.path.join(HERE, "workers", "newer_py_worker.py")
 NEWER_VERSION = "0.25.0"
 
-PUBSUB_CONFIG = """
-port: {port}
-host: 127.0.0.1
-invocation_timeout_ms: 20000
-modules:
-  - class: modules::pubsub::PubSubModule
-    config:
-      adapter:
-        class: modules::pubsub::LocalAdapter
-  - class: modules::api::RestApiModule
-    config:
-      host: 127.0.0.1
-      port: {http}
-"""
+PUBSUB_CONFIG = v010_config(PUBSUB_LOCAL, rest_api())
 
 
 @pytest.fixture(scope="session")

@@ -21,14 +21,14 @@ import shutil
 import subprocess
 import threading
 import time
-import urllib.error
 import urllib.request
 
 import pytest
-from iii import InitOptions, register_worker
 from iii.triggers import TriggerHandler
 
-from engine_process import Waiter, wait_until
+from engine_process import (
+    LISTEN, OTEL, PUBSUB_LOCAL, REST_API, Waiter, http_functions, http_request, v010_config,
+    wait_until)
 from sdk_process import SdkProcess, WorkerFailed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,38 +38,10 @@ WORKER = os.path.join(NODE_DIR, "worker.mjs")
 # npm alias (node/package.json) -> the iii-sdk version it must resolve to.
 PACKAGES = {"iii-sdk-09": "0.9.0", "iii-sdk-011": "0.11.2", "iii-sdk-022": "0.22.1"}
 
-MODULES_CONFIG = """
-port: {port}
-host: 127.0.0.1
-invocation_timeout_ms: 20000
-modules:
-  - class: modules::api::RestApiModule
-    config:
-      host: 127.0.0.1
-      port: {http}
-      default_timeout: 10000
-  - class: modules::pubsub::PubSubModule
-    config:
-      adapter:
-        class: modules::pubsub::LocalAdapter
-  - class: modules::http_functions::HttpFunctionsModule
-    config:
-      security:
-        url_allowlist: [127.0.0.1]
-        require_https: false
-        block_private_ips: false
-"""
+JSON = {"content-type": "application/json"}
 
-OTEL_CONFIG = """
-port: {port}
-host: 127.0.0.1
-modules:
-  - class: modules::observability::OtelModule
-    config:
-      service_name: iii-test
-      exporter: memory
-      logs_console_output: false
-"""
+MODULES_CONFIG = v010_config(REST_API, PUBSUB_LOCAL, http_functions("[127.0.0.1]"))
+OTEL_CONFIG = v010_config(OTEL, head=LISTEN)
 
 
 def _installed_versions():
@@ -119,21 +91,6 @@ def node_worker(node_sdks):
     yield start
     for worker in workers:
         worker.stop()
-
-
-@pytest.fixture
-def quiet_worker():
-    """Like C{sdk_worker}, with the 0.10.0 SDK's own OpenTelemetry off."""
-    workers = []
-
-    def connect(url, name):
-        worker = register_worker(url, InitOptions(worker_name=name, otel={"enabled": False}))
-        workers.append(worker)
-        return worker
-
-    yield connect
-    for worker in workers:
-        worker.shutdown()
 
 
 def _function_ids(listed):
@@ -203,17 +160,6 @@ def test_node_and_python_workers_call_each_other(package, engine, sdk_worker, no
         time.sleep(0.05)  # polling the registry, bounded by the deadline
 
 
-def _request(url, data=None, method="GET"):
-    """@return: (status, body bytes) of one HTTP request."""
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=20) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
 @pytest.mark.parametrize("package", sorted(PACKAGES))
 def test_node_triggers_on_module_types(package, start_engine, sdk_worker, node_worker):
     """An ``http`` route and a ``subscribe`` trigger registered by a Node worker."""
@@ -234,7 +180,8 @@ def test_node_triggers_on_module_types(package, start_engine, sdk_worker, node_w
 
     # The route answers with what the Node function returned. (The module binds a
     # route as soon as it registers the trigger: the list above ran after that.)
-    status, body = _request(base + "/node/orders/17", json.dumps({"qty": 2}).encode(), "POST")
+    status, _, body = http_request(base + "/node/orders/17", json.dumps({"qty": 2}).encode(),
+                                   "POST", JSON)
     assert status == 201, body
     answer = json.loads(body)
     assert answer["handled_by"] == "node-modules" and answer["sdk"] == PACKAGES[package]
@@ -255,7 +202,7 @@ def test_node_triggers_on_module_types(package, start_engine, sdk_worker, node_w
     # Unregistering the trigger takes the route away.
     node.request("unregister_trigger", trigger_id=0)
     node.request("list_triggers")  # barrier: the unregister is in force
-    assert _request(base + "/node/orders/17", b"{}", "POST")[0] == 404
+    assert http_request(base + "/node/orders/17", b"{}", "POST", JSON)[0] == 404
 
 
 @pytest.mark.parametrize("package", sorted(PACKAGES))
@@ -329,14 +276,14 @@ def test_node_011_trigger_types_and_trigger_metadata(engine, sdk_worker, node_wo
 
 @pytest.mark.parametrize("package, otel_path", [("iii-sdk-09", ""), ("iii-sdk-011", "/otel"),
                                                 ("iii-sdk-022", "/otel")])
-def test_node_telemetry_socket(package, otel_path, start_engine, quiet_worker, node_worker):
+def test_node_telemetry_socket(package, otel_path, start_engine, sdk_worker, node_worker):
     """
     The SDK's OpenTelemetry socket is accepted where that SDK opens it (0.11.2 on
     ``/otel``, 0.9.0 on ``/``, as a worker with no metadata) and its spans reach the
     observability module.
     """
     engine = start_engine(OTEL_CONFIG)
-    reader = quiet_worker(engine.url, "reader")
+    reader = sdk_worker(engine.url, "reader")
     service = "node-{}-svc".format(package)
     node = node_worker(package, engine.url, "node-otel", env={"OTEL_SERVICE_NAME": service})
     node.wait_line("[OTel] Connected to engine at {}{}".format(engine.url, otel_path))
@@ -374,14 +321,14 @@ def test_node_telemetry_socket(package, otel_path, start_engine, quiet_worker, n
 
 
 @pytest.mark.parametrize("package", sorted(PACKAGES))
-def test_node_worker_gauges_are_its_latest_metrics(package, start_engine, quiet_worker,
+def test_node_worker_gauges_are_its_latest_metrics(package, start_engine, sdk_worker,
                                                    node_worker):
     """
     The resource gauges a Node worker exports (MTRC frames over its telemetry socket)
     become its ``latest_metrics`` in ``engine::workers::list``.
     """
     engine = start_engine(OTEL_CONFIG)
-    reader = quiet_worker(engine.url, "reader")
+    reader = sdk_worker(engine.url, "reader")
     node_worker(package, engine.url, "node-gauges",
                 env={"III_TEST_METRICS_EXPORT_INTERVAL_MS": "200"})
 

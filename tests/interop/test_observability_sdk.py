@@ -17,27 +17,14 @@ import time
 import urllib.request
 
 import pytest
-from iii import InitOptions, register_worker
 
-from engine_process import Waiter
+from engine_process import LISTEN, OTEL, Waiter, v010_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-OTEL_CONFIG = """
-port: {port}
-host: 127.0.0.1
-modules:
-  - class: modules::observability::OtelModule
-    config:
-      service_name: iii-test
-      exporter: memory
-      logs_console_output: false
-"""
+OTEL_CONFIG = v010_config(OTEL, head=LISTEN)
 
-EXPORT_CONFIG = """
-port: {port}
-host: 127.0.0.1
-modules:
+EXPORT_CONFIG = v010_config("""\
   - class: modules::observability::OtelModule
     config:
       service_name: iii-export-test
@@ -51,23 +38,13 @@ modules:
       prometheus:
         port: {prom}
         host: 127.0.0.1
-"""
+""", head=LISTEN)
 
 
 @pytest.fixture
-def reader():
+def reader(sdk_worker):
     """A plain SDK client (its own OTel off) for calling the read functions."""
-    clients = []
-
-    def connect(url):
-        client = register_worker(url, InitOptions(worker_name="reader",
-                                                  otel={"enabled": False}))
-        clients.append(client)
-        return client
-
-    yield connect
-    for client in clients:
-        client.shutdown()
+    return lambda url: sdk_worker(url, "reader")
 
 
 @pytest.fixture

@@ -10,28 +10,35 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.error
 import urllib.request
 
-from engine_process import EngineProcess, TWISTD, wait_for_port, wait_until
+from engine_process import (
+    LISTEN, TWISTD, EngineProcess, http_request, queue_module, state_file, state_redis,
+    v010_config, wait_for_port, wait_until)
 
 TWIST = os.path.join(os.path.dirname(TWISTD), "twist")
 
-CONFIG = """
-port: {port}
-host: 127.0.0.1
-log_level: {level}
-modules:
+#: The REST API under the class name the reference's own configs use.
+REST_API = """\
   - class: modules::rest_api::RestApiModule
-    config:
-      host: 127.0.0.1
-      port: {http}
-      access_log: true
+    config: {{host: 127.0.0.1, port: {http}}}
+"""
+
+#: Metrics in memory, and the Prometheus endpoint on the named port ``{prom}``.
+PROMETHEUS = """\
   - class: modules::observability::ObservabilityModule
     config:
       exporter: memory
       prometheus: {{port: {prom}, host: 127.0.0.1}}
 """
+
+CONFIG = v010_config("""\
+  - class: modules::rest_api::RestApiModule
+    config:
+      host: 127.0.0.1
+      port: {http}
+      access_log: true
+""", PROMETHEUS, head=LISTEN + "log_level: {level}\n")
 
 
 class TwistEngine(EngineProcess):
@@ -110,30 +117,12 @@ def test_log_level_warn_keeps_only_warnings(tmp_path, sdk_worker):
             assert any(tag in line for tag in ("#warn]", "#error]", "#critical]")), line
 
 
-HEALTH_CONFIG = """
-port: {port}
-host: 127.0.0.1
-modules:
-  - class: modules::rest_api::RestApiModule
-    config: {{host: 127.0.0.1, port: {http}}}
-  - class: modules::state::StateModule
-    config:
-      adapter:
-        class: modules::state::adapters::KvStore
-        config: {{store_method: file_based, file_path: ./data/state}}
-  - class: modules::observability::ObservabilityModule
-    config:
-      exporter: memory
-      prometheus: {{port: {prom}, host: 127.0.0.1}}
-"""
+HEALTH_CONFIG = v010_config(REST_API, state_file("./data/state"), PROMETHEUS, head=LISTEN)
 
 
 def _get(url):
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+    status, _, body = http_request(url, timeout=5)
+    return status, body
 
 
 def test_health_endpoints_and_metrics_of_a_real_engine(start_engine, sdk_worker):
@@ -187,7 +176,7 @@ def test_sigterm_drains_calls_in_flight(start_engine, sdk_worker):
 
     from engine_process import Waiter
 
-    engine = start_engine("port: {port}\nhost: 127.0.0.1\nshutdown_timeout_ms: 8000\n")
+    engine = start_engine(LISTEN + "shutdown_timeout_ms: 8000\n")
     host = sdk_worker(engine.url, "slow")
     started = threading.Event()
 
@@ -211,30 +200,13 @@ def test_sigterm_drains_calls_in_flight(start_engine, sdk_worker):
     assert "shutting down: calls in flight finished" in log
 
 
-REDIS_CONFIG = """
-port: {{port}}
-host: 127.0.0.1
-modules:
-  - class: modules::rest_api::RestApiModule
-    config: {{{{host: 127.0.0.1, port: {{http}}}}}}
-  - class: modules::state::StateModule
-    config:
-      adapter:
-        class: modules::state::adapters::RedisAdapter
-        config:
-          redis_url: "{redis}"
-  - class: modules::queue::QueueModule
-    config:
-      adapter:
-        class: modules::queue::RedisAdapter
-        config:
-          redis_url: "{redis}"
-"""
-
-
 def test_not_ready_while_redis_is_down(start_engine, own_redis):
     """Readiness is false while a required store (Redis) is unreachable, and comes back."""
-    engine = start_engine(REDIS_CONFIG.format(redis=own_redis.url), http=True)
+    engine = start_engine(v010_config(
+        REST_API, state_redis(own_redis.url),
+        queue_module(adapter={"class": "modules::queue::RedisAdapter",
+                              "config": {"redis_url": own_redis.url}}),
+        head=LISTEN), http=True)
     ready = "http://127.0.0.1:{}/_iii/health/ready".format(engine.ports["http"])
     wait_until(lambda: _get(ready)[0] == 200, what="ready with Redis up")
     own_redis.stop()

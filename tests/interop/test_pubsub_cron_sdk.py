@@ -2,22 +2,9 @@
 
 from datetime import datetime
 
-from engine_process import Waiter, wait_until
+from engine_process import CRON_KV, PUBSUB_LOCAL, Waiter, v010_config, wait_until
 
-CONFIG = """
-port: {port}
-host: 127.0.0.1
-invocation_timeout_ms: 20000
-modules:
-  - class: modules::pubsub::PubSubModule
-    config:
-      adapter:
-        class: modules::pubsub::LocalAdapter
-  - class: modules::cron::CronModule
-    config:
-      adapter:
-        class: modules::cron::KvCronAdapter
-"""
+CONFIG = v010_config(PUBSUB_LOCAL, CRON_KV)
 
 
 def triggers_of(worker, function_id):

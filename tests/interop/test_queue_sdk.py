@@ -4,34 +4,14 @@
 import pytest
 from iii import TriggerAction
 
-from engine_process import Waiter, wait_until
+from engine_process import Waiter, otel, queue_module, v010_config, wait_until
 
-QUEUE_CONFIG = """
-port: {port}
-host: 127.0.0.1
-invocation_timeout_ms: 20000
-modules:
-  - class: modules::queue::QueueModule
-    config:
-      queue_configs:
-        jobs:
-          max_retries: 3
-          concurrency: 2
-          backoff_ms: 100
-        flaky:
-          max_retries: 2
-          concurrency: 1
-          backoff_ms: 50
-        ordered:
-          type: fifo
-          message_group_field: account
-          concurrency: 4
-      adapter:
-        class: modules::queue::BuiltinQueueAdapter
-        config:
-          store_method: file_based
-          file_path: ./queue_store
-"""
+QUEUE_CONFIG = v010_config(queue_module(
+    {"jobs": {"max_retries": 3, "concurrency": 2, "backoff_ms": 100},
+     "flaky": {"max_retries": 2, "concurrency": 1, "backoff_ms": 50},
+     "ordered": {"type": "fifo", "message_group_field": "account", "concurrency": 4}},
+    adapter={"class": "modules::queue::BuiltinQueueAdapter",
+             "config": {"store_method": "file_based", "file_path": "./queue_store"}}))
 
 
 def enqueue(worker, queue, function_id, payload):
@@ -192,21 +172,7 @@ def test_concurrent_enqueues_all_survive_kill_9(start_engine, sdk_worker):
     assert {x["n"] for x in values} == set(range(200))
 
 
-DEPTH_CONFIG = """
-port: {port}
-host: 127.0.0.1
-invocation_timeout_ms: 20000
-modules:
-  - class: modules::queue::QueueModule
-    config:
-      queue_configs:
-        slow:
-          concurrency: 1
-  - class: modules::observability::OtelModule
-    config:
-      exporter: memory
-      logs_console_output: false
-"""
+DEPTH_CONFIG = v010_config(queue_module({"slow": {"concurrency": 1}}), otel(service_name=None))
 
 
 def test_queue_depth_in_engine_metrics(start_engine, sdk_worker):

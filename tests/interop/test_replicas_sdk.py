@@ -5,30 +5,10 @@ working from the other.
 """
 
 import json
-import urllib.error
-import urllib.request
 
-from engine_process import wait_until
+from engine_process import http_request, rest_api, v010_config, wait_until
 
-API_CONFIG = """
-port: {port}
-host: 127.0.0.1
-invocation_timeout_ms: 20000
-modules:
-  - class: modules::api::RestApiModule
-    config:
-      host: 127.0.0.1
-      port: {http}
-      default_timeout: 5000
-"""
-
-
-def _get(url):
-    try:
-        with urllib.request.urlopen(url, timeout=20) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+API_CONFIG = v010_config(rest_api(default_timeout=5000))
 
 
 def _host_count(client, function_id):
@@ -57,7 +37,7 @@ def test_two_workers_host_one_function_and_one_leaves(start_engine, sdk_worker):
     served = [caller.trigger({"function_id": "svc::health", "payload": {}})["body"]["from"]
               for _ in range(6)]
     assert sorted(served) == ["replica-a"] * 3 + ["replica-b"] * 3
-    routed = [json.loads(_get(base + "/health")[1])["from"] for _ in range(4)]
+    routed = [json.loads(http_request(base + "/health")[2])["from"] for _ in range(4)]
     assert set(routed) == {"replica-a", "replica-b"}
 
     # B registered last; it leaves. The id and the route stay, served by A.
@@ -66,5 +46,5 @@ def test_two_workers_host_one_function_and_one_leaves(start_engine, sdk_worker):
     for _ in range(4):
         assert caller.trigger({"function_id": "svc::health",
                                "payload": {}})["body"]["from"] == "replica-a"
-        status, body = _get(base + "/health")
+        status, _, body = http_request(base + "/health")
         assert status == 200 and json.loads(body) == {"from": "replica-a"}

@@ -9,57 +9,16 @@ import threading
 import pytest
 from websockets.sync.client import connect
 
-from engine_process import EngineProcess, Waiter, wait_until
+from engine_process import (
+    Waiter, cron_redis, pubsub_redis, state_redis, stream_redis, v010_config, wait_until)
 from test_pubsub_cron_sdk import wait_for_trigger
-
-CONFIG = """
-port: {{port}}
-host: 127.0.0.1
-invocation_timeout_ms: 20000
-modules:
-  - class: modules::state::StateModule
-    config:
-      adapter:
-        class: modules::state::adapters::RedisAdapter
-        config:
-          redis_url: "{redis}"
-  - class: modules::stream::StreamModule
-    config:
-      port: {{stream}}
-      host: 127.0.0.1
-      adapter:
-        class: modules::stream::adapters::RedisAdapter
-        config:
-          redis_url: "{redis}"
-  - class: modules::pubsub::PubSubModule
-    config:
-      adapter:
-        class: modules::pubsub::RedisAdapter
-        config:
-          redis_url: "{redis}"
-  - class: modules::cron::CronModule
-    config:
-      adapter:
-        class: modules::cron::RedisCronAdapter
-        config:
-          redis_url: "{redis}"
-"""
 
 
 @pytest.fixture
-def two_engines(tmp_path, redis_url):
-    engines = []
-    for name in ("a", "b"):
-        workdir = tmp_path / name
-        workdir.mkdir()
-        engines.append(EngineProcess(CONFIG.format(redis=redis_url), workdir, stream=0))
-    try:
-        for engine in engines:
-            engine.start()
-        yield engines
-    finally:
-        for engine in engines:
-            engine.stop()
+def two_engines(start_engine, redis_url):
+    config = v010_config(state_redis(redis_url), stream_redis(redis_url),
+                         pubsub_redis(redis_url), cron_redis(redis_url))
+    return [start_engine(config, workdir=name, stream=True) for name in ("a", "b")]
 
 
 def call(worker, function_id, payload):

@@ -4,34 +4,10 @@ import threading
 
 import pytest
 
-from engine_process import Waiter, wait_until
+from engine_process import STATE_MEMORY, Waiter, state_file, v010_config, wait_until
 
-CONFIG = """
-port: {port}
-host: 127.0.0.1
-invocation_timeout_ms: 20000
-modules:
-  - class: modules::state::StateModule
-    config:
-      adapter:
-        class: modules::state::adapters::KvStore
-        config:
-          store_method: in_memory
-"""
-
-FILE_CONFIG = """
-port: {port}
-host: 127.0.0.1
-invocation_timeout_ms: 20000
-modules:
-  - class: modules::state::StateModule
-    config:
-      adapter:
-        class: modules::state::adapters::KvStore
-        config:
-          store_method: file_based
-          file_path: ./data/state_store.db
-"""
+CONFIG = v010_config(STATE_MEMORY)
+FILE_CONFIG = v010_config(state_file("./data/state_store.db"))
 
 
 def wait_for_trigger(worker, function_id, timeout=10.0):

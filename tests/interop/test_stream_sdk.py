@@ -10,19 +10,10 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from engine_process import Waiter
+from engine_process import STREAM, Waiter, v010_config
 from test_state_sdk import call, wait_for_trigger
 
-CONFIG = """
-port: {port}
-host: 127.0.0.1
-invocation_timeout_ms: 20000
-modules:
-  - class: modules::stream::StreamModule
-    config:
-      port: {stream}
-      host: 127.0.0.1
-"""
+CONFIG = v010_config(STREAM)
 
 AUTH_CONFIG = CONFIG + """      auth_function: test::auth
 """
