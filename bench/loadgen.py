@@ -55,19 +55,25 @@ def _children(pid):
         return []
 
 
+def _tree(pids):
+    """Yield C{pids} and all their descendants, each once."""
+    seen = set()
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.add(pid)
+            yield pid
+            todo.extend(_children(pid))
+
+
 def cpu_seconds(pids, system_only=False):
     """
     @return: user+system CPU seconds of C{pids} and all their descendants (system
         time only with C{system_only}: the kernel's share, syscalls mostly).
     """
     total = 0
-    seen = set()
-    todo = list(pids)
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
+    for pid in _tree(pids):
         try:
             with open("/proc/{}/stat".format(pid)) as f:
                 fields = f.read().rsplit(")", 1)[1].split()
@@ -75,20 +81,13 @@ def cpu_seconds(pids, system_only=False):
             continue
         # utime, stime (fields 14, 15)
         total += int(fields[12]) if system_only else int(fields[11]) + int(fields[12])
-        todo.extend(_children(pid))
     return total / CLK_TCK
 
 
 def rss_kib(pids):
     """@return: resident set size (VmRSS, KiB) of C{pids} and their descendants."""
     total = 0
-    seen = set()
-    todo = list(pids)
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
+    for pid in _tree(pids):
         try:
             with open("/proc/{}/status".format(pid)) as f:
                 for line in f:
@@ -97,7 +96,6 @@ def rss_kib(pids):
                         break
         except OSError:
             continue
-        todo.extend(_children(pid))
     return total
 
 

@@ -82,17 +82,22 @@ def ensure_venv():
     if os.path.exists(VENV):
         shutil.rmtree(VENV)
     subprocess.check_call([sys.executable, "-m", "venv", VENV])
+    _pip_install(python, BENCH_REQUIREMENTS, "installing the bench venv failed")
+    with open(stamp, "w") as f:
+        f.write(wanted)
+    return python
+
+
+def _pip_install(python, requirements, failure):
+    """pip install C{requirements} with C{python}; on failure, show pip's output's end."""
     with tempfile.TemporaryFile() as out:
         rc = subprocess.call([python, "-m", "pip", "install", "-q",
-                              "--disable-pip-version-check"] + BENCH_REQUIREMENTS,
+                              "--disable-pip-version-check"] + requirements,
                              stdout=out, stderr=subprocess.STDOUT)
         if rc != 0:
             out.seek(0)
             sys.stderr.write(out.read().decode(errors="replace")[-3000:])
-            raise SystemExit("installing the bench venv failed")
-    with open(stamp, "w") as f:
-        f.write(wanted)
-    return python
+            raise SystemExit(failure)
 
 
 PYPY_VENV = os.path.join(HERE, ".venv-pypy")
@@ -124,14 +129,7 @@ def ensure_pypy(requested):
     if os.path.exists(PYPY_VENV):
         shutil.rmtree(PYPY_VENV)
     subprocess.check_call([pypy3, "-m", "venv", PYPY_VENV])
-    with tempfile.TemporaryFile() as out:
-        rc = subprocess.call([python, "-m", "pip", "install", "-q",
-                              "--disable-pip-version-check", CHECKOUT],
-                             stdout=out, stderr=subprocess.STDOUT)
-        if rc != 0:
-            out.seek(0)
-            sys.stderr.write(out.read().decode(errors="replace")[-3000:])
-            raise SystemExit("installing the engine into the PyPy venv failed")
+    _pip_install(python, [CHECKOUT], "installing the engine into the PyPy venv failed")
     with open(stamp, "w") as f:
         f.write(wanted)
     return python

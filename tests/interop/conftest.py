@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from engine_process import EngineProcess, v010_config
+from engine_process import EngineProcess, Waiter, v010_config
 
 try:
     from iii import InitOptions, register_worker
@@ -24,7 +24,7 @@ SDK_ON_CPYTHON = (
     "needs the official iii-sdk 0.10.0 (Python >= 3.10), which cannot install on this "
     "Python {}.{}: runs in the CPython pass, driving the engine on PyPy "
     "(III_ENGINE_PYTHON)".format(*sys.version_info[:2]))
-USES_SDK = re.compile(r"^\s*(from iii[. ]|import iii\b)|\bsdk_worker\b", re.M)
+USES_SDK = re.compile(r"^\s*(from iii[. ]|import iii\b)|\b(sdk_worker|echo_peer)\b", re.M)
 
 
 class _SdkUnavailableModule(pytest.Module):
@@ -96,3 +96,28 @@ def sdk_worker():
         # loop (iii-sdk 0.10.0), so skip those a test shut down itself.
         if worker._thread.is_alive():
             worker.shutdown()
+
+
+@pytest.fixture
+def echo_peer(sdk_worker):
+    """
+    @return: a function C{start(url, name, function_id, description)} giving a 0.10.0
+        worker C{name} hosting C{function_id} (registered), which answers
+        C{{"handled_by": name, "data": data}}, and a L{Waiter} of the data it was
+        called with.
+    """
+    def start(url, name, function_id, description):
+        worker = sdk_worker(url, name)
+        seen = Waiter()
+
+        def echo(data):
+            seen.add(data)
+            return {"handled_by": name, "data": data}
+
+        worker.register_function({"id": function_id, "description": description}, echo)
+        # Same connection: once listed, the registration is in force for every peer.
+        listed = worker.trigger({"function_id": "engine::functions::list", "payload": {}})
+        assert function_id in {f["function_id"] for f in listed["functions"]}
+        return worker, seen
+
+    return start

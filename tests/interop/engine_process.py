@@ -80,38 +80,27 @@ def queue_module(queue_configs=None, adapter=None):
     return module("modules::queue::QueueModule", config)
 
 
-STATE_MEMORY = """\
-  - class: modules::state::StateModule
-    config:
-      adapter:
-        class: modules::state::adapters::KvStore
-        config:
-          store_method: in_memory
-"""
+def with_adapter(module_class, adapter_class, adapter_config=None):
+    """@return: the entry of module C{module_class} on adapter C{adapter_class}."""
+    adapter = {"class": adapter_class}
+    if adapter_config is not None:
+        adapter["config"] = adapter_config
+    return module(module_class, {"adapter": adapter})
+
+
+STATE_MEMORY = with_adapter("modules::state::StateModule", "modules::state::adapters::KvStore",
+                            {"store_method": "in_memory"})
 
 
 def state_file(file_path):
     """@return: the state module on the KV store, saved to C{file_path}."""
-    return """\
-  - class: modules::state::StateModule
-    config:
-      adapter:
-        class: modules::state::adapters::KvStore
-        config:
-          store_method: file_based
-          file_path: {}
-""".format(file_path)
+    return with_adapter("modules::state::StateModule", "modules::state::adapters::KvStore",
+                        {"store_method": "file_based", "file_path": file_path})
 
 
 def state_redis(redis_url):
-    return """\
-  - class: modules::state::StateModule
-    config:
-      adapter:
-        class: modules::state::adapters::RedisAdapter
-        config:
-          redis_url: "{}"
-""".format(redis_url)
+    return with_adapter("modules::state::StateModule", "modules::state::adapters::RedisAdapter",
+                        {"redis_url": redis_url})
 
 
 def rest_api(default_timeout=None, more=""):
@@ -134,42 +123,20 @@ def rest_api(default_timeout=None, more=""):
 #: The REST API with a 10 s default timeout for HTTP-triggered calls.
 REST_API = rest_api(default_timeout=10000)
 
-PUBSUB_LOCAL = """\
-  - class: modules::pubsub::PubSubModule
-    config:
-      adapter:
-        class: modules::pubsub::LocalAdapter
-"""
+PUBSUB_LOCAL = with_adapter("modules::pubsub::PubSubModule", "modules::pubsub::LocalAdapter")
 
 
 def pubsub_redis(redis_url):
-    return """\
-  - class: modules::pubsub::PubSubModule
-    config:
-      adapter:
-        class: modules::pubsub::RedisAdapter
-        config:
-          redis_url: "{}"
-""".format(redis_url)
+    return with_adapter("modules::pubsub::PubSubModule", "modules::pubsub::RedisAdapter",
+                        {"redis_url": redis_url})
 
 
-CRON_KV = """\
-  - class: modules::cron::CronModule
-    config:
-      adapter:
-        class: modules::cron::KvCronAdapter
-"""
+CRON_KV = with_adapter("modules::cron::CronModule", "modules::cron::KvCronAdapter")
 
 
 def cron_redis(redis_url):
-    return """\
-  - class: modules::cron::CronModule
-    config:
-      adapter:
-        class: modules::cron::RedisCronAdapter
-        config:
-          redis_url: "{}"
-""".format(redis_url)
+    return with_adapter("modules::cron::CronModule", "modules::cron::RedisCronAdapter",
+                        {"redis_url": redis_url})
 
 
 #: The stream module's WebSocket on loopback, on the named port ``{stream}``.
@@ -192,17 +159,11 @@ def stream_redis(redis_url):
 
 def http_functions(url_allowlist):
     """
-    @param url_allowlist: the YAML list of hosts HTTP functions may call.
+    @param url_allowlist: the hosts HTTP functions may call.
     @return: the HTTP functions module, let call loopback over plain HTTP.
     """
-    return """\
-  - class: modules::http_functions::HttpFunctionsModule
-    config:
-      security:
-        url_allowlist: {}
-        require_https: false
-        block_private_ips: false
-""".format(url_allowlist)
+    return module("modules::http_functions::HttpFunctionsModule", {"security": {
+        "url_allowlist": url_allowlist, "require_https": False, "block_private_ips": False}})
 
 
 def otel(service_name="iii-test"):
@@ -211,14 +172,9 @@ def otel(service_name="iii-test"):
     @return: the OpenTelemetry module keeping spans, logs and metrics in memory
         (readable with the engine's functions), not printing logs.
     """
-    name = "" if service_name is None else "      service_name: {}\n".format(service_name)
-    return """\
-  - class: modules::observability::OtelModule
-    config:
-""" + name + """\
-      exporter: memory
-      logs_console_output: false
-"""
+    config = {} if service_name is None else {"service_name": service_name}
+    config.update(exporter="memory", logs_console_output=False)
+    return module("modules::observability::OtelModule", config)
 
 
 OTEL = otel()
@@ -280,6 +236,15 @@ def http_request(url, data=None, method=None, headers=None, timeout=20):
         return e.code, e.headers, e.read()
 
 
+def wait_or_kill(process, timeout):
+    """Wait for C{process} to exit; past C{timeout} seconds, SIGKILL its group."""
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout)
+
+
 class EngineProcess:
     """
     One engine process.
@@ -329,11 +294,7 @@ class EngineProcess:
                 os.killpg(self.process.pid, sig)
             except ProcessLookupError:
                 pass
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout)
+            wait_or_kill(self.process, timeout)
         self.process = None
         self._log.close()
 

@@ -12,11 +12,10 @@ registered with it). Other output (the SDK's own logging) is kept as
 
 import json
 import os
-import signal
 import subprocess
 import threading
 
-from engine_process import Waiter
+from engine_process import Waiter, wait_or_kill
 
 
 class WorkerFailed(AssertionError):
@@ -109,9 +108,5 @@ class SdkProcess:
                 self.process.stdin.close()
             except OSError:
                 pass
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout)
+            wait_or_kill(self.process, timeout)
         self._reader.join(timeout)

@@ -20,7 +20,7 @@ from engine_process import http_request as _request
 
 API_CONFIG = v010_config(
     rest_api(default_timeout=3000, more="      body_limit: 33554432\n"),
-    http_functions('["127.0.0.1", "[::1]"]'))
+    http_functions(["127.0.0.1", "[::1]"]))
 
 
 @pytest.fixture

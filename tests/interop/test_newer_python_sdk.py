@@ -91,26 +91,12 @@ def _function_ids(worker):
     return {f["function_id"] for f in listed["functions"]}
 
 
-def _python_peer(sdk_worker, url):
-    """A 0.10.0 worker hosting old::echo; @return: (worker, Waiter of its calls)."""
-    old = sdk_worker(url, "old-peer")
-    seen = Waiter()
-
-    def echo(data):
-        seen.add(data)
-        return {"handled_by": "old-peer", "data": data}
-
-    old.register_function({"id": "old::echo", "description": "echo from 0.10.0"}, echo)
-    assert "old::echo" in _function_ids(old)  # same connection: the registration is in
-    return old, seen
-
-
-def test_newer_and_old_python_workers_call_each_other(engine, sdk_worker, newer_worker):
+def test_newer_and_old_python_workers_call_each_other(engine, echo_peer, newer_worker):
     """
     Calls both ways, from inside a handler, fire-and-forget and to an unknown id.
     (With a worker namespace, calls are routed in it: test_current_sdks.py.)
     """
-    old, seen = _python_peer(sdk_worker, engine.url)
+    old, seen = echo_peer(engine.url, "old-peer", "old::echo", "echo from 0.10.0")
     new = newer_worker(engine.url, "new-peer")
     new.request("register_function", function_id="new::echo", description="echo from 0.25")
     functions = {f["function_id"]: f for f in new.request("list_functions")["result"]}
@@ -147,10 +133,10 @@ def test_newer_and_old_python_workers_call_each_other(engine, sdk_worker, newer_
     assert "OTel WS disconnected" not in new.text()
 
 
-def test_newer_sdk_triggers(start_engine, sdk_worker, newer_worker):
+def test_newer_sdk_triggers(start_engine, echo_peer, newer_worker):
     """A module trigger type, and custom trigger types provided by either SDK."""
     engine = start_engine(PUBSUB_CONFIG, http=True)
-    old, seen = _python_peer(sdk_worker, engine.url)
+    old, seen = echo_peer(engine.url, "old-peer", "old::echo", "echo from 0.10.0")
     new = newer_worker(engine.url, "new-triggers")
     new.request("register_function", function_id="new::news")
     new.request("register_trigger", type="subscribe", function_id="new::news",

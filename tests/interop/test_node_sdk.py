@@ -40,7 +40,7 @@ PACKAGES = {"iii-sdk-09": "0.9.0", "iii-sdk-011": "0.11.2", "iii-sdk-022": "0.22
 
 JSON = {"content-type": "application/json"}
 
-MODULES_CONFIG = v010_config(REST_API, PUBSUB_LOCAL, http_functions("[127.0.0.1]"))
+MODULES_CONFIG = v010_config(REST_API, PUBSUB_LOCAL, http_functions(["127.0.0.1"]))
 OTEL_CONFIG = v010_config(OTEL, head=LISTEN)
 
 
@@ -97,25 +97,10 @@ def _function_ids(listed):
     return {f["function_id"] for f in listed}
 
 
-def _python_peer(sdk_worker, url):
-    """A 0.10.0 worker hosting py::echo; @return: (worker, Waiter of its calls)."""
-    py = sdk_worker(url, "py-peer")
-    seen = Waiter()
-
-    def echo(data):
-        seen.add(data)
-        return {"handled_by": "py-peer", "data": data}
-
-    py.register_function({"id": "py::echo", "description": "echo from python"}, echo)
-    listed = py.trigger({"function_id": "engine::functions::list", "payload": {}})
-    assert "py::echo" in _function_ids(listed["functions"])
-    return py, seen
-
-
 @pytest.mark.parametrize("package", sorted(PACKAGES))
-def test_node_and_python_workers_call_each_other(package, engine, sdk_worker, node_worker):
+def test_node_and_python_workers_call_each_other(package, engine, echo_peer, node_worker):
     version = PACKAGES[package]
-    py, seen = _python_peer(sdk_worker, engine.url)
+    py, seen = echo_peer(engine.url, "py-peer", "py::echo", "echo from python")
     node = node_worker(package, engine.url, "node-peer")
     node.request("register_function", function_id="node::echo", description="echo from node")
     functions = {f["function_id"]: f for f in node.request("list_functions")["result"]}
@@ -206,9 +191,9 @@ def test_node_triggers_on_module_types(package, start_engine, sdk_worker, node_w
 
 
 @pytest.mark.parametrize("package", sorted(PACKAGES))
-def test_custom_trigger_types_across_sdks(package, engine, sdk_worker, node_worker):
+def test_custom_trigger_types_across_sdks(package, engine, echo_peer, node_worker):
     """A Node-provided trigger type used by Python, and a Python-provided one by Node."""
-    py, seen = _python_peer(sdk_worker, engine.url)
+    py, seen = echo_peer(engine.url, "py-peer", "py::echo", "echo from python")
     node = node_worker(package, engine.url, "node-provider")
     node.request("register_trigger_type", type_id="node-hook", description="Node webhooks")
     node.request("list_functions")  # barrier: the type exists

@@ -8,18 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from iii_twisted.engine import VOID
 from iii_twisted.testing import FakeWorkerConnection, make_engine
-
-
-def invoke(conn, function_id, data=None, invocation_id="inv-1", **extra):
-    message = {"type": "invokefunction", "function_id": function_id, "data": data}
-    if invocation_id is not None:
-        message["invocation_id"] = invocation_id
-    message.update(extra)
-    conn.receive(message)
-
-
-def register(conn, function_id, **extra):
-    conn.receive(dict({"type": "registerfunction", "id": function_id}, **extra))
+from test_engine import invoke, register
 
 
 class InvocationMetadataTests(SynchronousTestCase):

@@ -15,10 +15,7 @@ from iii_twisted.modules.rest_api import RestApiModule
 from iii_twisted.protocol import INVOCATION_STOPPED, InvocationError
 from iii_twisted.replicas import LAST_WINS, ReplicaSet, Replicas
 from iii_twisted.testing import FakeWorkerConnection, make_engine
-
-
-def register(conn, function_id, **extra):
-    conn.receive(dict({"type": "registerfunction", "id": function_id}, **extra))
+from test_engine import register
 
 
 def invocations(conn):
