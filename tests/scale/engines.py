@@ -44,6 +44,15 @@ class Engines:
         self.services.append(service)
         return service
 
+    def two_on_redis(self, redis_url, *names):
+        """
+        @param names: the Redis modules both run (L{redis_modules}).
+        @return: two engines sharing one Redis, each with a connection pool of its own
+            (L{other_pool}), as two processes would have.
+        """
+        return (self.start(redis_modules(redis_url, *names)),
+                self.start(redis_modules(other_pool(redis_url), *names)))
+
     def stop(self, service):
         if service in self.services:
             self.services.remove(service)

@@ -2,13 +2,12 @@
 
 import pytest_twisted
 
-from engines import AutoWorker, other_pool, redis_modules, wait_for
+from engines import AutoWorker, wait_for
 
 
 @pytest_twisted.ensureDeferred
 async def test_publish_reaches_every_subscription_on_both_engines_once(engines, redis_url):
-    a = engines.start(redis_modules(redis_url, "pubsub"))
-    b = engines.start(redis_modules(other_pool(redis_url), "pubsub"))
+    a, b = engines.two_on_redis(redis_url, "pubsub")
     on_a = AutoWorker(a.engine, "sub::a1", "sub::a2")
     on_b = AutoWorker(b.engine, "sub::b1")
     # Registered as a worker's are, each awaited until its provider has it live (the
@@ -37,8 +36,7 @@ async def test_publish_reaches_every_subscription_on_both_engines_once(engines, 
 @pytest_twisted.ensureDeferred
 async def test_cron_fires_once_per_tick_across_engines_and_survives_one_stopping(
         engines, redis_url):
-    a = engines.start(redis_modules(redis_url, "cron"))
-    b = engines.start(redis_modules(other_pool(redis_url), "cron"))
+    a, b = engines.two_on_redis(redis_url, "cron")
     # Replicas of one worker on each engine: same function and expression, and
     # (as the SDKs do) a different random trigger id each.
     on_a = AutoWorker(a.engine, "job::tick")

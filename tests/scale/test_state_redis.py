@@ -6,15 +6,13 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
-from engines import other_pool, redis_modules
 from iii_twisted.config import ConfigError
 from iii_twisted.service import EngineService
 
 
 @pytest_twisted.ensureDeferred
 async def test_two_engines_share_state_and_updates_are_atomic(engines, redis_url):
-    a = engines.start(redis_modules(redis_url, "state"))
-    b = engines.start(redis_modules(other_pool(redis_url), "state"))
+    a, b = engines.two_on_redis(redis_url, "state")
     await a.engine.call("state::set", {"scope": "s", "key": "k", "value": {"n": 0}})
     assert await b.engine.call("state::get", {"scope": "s", "key": "k"}) == {"n": 0}
 
@@ -28,8 +26,7 @@ async def test_two_engines_share_state_and_updates_are_atomic(engines, redis_url
 
 @pytest_twisted.ensureDeferred
 async def test_list_order_exact_json_and_groups(engines, redis_url):
-    a = engines.start(redis_modules(redis_url, "state"))
-    b = engines.start(redis_modules(other_pool(redis_url), "state"))
+    a, b = engines.two_on_redis(redis_url, "state")
     for key, value in [("c", []), ("a", 12345678901234567), ("b", 3.14159265358979)]:
         await a.engine.call("state::set", {"scope": "s", "key": key, "value": value})
     await b.engine.call("state::set", {"scope": "t", "key": "x", "value": {"e": []}})

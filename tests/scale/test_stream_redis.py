@@ -2,13 +2,12 @@
 
 import pytest_twisted
 
-from engines import other_pool, redis_modules, stream_client, stream_port, wait_for
+from engines import stream_client, stream_port, wait_for
 
 
 @pytest_twisted.ensureDeferred
 async def test_changes_on_a_reach_a_client_joined_on_b_in_order(engines, redis_url):
-    a = engines.start(redis_modules(redis_url, "stream"))
-    b = engines.start(redis_modules(other_pool(redis_url), "stream"))
+    a, b = engines.two_on_redis(redis_url, "stream")
     client = await stream_client(await stream_port(b))
     client.join("sub-1", "chat", "room")
     await wait_for(lambda: client.events("sync"), what="the join's sync")
@@ -33,8 +32,7 @@ async def test_changes_on_a_reach_a_client_joined_on_b_in_order(engines, redis_u
 
 @pytest_twisted.ensureDeferred
 async def test_pushes_resume_after_redis_restarts(engines, own_redis):
-    a = engines.start(redis_modules(own_redis.url, "stream"))
-    b = engines.start(redis_modules(other_pool(own_redis.url), "stream"))
+    a, b = engines.two_on_redis(own_redis.url, "stream")
     client = await stream_client(await stream_port(b))
     client.join("sub-1", "s", "g")
     await wait_for(lambda: client.events("sync"), what="the join's sync")
