@@ -53,15 +53,24 @@ def browser():
         browser.close()
 
 
-@pytest.fixture
-def page(browser, scene):
-    """A fresh browser context on the console; its console errors are collected."""
+def _new_page(browser):
+    """
+    @return: (a fresh browser context, its page), the page's console errors collected
+        in C{page.errors}.
+    """
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     page.errors = []
     page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: page.errors.append(str(e)))
+    return context, page
+
+
+@pytest.fixture
+def page(browser, scene):
+    """A fresh browser context on the console; its console errors are collected."""
+    context, page = _new_page(browser)
     # A window.alert/confirm would mean injected script ran: fail loudly.
     page.on("dialog", lambda d: (page.errors.append("dialog: " + d.message), d.dismiss()))
     yield page
@@ -243,12 +252,7 @@ def auth_scene(tmp_path_factory):
 
 @pytest.fixture
 def auth_page(browser, auth_scene):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    page.errors = []
-    page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    context, page = _new_page(browser)
     yield page
     context.close()
 

@@ -18,6 +18,7 @@ from iii_twisted.config import ConfigError, parse_config
 from iii_twisted.engine import VOID
 from iii_twisted.protocol import InvocationError
 from iii_twisted.testing import FakeWorkerConnection, make_engine
+from test_engine import invoke
 
 
 # -- patterns -----------------------------------------------------------------------
@@ -390,14 +391,6 @@ def connect(engine, session):
     conn.worker = engine.attach(conn, session)
     conn.pop_sent()
     return conn
-
-
-def invoke(conn, function_id, data=None, invocation_id="i1", **extra):
-    message = {"type": "invokefunction", "function_id": function_id, "data": data}
-    if invocation_id is not None:
-        message["invocation_id"] = invocation_id
-    message.update(extra)
-    conn.receive(message)
 
 
 class EngineGrantTests(SynchronousTestCase):
