@@ -41,6 +41,36 @@ class Client(WebSocketClientProtocol):
         return [m for m in self.received if isinstance(m, dict) and m.get("type") == kind]
 
 
+def pump_client(factory, reactor, port, path="/", client_class=Client, peer=("127.0.0.1", 40000),
+                protocol_options=None, **client_options):
+    """
+    Join a new server protocol of C{factory} and a WebSocket client over in-memory
+    transports (nothing is pumped yet).
+
+    @param port: the server's port, in the client's URL and the server's address.
+    @param peer: the client's (host, port) as the server sees it, or None for iosim's.
+    @param protocol_options: passed to the client factory's C{setProtocolOptions}.
+    @param client_options: passed to L{WebSocketClientFactory} (e.g. C{headers}).
+    @return: (client, server, client transport, pump).
+    """
+    server = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
+    client_factory = WebSocketClientFactory("ws://127.0.0.1:{}{}".format(port, path),
+                                            reactor=reactor, **client_options)
+    if protocol_options:
+        client_factory.setProtocolOptions(**protocol_options)
+    client_factory.protocol = client_class
+    client = client_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
+    if peer is None:
+        server_transport = iosim.FakeTransport(server, isServer=True)
+    else:
+        server_transport = iosim.FakeTransport(
+            server, isServer=True, hostAddress=IPv4Address("TCP", "127.0.0.1", port),
+            peerAddress=IPv4Address("TCP", *peer))
+    client_transport = iosim.FakeTransport(client, isServer=False)
+    pump = iosim.connect(server, server_transport, client, client_transport, greet=False)
+    return client, server, client_transport, pump
+
+
 class Harness:
     """
     An engine and its worker factory, with in-memory clients.
@@ -59,20 +89,22 @@ class Harness:
         self.factory = WorkerFactory(self.engine, self.reactor, **factory_options)
         self.pumps = []
 
-    def connect(self, path="/"):
-        server = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 49134))
-        client_factory = WebSocketClientFactory("ws://127.0.0.1:49134" + path,
-                                                reactor=self.reactor)
-        client_factory.protocol = Client
-        client = client_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 49134))
-        server_transport = iosim.FakeTransport(
-            server, isServer=True, hostAddress=IPv4Address("TCP", "127.0.0.1", 49134),
-            peerAddress=IPv4Address("TCP", "127.0.0.1", 40000 + len(self.pumps)))
-        client_transport = iosim.FakeTransport(client, isServer=False)
-        pump = iosim.connect(server, server_transport, client, client_transport, greet=False)
+    def open(self, path="/", peer_host="127.0.0.1", protocol_options=None, **client_options):
+        """
+        Connect a L{Client} from C{peer_host} (see L{pump_client}) and carry the handshake.
+
+        @return: (client, server, client transport).
+        """
+        client, server, transport, pump = pump_client(
+            self.factory, self.reactor, 49134, path, Client,
+            (peer_host, 40000 + len(self.pumps)), protocol_options, **client_options)
         self.pumps.append(pump)
         self.flush()
-        return client, server
+        return client, server, transport
+
+    def connect(self, path="/"):
+        """@return: (client, server) of a L{Client} connected from 127.0.0.1."""
+        return self.open(path)[:2]
 
     def flush(self):
         """Run what is due now on the clock and carry every byte both ways, 5 times."""

@@ -3,14 +3,10 @@ Authentication at the WebSocket upgrade (iii_twisted.worker with an Authenticato
 real Autobahn client and server protocols over in-memory transports.
 """
 
-from autobahn.twisted.websocket import WebSocketClientFactory
-from twisted.internet.address import IPv4Address
-from twisted.test import iosim
-
 from iii_twisted.auth import AuthConfig, Authenticator, TokenGrant
 from iii_twisted.channels import install_channels
 
-from socket_harness import Client, Harness
+from socket_harness import Harness
 
 TOKEN = "t0ken-" + "x" * 30
 WEB = "web-" + "y" * 30
@@ -25,19 +21,7 @@ class AuthHarness(Harness):
         ]), self.reactor, "workers")
 
     def connect(self, path="/", headers=None):
-        server = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 49134))
-        client_factory = WebSocketClientFactory(
-            "ws://127.0.0.1:49134" + path, reactor=self.reactor, headers=headers or {})
-        client_factory.protocol = Client
-        client = client_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 49134))
-        server_transport = iosim.FakeTransport(
-            server, isServer=True, hostAddress=IPv4Address("TCP", "127.0.0.1", 49134),
-            peerAddress=IPv4Address("TCP", "10.1.2.3", 40000 + len(self.pumps)))
-        client_transport = iosim.FakeTransport(client, isServer=False)
-        pump = iosim.connect(server, server_transport, client, client_transport, greet=False)
-        self.pumps.append(pump)
-        self.flush()
-        return client, server, client_transport
+        return self.open(path, "10.1.2.3", headers=headers or {})
 
 
 def test_no_token_is_refused_with_401_before_the_upgrade():

@@ -5,15 +5,15 @@ the channel core's ordering, end-of-stream, backpressure, sweep and drop rules.
 """
 
 import pytest
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet.address import IPv4Address
+from autobahn.twisted.websocket import WebSocketClientProtocol
 from twisted.internet.testing import MemoryReactorClock
-from twisted.test import iosim
 
 from iii_twisted.channels import install_channels
 from iii_twisted.engine import Engine
 from iii_twisted.protocol import InvocationError
 from iii_twisted.worker import WorkerFactory
+
+from socket_harness import pump_client
 
 
 class Client(WebSocketClientProtocol):
@@ -49,14 +49,8 @@ class Harness:
         return _result(d)
 
     def connect(self, path):
-        server = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 49134))
-        client_factory = WebSocketClientFactory("ws://127.0.0.1:49134" + path,
-                                                reactor=self.reactor)
-        client_factory.protocol = Client
-        client = client_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 49134))
-        pump = iosim.connect(
-            server, iosim.FakeTransport(server, isServer=True),
-            client, iosim.FakeTransport(client, isServer=False), greet=False)
+        client, _, _, pump = pump_client(self.factory, self.reactor, 49134, path, Client,
+                                         peer=None)
         self.pumps.append(pump)
         self.flush()
         return client

@@ -16,30 +16,19 @@ from iii_twisted.config import ConfigError, from_dict
 from iii_twisted.peer_limits import MIB, PeerFrameLimits
 from iii_twisted.testing import FakeWorkerConnection, log_lines, make_engine
 
-from socket_harness import Client, Harness
+from socket_harness import Harness
 
 PYTHON_UA = "Python/3.11 websockets/13.1"
 BIG = "x" * (MIB + 100)
 
 
 def connect(harness, useragent=None, max_payload=None):
-    server = harness.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 49134))
-    client_factory = WebSocketClientFactory("ws://127.0.0.1:49134/", reactor=harness.reactor,
-                                            useragent=useragent)
+    options = None
     if max_payload is not None:
         # As Python websockets does: a close frame with 1009, not a dropped socket.
-        client_factory.setProtocolOptions(maxMessagePayloadSize=max_payload,
-                                          maxFramePayloadSize=max_payload, failByDrop=False)
-    client_factory.protocol = Client
-    client = client_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 49134))
-    pump = iosim.connect(
-        server, iosim.FakeTransport(server, isServer=True,
-                                    hostAddress=IPv4Address("TCP", "127.0.0.1", 49134),
-                                    peerAddress=IPv4Address("TCP", "10.1.2.3", 40000)),
-        client, iosim.FakeTransport(client, isServer=False), greet=False)
-    harness.pumps.append(pump)
-    harness.flush()
-    return client, server
+        options = dict(maxMessagePayloadSize=max_payload, maxFramePayloadSize=max_payload,
+                       failByDrop=False)
+    return harness.open("/", "10.1.2.3", options, useragent=useragent)[:2]
 
 
 def register(client, runtime, name="w", version="1.0"):

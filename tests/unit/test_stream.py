@@ -2,10 +2,7 @@
 
 import json
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
-from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from iii_twisted.config import ConfigError
@@ -15,6 +12,7 @@ from iii_twisted.modules.stream import StreamModule
 from iii_twisted.protocol import InvocationError
 from iii_twisted.testing import FakeWorkerConnection
 
+import socket_harness
 from test_state import Handler
 
 CFG = {"host": "127.0.0.1", "port": 0}
@@ -32,25 +30,7 @@ def ids(group="g", item="i", name="s"):
     return {"stream_name": name, "group_id": group, "item_id": item}
 
 
-class Client(WebSocketClientProtocol):
-    def __init__(self):
-        WebSocketClientProtocol.__init__(self)
-        self.received = []
-        self.closed_with = None
-        self.opened = False
-
-    def onOpen(self):
-        self.opened = True
-
-    def onMessage(self, payload, isBinary):
-        self.received.append(json.loads(payload))
-
-    def onClose(self, wasClean, code, reason):
-        self.closed_with = code
-
-    def send(self, message):
-        self.sendMessage(json.dumps(message).encode("utf-8"))
-
+class Client(socket_harness.Client):
     def join(self, sub, group, item=None, name="s", kind="join"):
         data = {"subscriptionId": sub, "streamName": name, "groupId": group}
         if item is not None:
@@ -64,16 +44,9 @@ class StreamHarness:
         self.pumps = []
 
     def connect(self, path="/"):
-        server = self.module.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 3112))
-        client_factory = WebSocketClientFactory("ws://127.0.0.1:3112" + path,
-                                                reactor=self.reactor)
-        client_factory.protocol = Client
-        client = client_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 3112))
-        server_transport = iosim.FakeTransport(
-            server, isServer=True, hostAddress=IPv4Address("TCP", "127.0.0.1", 3112),
-            peerAddress=IPv4Address("TCP", "127.0.0.1", 40000 + len(self.pumps)))
-        client_transport = iosim.FakeTransport(client, isServer=False)
-        pump = iosim.connect(server, server_transport, client, client_transport, greet=False)
+        client, _, _, pump = socket_harness.pump_client(
+            self.module.factory, self.reactor, 3112, path, Client,
+            ("127.0.0.1", 40000 + len(self.pumps)))
         self.pumps.append(pump)
         self.flush()
         return client
