@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .adapters.memory import MemoryKvStore  # noqa: F401 (the IKvStore double for tests)
@@ -99,6 +100,21 @@ def make_engine(**kwargs):
     """
     clock = Clock()
     return Engine(clock, **kwargs), clock
+
+
+def result_of(d):
+    """
+    @return: what C{d} fired with; it must have fired already (as on a C{Clock} or
+        with C{StubTreq}, once flushed).
+    @raise AssertionError: if C{d} has not fired.
+    @raise Exception: the exception C{d} failed with.
+    """
+    results = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
 
 
 @contextmanager

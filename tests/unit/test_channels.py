@@ -11,6 +11,7 @@ from twisted.internet.testing import MemoryReactorClock
 from iii_twisted.channels import install_channels
 from iii_twisted.engine import Engine
 from iii_twisted.protocol import InvocationError
+from iii_twisted.testing import result_of
 from iii_twisted.worker import WorkerFactory
 
 from socket_harness import pump_client
@@ -46,7 +47,7 @@ class Harness:
 
     def create(self, data=None):
         d = self.engine.call("engine::channels::create", data)
-        return _result(d)
+        return result_of(d)
 
     def connect(self, path):
         client, _, _, pump = pump_client(self.factory, self.reactor, 49134, path, Client,
@@ -63,15 +64,6 @@ class Harness:
         for _ in range(10):
             for pump in self.pumps:
                 pump.flush()
-
-
-def _result(d):
-    results = []
-    d.addBoth(results.append)
-    assert results, "Deferred has not fired"
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from iii_twisted.modules.console.auth import AllGrants, access_for
 from iii_twisted.modules.console.views import History, merged_quantiles
 from iii_twisted.modules.console.web import COOKIE, EventStream
 from iii_twisted.protocol import InvocationError
-from iii_twisted.testing import FakeWorkerConnection
+from iii_twisted.testing import FakeWorkerConnection, result_of
 
 BASE = "http://127.0.0.1:3113"
 
@@ -66,7 +66,7 @@ class Console:
         self.treq = StubTreq(self.module.web.resource)
         d = self.treq.request(method, BASE + path, **kwargs)
         self.treq.flush()
-        return resolve(d)
+        return result_of(d)
 
     def session(self):
         """@return: (cookies, csrf token) of a new browser session."""
@@ -83,24 +83,15 @@ class Console:
                             headers=all_headers, cookies=cookies)
 
 
-def resolve(d):
-    results = []
-    d.addBoth(results.append)
-    assert results, "the Deferred did not fire"
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
-
-
 def body(console, response):
     d = response.content()
     console.treq.flush()
-    return json.loads(resolve(d))
+    return json.loads(result_of(d))
 
 
 def render(console, page, grants=None, params=None):
     grants = grants if grants is not None else AllGrants()
-    return resolve(ensureDeferred(console.module.views.render(page, grants, params or {})))
+    return result_of(ensureDeferred(console.module.views.render(page, grants, params or {})))
 
 
 # -- config ------------------------------------------------------------------------------
@@ -366,7 +357,7 @@ def test_pages_of_missing_modules_say_so():
 
 def test_modules_list_without_a_service():
     console = Console()
-    info = resolve(console.engine.call("engine::modules::list", {}))
+    info = result_of(console.engine.call("engine::modules::list", {}))
     assert info["modules"] == [] and info["version"]
 
 
@@ -384,7 +375,7 @@ def test_sample_counts_user_calls_only():
         "engine_metrics": {"invocations": {"by_function": {
             "app::a": {"calls": 4, "errors": 1}, "engine::workers::list": {"calls": 99,
                                                                           "errors": 0}}}}})
-    sample = resolve(ensureDeferred(console.module.views.sample(Grants(
+    sample = result_of(ensureDeferred(console.module.views.sample(Grants(
         ["engine::metrics::list"]))))
     assert (sample["calls"], sample["errors"]) == (4, 1)
     assert sample["depths"] == {}  # no queue module, and not granted
@@ -485,7 +476,7 @@ def test_an_expensive_page_slows_itself_down():
 
 def test_functions_list_without_include_host_is_unchanged():
     console = Console()
-    [echo] = [f for f in resolve(console.engine.call("engine::functions::list", {}))[
+    [echo] = [f for f in result_of(console.engine.call("engine::functions::list", {}))[
         "functions"] if f["function_id"] == "app::echo"]
     assert "host" not in echo and "worker_id" not in echo
 
@@ -495,7 +486,7 @@ def test_include_flags_must_be_booleans():
     for function_id, flag in (("engine::functions::list", "include_host"),
                               ("engine::triggers::list", "include_refused")):
         with pytest.raises(InvocationError) as raised:
-            resolve(console.engine.call(function_id, {flag: "yes"}))
+            result_of(console.engine.call(function_id, {flag: "yes"}))
         assert raised.value.code == "deserialization_error"
 
 
@@ -508,7 +499,7 @@ def test_refused_triggers_are_bounded():
     for i in range(150):
         worker.receive({"type": "registertrigger", "id": "t{}".format(i),
                         "trigger_type": "http", "function_id": "w::f", "config": {}})
-    refused = resolve(console.engine.call("engine::triggers::list",
+    refused = result_of(console.engine.call("engine::triggers::list",
                                           {"include_refused": True}))["refused"]
     assert len(refused) == 100 and refused[-1]["id"] == "t149"
 
@@ -528,9 +519,9 @@ def test_state_list_with_keys():
     from iii_twisted.modules.state import StateModule
     console = Console()
     StateModule(console.engine, {}, console.clock)
-    resolve(console.engine.call("state::set", {"scope": "s", "key": "k", "value": 1}))
-    assert resolve(console.engine.call("state::list", {"scope": "s"})) == [1]
-    assert resolve(console.engine.call("state::list", {"scope": "s", "with_keys": True})) \
+    result_of(console.engine.call("state::set", {"scope": "s", "key": "k", "value": 1}))
+    assert result_of(console.engine.call("state::list", {"scope": "s"})) == [1]
+    assert result_of(console.engine.call("state::list", {"scope": "s", "with_keys": True})) \
         == [{"key": "k", "value": 1}]
     page = render(console, "state", params={"scope": "s"})
     assert page["groups"] == {"groups": ["s"]}
@@ -541,7 +532,7 @@ def test_stream_list_with_keys():
     from iii_twisted.modules.stream import StreamModule
     console = Console()
     StreamModule(console.engine, {"port": 0}, console.clock)
-    resolve(console.engine.call("stream::set", {"stream_name": "chat", "group_id": "g",
+    result_of(console.engine.call("stream::set", {"stream_name": "chat", "group_id": "g",
                                                 "item_id": "m1", "data": {"t": 1}}))
     page = render(console, "streams", params={"stream": "chat", "group": "g"})
     assert page["streams"]["stream"] == [{"id": "chat", "groups": ["g"]}]
@@ -578,11 +569,11 @@ def test_metrics_without_sdk_metrics():
     console = Console()
     build_module("modules::observability::OtelModule", console.engine,
                  {"exporter": "memory"}, console.clock)
-    answer = resolve(console.engine.call("engine::metrics::list",
+    answer = result_of(console.engine.call("engine::metrics::list",
                                          {"include_sdk_metrics": False}))
     assert answer["sdk_metrics"] == [] and "invocations" in answer["engine_metrics"]
     with pytest.raises(InvocationError):
-        resolve(console.engine.call("engine::metrics::list", {"include_sdk_metrics": 1}))
+        result_of(console.engine.call("engine::metrics::list", {"include_sdk_metrics": 1}))
     page = render(console, "functions")
     assert page["stats_error"] is None
 
@@ -675,7 +666,7 @@ def test_reload_moves_the_console_to_its_new_port():
     run.reload(seed(extra=[{"name": "iii-console", "config": {"port": 3114}}]))
     new = run.module("iii-console")
     assert new is not old and "tcp:3114:interface=127.0.0.1" in run.ports()
-    info = resolve(run.engine.call("engine::modules::list", {}))
+    info = result_of(run.engine.call("engine::modules::list", {}))
     assert [m["class"] for m in info["modules"]][-1] == "modules::console::ConsoleModule"
     assert run.engine.functions["engine::modules::list"].host._fn.__self__ is new
     run.stop()

@@ -19,6 +19,7 @@ from iii_twisted.config import ConfigError
 from iii_twisted.engine import Engine
 from iii_twisted.modules.rest_api import RestApiModule
 from iii_twisted.testing import FakeWorkerConnection
+from iii_twisted.testing import result_of as _response
 
 
 class FakeTransport:
@@ -97,15 +98,6 @@ class Api:
             socket)
         end.opened()
         return socket, end
-
-
-def _response(d):
-    results = []
-    d.addBoth(results.append)
-    assert results, "no response yet"
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
 
 
 def _body(treq, response):

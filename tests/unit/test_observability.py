@@ -27,7 +27,7 @@ from iii_twisted.observability.tracing import (
     Sampler, format_traceparent, parse_traceparent,
 )
 from iii_twisted.protocol import InvocationError
-from iii_twisted.testing import FakeWorkerConnection, make_engine
+from iii_twisted.testing import FakeWorkerConnection, make_engine, result_of
 
 OTEL = "modules::observability::OtelModule"
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -44,15 +44,6 @@ def make(config=None, start=True, **engine_kwargs):
     if start:
         module.startService()
     return engine, clock, module
-
-
-def result_of(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
 def call(engine, function_id, data=None, **kwargs):
