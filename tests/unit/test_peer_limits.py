@@ -14,7 +14,7 @@ from twisted.test import iosim
 
 from iii_twisted.config import ConfigError, from_dict
 from iii_twisted.peer_limits import MIB, PeerFrameLimits
-from iii_twisted.testing import FakeWorkerConnection, log_lines, make_engine
+from iii_twisted.testing import FakeWorkerConnection, log_lines, make_engine, result_of
 
 from socket_harness import Harness
 
@@ -207,10 +207,10 @@ def _channel_end(harness, ref, useragent):
 
 def test_channel_frames_fit_a_python_reader():
     """Binary frames over a Python reader's 1 MiB are split; a text one ends the channel."""
-    from test_channels import Harness as ChannelHarness, _result
+    from test_channels import Harness as ChannelHarness
 
     harness = ChannelHarness()
-    refs = _result(harness.engine.call("engine::channels::create", {}))
+    refs = result_of(harness.engine.call("engine::channels::create", {}))
     writer, _ = _channel_end(harness, refs["writer"], "node")
     reader, reader_server = _channel_end(harness, refs["reader"], PYTHON_UA)
     assert reader_server.max_frame_size == MIB
@@ -230,9 +230,9 @@ def test_channel_frames_fit_a_python_reader():
 
 
 def test_channel_end_of_unknown_library_is_not_limited():
-    from test_channels import Harness as ChannelHarness, _result
+    from test_channels import Harness as ChannelHarness
 
     harness = ChannelHarness()
-    refs = _result(harness.engine.call("engine::channels::create", {}))
+    refs = result_of(harness.engine.call("engine::channels::create", {}))
     _, reader_server = _channel_end(harness, refs["reader"], "node")
     assert reader_server.max_frame_size is None
