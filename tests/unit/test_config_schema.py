@@ -178,8 +178,25 @@ FILE_ERRORS = [
     # adapters
     ("workers:\n  - name: state\n    config: {adapter: {name: kvv}}\n",
      "workers[0].config.adapter.name", "unknown adapter 'kvv'; did you mean 'kv'?"),
-    ("workers:\n  - name: state\n    config: {adapter: {name: bridge}}\n",
-     "workers[0].config.adapter.name", "the bridge adapter is not available"),
+    ("workers:\n  - name: state\n    config: {adapter: {name: bridge, config: "
+     "{bridge_ulr: x}}}\n", "workers[0].config.adapter.config.bridge_ulr",
+     "did you mean 'bridge_url'"),
+    ("modules:\n  - class: modules::stream::StreamModule\n    config: {adapter: "
+     "{class: modules::stream::adapters::Bridge, config: {bridge_url: http://x}}}\n",
+     "modules[0].config.adapter.config.bridge_url", "must be a ws:// or wss:// URL"),
+    # the bridge module
+    ("workers:\n  - name: iii-bridge\n    config: {url: 'http://hub:49134'}\n",
+     "workers[0].config.url", "must be a ws:// or wss:// URL"),
+    ("workers:\n  - name: iii-bridge\n    config: {forward: [{local_function: a}]}\n",
+     "workers[0].config.forward[0].remote_function", "is required"),
+    ("modules:\n  - class: modules::bridge_client::BridgeClientModule\n    config: "
+     "{expose: [{remote_function: x}]}\n", "modules[0].config.expose[0].local_function",
+     "is required"),
+    ("workers:\n  - name: iii-bridge\n    config: {forward: [{local_function: a, "
+     "remote_function: b, timeout_ms: -1}]}\n",
+     "workers[0].config.forward[0].timeout_ms", "must be at least 0"),
+    ("workers:\n  - name: iii-bridge\n    config: {exposes: []}\n",
+     "workers[0].config.exposes", "did you mean 'expose'"),
     ("workers:\n  - name: state\n    config: {adapter: {name: redis, config: "
      "{redis_ulr: x}}}\n", "workers[0].config.adapter.config.redis_ulr",
      "did you mean 'redis_url'"),
