@@ -145,10 +145,10 @@ class BridgeClientModule(Service):
         if problem:
             raise ConfigError(problem + " ($III_URL)" if not config.get("url") else problem,
                               "url")
-        self.url = url
         self._engine = engine
         self.client = client if client is not None else WorkerClient(
             url, reactor, WORKER_NAME)
+        self.url = self.client.url
         engine.register_function("bridge.invoke", self.invoke,
                                  "Invoke a function on the remote III instance")
         engine.register_function("bridge.invoke_async", self.invoke_async,
