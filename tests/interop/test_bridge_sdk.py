@@ -237,3 +237,41 @@ async def _sdk_error(worker, function_id, payload):
     except Exception as e:
         return str(e)
     raise AssertionError("{} succeeded with {!r}".format(function_id, result))
+
+
+@pytest_twisted.ensureDeferred
+async def test_bridge_to_an_engine_with_auth_uses_the_url_token():
+    """A hub whose port needs a token: the bridge's ?token= gets in; a wrong one not."""
+    port = free_port()
+    hub = EngineService({"listen": "tcp:{}:interface=127.0.0.1".format(port),
+                         "auth": {"tokens": [{"name": "bridge", "token": "s3cret"}]},
+                         "modules": []})
+    hub.startService()
+    await hub.listening()
+    hub.engine.register_function("hub::echo", lambda data: {"echo": data})
+    engines = []
+    try:
+        for token, works in [("s3cret", True), ("wrong", False)]:
+            a = EngineService({"listen": "tcp:0:interface=127.0.0.1", "modules": [
+                {"class": "modules::bridge_client::BridgeClientModule", "config": {
+                    "url": "ws://127.0.0.1:{}/?token={}".format(port, token)}}]})
+            a.startService()
+            engines.append(a)
+            bridge = module_of(a, BridgeClientModule)
+            await wait_for(lambda: bridge.client.state not in ("idle", "connecting"),
+                           what="the first attempt")
+            if works:
+                assert bridge.client.state == CONNECTED
+                assert (await a.engine.call("bridge.invoke", {
+                    "function_id": "hub::echo", "data": 1}))["echo"] == 1
+            else:
+                assert bridge.client.state == "disconnected"
+                try:
+                    await a.engine.call("bridge.invoke", {"function_id": "hub::echo"})
+                except Exception as e:
+                    assert "iii is not connected" in str(e)
+                else:
+                    raise AssertionError("a refused bridge could call")
+    finally:
+        for service in engines + [hub]:
+            await service.stopService()
