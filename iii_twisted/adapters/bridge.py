@@ -34,7 +34,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..interfaces import IKvStore, InvalidUpdateOp, KvStoreError
-from ..protocol import DESERIALIZATION_ERROR, InvocationError, loads
+from ..protocol import DESERIALIZATION_ERROR, InvocationError, encode, loads
 from ..schema import Key, Section
 from ..wsclient import CONNECTED, DEFAULT_TIMEOUT_MS, LinkError, WorkerClient, check_url
 
@@ -279,7 +279,6 @@ class BridgeStreamBus:
         if not isinstance(name, str) or not isinstance(group, str):
             raise InvocationError("DESERIALIZATION_ERROR",
                                   "Failed to deserialize stream message: not a stream push")
-        from ..protocol import encode
         self._push_local(name, group, item, encode(message))
         return None
 

@@ -54,10 +54,6 @@ BRIDGE_ERROR = "bridge_error"
 WORKER_NAME = "iii-bridge-client"  # the reference's name for this link (0.23)
 
 
-def _url_problem(url):
-    return check_url(url)
-
-
 EXPOSE_SCHEMA = Section(
     local_function=Key(str, None, "the function of this engine the remote may call",
                        required=True),
@@ -75,7 +71,7 @@ FORWARD_SCHEMA = Section(
 CONFIG_SCHEMA = Section(
     url=Key(str, None, "the remote engine's worker port, ws:// or wss:// (default: "
             "$III_URL, else {}); add ?token=... for an engine with auth".format(
-                DEFAULT_URL), check=_url_problem),
+                DEFAULT_URL), check=check_url),
     expose=Key(ListOf(EXPOSE_SCHEMA), [], "functions of this engine offered to the "
                "remote one"),
     forward=Key(ListOf(FORWARD_SCHEMA), [], "remote functions callable on this engine "

@@ -310,3 +310,33 @@ def test_bad_frames_are_dropped(remote):
 def test_bad_url_refused():
     with pytest.raises(ValueError, match="ws:// or wss://"):
         WorkerClient("http://x", MemoryReactorClock(), "n")
+
+
+def test_logs_once_per_state_change(remote):
+    """Many failed attempts log one warning; the connect and the loss one line each."""
+    from twisted.logger import globalLogPublisher
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        remote.up = False
+        client = make_client(remote)
+        client.start()
+        for delay in (1, 2, 4, 8):
+            remote.reactor.advance(delay)
+        assert remote.attempts == 5
+        remote.up = True
+        remote.reactor.advance(16)
+        remote.flush()
+        assert client.state == CONNECTED
+        remote.go_down()
+        for delay in (1, 2, 4):
+            remote.reactor.advance(delay)
+        assert remote.attempts == 9
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    ours = [e for e in events if e.get("name") == "link-test"
+            and e["log_level"].name in ("info", "warn")]
+    texts = [e["log_format"].split(" {url}")[0].split("{name} ")[1] for e in ours]
+    assert texts == ["cannot connect to", "connected to", "to", "cannot connect to"]
+    client.stop()
