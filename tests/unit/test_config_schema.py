@@ -379,3 +379,45 @@ def test_convert_says_it_drops_listener_names():
         "  - name: public\n    listen: 'tcp:0'\nmodules: []\n")
     assert target == "current"
     assert "# note: listener names not kept (trusted, public)" in text
+
+
+BRIDGE_V010 = """\
+modules:
+  - class: modules::bridge_client::BridgeClientModule
+    config:
+      url: ws://hub:49134
+      expose: [{local_function: a::f}]
+      forward: [{local_function: r::echo, remote_function: echo, timeout_ms: 5000}]
+  - class: modules::state::StateModule
+    config:
+      adapter: {class: modules::state::adapters::Bridge, config: {bridge_url: "ws://hub:49134"}}
+  - class: modules::stream::StreamModule
+    config:
+      adapter: {class: modules::stream::adapters::Bridge}
+"""
+
+BRIDGE_CURRENT = """\
+workers:
+  - name: iii-bridge
+    config:
+      url: ws://hub:49134
+      expose: [{local_function: a::f}]
+      forward: [{local_function: r::echo, remote_function: echo, timeout_ms: 5000}]
+  - name: state
+    config:
+      adapter: {name: bridge, config: {bridge_url: "ws://hub:49134"}}
+  - name: iii-stream
+    config:
+      adapter: {name: bridge}
+"""
+
+
+@pytest.mark.parametrize("text", [BRIDGE_V010, BRIDGE_CURRENT])
+def test_bridge_config_in_both_formats(text):
+    """The bridge module and the Bridge adapters load the same from either format."""
+    config = parse(text)
+    assert model(config) == model(parse(BRIDGE_V010))
+    assert [m.instance for m in config.modules] == ["iii-bridge", "iii-state",
+                                                     "iii-stream"]
+    _, converted = convert_text(text, "f.yaml")
+    assert model(parse(converted)) == model(config)
