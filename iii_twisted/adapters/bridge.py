@@ -53,11 +53,23 @@ STREAM_WORKER_NAME = "iii-stream-bridge"
 
 def bridge_client_from_config(config, reactor, name):
     """
-    @param config: the adapter's validated ``config`` mapping.
-    @return: a (not yet started) L{WorkerClient} to ``bridge_url``.
+    @param config: the adapter's ``config`` mapping.
+    @return: a (not yet started) L{WorkerClient} to ``bridge_url``, named C{name}.
+    @raise ConfigError: naming the key at fault.
     """
-    return WorkerClient((config or {}).get("bridge_url") or DEFAULT_BRIDGE_URL, reactor,
-                        name)
+    config = BRIDGE_SCHEMA.validate(config)
+    return WorkerClient(config.get("bridge_url") or DEFAULT_BRIDGE_URL, reactor, name)
+
+
+def state_store_from_config(config, reactor):
+    """@return: the L{BridgeStateStore} of a state ``Bridge`` adapter config."""
+    return BridgeStateStore(bridge_client_from_config(config, reactor, STATE_WORKER_NAME))
+
+
+def stream_store_from_config(config, reactor, split_group):
+    """@return: the L{BridgeStreamStore} of a stream ``Bridge`` adapter config."""
+    return BridgeStreamStore(bridge_client_from_config(config, reactor, STREAM_WORKER_NAME),
+                             split_group)
 
 
 def _store_error(failure, function_id):

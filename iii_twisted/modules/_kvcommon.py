@@ -67,8 +67,8 @@ def kv_adapter_from_config(config, reactor, kv_class, extra_keys=(), redis_class
         its config is ``{redis_url}`` (L{iii_twisted.adapters.redis_kv}).
     @param redis_prefixes: (key prefix, group prefix) of the Redis store.
     @param bridge_class: the class name of the module's ``Bridge`` adapter, if any;
-        C{bridge_store(client)} builds its store on a L{iii_twisted.wsclient.WorkerClient}
-        to ``bridge_url`` (L{iii_twisted.adapters.bridge}).
+        C{bridge_store(adapter_config, reactor)} builds its store
+        (L{iii_twisted.adapters.bridge}).
     @return: (store, adapter config mapping).
     @raise ConfigError: naming ``adapter.class`` for an unknown class, or the
         adapter config key at fault.
@@ -93,7 +93,7 @@ def kv_adapter_from_config(config, reactor, kv_class, extra_keys=(), redis_class
         raise ConfigError("must be a mapping", "adapter.config")
     try:
         if name == bridge_class:
-            store = bridge_store(_bridge_client(adapter_config, reactor, bridge_class))
+            store = bridge_store(adapter_config, reactor)
         elif name == redis_class:
             from ..adapters import redis_kv_store_from_config
             store = redis_kv_store_from_config(adapter_config, reactor, name,
@@ -105,15 +105,6 @@ def kv_adapter_from_config(config, reactor, kv_class, extra_keys=(), redis_class
             raise
         raise e.within("adapter.config")
     return store, adapter_config
-
-
-def _bridge_client(adapter_config, reactor, bridge_class):
-    """@return: the link of a ``Bridge`` adapter. @raise ConfigError: naming the key."""
-    from ..adapters.bridge import (
-        BRIDGE_SCHEMA, STATE_WORKER_NAME, STREAM_WORKER_NAME, bridge_client_from_config)
-    adapter_config = BRIDGE_SCHEMA.validate(adapter_config)
-    name = STREAM_WORKER_NAME if "::stream::" in bridge_class else STATE_WORKER_NAME
-    return bridge_client_from_config(adapter_config, reactor, name)
 
 
 class EventDispatcher:

@@ -43,7 +43,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..adapters import KV_STORE_SCHEMA, REDIS_SCHEMA
-from ..adapters.bridge import BRIDGE_SCHEMA, BridgeStateStore
+from ..adapters.bridge import BRIDGE_SCHEMA, state_store_from_config
 from ..schema import Adapter, Adapters, Key, Section
 from ..interfaces import IModule, InvalidUpdateOp, ITriggerProvider, KvStoreError, TriggerError
 from ..protocol import InvocationError
@@ -101,7 +101,7 @@ class StateModule(Service):
             store, _ = kv_adapter_from_config(config, reactor, KV_ADAPTER,
                                               redis_class=REDIS_ADAPTER,
                                               bridge_class=BRIDGE_ADAPTER,
-                                              bridge_store=BridgeStateStore)
+                                              bridge_store=state_store_from_config)
         self.store = store
         self._engine = engine
         self._triggers = {}  # trigger id -> (Trigger, scope, key)

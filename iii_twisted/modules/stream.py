@@ -66,7 +66,7 @@ from zope.interface import implementer
 
 from .. import __version__
 from ..adapters import KV_STORE_SCHEMA, REDIS_SCHEMA
-from ..adapters.bridge import BRIDGE_SCHEMA, BridgeStreamBus, BridgeStreamStore
+from ..adapters.bridge import BRIDGE_SCHEMA, BridgeStreamBus, stream_store_from_config
 from ..auth import AuthRefused, Authenticator, parse_auth_config
 from ..config import ConfigError, get_option
 from ..listeners import Listener
@@ -136,8 +136,8 @@ def split_store_group(group):
     return (unquote(name), group_id) if sep else None
 
 
-def _bridge_store(client):
-    return BridgeStreamStore(client, split_store_group)
+def _bridge_store(adapter_config, reactor):
+    return stream_store_from_config(adapter_config, reactor, split_store_group)
 
 
 def _now_ms(clock):
