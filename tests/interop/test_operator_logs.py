@@ -18,8 +18,8 @@ from engine_process import (
 
 TWIST = os.path.join(os.path.dirname(TWISTD), "twist")
 
-#: The REST API under the class name the reference's own configs use.
-REST_API = """\
+#: The REST API under its other class name (modules::rest_api), the module's default timeout.
+HTTP_API = """\
   - class: modules::rest_api::RestApiModule
     config: {{host: 127.0.0.1, port: {http}}}
 """
@@ -117,7 +117,7 @@ def test_log_level_warn_keeps_only_warnings(tmp_path, sdk_worker):
             assert any(tag in line for tag in ("#warn]", "#error]", "#critical]")), line
 
 
-HEALTH_CONFIG = v010_config(REST_API, state_file("./data/state"), PROMETHEUS, head=LISTEN)
+HEALTH_CONFIG = v010_config(HTTP_API, state_file("./data/state"), PROMETHEUS, head=LISTEN)
 
 
 def _get(url):
@@ -203,7 +203,7 @@ def test_sigterm_drains_calls_in_flight(start_engine, sdk_worker):
 def test_not_ready_while_redis_is_down(start_engine, own_redis):
     """Readiness is false while a required store (Redis) is unreachable, and comes back."""
     engine = start_engine(v010_config(
-        REST_API, state_redis(own_redis.url),
+        HTTP_API, state_redis(own_redis.url),
         queue_module(adapter={"class": "modules::queue::RedisAdapter",
                               "config": {"redis_url": own_redis.url}}),
         head=LISTEN), http=True)
