@@ -362,6 +362,13 @@ class RedisQueueBroker:
     def publish_fanout(self, topic, job):
         return Deferred.fromCoroutine(self._publish_fanout(topic, job))
 
+    def remove_fanout(self, topic, queue):
+        """
+        Keeps the record: another engine may still subscribe the queue, and a durable
+        subscription collects messages while its subscriber is away.
+        """
+        return succeed(None)
+
     def ack(self, job):
         k = _keys(job.queue)
         d = self._ack.call([k["inflight"], k["jobs"], k["glock"], k["groups"]], [job.id])
@@ -464,3 +471,12 @@ class RedisQueueBroker:
 
     def dlq_queues(self):
         return Deferred.fromCoroutine(self._dlq_queues())
+
+
+    # -- what this process holds: nothing (the messages are on the server) ----------
+
+    def local_queues(self):
+        return []
+
+    def local_counts(self, queue):
+        return {"ready": 0, "delayed": 0, "dlq": 0}
