@@ -38,6 +38,7 @@ from uuid import uuid4
 
 from twisted.internet.defer import fail, gatherResults, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..interfaces import IQueueBroker
@@ -212,7 +213,7 @@ class BuiltinQueueBroker:
             return
         q.dispatching = True
         try:
-            q.again = True
+            self._hand_out(q)
             while q.again:
                 q.again = False
                 self._hand_out(q)
@@ -220,31 +221,25 @@ class BuiltinQueueBroker:
             q.dispatching = False
 
     def _hand_out(self, q):
-        ready = q.ready
-        if not q.fifo:
-            while self._running and q.consuming and ready and len(q.held) < q.prefetch:
-                job = ready.popleft()
-                q.held[job.id] = job
-                self._give(q, job)
-            return
+        ready, held, arrived = q.ready, q.held, self._arrived
         i = 0
-        while self._running and q.consuming and i < len(ready) and len(q.held) < q.prefetch:
-            job = ready[i]
-            holder = q.groups.get(job.group)
-            if holder is not None and holder != job.id:
-                i += 1  # its group waits for an earlier message
-                continue
-            del ready[i]
-            q.groups[job.group] = job.id
-            q.held[job.id] = job
-            self._give(q, job)
-
-    def _give(self, q, job):
-        try:
-            self._arrived(job)
-        except Exception:
-            self._log.failure("queue {queue}: handing out {job_id} failed", queue=q.key,
-                              job_id=job.id)
+        while self._running and q.consuming and len(held) < q.prefetch and i < len(ready):
+            if q.fifo:
+                job = ready[i]
+                holder = q.groups.get(job.group)
+                if holder is not None and holder != job.id:
+                    i += 1  # its group waits for an earlier message
+                    continue
+                del ready[i]
+                q.groups[job.group] = job.id
+            else:
+                job = ready.popleft()
+            held[job.id] = job
+            try:
+                arrived(job)
+            except Exception:
+                self._log.failure("queue {queue}: handing out {job_id} failed",
+                                  queue=q.key, job_id=job.id)
 
     # -- messages --------------------------------------------------------------------
 
@@ -253,18 +248,17 @@ class BuiltinQueueBroker:
         # Until its record is durable the job is only here (a compaction's snapshot
         # must still include it).
         self._storing[job.id] = job
-        d = self.store.append([{"op": "enq", "job": job.record()}])
+        return self.store.append([{"op": "enq", "job": job.record()}]).addBoth(
+            self._stored, job)
 
-        def stored(_):
-            del self._storing[job.id]
-            q = self._queue(job.queue)
-            q.ready.append(job)
-            self._dispatch(q)
-
-        def not_stored(failure):
-            del self._storing[job.id]
-            return failure
-        return d.addCallbacks(stored, not_stored)
+    def _stored(self, result, job):
+        del self._storing[job.id]
+        if isinstance(result, Failure):
+            return result
+        q = self._queues.get(job.queue) or self._queue(job.queue)
+        q.ready.append(job)
+        self._dispatch(q)
+        return None
 
     def add_fanout(self, topic, queue):
         self._fanouts.setdefault(topic, set()).add(queue)
@@ -295,11 +289,15 @@ class BuiltinQueueBroker:
         return q
 
     def ack(self, job):
-        q = self._settled(job)
+        q = self._queues.get(job.queue)
         if q is not None:
-            q.release(job)
-            self._dispatch(q)
-            self._forget_if_empty(q)
+            q.held.pop(job.id, None)
+            if q.groups:
+                q.release(job)
+            if q.ready:
+                self._dispatch(q)
+            elif not (q.consuming or q.held or q.delayed or q.dlq):
+                self._forget_if_empty(q)
         return self._record({"op": "ack", "id": job.id})
 
     def retry(self, job, delay_ms):

@@ -262,7 +262,8 @@ class QueueModule(QueueFunctions, Service):
             group = _group_key(data[field])
         job = self._new_job(FN_QUEUE_PREFIX + queue, function_id, data, group,
                             traceparent, baggage)
-        return self._accept(job).addCallback(lambda _: job.id)
+        return self.broker.publish(job).addCallbacks(
+            lambda _: job.id, self._publish_failed, errbackArgs=(job,))
 
     def depths(self):
         """
@@ -296,9 +297,10 @@ class QueueModule(QueueFunctions, Service):
                    traceparent, baggage)
 
     def _accept(self, job):
-        d = self.broker.publish(job)
-        return d.addCallbacks(self._published, self._publish_failed, callbackArgs=(job,),
-                              errbackArgs=(job,))
+        """@return: Deferred firing with None once the broker holds C{job}."""
+        return self.broker.publish(job).addCallbacks(
+            self._published, self._publish_failed, callbackArgs=(job,),
+            errbackArgs=(job,))
 
     def _published(self, _, job):
         self._queue(job.queue)  # a topic nobody consumes yet is listed from now on
@@ -347,10 +349,11 @@ class QueueModule(QueueFunctions, Service):
             return
         queue.pumping = True
         try:
-            queue.pump_again = True
-            while queue.pump_again:
+            self._pump_once(queue)
+            while queue.pump_again and queue.waiting:
                 queue.pump_again = False
                 self._pump_once(queue)
+            queue.pump_again = False
         finally:
             queue.pumping = False
 

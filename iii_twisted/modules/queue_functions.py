@@ -62,7 +62,7 @@ class QueueFunctions:
             raise bad_input("enqueue", "topic names may not start with {}".format(
                 FN_QUEUE_PREFIX))
         job = self._new_job(topic, None, data.get("data"))
-        return self._accept(job).addCallback(lambda _: None)
+        return self._accept(job)
 
     def _fn_durable_publish(self, data):
         """
