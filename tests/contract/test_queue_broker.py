@@ -437,3 +437,36 @@ async def test_fifo_retry_keeps_its_place(brokers):
     await wait_for(lambda: len(arrivals) == 3, what="the second message")
     assert arrivals[2][1].data["n"] == 2
     await arrivals[2][0].ack(arrivals[2][1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_fifo_messages_without_a_group_are_one_group(brokers):
+    """
+    A FIFO topic queue's messages have no group: they are one group, handed out one
+    at a time in order, a retry holding the line.
+    """
+    arrivals = []
+    a = await brokers.start()
+    b = await brokers.another(a)
+    a._arrived = lambda j: arrivals.append((a, j))
+    b._arrived = lambda j: arrivals.append((b, j))
+    q = queue_name()
+    for n in (1, 2, 3):
+        await a.publish(job(q, n))
+    a.consume(q, 5, True)
+    b.consume(q, 5, True)
+    await wait_for(lambda: len(arrivals) == 1, what="the first message")
+    await task.deferLater(reactor, 0.1, lambda: None)
+    assert len(arrivals) == 1
+    holder, first = arrivals[0]
+    await holder.retry(Job.from_record(dict(first.record(), attempts=1)), 100)
+    for expected in [(1, 1), (2, 0), (3, 0)]:
+        await wait_for(lambda: (arrivals[-1][1].data["n"],
+                                arrivals[-1][1].attempts) == expected,
+                       what="message {}".format(expected))
+        await task.deferLater(reactor, 0.05, lambda: None)
+        broker, j = arrivals[-1]
+        assert (j.data["n"], j.attempts) == expected
+        await broker.ack(j)
+    assert [(j.data["n"], j.attempts) for _, j in arrivals] == [(1, 0), (1, 1), (2, 0),
+                                                                (3, 0)]
