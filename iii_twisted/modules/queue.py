@@ -48,28 +48,19 @@ from uuid import uuid4
 from twisted.application.service import Service
 from twisted.internet.defer import fail, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import protocol as P
 from ..interfaces import IEnqueuer, IModule, ITriggerProvider, TriggerError
 from ..protocol import InvocationError
-from .queue_config import (
-    CONFIG_SCHEMA, DURABLE_PREFIX, FN_QUEUE_PREFIX, Job, QueueSettings, adapter_settings,
-    build_broker, display_name, durable_key, named_queues,
+from .queue_config import (  # noqa: F401 (DURABLE_SUBSCRIBER, Job: this module's API)
+    CONFIG_SCHEMA, DURABLE_SUBSCRIBER, FN_QUEUE_PREFIX, Job, QueueSettings,
+    adapter_settings, build_broker, display_name, durable_key, named_queues,
+    subscription_config,
 )
 from .queue_functions import QueueFunctions
 
-_SUBSCRIPTION_KEYS = {"type", "concurrency", "maxRetries", "visibilityTimeout",
-                      "delaySeconds", "backoffType", "backoffDelayMs", "maxPriority"}
-# Per-subscriber settings the reference knows that this queue does not implement: a
-# trigger naming one is refused (rather than run with the setting silently off).
-_UNSUPPORTED_SUBSCRIPTION_KEYS = {
-    "visibilityTimeout": "there is no visibility timeout (a delivery lasts until its "
-                         "call ends or times out: invocation_timeout_ms)",
-    "delaySeconds": "deliveries are not delayed",
-    "maxPriority": "there are no priority queues (RabbitMQ only in the reference)",
-}
-DURABLE_SUBSCRIBER = "durable:subscriber"
 
 
 class _Subscription:
@@ -207,11 +198,15 @@ class QueueModule(QueueFunctions, Service):
         """
         Service.startService(self)
         started = self.broker.start(self._arrived)
-        failed = []
-        started.addErrback(failed.append)
-        if failed:
-            Service.stopService(self)
-            failed[0].raiseException()
+        if started.called:
+            outcome = []
+            started.addBoth(outcome.append)
+            if isinstance(outcome[0], Failure):
+                Service.stopService(self)
+                outcome[0].raiseException()
+        else:
+            started.addErrback(lambda f: self._log.failure(
+                "queue: the broker failed to start", f))
         for key in self.broker.local_queues():
             self._queue(key)  # replayed: listed, counted, consumed when subscribed
         for queue in list(self.queues.values()):
@@ -517,71 +512,8 @@ class QueueModule(QueueFunctions, Service):
 
     def _subscription(self, trigger):
         """@return: (queue key, L{_Subscription}); @raise TriggerError: a bad config."""
-        kind_name = trigger.trigger_type
-        config = trigger.config if trigger.config is not None else {}
-        if not isinstance(config, dict):
-            raise TriggerError("{} trigger {}: config must be an object with a "
-                               "'topic'".format(kind_name, trigger.id))
-        topic = config.get("topic")
-        if not isinstance(topic, str) or not topic:
-            raise TriggerError(
-                "{} trigger {}: config needs a non-empty string 'topic' (the topic "
-                "the `{}` function writes to)".format(
-                    kind_name, trigger.id,
-                    "iii::durable::publish" if kind_name == DURABLE_SUBSCRIBER
-                    else "enqueue"))
-        if topic.startswith(FN_QUEUE_PREFIX) or topic.startswith(DURABLE_PREFIX):
-            raise TriggerError("{} trigger {}: topic names may not start with {} or "
-                               "{}".format(kind_name, trigger.id, FN_QUEUE_PREFIX,
-                                           DURABLE_PREFIX))
-        condition = config.get("condition_function_id")
-        if condition is not None and not isinstance(condition, str):
-            raise TriggerError("{} trigger {}: condition_function_id must be a "
-                               "string".format(kind_name, trigger.id))
-        sub_config = config.get("queue_config")
-        if sub_config is None:
-            sub_config = {}
-        if not isinstance(sub_config, dict):
-            raise TriggerError("{} trigger {}: queue_config must be an object".format(
-                kind_name, trigger.id))
-        where = "{} trigger {}: queue_config.".format(kind_name, trigger.id)
-        for key, why in sorted(_UNSUPPORTED_SUBSCRIPTION_KEYS.items()):
-            if sub_config.get(key) is not None:
-                raise TriggerError("{}{} is not supported by this engine's queue: "
-                                   "{}".format(where, key, why))
-        kind = sub_config.get("type")
-        if kind == "concurrent":  # the reference reads any non-fifo mode as standard
-            kind = "standard"
-        if kind not in (None, "standard", "fifo"):
-            raise TriggerError("{}type must be 'standard' or 'fifo', not {!r}".format(
-                where, kind))
-        concurrency = _sub_int(sub_config, "concurrency", self.defaults.concurrency,
-                               where, 1)
-        fifo = kind == "fifo" or (kind is None and self.defaults.fifo)
-        settings = None
-        retries = _sub_int(sub_config, "maxRetries", None, where, 0)
-        backoff = _sub_int(sub_config, "backoffDelayMs", None, where, 0)
-        backoff_type = sub_config.get("backoffType")
-        if backoff_type not in (None, "exponential", "fixed"):
-            raise TriggerError("{}backoffType must be 'exponential' or 'fixed', not "
-                               "{!r}".format(where, backoff_type))
-        if retries is not None or backoff is not None or backoff_type is not None:
-            base = self.defaults
-            attempts = base.max_attempts
-            if retries is not None:
-                attempts = retries + 1 if kind_name == DURABLE_SUBSCRIBER else max(retries, 1)
-            settings = QueueSettings(
-                max_attempts=attempts, concurrency=concurrency, fifo=fifo,
-                backoff_ms=base.backoff_ms if backoff is None else backoff,
-                poll_interval_ms=base.poll_interval_ms,
-                fixed_backoff=backoff_type == "fixed")
-        for key in set(sub_config) - _SUBSCRIPTION_KEYS:
-            self._log.warn("{kind} trigger {trigger_id}: unknown queue_config key {key} "
-                           "ignored", kind=kind_name, trigger_id=trigger.id, key=key)
-        subscription = _Subscription(trigger, 1 if fifo else concurrency, fifo, settings)
-        if kind_name == DURABLE_SUBSCRIBER:
-            return durable_key(topic, trigger.function_id), subscription
-        return topic, subscription
+        key, concurrency, fifo, settings = subscription_config(trigger, self.defaults)
+        return key, _Subscription(trigger, concurrency, fifo, settings)
 
     def unregister_trigger(self, trigger):
         """Stop consuming for C{trigger}. @return: Deferred firing with None."""
@@ -607,12 +539,3 @@ class QueueModule(QueueFunctions, Service):
             self._maybe_forget(queue)
         return succeed(None)
 
-
-def _sub_int(config, key, default, where, minimum):
-    value = config.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise TriggerError("{}{} must be an integer of at least {}, not {!r}".format(
-            where, key, minimum, value))
-    return value

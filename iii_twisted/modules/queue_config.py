@@ -1,8 +1,9 @@
 """
 What a queue is, for the queue module (L{iii_twisted.modules.queue}) and its brokers:
-the config schema and its parsing into L{QueueSettings}, L{Job} (one message, as
-brokers store it), the keys queues are named by, and L{build_broker}, which makes the
-L{IQueueBroker} the ``adapter`` names.
+the config schema and its parsing into L{QueueSettings} (L{named_queues},
+L{adapter_settings}, and a trigger's ``queue_config``: L{subscription_config}), L{Job}
+(one message, as brokers store it), the keys queues are named by, and
+L{build_broker}, which makes the L{IQueueBroker} the ``adapter`` names.
 
 Queue keys: a named queue from ``queue_configs`` is ``__fn_queue::NAME``, a topic
 queue is the topic, and a ``durable:subscriber`` function's own queue of a topic is
@@ -15,6 +16,7 @@ import os
 from twisted.logger import Logger
 
 from ..config import ConfigError, get_option
+from ..interfaces import TriggerError
 from ..schema import Adapter, Adapters, Key, MapOf, Section
 
 FN_QUEUE_PREFIX = "__fn_queue::"
@@ -23,6 +25,8 @@ BUILTIN_ADAPTER = "modules::queue::BuiltinQueueAdapter"
 REDIS_ADAPTER = "modules::queue::RedisAdapter"
 RABBITMQ_ADAPTER = "modules::queue::RabbitMQAdapter"
 ADAPTERS = (BUILTIN_ADAPTER, REDIS_ADAPTER, RABBITMQ_ADAPTER)
+
+_log = Logger()
 
 _MODULE_KEYS = {"adapter", "queue_configs"}
 _QUEUE_KEYS = {"max_retries", "concurrency", "type", "message_group_field", "backoff_ms",
@@ -166,9 +170,108 @@ def display_name(key):
     return key
 
 
-# -- config ------------------------------------------------------------------------------
+_SUBSCRIPTION_KEYS = {"type", "concurrency", "maxRetries", "visibilityTimeout",
+                      "delaySeconds", "backoffType", "backoffDelayMs", "maxPriority"}
+# Per-subscriber settings the reference knows that this queue does not implement: a
+# trigger naming one is refused (rather than run with the setting silently off).
+_UNSUPPORTED_SUBSCRIPTION_KEYS = {
+    "visibilityTimeout": "there is no visibility timeout (a delivery lasts until its "
+                         "call ends or times out: invocation_timeout_ms)",
+    "delaySeconds": "deliveries are not delayed",
+    "maxPriority": "there are no priority queues (RabbitMQ only in the reference)",
+}
+DURABLE_SUBSCRIBER = "durable:subscriber"
 
-_log = Logger()
+
+def subscription_config(trigger, defaults):
+    """
+    Read a ``queue`` or ``durable:subscriber`` trigger's config.
+
+    @param defaults: the L{QueueSettings} of topic queues.
+    @return: (the key of the queue it consumes, its concurrency, whether it is FIFO,
+        the L{QueueSettings} its ``queue_config`` gives its attempts, or None for the
+        queue's).
+    @raise TriggerError: no topic, a malformed ``queue_config``, or a setting this
+        queue does not implement.
+    """
+    kind_name = trigger.trigger_type
+    config = trigger.config if trigger.config is not None else {}
+    if not isinstance(config, dict):
+        raise TriggerError("{} trigger {}: config must be an object with a "
+                           "'topic'".format(kind_name, trigger.id))
+    topic = config.get("topic")
+    if not isinstance(topic, str) or not topic:
+        raise TriggerError(
+            "{} trigger {}: config needs a non-empty string 'topic' (the topic "
+            "the `{}` function writes to)".format(
+                kind_name, trigger.id,
+                "iii::durable::publish" if kind_name == DURABLE_SUBSCRIBER
+                else "enqueue"))
+    if topic.startswith(FN_QUEUE_PREFIX) or topic.startswith(DURABLE_PREFIX):
+        raise TriggerError("{} trigger {}: topic names may not start with {} or "
+                           "{}".format(kind_name, trigger.id, FN_QUEUE_PREFIX,
+                                       DURABLE_PREFIX))
+    condition = config.get("condition_function_id")
+    if condition is not None and not isinstance(condition, str):
+        raise TriggerError("{} trigger {}: condition_function_id must be a "
+                           "string".format(kind_name, trigger.id))
+    sub_config = config.get("queue_config")
+    if sub_config is None:
+        sub_config = {}
+    if not isinstance(sub_config, dict):
+        raise TriggerError("{} trigger {}: queue_config must be an object".format(
+            kind_name, trigger.id))
+    where = "{} trigger {}: queue_config.".format(kind_name, trigger.id)
+    for key, why in sorted(_UNSUPPORTED_SUBSCRIPTION_KEYS.items()):
+        if sub_config.get(key) is not None:
+            raise TriggerError("{}{} is not supported by this engine's queue: "
+                               "{}".format(where, key, why))
+    kind = sub_config.get("type")
+    if kind == "concurrent":  # the reference reads any non-fifo mode as standard
+        kind = "standard"
+    if kind not in (None, "standard", "fifo"):
+        raise TriggerError("{}type must be 'standard' or 'fifo', not {!r}".format(
+            where, kind))
+    concurrency = _sub_int(sub_config, "concurrency", defaults.concurrency,
+                           where, 1)
+    fifo = kind == "fifo" or (kind is None and defaults.fifo)
+    settings = None
+    retries = _sub_int(sub_config, "maxRetries", None, where, 0)
+    backoff = _sub_int(sub_config, "backoffDelayMs", None, where, 0)
+    backoff_type = sub_config.get("backoffType")
+    if backoff_type not in (None, "exponential", "fixed"):
+        raise TriggerError("{}backoffType must be 'exponential' or 'fixed', not "
+                           "{!r}".format(where, backoff_type))
+    if retries is not None or backoff is not None or backoff_type is not None:
+        base = defaults
+        attempts = base.max_attempts
+        if retries is not None:
+            attempts = retries + 1 if kind_name == DURABLE_SUBSCRIBER else max(retries, 1)
+        settings = QueueSettings(
+            max_attempts=attempts, concurrency=concurrency, fifo=fifo,
+            backoff_ms=base.backoff_ms if backoff is None else backoff,
+            poll_interval_ms=base.poll_interval_ms,
+            fixed_backoff=backoff_type == "fixed")
+    for key in set(sub_config) - _SUBSCRIPTION_KEYS:
+        _log.warn("{kind} trigger {trigger_id}: unknown queue_config key {key} "
+                       "ignored", kind=kind_name, trigger_id=trigger.id, key=key)
+    concurrency = 1 if fifo else concurrency
+    if kind_name == DURABLE_SUBSCRIBER:
+        return durable_key(topic, trigger.function_id), concurrency, fifo, settings
+    return topic, concurrency, fifo, settings
+
+
+def _sub_int(config, key, default, where, minimum):
+    value = config.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise TriggerError("{}{} must be an integer of at least {}, not {!r}".format(
+            where, key, minimum, value))
+    return value
+
+
+# -- config ------------------------------------------------------------------------------
 
 
 def warn_unknown(mapping, known, prefix):
