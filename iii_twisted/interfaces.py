@@ -344,7 +344,8 @@ class IQueueBroker(Interface):
         """
         Hand this engine up to C{prefetch} unsettled messages of C{queue} at a time
         (called again to change C{prefetch}). With C{fifo}, messages of one group
-        (L{Job.group}) are handed out one at a time, in order, across engines.
+        (L{Job.group}; messages without one are one group) are handed out one at a
+        time, in order, across engines, and a message in L{retry} keeps its group.
         """
 
     def stop_consuming(queue: str) -> None:
@@ -368,7 +369,8 @@ class IQueueBroker(Interface):
     def publish_fanout(topic: str, job) -> "Deferred":
         """
         Publish C{job} once to every queue added with L{add_fanout} for C{topic} on any
-        engine (each copy's C{queue} is its own).
+        engine (each copy's C{queue} is its own; its id is C{job}'s, or its own where
+        ids must be unique across queues, as in the builtin broker's journal).
 
         @return: Deferred firing once every copy is held durably.
         """
