@@ -18,12 +18,14 @@ journal format the queue module has always written (so older journals replay)::
 
 (``attempts`` in ``dlq`` records is new with the broker: without it, as in older
 journals, a dead letter replays with the attempts of its last ``nack``, at least 1;
-older code ignores it.) A publish counts (is handed out, and its Deferred fires) only once its ``enq`` record
-is durable. The other records follow a change already made in memory: a crash before
-one is written only means a redelivery (at-least-once). A requeue (the function is not
-registered yet) writes nothing: a restart delivers the message again anyway. Records
-name a message by id alone, so ids are unique across queues: a durable publish's
-first copy keeps the message's id, the others get new ones.
+older code ignores it.) A publish counts (is handed out, and its Deferred fires) only
+once its ``enq`` record is durable. The other records follow a change already made in
+memory: a crash before one is written only means a redelivery (at-least-once). A
+requeue (the function is not registered yet) writes nothing: a restart delivers the
+message again anyway. Requeued messages wait per function: one of them goes round
+each delay, not all of them (L{BuiltinQueueBroker.requeue}). Records name a message
+by id alone, so ids are unique across queues: a durable publish's first copy keeps
+the message's id, the others get new ones.
 
 Hand-out is synchronous: a publish, ack, redrive or due retry hands the next messages
 to C{arrived} before it returns, up to C{prefetch} unsettled per queue; a settle made
@@ -49,19 +51,23 @@ class _Queue:
     One queue's messages.
 
     @ivar ready: jobs to hand out, in order.
-    @ivar delayed: id -> (job, IDelayedCall): waiting out a retry or requeue delay.
+    @ivar delayed: id -> (job, IDelayedCall): waiting out a retry's delay.
+    @ivar parked: function id -> jobs requeued because it is missing, in order.
+    @ivar probes: function id -> (IDelayedCall of its next probe, delay in s).
     @ivar held: id -> job handed out and not settled.
     @ivar dlq: id -> (job, error, failed_at ms), oldest first.
     @ivar groups: FIFO group -> the id holding it (handed out, or in retry).
     """
 
-    __slots__ = ("key", "ready", "delayed", "held", "dlq", "groups", "consuming",
-                 "prefetch", "fifo", "dispatching", "again")
+    __slots__ = ("key", "ready", "delayed", "parked", "probes", "held", "dlq", "groups",
+                 "consuming", "prefetch", "fifo", "dispatching", "again")
 
     def __init__(self, key):
         self.key = key
         self.ready = deque()
         self.delayed = {}
+        self.parked = {}
+        self.probes = {}
         self.held = {}
         self.dlq = {}
         self.groups = {}
@@ -72,7 +78,12 @@ class _Queue:
         self.again = False
 
     def empty(self):
-        return not (self.ready or self.delayed or self.held or self.dlq or self.consuming)
+        return not (self.ready or self.delayed or self.parked or self.held or self.dlq
+                    or self.consuming)
+
+    def waiting(self):
+        """@return: how many jobs wait out a delay (retries and parked requeues)."""
+        return len(self.delayed) + sum(len(jobs) for jobs in self.parked.values())
 
     def release(self, job):
         if self.groups.get(job.group) == job.id:
@@ -181,6 +192,12 @@ class BuiltinQueueBroker:
                 call.cancel()
                 queue.ready.appendleft(job)
             queue.delayed.clear()
+            for call, _ in queue.probes.values():
+                call.cancel()
+            queue.probes.clear()
+            for jobs in reversed(list(queue.parked.values())):
+                queue.ready.extendleft(reversed(jobs))
+            queue.parked.clear()
         return self.store.close()
 
     # -- consuming -------------------------------------------------------------------
@@ -296,24 +313,13 @@ class BuiltinQueueBroker:
                 q.release(job)
             if q.ready:
                 self._dispatch(q)
-            elif not (q.consuming or q.held or q.delayed or q.dlq):
+            elif not (q.consuming or q.held or q.delayed or q.parked or q.dlq):
                 self._forget_if_empty(q)
         return self._record({"op": "ack", "id": job.id})
 
     def retry(self, job, delay_ms):
         """Journal the attempt count, then hand the message out after C{delay_ms}."""
-        self._later(job, delay_ms)
-        return self._record({"op": "nack", "id": job.id, "attempts": job.attempts})
-
-    def requeue(self, job, delay_ms):
-        """As L{retry}; nothing to journal (the attempts did not change)."""
-        self._later(job, delay_ms)
-        return succeed(None)
-
-    def _later(self, job, delay_ms):
-        q = self._settled(job)
-        if q is None:
-            q = self._queue(job.queue)
+        q = self._settled(job) or self._queue(job.queue)
         if self._running:
             # The job keeps its FIFO group meanwhile.
             call = self._clock.callLater(delay_ms / 1000.0, self._due, q, job)
@@ -321,10 +327,66 @@ class BuiltinQueueBroker:
         else:
             q.ready.appendleft(job)  # settled after stop: first in line at the restart
         self._dispatch(q)
+        return self._record({"op": "nack", "id": job.id, "attempts": job.attempts})
 
     def _due(self, q, job):
         q.delayed.pop(job.id, None)
         q.ready.appendleft(job)  # retries go first, as in the reference
+        self._dispatch(q)
+
+    def requeue(self, job, delay_ms):
+        """
+        The message's function is missing: park it with the others of that function
+        (nothing to journal: the attempts did not change). After C{delay_ms} the first
+        one is handed out again; the rest follow at once when it is not requeued
+        again (the function is back), else after the next delay. One probe per
+        function, rather than every parked message going round each time.
+        """
+        q = self._settled(job) or self._queue(job.queue)
+        if not self._running:
+            q.ready.appendleft(job)
+            return succeed(None)
+        # The job keeps its FIFO group meanwhile.
+        q.parked.setdefault(job.function_id, deque()).append(job)
+        if job.function_id not in q.probes:
+            self._schedule_probe(q, job.function_id, delay_ms / 1000.0)
+        self._dispatch(q)
+        return succeed(None)
+
+    def _schedule_probe(self, q, function_id, delay):
+        q.probes[function_id] = (
+            self._clock.callLater(delay, self._probe, q, function_id), delay)
+
+    def _probe(self, q, function_id):
+        _, delay = q.probes.pop(function_id)
+        jobs = q.parked.get(function_id)
+        if not jobs:
+            return
+        job = jobs.popleft()
+        if not jobs:
+            del q.parked[function_id]
+        q.ready.appendleft(job)
+        self._dispatch(q)
+        again = q.parked.get(function_id)
+        if again and again[-1] is job:
+            # Requeued (which scheduled the next probe): still missing. It keeps its
+            # place, first.
+            again.pop()
+            again.appendleft(job)
+            return
+        if not again:
+            return
+        if job in q.ready:
+            # Not handed out yet (the queue is full): probe again later.
+            if function_id not in q.probes:
+                self._schedule_probe(q, function_id, delay)
+            return
+        # The module took it: the function is back; the rest go first, in order.
+        del q.parked[function_id]
+        probe = q.probes.pop(function_id, None)
+        if probe is not None:
+            probe[0].cancel()
+        q.ready.extendleft(reversed(again))
         self._dispatch(q)
 
     def dead(self, job, error, failed_at):
@@ -388,7 +450,7 @@ class BuiltinQueueBroker:
         q = self._queues.get(queue)
         if q is None:
             return succeed({"ready": 0, "delayed": 0, "in_flight": 0, "dlq": 0})
-        return succeed({"ready": len(q.ready), "delayed": len(q.delayed),
+        return succeed({"ready": len(q.ready), "delayed": q.waiting(),
                         "in_flight": len(q.held), "dlq": len(q.dlq)})
 
     def dlq_queues(self):
@@ -401,7 +463,7 @@ class BuiltinQueueBroker:
         q = self._queues.get(queue)
         if q is None:
             return {"ready": 0, "delayed": 0, "dlq": 0}
-        return {"ready": len(q.ready), "delayed": len(q.delayed), "dlq": len(q.dlq)}
+        return {"ready": len(q.ready), "delayed": q.waiting(), "dlq": len(q.dlq)}
 
     # -- journal compaction ----------------------------------------------------------
 
@@ -411,6 +473,7 @@ class BuiltinQueueBroker:
         for q in self._queues.values():
             jobs = list(q.held.values())
             jobs += [job for job, _ in q.delayed.values()]
+            jobs += [job for parked in q.parked.values() for job in parked]
             jobs += list(q.ready)
             records += [{"op": "enq", "job": job.record()} for job in jobs]
             for job, error, failed_at in q.dlq.values():

@@ -178,3 +178,69 @@ class BuiltinDeliveryTests(SynchronousTestCase):
         with self.assertRaises(OSError):
             module.startService()
         assert not module.running
+
+
+class RequeueTests(SynchronousTestCase):
+    """The builtin broker's requeue: messages of a missing function wait together."""
+
+    def setUp(self):
+        from twisted.internet.task import Clock
+
+        from iii_twisted.adapters.queue_builtin import BuiltinQueueBroker
+        from iii_twisted.adapters.queue_journal import MemoryQueueStore
+        from iii_twisted.modules.queue import Job
+
+        self.clock = Clock()
+        self.broker = BuiltinQueueBroker(MemoryQueueStore(), self.clock, Job.from_record)
+        self.arrived = []
+        self.missing = True
+
+        def arrived(job):
+            # As the module does: a missing function's message goes back at once.
+            self.arrived.append(job.data)
+            if self.missing:
+                self.broker.requeue(job, 100)
+        self.successResultOf(self.broker.start(arrived))
+        for n in range(5):
+            self.successResultOf(self.broker.publish(
+                Job(str(n), "q", "f", n, 0, 0)))
+
+    def test_one_goes_round_per_delay_then_all_in_order(self):
+        """While the function is missing one message per delay is handed out."""
+        self.broker.consume("q", 10, False)
+        assert self.arrived == [0, 1, 2, 3, 4]
+        for _ in range(3):
+            self.clock.advance(0.1)
+        assert self.arrived == [0, 1, 2, 3, 4, 0, 0, 0]
+        assert self.successResultOf(self.broker.stats("q"))["delayed"] == 5
+        self.missing = False
+        self.clock.advance(0.1)
+        assert self.arrived[8:] == [0, 1, 2, 3, 4]
+        assert self.successResultOf(self.broker.stats("q")) == {
+            "ready": 0, "delayed": 0, "in_flight": 5, "dlq": 0}
+        self.successResultOf(self.broker.stop())
+        assert self.clock.getDelayedCalls() == []
+
+    def test_stop_puts_parked_messages_first_in_line(self):
+        """Parked messages are kept (and snapshot) at stop, in order."""
+        self.broker.consume("q", 10, False)
+        self.successResultOf(self.broker.stop())
+        assert self.clock.getDelayedCalls() == []
+        assert [r["job"]["data"] for r in self.broker._snapshot()] == [0, 1, 2, 3, 4]
+
+
+class ManyWaitingTests(SynchronousTestCase):
+    def test_many_messages_wait_for_their_function_then_go_in_order(self):
+        """A backlog for a missing function waits cheaply and then goes, in order."""
+        engine, clock, module = make()
+        for n in range(1000):
+            self.successResultOf(enqueue(engine, "orders", "later", n))
+        clock.advance(5)
+        stats = self.successResultOf(engine.call("engine::queue::topic_stats",
+                                                 {"topic": "orders"}))
+        assert (stats["depth"], stats["in_flight"]) == (1000, 0)
+        later = Consumer(engine, "later")
+        clock.advance(0.1)
+        assert later.calls == list(range(1000))
+        module.stopService()
+        assert clock.getDelayedCalls() == []
