@@ -231,11 +231,13 @@ class BuiltinQueueBroker:
         q.dispatching = True
         try:
             self._hand_out(q)
-            while q.again:
+            # A standard queue's loop saw every change made meanwhile; a FIFO one may
+            # have passed a group that was freed since.
+            while q.again and q.fifo:
                 q.again = False
                 self._hand_out(q)
         finally:
-            q.dispatching = False
+            q.dispatching = q.again = False
 
     def _hand_out(self, q):
         ready, held, arrived = q.ready, q.held, self._arrived

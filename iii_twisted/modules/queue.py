@@ -427,9 +427,11 @@ class QueueModule(QueueFunctions, Service):
         return subscription
 
     def _settle(self, d):
-        d.addErrback(lambda f: self._log.warn(
-            "queue: recording what became of a message failed (it is delivered again "
-            "later): {error}", error=f.getErrorMessage()))
+        d.addErrback(self._settle_failed)
+
+    def _settle_failed(self, failure):
+        self._log.warn("queue: recording what became of a message failed (it is "
+                       "delivered again later): {error}", error=failure.getErrorMessage())
 
     def _delivered(self, result, queue, job):
         self._finish(queue, job)
