@@ -54,13 +54,14 @@ class _Queue:
     @ivar delayed: id -> (job, IDelayedCall): waiting out a retry's delay.
     @ivar parked: function id -> jobs requeued because it is missing, in order.
     @ivar probes: function id -> (IDelayedCall of its next probe, delay in s).
+    @ivar due: function ids whose probe is due (waiting for a free slot).
     @ivar held: id -> job handed out and not settled.
     @ivar dlq: id -> (job, error, failed_at ms), oldest first.
     @ivar groups: FIFO group -> the id holding it (handed out, or in retry).
     """
 
-    __slots__ = ("key", "ready", "delayed", "parked", "probes", "held", "dlq", "groups",
-                 "consuming", "prefetch", "fifo", "dispatching", "again")
+    __slots__ = ("key", "ready", "delayed", "parked", "probes", "due", "held", "dlq",
+                 "groups", "consuming", "prefetch", "fifo", "dispatching", "again")
 
     def __init__(self, key):
         self.key = key
@@ -68,6 +69,7 @@ class _Queue:
         self.delayed = {}
         self.parked = {}
         self.probes = {}
+        self.due = set()
         self.held = {}
         self.dlq = {}
         self.groups = {}
@@ -195,6 +197,7 @@ class BuiltinQueueBroker:
             for call, _ in queue.probes.values():
                 call.cancel()
             queue.probes.clear()
+            queue.due.clear()
             for jobs in reversed(list(queue.parked.values())):
                 queue.ready.extendleft(reversed(jobs))
             queue.parked.clear()
@@ -240,25 +243,75 @@ class BuiltinQueueBroker:
             q.dispatching = q.again = False
 
     def _hand_out(self, q):
-        ready, held, arrived = q.ready, q.held, self._arrived
+        ready, held = q.ready, q.held
+        missing = set()  # functions found missing in this pass
+        while q.due and self._running and q.consuming and len(held) < q.prefetch:
+            function_id = q.due.pop()
+            if function_id in q.parked and not self._probe_one(q, function_id):
+                missing.add(function_id)
         i = 0
         while self._running and q.consuming and len(held) < q.prefetch and i < len(ready):
+            job = ready[i]
             if q.fifo:
-                job = ready[i]
                 holder = q.groups.get(job.group)
                 if holder is not None and holder != job.id:
                     i += 1  # its group waits for an earlier message
                     continue
+            function_id = job.function_id
+            if q.parked and function_id in q.parked:
+                if function_id in missing:
+                    pass  # known missing: this one joins the others
+                elif self._probe_one(q, function_id):
+                    i = 0  # back: its earlier messages were put first
+                    continue
+                else:
+                    missing.add(function_id)
+                    continue
+            if q.fifo:
                 del ready[i]
                 q.groups[job.group] = job.id
             else:
-                job = ready.popleft()
+                ready.popleft()
             held[job.id] = job
-            try:
-                arrived(job)
-            except Exception:
-                self._log.failure("queue {queue}: handing out {job_id} failed",
-                                  queue=q.key, job_id=job.id)
+            self._give(q, job)
+            parked = q.parked.get(function_id) if q.parked else None
+            if parked and parked[-1] is job:
+                missing.add(function_id)
+
+    def _give(self, q, job):
+        try:
+            self._arrived(job)
+        except Exception:
+            self._log.failure("queue {queue}: handing out {job_id} failed", queue=q.key,
+                              job_id=job.id)
+
+    def _probe_one(self, q, function_id):
+        """
+        Hand out the first parked message of C{function_id} (before any later one of
+        that function), to see whether the function is back.
+
+        @return: True when it is (the module did not requeue the message): the other
+            parked messages are then first in line, in order.
+        """
+        parked = q.parked[function_id]
+        job = parked.popleft()
+        if not parked:
+            del q.parked[function_id]
+        q.held[job.id] = job
+        self._give(q, job)
+        again = q.parked.get(function_id)
+        if again and again[-1] is job:
+            again.pop()
+            again.appendleft(job)  # still missing: it keeps its place, first
+            return False
+        rest = q.parked.pop(function_id, None)
+        if rest:
+            q.ready.extendleft(reversed(rest))
+        probe = q.probes.pop(function_id, None)
+        if probe is not None:
+            probe[0].cancel()
+        q.due.discard(function_id)
+        return True
 
     # -- messages --------------------------------------------------------------------
 
@@ -313,7 +366,7 @@ class BuiltinQueueBroker:
             q.held.pop(job.id, None)
             if q.groups:
                 q.release(job)
-            if q.ready:
+            if q.ready or q.due:
                 self._dispatch(q)
             elif not (q.consuming or q.held or q.delayed or q.parked or q.dlq):
                 self._forget_if_empty(q)
@@ -338,11 +391,12 @@ class BuiltinQueueBroker:
 
     def requeue(self, job, delay_ms):
         """
-        The message's function is missing: park it with the others of that function
-        (nothing to journal: the attempts did not change). After C{delay_ms} the first
-        one is handed out again; the rest follow at once when it is not requeued
-        again (the function is back), else after the next delay. One probe per
-        function, rather than every parked message going round each time.
+        The message's function is missing: park it after the others of that function
+        (nothing to journal: the attempts did not change). The first parked message
+        is handed out again after C{delay_ms}, or before a later message of its
+        function: when the module takes it (the function is back) the rest follow at
+        once, in order; else it keeps its place. One message per function goes round,
+        not all of them.
         """
         q = self._settled(job) or self._queue(job.queue)
         if not self._running:
@@ -360,36 +414,10 @@ class BuiltinQueueBroker:
             self._clock.callLater(delay, self._probe, q, function_id), delay)
 
     def _probe(self, q, function_id):
-        _, delay = q.probes.pop(function_id)
-        jobs = q.parked.get(function_id)
-        if not jobs:
-            return
-        job = jobs.popleft()
-        if not jobs:
-            del q.parked[function_id]
-        q.ready.appendleft(job)
-        self._dispatch(q)
-        again = q.parked.get(function_id)
-        if again and again[-1] is job:
-            # Requeued (which scheduled the next probe): still missing. It keeps its
-            # place, first.
-            again.pop()
-            again.appendleft(job)
-            return
-        if not again:
-            return
-        if job in q.ready:
-            # Not handed out yet (the queue is full): probe again later.
-            if function_id not in q.probes:
-                self._schedule_probe(q, function_id, delay)
-            return
-        # The module took it: the function is back; the rest go first, in order.
-        del q.parked[function_id]
-        probe = q.probes.pop(function_id, None)
-        if probe is not None:
-            probe[0].cancel()
-        q.ready.extendleft(reversed(again))
-        self._dispatch(q)
+        q.probes.pop(function_id, None)
+        if function_id in q.parked:
+            q.due.add(function_id)  # probed as soon as a slot is free
+            self._dispatch(q)
 
     def dead(self, job, error, failed_at):
         q = self._settled(job)

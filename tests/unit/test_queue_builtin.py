@@ -14,6 +14,7 @@ import iii_twisted.adapters.queue_builtin as queue_builtin
 import iii_twisted.modules.queue as queue_module
 from iii_twisted.adapters.queue_journal import JournalQueueStore, decode_frames
 from iii_twisted.protocol import InvocationError
+from iii_twisted.testing import FakeWorkerConnection
 
 from test_queue import Consumer, enqueue, make, temp_path
 
@@ -138,6 +139,28 @@ class BuiltinDeliveryTests(SynchronousTestCase):
                                                  {"topic": "one"}))
         assert (stats["depth"], stats["in_flight"]) == (1, 0)
         module.stopService()
+        assert clock.getDelayedCalls() == []
+
+    def test_a_waiting_message_goes_before_later_ones_of_its_function(self):
+        """
+        The function registers between two enqueues: the first message, waiting for
+        it, is still delivered first (concurrency 1 keeps enqueue order).
+        """
+        engine, clock, module = make()
+        conn = FakeWorkerConnection.connect(engine)
+        self.successResultOf(enqueue(engine, "seq", "w", {"n": 0}))
+        conn.receive({"type": "registerfunction", "id": "w"})
+        for n in (1, 2):
+            self.successResultOf(enqueue(engine, "seq", "w", {"n": n}))
+        for _ in range(3):
+            [call] = [m for m in conn.sent_of_type("invokefunction")
+                      if "answered" not in m]
+            call["answered"] = True
+            conn.receive({"type": "invocationresult", "function_id": "w",
+                          "invocation_id": call["invocation_id"]})
+        assert [m["data"]["n"] for m in conn.sent_of_type("invokefunction")] == [0, 1, 2]
+        module.stopService()
+        engine.stop()
         assert clock.getDelayedCalls() == []
 
     def test_a_handler_that_enqueues_does_not_nest_deliveries(self):
