@@ -462,8 +462,10 @@ class RabbitMQBroker:
                     result.append(await act(channel, message, job))
             return [r for r in result if r is not None]
         finally:
-            # Closing the channel gives back what was not acknowledged.
+            # Closing the channel gives back what was not acknowledged; wait for it,
+            # or a listing right after this one finds the DLQ empty.
             channel.close()
+            await channel.on_closed
 
     def dlq_messages(self, queue):
         return defer.Deferred.fromCoroutine(self._dlq(queue))

@@ -200,6 +200,8 @@ async def test_dead_letters_redrive_and_discard(brokers):
     assert [(j.data["n"], j.attempts, error, at) for j, error, at in dead] == \
         [(0, 3, "boom: failed", 5000), (1, 3, "boom: failed", 5001),
          (2, 3, "boom: failed", 5002)]
+    for _ in range(3):  # listing takes nothing away, even right after a listing
+        assert [j.id for j, _, _ in await b.dlq_messages(q)] == [j.id for j, _, _ in dead]
     assert (await b.dlq_queues()).get(q) == 3
     assert await b.redrive(q, [dead[0][0].id]) == [dead[0][0].id]
     await wait_for(lambda: len(a.arrived) == 4, what="the redriven message")
