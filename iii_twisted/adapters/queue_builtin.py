@@ -273,7 +273,11 @@ class BuiltinQueueBroker:
             else:
                 ready.popleft()
             held[job.id] = job
-            self._give(q, job)
+            try:
+                self._arrived(job)
+            except Exception:
+                self._log.failure("queue {queue}: handing out {job_id} failed",
+                                  queue=q.key, job_id=job.id)
             parked = q.parked.get(function_id) if q.parked else None
             if parked and parked[-1] is job:
                 missing.add(function_id)
