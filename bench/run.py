@@ -362,6 +362,8 @@ def plan(args, has_rest_api, systems):
                 t for t in ("crossbar", "floor") if t in systems]:
             cells.append(("http", str(n), target, dict(
                 window, op="http", target=target, connections=n, payload=70)))
+    if args.sections:
+        cells = [c for c in cells if c[0] in args.sections]
     return cells
 
 
@@ -937,6 +939,9 @@ def main():
     parser.add_argument("--jit-warmup", type=float, default=None, metavar="SECONDS",
                         help="load each engine this long before the rounds (default 20; "
                              "10 with --quick)")
+    parser.add_argument("--sections", default=None,
+                        help="comma-separated subset of latency,pipelined,throughput,"
+                             "payload,http (default: all)")
     parser.add_argument("--no-scale", action="store_true",
                         help="leave out the idle-workers / 10,000-functions section")
     parser.add_argument("--no-sdk", action="store_true",
@@ -947,6 +952,7 @@ def main():
     if args.jit_warmup is None:
         args.jit_warmup = 10.0 if args.quick else 20.0
     systems = set(args.systems.split(",")) if args.systems else None
+    args.sections = set(args.sections.split(",")) if args.sections else None
     # Before the run, not after it: a report path that cannot be written loses nothing.
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     started = time.monotonic()
@@ -975,9 +981,11 @@ def main():
     finally:
         agent.stop()
         servers.stop()
-    hot = run_hotpath(args, {t: p for t, p in (("iii", sys.executable),
-                                               ("iii-pypy", pypy_python))
-                             if p and t in servers.processes})
+    hot = {}
+    if args.sections is None or "pipelined" in args.sections:
+        hot = run_hotpath(args, {t: p for t, p in (("iii", sys.executable),
+                                                   ("iii-pypy", pypy_python))
+                                 if p and t in servers.processes})
     info = versions(venv_python, pypy_python)
     info["systems"] = sorted(running_systems(servers))
     info["loadavg"] = [load_start, os.getloadavg()[0]]
