@@ -807,15 +807,13 @@ class _Exchange:
             return
         self._response_channel.attach_reader(_ResponseReader(self))
         self._pump = _BodyPump(self._request_channel, self.request.content)
-        self._request_channel.attach_writer(self._pump)
+        self._request_channel.attach_writer(self._pump, until_read=True)
         payload["request_body"] = self._request_channel.ref(READ)
         payload["response"] = self._response_channel.ref(WRITE)
         self.request.registerProducer(self._response_channel.reader, True)
         self._call = self.engine.call(self.trigger.function_id, payload,
                                      metadata=self.trigger.metadata, session=session)
         self._call.addCallbacks(self._result, self._failed)
-        if not self.done:
-            self._pump.start()
 
     # -- outcomes --------------------------------------------------------------------
 
@@ -1084,7 +1082,8 @@ class _BodyPump:
     """
     The engine's writer end of a request's ``request_body`` channel: the body
     (buffered by twisted.web, in a temporary file when large) in binary frames of at
-    most 64 KiB, as fast as the reader drains them.
+    most 64 KiB, as fast as the reader drains them. Attached paused until a reader
+    comes (L{Channel.attach_writer}'s C{until_read}).
     """
 
     def __init__(self, channel, content):
@@ -1092,15 +1091,15 @@ class _BodyPump:
         self.content = content
         self._paused = True
         self._done = False
-
-    def start(self):
-        self.content.seek(0)
-        self.resume()
+        self._started = False
 
     def pause(self):
         self._paused = True
 
     def resume(self):
+        if not self._started:
+            self._started = True
+            self.content.seek(0)  # _payload read a JSON body
         self._paused = False
         while not self._paused and not self._done:
             chunk = self.content.read(FRAME_BYTES)
