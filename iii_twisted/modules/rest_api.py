@@ -759,9 +759,9 @@ class _Exchange:
 
     def _payload(self):
         request = self.request
-        uri = request.uri.decode("latin-1")
-        query = uri.partition("?")[2]
-        query_params = dict(parse_qsl(query, keep_blank_values=True))
+        uri = request.uri
+        query_params = dict(parse_qsl(uri.decode("latin-1").partition("?")[2],
+                                      keep_blank_values=True)) if b"?" in uri else {}
         headers = {}
         for name, values in request.requestHeaders.getAllRawHeaders():
             try:
