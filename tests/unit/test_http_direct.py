@@ -171,3 +171,29 @@ def test_synchronous_failures_do_not_nest_deeper_per_waiting_request():
     for _, transport in others:
         assert transport.value().startswith(b"HTTP/1.1 500 ")
     assert port.api.module.in_flight() == 0
+
+
+def test_an_answered_request_leaves_no_reference_cycles():
+    """
+    A request's exchange, channels and their ends are unlinked when it ends: they are
+    freed with it, not left (with the request) to the cyclic garbage collector.
+    """
+    import gc
+
+    port = Port(True)
+    protocol, transport = port.connect()
+
+    def one():
+        protocol.dataReceived(REQUESTS[1])
+        port.answer_all({"body": {"ok": True}})
+        assert transport.value().startswith(b"HTTP/1.1 200 ")
+        transport.clear()
+    one()  # first-use caches
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(20):
+            one()
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
