@@ -16,8 +16,10 @@ into the ``response`` channel: ``{"type": "set_status", "status_code"}`` and
 ``{"type": "set_headers", "headers"}`` text frames, then binary frames that are the body
 bytes, until the writer closes.
 
-Klein serves the port with one catch-all route that consults our own route table
-(Klein cannot remove routes). Errors: no route 404 (empty); route for another method
+The port's resource (L{_ApiResource}) hands each request to our own route table
+(Klein cannot remove routes); the few requests Klein's router treats apart (and the
+health paths) go through a Klein app with one catch-all route, so that every request
+is answered as under Klein alone. Errors: no route 404 (empty); route for another method
 405 with ``Allow``; condition false 422; function error 500
 ``{"error": "internal server error", "error_id"}`` (the function's error, with the
 same id, is in the engine log only: its text may hold secrets); without valid
