@@ -298,13 +298,17 @@ class LimitedRequest(Request):
         Request.requestReceived(self, command, path, version)
 
     def process(self):
-        # Klein answers a path that is not UTF-8 (once unquoted) with 400 too, but logs
-        # a traceback for each: any client could fill the engine's log with them.
+        # Klein answers a path or a Host that is not UTF-8 (the path once unquoted)
+        # with 400 too, but logs a traceback for each: any client could fill the
+        # engine's log with them.
         try:
             unquote_to_bytes(self.path).decode("utf-8")
             self.method.decode("ascii")
+            host = self.requestHeaders.getRawHeaders(b"host")
+            if host:
+                host[-1].decode("utf-8")
         except UnicodeDecodeError:
-            body = b'{"error":"Request method or path is not valid UTF-8"}'
+            body = b'{"error":"Request method, path or Host is not valid UTF-8"}'
             self.setResponseCode(400)
             self.setHeader(b"content-type", b"application/json")
             self.setHeader(b"content-length", str(len(body)).encode("ascii"))

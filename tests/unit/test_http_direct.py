@@ -54,7 +54,7 @@ REQUESTS = [
     b"GET * HTTP/1.1\r\nHost: x\r\n\r\n",
     b"GET http://x/g HTTP/1.1\r\nHost: x\r\n\r\n",
     # Klein's router answers these itself: a newline inside the path is a 404 from
-    # werkzeug, a Host that is not UTF-8 a 400.
+    # werkzeug; a Host that is not UTF-8 is a 400 before either (ApiRequest.process).
     b"GET /g%0Ax HTTP/1.1\r\nHost: x\r\n\r\n",
     b"GET /g%0a HTTP/1.1\r\nHost: x\r\n\r\n",
     b"GET /g HTTP/1.1\r\nHost: \xff\xfe\r\n\r\n",
