@@ -24,8 +24,9 @@ is answered as under Klein alone. Errors: no route 404 (empty); route for anothe
 ``{"error": "internal server error", "error_id"}`` (the function's error, with the
 same id, is in the engine log only: its text may hold secrets); without valid
 credentials (``auth:``) 401; a function outside the token's grants 403; no answer within
-``default_timeout`` 504 (empty); a body over ``body_limit`` 413. A client that goes
-away cancels the call and drops the request's channels.
+``default_timeout`` 504 (empty); a body over ``body_limit`` 413; the module stopping
+before the answer began 503. A client that goes away cancels the call and drops the
+request's channels.
 
 Deviations from the reference (docs/http.rst lists them): the result's ``headers``
 and ``statusCode`` are honoured; HEAD falls back to a GET route; a JSON request's raw
@@ -650,7 +651,7 @@ class RestApiModule(MultiService):
 
     def stopService(self):
         for exchange in list(self._exchanges):
-            exchange.cancel()
+            exchange.stopping()
         return MultiService.stopService(self)
 
     def retire(self):
@@ -909,8 +910,24 @@ class _Exchange:
         else:
             self.cancel()
 
+    def stopping(self):
+        """
+        The module stops: a request whose answer has not begun gets 503 (its call is
+        cancelled); one whose response is streaming ends where it is.
+        """
+        if self.done:
+            return
+        if self.streaming or getattr(self.request, "_disconnected", False):
+            self.cancel()
+            return
+        self._log.info("HTTP {method} /{path}: the HTTP API stops before {function_id} "
+                       "answered; 503", method=self.method,
+                       path=self.route.api_path.lstrip("/"),
+                       function_id=self.trigger.function_id)
+        self._respond_json(503, {"error": "the HTTP API is stopping"})
+
     def cancel(self):
-        """The client went away (or the module stops): drop everything, write nothing."""
+        """The client went away: drop everything, write nothing."""
         if not self.done:
             self._cleanup()
             self._fire()

@@ -108,7 +108,7 @@ def test_function_error_and_stop_and_disconnect_as_klein():
         [call] = port.api.invocations()
         port.api.answer(call, error={"code": "boom", "message": "no"})
         seen.append(re.sub(rb'"error_id":"[0-9a-f]+"', b"", _DATE.sub(b"", transport.value())))
-        # The module stops with a request in flight: Klein finishes the request.
+        # The module stops with a request in flight: 503, its call cancelled.
         port = Port(direct)
         port.api.module.startService()
         protocol, transport = port.connect()
@@ -126,6 +126,8 @@ def test_function_error_and_stop_and_disconnect_as_klein():
         outcomes[direct] = seen
     assert outcomes[True] == outcomes[False]
     assert outcomes[True][0].startswith(b"HTTP/1.1 500 ")
+    assert outcomes[True][1].startswith(b"HTTP/1.1 503 ")
+    assert outcomes[True][1].endswith(b'{"error":"the HTTP API is stopping"}')
 
 
 @pytest.mark.parametrize("direct", [False, True])
