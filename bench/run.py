@@ -431,20 +431,19 @@ def run_scale(args, servers, agent):
     return scale
 
 
-def run_hotpath(args, pythons):
+def _each_python(pythons, what, script, arguments):
     """
-    bench/hotpath.py on each engine's Python: CPU per routed call without sockets.
+    Run bench/C{script} on each engine's Python; its last output line is its JSON answer.
 
     @param pythons: C{{target: python}}.
+    @param arguments: C{arguments(target)} gives the script's arguments.
     @return: C{{target: its JSON answer}} (or C{{"error": ...}}).
     """
     found = {}
     for target, python in pythons.items():
-        sys.stderr.write("\r\033[Khot path without sockets, {} ...".format(target))
+        sys.stderr.write("\r\033[K{}, {} ...".format(what, target))
         sys.stderr.flush()
-        cmd = [python, os.path.join(HERE, "hotpath.py"), "--rounds", "3",
-               "--calls", "5000" if args.quick else "20000",
-               "--warmup", "30000" if "pypy" in target else "3000"]
+        cmd = [python, os.path.join(HERE, script)] + arguments(target)
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             found[target] = json.loads(out.stdout.strip().splitlines()[-1]) \
@@ -453,31 +452,23 @@ def run_hotpath(args, pythons):
             found[target] = {"error": str(e)}
     sys.stderr.write("\r\033[K")
     return found
+
+
+def run_hotpath(args, pythons):
+    """bench/hotpath.py on each engine's Python: CPU per routed call without sockets."""
+    return _each_python(pythons, "hot path without sockets", "hotpath.py", lambda target: [
+        "--rounds", "3", "--calls", "5000" if args.quick else "20000",
+        "--warmup", "30000" if "pypy" in target else "3000"])
 
 
 def run_http_hotpath(args, pythons):
     """
     bench/http_hotpath.py on each engine's Python: CPU per HTTP request to a function
     without sockets.
-
-    @param pythons: C{{target: python}}.
-    @return: C{{target: its JSON answer}} (or C{{"error": ...}}).
     """
-    found = {}
-    for target, python in pythons.items():
-        sys.stderr.write("\r\033[KHTTP path without sockets, {} ...".format(target))
-        sys.stderr.flush()
-        cmd = [python, os.path.join(HERE, "http_hotpath.py"), "--rounds", "3",
-               "--requests", "3000" if args.quick else "10000",
-               "--warmup", "20000" if "pypy" in target else "2000"]
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            found[target] = json.loads(out.stdout.strip().splitlines()[-1]) \
-                if out.returncode == 0 else {"error": out.stderr.strip()[-300:]}
-        except Exception as e:
-            found[target] = {"error": str(e)}
-    sys.stderr.write("\r\033[K")
-    return found
+    return _each_python(pythons, "HTTP path without sockets", "http_hotpath.py", lambda target: [
+        "--rounds", "3", "--requests", "3000" if args.quick else "10000",
+        "--warmup", "20000" if "pypy" in target else "2000"])
 
 
 def port_for(servers, target, op):
