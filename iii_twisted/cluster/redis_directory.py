@@ -160,13 +160,6 @@ class RedisDirectory:
         """@return: C{{engine_id: Member}} of the other members known now."""
         return dict(self._known)
 
-    # -- health -----------------------------------------------------------------------
-
-    def status(self):
-        """@return: C{{"directory": "ok"|"unreachable", "members": N}} (N: others known)."""
-        return {"directory": "ok" if self.healthy else "unreachable",
-                "members": len(self._known)}
-
     # -- the heartbeat ----------------------------------------------------------------
 
     def _heartbeat(self):
@@ -338,8 +331,9 @@ class RedisDirectory:
         else:
             self._log.warn(
                 "cluster directory: Redis at {url} is unreachable ({why}); this engine "
-                "keeps serving its own workers, and the {count} members it knows stay "
-                "known until Redis is back", url=url, why=why, count=len(self._known))
+                "({engine_id}) keeps serving its own workers, and the {count} members "
+                "it knows stay known until Redis is back", url=url, why=why,
+                engine_id=self.me.engine_id if self.me else None, count=len(self._known))
 
     def _member_key(self, engine_id):
         return "{}member:{}".format(self.prefix, engine_id)

@@ -16,6 +16,7 @@ from zope.interface.verify import verifyObject
 from iii_twisted.cluster.directory import (
     IClusterDirectory, MemoryDirectory, MemoryRegistry, Member,
 )
+from iii_twisted.health import cluster_status
 
 # Short, so that the tests wait little; the bound of a crashed member's detection is
 # TTL + HEARTBEAT (plus the time one Redis round trip takes under load).
@@ -371,17 +372,32 @@ async def test_redis_restart(own_cluster):
     """Redis dies: healthy goes False, nobody is dropped; a member crashes meanwhile.
     Redis comes back (empty): healthy goes True, the living are announced again and
     never reported gone, the crashed one is, and a newcomer is heard by all."""
+    from twisted.logger import globalLogPublisher
+
+    logged = []
+
+    def observe(event):
+        if event.get("log_namespace", "").endswith("RedisDirectory"):
+            logged.append(event)
+    globalLogPublisher.addObserver(observe)
+    try:
+        await _redis_restart(own_cluster, logged)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+
+
+async def _redis_restart(own_cluster, logged):
     a, ma, wa = await join(own_cluster, "a")
     b, mb, wb = await join(own_cluster, "b", phase=HEARTBEAT / 3, own_pool=True)
     d, md, wd = await join(own_cluster, "d", phase=HEARTBEAT / 3)
     await wait_for(lambda: len(wa.joined) == 2 and len(wb.joined) == 2,
                    what="everyone knows everyone")
-    assert a.status() == {"directory": "ok", "members": 2}
+    assert cluster_status(a) == {"directory": "ok", "members": 2}
 
     own_cluster.server.stop()
     await wait_for(lambda: not a.healthy and not b.healthy, timeout=HEARTBEAT + 5,
                    what="a and b see Redis gone")
-    assert a.status() == {"directory": "unreachable", "members": 2}
+    assert cluster_status(a) == {"directory": "unreachable", "members": 2}
     await own_cluster.crash(d)
     # Several TTLs pass with Redis down: the members known stay known.
     await task.deferLater(reactor, TTL * 2, lambda: None)  # the outage itself is under test
@@ -399,6 +415,11 @@ async def test_redis_restart(own_cluster):
     assert set(a.members()) == {mb.engine_id, mc.engine_id}
     assert set(b.members()) == {ma.engine_id, mc.engine_id}
     assert wa.left_ids() == [md.engine_id] and wb.left_ids() == [md.engine_id]
+    # Said once each way, in words an operator can act on.
+    about_a = [e for e in logged if e.get("engine_id") == ma.engine_id]
+    assert [e["log_level"].name for e in about_a] == ["warn", "info"], about_a
+    assert "keeps serving its own workers" in about_a[0]["log_format"]
+    assert "answers again" in about_a[1]["log_format"]
 
 
 @pytest_twisted.ensureDeferred
