@@ -124,6 +124,10 @@ import os, signal, sys, time
 from twisted.logger import Logger, jsonFileLogObserver
 if os.environ.get("IGNORE_TERM"):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def hup(*_):
+    sys.stderr.write("got SIGHUP\n")
+    sys.stderr.flush()
+signal.signal(signal.SIGHUP, hup)
 Logger(observer=jsonFileLogObserver(sys.stdout)).info(
     "child {n} up", n=os.environ["III_PROCESS"])
 sys.stdout.flush()
@@ -147,8 +151,9 @@ def relayed():
 
 @pytest_twisted.ensureDeferred
 async def test_supervisor_relays_restarts_and_stops(relayed, monkeypatch):
-    """Each process's log events come through structured and tagged iii#K:PID; a
-    process killed with -9 is restarted after the backoff; stopping ends them all."""
+    """Each process's log events come through structured and tagged iii#K:PID;
+    SIGHUP is passed on; a process killed with -9 is restarted after the backoff;
+    stopping ends them all."""
     monkeypatch.setattr(processes, "RESTART_FIRST", 0.2)
     supervisor = processes.EngineProcesses(2, ["-c", CHILD], reactor, stop_timeout=5)
     supervisor.startService()
@@ -162,6 +167,10 @@ async def test_supervisor_relays_restarts_and_stops(relayed, monkeypatch):
         assert all(e["log_level"].name == "info" for e in up.values())
         await wait(lambda: len([e for e in relayed if e.get("line") == "plain line"]) == 2,
                    "the plain stderr lines")
+
+        os.kill(os.getpid(), signal.SIGHUP)  # to the supervisor: passed on to each
+        await wait(lambda: len([e for e in relayed if e.get("line") == "got SIGHUP"]) == 2,
+                   "SIGHUP in both")
 
         os.kill(first[1]["pid"], signal.SIGKILL)
         await wait(lambda: supervisor.status().get(1, {}).get("pid") not in
