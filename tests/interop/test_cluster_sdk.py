@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -149,6 +150,13 @@ def test_a_member_that_loses_redis_keeps_serving(members, workers, own_redis):
         assert code == 200 and body["cluster"] == {"directory": "unreachable",
                                                    "members": 1}
         assert "keeps serving its own workers" in engine.log()
+        # The image's HEALTHCHECK probe passes, and says it.
+        probe = subprocess.run(
+            [sys.executable, "-m", "iii_twisted.healthcheck",
+             "http://127.0.0.1:{}/_iii/health/ready".format(engine.ports["http"])],
+            capture_output=True, text=True, timeout=30)
+        assert probe.returncode == 0
+        assert "cluster directory unreachable, 1 other members known" in probe.stdout
     assert on_a.trigger({"function_id": "b::echo", "payload": 1}) == {"b": 1}
     assert on_b.trigger({"function_id": "a::echo", "payload": 2}) == {"a": 2}
     assert on_a.trigger({"function_id": "a::echo", "payload": 3}) == {"a": 3}
