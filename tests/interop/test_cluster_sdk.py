@@ -124,6 +124,38 @@ def test_two_members_calls_and_a_member_killed_mid_call(members, workers, node_w
         balancer.close()
 
 
+def test_a_frozen_member_leaves_by_its_ttl_and_comes_back(members, workers):
+    """A member that stops answering without its connections closing (SIGSTOP: a hung
+    process, a machine gone off the network) leaves the other's registry within the
+    member TTL plus a heartbeat; once it runs again it rejoins and is called again."""
+    a = members("member-a")
+    b = members("member-b")
+    wait_until(lambda: "linked to cluster member member-b" in a.log()
+               and "linked to cluster member member-a" in b.log(), timeout=20,
+               what="the members to link")
+    on_a = workers(a.url, "py-on-a")
+    on_a.register_function({"id": "a::echo"}, lambda data: {"a": data})
+    on_b = workers(b.url, "py-on-b")
+    wait_until(lambda: "a::echo" in functions_of(on_b), what="a::echo on B")
+    os.kill(a.process.pid, signal.SIGSTOP)
+    try:
+        stopped_at = time.monotonic()
+        gone_at = wait_until(lambda: "a::echo" not in functions_of(on_b)
+                             and time.monotonic(), timeout=15, what="A to leave B")
+        bound = (TTL_MS + HEARTBEAT_MS) / 1000.0
+        assert gone_at - stopped_at <= bound + 0.5, gone_at - stopped_at
+        assert "cluster member member-a" in b.log() and " left" in b.log()
+    finally:
+        os.kill(a.process.pid, signal.SIGCONT)
+    # Its key is written again: B's directory reports it joined (the same engine id:
+    # it was dropped for silence, not for leaving), and the links are made again.
+    wait_until(lambda: len(re.findall(r"cluster member member-a \(\S+\) joined",
+                                      b.log())) == 2, timeout=20, what="A to rejoin B")
+    wait_until(lambda: "a::echo" in functions_of(on_b), timeout=20,
+               what="A back in B's registry")
+    assert on_b.trigger({"function_id": "a::echo", "payload": 1}) == {"a": 1}
+
+
 def test_a_member_that_loses_redis_keeps_serving(members, workers, own_redis):
     """Redis goes away: each member says so in its log and health, stays ready, and
     its workers (and the link already open) keep working; Redis back: ok again."""

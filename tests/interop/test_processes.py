@@ -255,3 +255,26 @@ def test_engine_processes_share_the_worker_port(tmp_path):
                     process.kill()
                     process.wait(10)
             log.close()
+
+
+def test_an_engine_process_stops_when_its_supervisor_is_gone():
+    """ParentWatch: once this process's parent is not the supervisor it was started
+    by (that one was killed), the engine process stops its reactor."""
+    from twisted.internet.task import Clock
+
+    class Reactor(Clock):
+        stopped = False
+
+        def stop(self):
+            self.stopped = True
+
+    clock = Reactor()
+    watch = processes.ParentWatch(clock, parent_pid=os.getppid())
+    watch.startService()
+    clock.advance(processes.PARENT_CHECK * 3)
+    assert not clock.stopped  # our parent is still ours
+    watch.parent_pid = -1  # as if the supervisor died and we were handed on
+    clock.advance(processes.PARENT_CHECK)
+    assert clock.stopped
+    watch.stopService()
+    assert clock.getDelayedCalls() == []
