@@ -4,6 +4,9 @@ L{RedisDirectory}: cluster membership kept in Redis (issue 12, point 5).
 What it stores (C{prefix} defaults to C{iii:cluster:})::
 
     {prefix}member:{engine_id}   the Member's JSON, SET ... PX ttl, re-set every heartbeat
+    {prefix}members              a set of the engine ids that have a member key: the
+                                 index listed each heartbeat (an id whose key expired
+                                 is taken out by whoever lists it)
     {prefix}epoch                a random token, SET NX with no TTL: it changes only when
                                  Redis lost its data (a restart without persistence, a
                                  FLUSHALL), which tells the members that keys missing right
@@ -11,9 +14,12 @@ What it stores (C{prefix} defaults to C{iii:cluster:})::
     channel {prefix}events       {"event": "join"|"leave", "member": {...}}
 
 A member finds the others two ways: the events channel tells it at once, and every
-heartbeat it also lists the member keys (SCAN, never KEYS) and compares. So a lost
-pub/sub message, or a member killed without a word whose key then expired, is noticed
-within C{ttl + heartbeat_interval} seconds.
+heartbeat (one Lua script: refresh its key, read the epoch, list the members) it also
+compares the members listed with those it knows. So a lost pub/sub message, or a
+member killed without a word whose key then expired, is noticed within C{ttl +
+heartbeat_interval} seconds. The listing reads the index set, not the keyspace: a
+C{SCAN} would walk every key of the database (which the state and stream adapters may
+share) on every heartbeat of every member.
 
 While Redis cannot be reached the directory is not L{healthy} (logged once each way):
 the engine keeps serving its own workers, and the members it knows stay known (a Redis
@@ -43,18 +49,25 @@ RECONNECT_MAX = 2.0
 # started before their key was deleted does not bring them back.
 LEFT_MEMORY = 60.0
 
-SCAN_COUNT = 200
-
+# KEYS: this member's key, the epoch key, the index set.
+# ARGV: the member's JSON, the TTL in ms, a fresh epoch token, its engine id, the
+# prefix of member keys.
+# Returns: the epoch, then the JSON of every member listed (this one included).
 _HEARTBEAT = """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[4])
 redis.call('SET', KEYS[2], ARGV[3], 'NX')
-return redis.call('GET', KEYS[2])
+local listed = {redis.call('GET', KEYS[2])}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  local value = redis.call('GET', ARGV[5] .. id)
+  if value then
+    table.insert(listed, value)
+  else
+    redis.call('SREM', KEYS[3], id)
+  end
+end
+return listed
 """
-
-
-def _glob_escape(text):
-    """@return: C{text} with Redis MATCH wildcards escaped."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 @implementer(IClusterDirectory)
@@ -99,7 +112,7 @@ class RedisDirectory:
         self._known = {}      # engine_id -> Member
         self._learned = {}    # engine_id -> tick at which it was last confirmed
         self._left = {}       # engine_id -> when it said it left (seconds)
-        self._bad_keys = set()
+        self._bad_values = set()
         self._tick = 0
         self._scans = []      # Deferreds waiting for the next reconciliation (tests)
 
@@ -181,12 +194,16 @@ class RedisDirectory:
             return
         if not first and self.healthy and not self._client.connected:
             self._set_healthy(False, "the connection is down")
+        # A member learned from an event after this listing began may not be in it.
+        tick = self._next_tick()
         try:
-            epoch = await self._client.script(_HEARTBEAT).call(
-                [self._member_key(me.engine_id), self.prefix + "epoch"],
+            reply = await self._client.script(_HEARTBEAT).call(
+                [self._member_key(me.engine_id), self.prefix + "epoch",
+                 self.prefix + "members"],
                 # A fresh token each time: whoever re-creates the epoch after a data
                 # loss writes a value nobody has seen, so every member notices.
-                [self._json, int(self.ttl * 1000), os.urandom(8).hex()])
+                [self._json, int(self.ttl * 1000), os.urandom(8).hex(), me.engine_id,
+                 self.prefix + "member:"])
         except RedisError as e:
             if self.me is me:
                 self._set_healthy(False, str(e))
@@ -195,6 +212,7 @@ class RedisDirectory:
             return
         if self.me is not me:
             return
+        epoch, listed = reply[0], reply[1:]
         lost_data = self._epoch is not None and epoch != self._epoch
         self._epoch = epoch
         if first or not self.healthy or lost_data:
@@ -209,59 +227,36 @@ class RedisDirectory:
             except RedisError as e:
                 self._set_healthy(False, str(e))
                 return
-        await self._reconcile(me)
+            if self.me is not me:
+                return
+        self._reconcile(me, self._parse(listed), tick)
 
-    async def _reconcile(self, me):
-        tick = self._next_tick()
-        try:
-            found = await self._scan()
-        except RedisError as e:
-            if self.me is me:
-                self._set_healthy(False, str(e))
-            return
-        if self.me is not me:
-            return
+    def _reconcile(self, me, found, tick):
         self._forget_old_leaves()
         for engine_id, member in found.items():
             if engine_id != me.engine_id:
                 self._seen(member, tick)
         if self._reactor.seconds() >= self._grace_until:
             for engine_id in list(self._known):
-                # A member learned from an event after this listing began may simply
-                # not be in it yet.
                 if engine_id not in found and self._learned.get(engine_id, 0) < tick:
                     self._drop(engine_id)
         waiting, self._scans = self._scans, []
         for d in waiting:
             d.callback(None)
 
-    async def _scan(self):
-        """@return: C{{engine_id: Member}} of every member key in Redis now."""
-        pattern = _glob_escape(self.prefix) + "member:*"
-        keys, cursor = [], "0"
-        while True:
-            cursor, batch = await self._client.execute(
-                "SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT)
-            keys.extend(batch)
-            if str(cursor) == "0":
-                break
+    def _parse(self, listed):
+        """@return: C{{engine_id: Member}} of the members' JSON values C{listed}."""
         found = {}
-        for start in range(0, len(keys), SCAN_COUNT):
-            chunk = keys[start:start + SCAN_COUNT]
-            values = await self._client.execute("MGET", *chunk)
-            for key, value in zip(chunk, values):
-                if value is None:  # expired between SCAN and MGET
-                    continue
-                try:
-                    member = Member.from_dict(json.loads(value))
-                except (ValueError, KeyError, TypeError, AttributeError):
-                    if key not in self._bad_keys:
-                        self._bad_keys.add(key)
-                        self._log.warn("cluster directory: ignoring {key}, which does "
-                                       "not hold a member: {value!r}",
-                                       key=key, value=value[:200])
-                    continue
-                found[member.engine_id] = member
+        for value in listed:
+            try:
+                member = Member.from_dict(json.loads(value))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                if value not in self._bad_values:
+                    self._bad_values.add(value)
+                    self._log.warn("cluster directory: ignoring a member key that does "
+                                   "not hold a member: {value!r}", value=value[:200])
+                continue
+            found[member.engine_id] = member
         return found
 
     # -- events -----------------------------------------------------------------------
@@ -359,6 +354,7 @@ class RedisDirectory:
         if client.connected:
             try:
                 await client.execute("DEL", self._member_key(me.engine_id))
+                await client.execute("SREM", self.prefix + "members", me.engine_id)
                 await client.publish(self.channel, json.dumps(
                     {"event": "leave", "member": me.as_dict()}))
             except RedisError as e:

@@ -289,11 +289,13 @@ def test_ttl_must_exceed_heartbeat():
 
 @pytest_twisted.ensureDeferred
 async def test_key_has_ttl_and_leave_deletes_it(redis_cluster, redis_server):
-    """The member is one key, SET with PX ttl and refreshed; leave deletes it."""
+    """The member is one key, SET with PX ttl and refreshed, and its id in the index
+    set; leave deletes both."""
     a, ma, wa = await join(redis_cluster, "a")
     key = "iii:cluster:member:" + ma.engine_id
     stored = json.loads(await a._client.execute("GET", key))
     assert stored == ma.as_dict()
+    assert await a._client.execute("SMEMBERS", "iii:cluster:members") == [ma.engine_id]
     pttl = await a._client.execute("PTTL", key)
     assert 0 < pttl <= TTL * 1000
     # Past several TTLs, the heartbeat keeps it there.
@@ -301,6 +303,7 @@ async def test_key_has_ttl_and_leave_deletes_it(redis_cluster, redis_server):
     assert await a._client.execute("EXISTS", key) == 1
     await a.leave()
     assert redis_server.command("EXISTS", key) == ":0"
+    assert redis_server.command("SCARD", "iii:cluster:members") == ":0"
 
 
 @pytest_twisted.ensureDeferred
@@ -323,10 +326,14 @@ async def test_missed_event_found_by_the_listing(redis_cluster):
     ghost = new_member("ghost")
     await a._client.execute("SET", "iii:cluster:member:" + ghost.engine_id,
                             json.dumps(ghost.as_dict()), "PX", int(TTL * 1000))
+    await a._client.execute("SADD", "iii:cluster:members", ghost.engine_id)
     await wait_for(lambda: wa.joined_ids() == [ghost.engine_id], timeout=HEARTBEAT + 5,
                    what="a lists the ghost")
     await wait_for(lambda: wa.left_ids() == [ghost.engine_id],
                    timeout=redis_cluster.crash_bound + 5, what="the ghost expires")
+    # Whoever lists the index after the key expired takes the id out of it.
+    assert await a._client.execute("SISMEMBER", "iii:cluster:members",
+                                   ghost.engine_id) == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -335,6 +342,7 @@ async def test_bad_data_is_ignored(redis_cluster):
     a, ma, wa = await join(redis_cluster, "a")
     await a._client.execute("SET", "iii:cluster:member:junk", "{not json")
     await a._client.execute("SET", "iii:cluster:member:partial", json.dumps({"x": 1}))
+    await a._client.execute("SADD", "iii:cluster:members", "junk", "partial")
     for message in ("{not json", json.dumps({"event": "join"}),
                     json.dumps({"event": "dance", "member": new_member("z").as_dict()}),
                     json.dumps([1, 2])):
