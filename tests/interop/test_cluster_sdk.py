@@ -411,3 +411,22 @@ def _processes(supervisor, workers):
         except Exception:
             return False
     wait_until(all_callable, timeout=30, what="every function callable after the restart")
+
+
+@pytest.mark.parametrize("extra, error", [
+    ("  listen: tcp:7000:interface=127.0.0.1\n",
+     "cluster.listen is 'tcp:7000:interface=127.0.0.1': with --processes each engine "
+     "process needs a link listener of its own; use port 0 (tcp:0:interface=...)"),
+    ("  advertise: tcp:10.0.0.5:7000\n",
+     "cluster.advertise cannot be used with --processes: each engine process "
+     "advertises its own link port"),
+])
+def test_processes_refuses_a_shared_link_address(tmp_path, extra, error):
+    config = tmp_path / "iii-config.yaml"
+    config.write_text("port: {}\nmodules: []\ncluster:\n  redis_url: redis://127.0.0.1:1\n"
+                      "  secret: s\n{}".format(free_port(), extra))
+    result = subprocess.run([TWISTD, "-n", "--pidfile=", "iii", "--config", str(config),
+                             "--processes", "2"], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "iii: error: " + error
