@@ -45,6 +45,8 @@ RESTART_MAX = 30.0
 STEADY = 30.0
 KILL_GRACE = 5.0
 PARENT_CHECK = 1.0
+# Bytes of one output line kept before it is relayed unfinished.
+MAX_LINE = 1024 * 1024
 
 _log = Logger()
 
@@ -237,7 +239,11 @@ class _EngineProcess(protocol.ProcessProtocol):
 
     def childDataReceived(self, fd, data):
         buffered = self._buffers.get(fd, b"") + data
-        *lines, self._buffers[fd] = buffered.split(b"\n")
+        *lines, rest = buffered.split(b"\n")
+        if len(rest) > MAX_LINE:  # no end of line in sight: relay what came
+            lines.append(rest)
+            rest = b""
+        self._buffers[fd] = rest
         for line in lines:
             self._relay(fd, line)
 
