@@ -259,3 +259,14 @@ def test_observability_health_check_has_the_cluster():
     assert health["status"] == "degraded"
     assert health["components"]["cluster"] == {
         "status": "degraded", "details": {"directory": "unreachable", "members": 1}}
+
+
+def test_prometheus_has_the_cluster_gauges():
+    engine, clock, module = make()
+    assert "iii_cluster_" not in prometheus_text(module.metrics).decode()
+    directory = _member_directories()
+    engine.cluster = _Cluster(directory)
+    text = prometheus_text(module.metrics).decode()
+    assert "iii_cluster_directory_up 1\n" in text and "iii_cluster_members 1\n" in text
+    directory.healthy = False
+    assert "iii_cluster_directory_up 0\n" in prometheus_text(module.metrics).decode()
