@@ -142,15 +142,17 @@ class RedisDirectory:
                                       e=f.getErrorMessage()))
         first = self._beating = Deferred.fromCoroutine(self._beat(first=True))
 
-        def start(result):
+        def done(result):
             self._beating = None
-            if self.me is member and self._loop is None:
-                self._loop = LoopingCall(self._heartbeat)
-                self._loop.clock = self._reactor
-                self._loop.start(self.heartbeat_interval, now=False).addErrback(
-                    lambda f: self._log.failure("cluster heartbeat stopped", f))
             return result
-        return first.addBoth(start)
+        first.addBoth(done)
+        # The heartbeat runs from now on, whether the first one succeeds or not; while
+        # that one still waits, a tick only notices that Redis is unreachable.
+        self._loop = LoopingCall(self._heartbeat)
+        self._loop.clock = self._reactor
+        self._loop.start(self.heartbeat_interval, now=False).addErrback(
+            lambda f: self._log.failure("cluster heartbeat stopped", f))
+        return first
 
     def leave(self):
         """
@@ -177,6 +179,8 @@ class RedisDirectory:
 
     def _heartbeat(self):
         if self._beating is not None:  # the last one still waits for Redis
+            if self.healthy and not self._client.connected:
+                self._set_healthy(False, "no connection")
             return None
         d = self._beating = Deferred.fromCoroutine(self._beat())
 

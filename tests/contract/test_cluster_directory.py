@@ -439,8 +439,13 @@ async def test_join_while_redis_is_down(own_cluster):
     own_cluster.server.stop()
     a = own_cluster.make()
     ma, wa = new_member("a"), Watcher()
+    joining = a.join(ma, wa)
+    # Unhealthy from the first heartbeat, not only once the client's timeout is out.
+    await wait_for(lambda: not a.healthy, timeout=HEARTBEAT + 1.0,
+                   what="a to see Redis unreachable")
+    assert not joining.called
     with pytest.raises(RedisUnavailable):
-        await a.join(ma, wa)
+        await joining
     assert not a.healthy
     own_cluster.server.start()
     await wait_for(lambda: a.healthy, timeout=10, what="a reaches Redis")
