@@ -38,6 +38,7 @@ from twisted.logger import Logger, LogLevel, eventFromJSON, globalLogPublisher
 from zope.interface import implementer
 
 ENV = "III_PROCESS"  # "K/N" in engine process K (1-based) of N
+SUPERVISOR_ENV = "III_SUPERVISOR_PID"
 
 RESTART_FIRST = 1.0
 RESTART_MAX = 30.0
@@ -134,8 +135,18 @@ class ParentWatch(Service):
     """
 
     def __init__(self, reactor, parent_pid=None):
+        """
+        @param parent_pid: the supervisor's pid; default ``$III_SUPERVISOR_PID`` (so
+            that a supervisor gone before this process got here is noticed too), else
+            this process's parent now.
+        """
         self.reactor = reactor
-        self.parent_pid = parent_pid or os.getppid()
+        if parent_pid is None:
+            try:
+                parent_pid = int(os.environ.get(SUPERVISOR_ENV, ""))
+            except ValueError:
+                parent_pid = os.getppid()
+        self.parent_pid = parent_pid
         self._loop = None
 
     def startService(self):
@@ -327,6 +338,7 @@ class EngineProcesses(Service):
             return
         env = dict(self.environ)
         env[ENV] = "{}/{}".format(number, self.count)
+        env[SUPERVISOR_ENV] = str(os.getpid())
         child = _EngineProcess(self, number)
         self.reactor.spawnProcess(child, self.executable, [self.executable] + self.argv,
                                   env=env, childFDs={0: "w", 1: "r", 2: "r"})

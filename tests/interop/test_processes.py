@@ -278,3 +278,59 @@ def test_an_engine_process_stops_when_its_supervisor_is_gone():
     assert clock.stopped
     watch.stopService()
     assert clock.getDelayedCalls() == []
+
+
+SUPERVISOR = r"""
+import sys
+from twisted.internet import reactor
+from twisted.logger import globalLogBeginner, textFileLogObserver
+from iii_twisted.processes import EngineProcesses, engine_argv
+globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+supervisor = EngineProcesses(2, engine_argv({}, sys.argv[1]), reactor)
+reactor.callWhenRunning(supervisor.startService)
+reactor.run()
+"""
+
+
+def test_engine_processes_stop_when_the_supervisor_is_killed(tmp_path):
+    """kill -9 of the supervisor: its engine processes notice and stop by themselves
+    (they run in their own process group, so nothing else would stop them)."""
+    import re
+
+    port = free_port()
+    config = tmp_path / "iii-config.yaml"
+    config.write_text(ENGINE_CONFIG.format(port=port))
+    log_path = tmp_path / "supervisor.log"
+    with open(str(log_path), "wb") as log:
+        supervisor = subprocess.Popen([ENGINE_PYTHON, "-c", SUPERVISOR, str(config)],
+                                      cwd=str(tmp_path), stdout=log,
+                                      stderr=subprocess.STDOUT)
+    pids = []
+    try:
+        def started():
+            found = re.findall(r"engine process \d started \(pid (\d+)\)",
+                               log_path.read_text(errors="replace"))
+            return len(found) == 2 and [int(p) for p in found]
+        pids = wait_until(started, timeout=20, what="two engine processes")
+        wait_for_port(port, process=supervisor)
+        wait_until(lambda: log_path.read_text(errors="replace").count(
+            "iii-worker-manager listens on") == 2, timeout=20, what="both listening")
+        supervisor.kill()
+        supervisor.wait(10)
+        wait_until(lambda: not any(_running(pid) for pid in pids), timeout=10,
+                   what="the engine processes to stop")
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait(10)
+        for pid in pids:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid):
+    try:
+        with open("/proc/{}/stat".format(pid)) as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
