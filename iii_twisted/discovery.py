@@ -167,6 +167,8 @@ def register_engine_functions(engine):
                           worker_id=worker.id)
         engine.fire_triggers("engine::workers-available",
                              {"event": "worker_metadata_updated", "worker_id": worker_id})
+        if engine.registry_watchers:
+            engine.registry_changed()  # a cluster's peers show its name
         return {"success": True}
 
     engine.register_function(

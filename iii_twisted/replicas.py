@@ -13,8 +13,9 @@ L{ReplicaSet}, and each call of the id goes to the host L{ReplicaSet.pick} choos
 1. the fewest calls in flight (results the worker still owes, all functions counted:
    L{iii_twisted.invocations.InvocationTracker.count_for}); a worker that does not
    read its connection (over ``limits.send_buffer_soft``) comes after every other;
-2. then local hosts before remote ones (L{ReplicaSet.pick}'s C{preference}: every
-   host is local today; the cluster's link to another engine will rank 1);
+2. then local hosts before remote ones (L{ReplicaSet.pick}'s C{preference}: a
+   function another cluster member offers over its link ranks after this engine's
+   workers, L{iii_twisted.cluster});
 3. then round robin, so equally loaded replicas take turns.
 
 When a replica leaves (unregisters or disconnects) only its entry goes; the id stays
@@ -42,8 +43,17 @@ def _on_its_worker(entry):
 
 
 def _local(entry):
-    """Every host of one engine ranks 0; the seam for "local first" in a cluster."""
-    return 0
+    """
+    Local first: a host on this engine ranks 0, a function another cluster member
+    offers over its link (L{iii_twisted.cluster.links}) ranks 1.
+    """
+    owner = entry.owner
+    return 1 if owner is not None and is_peer(owner) else 0
+
+
+def is_peer(worker):
+    """Is C{worker} (a L{WorkerRecord}) another engine's link, not a worker?"""
+    return getattr(getattr(worker, "connection", None), "peer", None) is not None
 
 
 class ReplicaSet:
