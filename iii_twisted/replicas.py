@@ -53,7 +53,7 @@ def _local(entry):
 
 def is_peer(worker):
     """Is C{worker} (a L{WorkerRecord}) another engine's link, not a worker?"""
-    return getattr(getattr(worker, "connection", None), "peer", None) is not None
+    return getattr(getattr(worker, "connection", None), "cluster_peer", None) is not None
 
 
 class ReplicaSet:
@@ -210,6 +210,19 @@ class Replicas:
     def pick(self, function_id):
         """@return: the entry whose host takes the next call of a replicated id."""
         return self.sets[function_id].pick(self._load)
+
+    def pick_local(self, function_id):
+        """
+        @return: the entry of a local host (not another member's link) that takes
+            a call of a replicated id that came over a cluster link, or None when
+            only links host it.
+        """
+        def load(entry):
+            owner = entry.owner
+            # Links last whatever their load; among local hosts the usual order.
+            return _CONGESTED if owner is not None and is_peer(owner) else self._load(entry)
+        entry = self.sets[function_id].pick(load)
+        return None if entry.owner is not None and is_peer(entry.owner) else entry
 
     def _load(self, entry):
         owner = entry.owner
