@@ -164,3 +164,155 @@ async def test_a_call_crosses_at_most_one_link(cluster):
     host.unregister("svc::only-b")
     await wait_for(lambda: "svc::only-b" not in a.engine.functions
                    and "svc::only-b" not in c.engine.functions, what="unregistered")
+
+
+def rest_api():
+    return {"class": "modules::api::RestApiModule",
+            "config": {"port": 0, "host": "127.0.0.1"}}
+
+
+def state_module():
+    return {"class": "modules::state::StateModule", "config": {}}
+
+
+async def rest_port(service):
+    from iii_twisted.listeners import listeners_of
+    from iii_twisted.modules.rest_api import RestApiModule
+
+    module = next(m for m in service.modules if isinstance(m, RestApiModule))
+    listener = listeners_of(module)[0]
+    return (await listener._waitingForPort).getHost().port
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_http_route_of_one_member_is_served_by_every_member(cluster):
+    import treq
+
+    a, b = cluster.start("a", [rest_api()]), cluster.start("b", [rest_api()])
+    await cluster.linked()
+    host = await cluster.worker(b, "host")
+    host.register("svc::hello", lambda m: {"status_code": 200,
+                                           "body": {"hello": m["data"]["query_params"]}})
+    host.trigger("route-hello", "http", "svc::hello",
+                 {"api_path": "hello", "http_method": "GET"})
+    await wait_for(lambda: "route-hello" in a.engine.triggers, what="the route on a")
+    for service in (a, b):
+        response = await treq.get("http://127.0.0.1:{}/hello?who=x".format(
+            await rest_port(service)))
+        assert response.code == 200
+        assert (await response.json())["hello"] == {"who": "x"}
+    host.close()
+    await wait_for(lambda: "route-hello" not in a.engine.triggers, what="route gone")
+    response = await treq.get("http://127.0.0.1:{}/hello".format(await rest_port(a)))
+    assert response.code == 404
+    await response.content()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_state_change_on_one_member_fires_the_trigger_of_another(cluster):
+    a, b = cluster.start("a", [state_module()]), cluster.start("b", [state_module()])
+    await cluster.linked()
+    host = await cluster.worker(b, "host")
+    host.register("svc::on-change")
+    host.trigger("watch", "state", "svc::on-change", {"scope": "orders"})
+    await wait_for(lambda: "watch" in a.engine.triggers, what="the trigger on a")
+    await a.engine.call("state::set", {"scope": "orders", "key": "o1", "value": 5})
+    await wait_for(lambda: host.invocations, what="the trigger to fire")
+    event = host.invocations[0]["data"]
+    assert (event["scope"], event["key"], event["new_value"]) == ("orders", "o1", 5)
+    await b.engine.call("state::set", {"scope": "orders", "key": "o2", "value": 6})
+    await wait_for(lambda: len(host.invocations) == 2, what="the local trigger")
+    await task.deferLater(reactor, 0.2, lambda: None)
+    assert len(host.invocations) == 2  # each change fires once
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_member_dying_mid_call_fails_its_calls_and_leaves_the_registry(cluster):
+    """Its link drops (TCP reset): calls fail with invocation_stopped in under 2 s."""
+    a, b = cluster.start("a", [rest_api()]), cluster.start("b", [rest_api()])
+    await cluster.linked()
+    host = await cluster.worker(b, "host")
+    host.register("svc::stuck", lambda m: defer.Deferred())
+    host.trigger("route-stuck", "http", "svc::stuck", {"api_path": "stuck"})
+    await wait_for(lambda: "route-stuck" in a.engine.triggers, what="the route on a")
+    caller = await cluster.worker(a, "caller")
+    call = caller.call("svc::stuck", {})
+    await wait_for(lambda: host.invocations, what="the call to arrive")
+    started = reactor.seconds()
+    # b "crashes": its sockets are reset, it says nothing.
+    b.cluster.links[a.cluster.engine_id].protocol.transport.abortConnection()
+    a.cluster.peers[b.cluster.engine_id].transport.abortConnection()
+    error = await failure_of(call)
+    assert error.code == "invocation_stopped"
+    assert reactor.seconds() - started < 2.0
+    assert "svc::stuck" not in a.engine.functions
+    assert "route-stuck" not in a.engine.triggers
+    workers = (await a.engine.call("engine::workers::list", {}))["workers"]
+    assert [w["name"] for w in workers] == ["caller"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_member_the_directory_drops_leaves_and_is_not_redialed(cluster):
+    a, b = cluster.start("a"), cluster.start("b")
+    await cluster.linked()
+    host = await cluster.worker(b, "host")
+    host.register("svc::x")
+    await offered(a, "svc::x")
+    cluster.registry.expire(b.cluster.engine_id)  # its heartbeat ran out
+    await wait_for(lambda: "svc::x" not in a.engine.functions, 2.0, "svc::x to go")
+    assert b.cluster.engine_id not in a.cluster.links
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dropped_link_is_dialed_again_while_the_member_is_listed(cluster):
+    a, b = cluster.start("a"), cluster.start("b")
+    await cluster.linked()
+    host = await cluster.worker(b, "host")
+    host.register("svc::x", lambda m: "ok")
+    await offered(a, "svc::x")
+    a.cluster.peers[b.cluster.engine_id].dropConnection(abort=True)
+    await wait_for(lambda: "svc::x" not in a.engine.functions, 2.0, "svc::x to go")
+    await offered(a, "svc::x", timeout=5.0)  # b dialed a again
+    caller = await cluster.worker(a, "caller")
+    assert await caller.call("svc::x") == "ok"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_member_without_the_secret_is_refused(cluster):
+    import treq
+
+    a = cluster.start("a")
+    intruder = cluster.start("intruder", secret="wrong")
+    await wait_for(lambda: a.cluster.refused_links >= 1, what="the refusal")
+    host = await cluster.worker(intruder, "host")
+    host.register("svc::evil")
+    await task.deferLater(reactor, 0.3, lambda: None)
+    assert "svc::evil" not in a.engine.functions
+    assert intruder.cluster.engine_id not in a.cluster.peers
+    link_port = a.cluster.listener.bound_port()
+    url = "http://127.0.0.1:{}/iii/cluster/link".format(link_port)
+    upgrade = {"Upgrade": ["websocket"], "Connection": ["Upgrade"],
+               "Sec-WebSocket-Key": ["dGhlIHNhbXBsZSBub25jZQ=="],
+               "Sec-WebSocket-Version": ["13"], "X-III-Engine-Id": ["x"]}
+    response = await treq.get(url, headers=upgrade)
+    assert response.code == 401
+    await response.content()
+    response = await treq.get(url, headers=dict(upgrade, Authorization=["Bearer nope"]))
+    assert response.code == 401
+    await response.content()
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_frames_from_a_peer_are_dropped_and_the_link_survives(cluster):
+    a, b = cluster.start("a"), cluster.start("b")
+    await cluster.linked()
+    host = await cluster.worker(b, "host")
+    host.register("svc::x", lambda m: "ok")
+    await offered(a, "svc::x")
+    link = b.cluster.links[a.cluster.engine_id].protocol
+    link.sendMessage(b"not json", False)
+    link.sendMessage(b'{"type": "clusterview", "workers": 3}', False)
+    link.sendMessage(b'{"type": "registerfunction"}', False)
+    caller = await cluster.worker(a, "caller")
+    assert await caller.call("svc::x") == "ok"
+    assert b.cluster.engine_id in a.cluster.peers
