@@ -8,6 +8,7 @@ L{iii_twisted.auth}.
 from twisted.logger import Logger
 
 from .grants import FORBIDDEN, may_take_over, stats_of
+from .oplog import describe_worker
 
 _log = Logger()
 
@@ -37,8 +38,8 @@ def refuse_function_registration(engine, worker, function_id):
     if session is None or session.allow_function_registration:
         return False
     message = "function registration not allowed for this session"
-    _log.warn("worker {worker_id} ({session!r}) may not register {function_id}: refused",
-              worker_id=worker.id, session=session, function_id=function_id)
+    _log.warn("{worker} ({session!r}) may not register {function_id}: refused",
+              worker=describe_worker(worker), worker_id=worker.id, session=session, function_id=function_id)
     _tell_rejected(engine, worker, FORBIDDEN, message, function_id=function_id)
     return True
 
@@ -48,8 +49,8 @@ def refuse_trigger_type_registration(engine, worker, type_id):
     session = worker.session
     if session is None or session.allow_trigger_type_registration:
         return False
-    _log.warn("worker {worker_id} ({session!r}) may not register trigger type {type_id}: "
-              "refused", worker_id=worker.id, session=session, type_id=type_id)
+    _log.warn("{worker} ({session!r}) may not register trigger type {type_id}: "
+              "refused", worker=describe_worker(worker), worker_id=worker.id, session=session, type_id=type_id)
     _tell_rejected(engine, worker, FORBIDDEN,
                    "trigger type registration not allowed for this session",
                    trigger_type_id=type_id)
@@ -91,9 +92,9 @@ def refuse_takeover(engine, new_owner, old_owner, kind, item_id):
         return False
     if old_owner is not None and may_take_over(new_owner, old_owner):
         return False
-    _log.warn("worker {worker_id} may not take over {kind} {item_id} of {owner}: refused",
-              worker_id=new_owner.id, kind=kind, item_id=item_id,
-              owner="the engine" if old_owner is None else "worker " + old_owner.id)
+    _log.warn("{worker} may not take over {kind} {item_id} of {owner}: refused",
+              worker=describe_worker(new_owner), worker_id=new_owner.id, kind=kind, item_id=item_id,
+              owner="the engine" if old_owner is None else describe_worker(old_owner))
     stats_of(engine).refused_registrations += 1
     return True
 

@@ -74,7 +74,7 @@ class AuthConfig:
         return not self.admit_anyone
 
 
-_TOKEN_KEYS = {
+TOKEN_KEYS = {
     "name": str, "token": str, "allowed_functions": list, "forbidden_functions": list,
     "allowed_trigger_types": list, "allow_function_registration": bool,
     "allow_trigger_type_registration": bool, "function_registration_prefix": str,
@@ -86,7 +86,7 @@ HOOK_KEYS = {
     "on_trigger_registration_function_id": "registertrigger",
     "on_trigger_type_registration_function_id": "registertriggertype",
 }
-_AUTH_KEYS = ("tokens", "auth_function_id", "auth_timeout_ms", "expose_functions",
+AUTH_KEYS = ("tokens", "auth_function_id", "auth_timeout_ms", "expose_functions",
               "middleware_function_id") + tuple(HOOK_KEYS)
 
 
@@ -143,21 +143,21 @@ def parse_auth_config(raw, key="auth"):
         return None
     _check(raw, dict, key)
     for name in raw:
-        if name not in _AUTH_KEYS:
-            raise _unknown_key(name, _AUTH_KEYS, "{}.{}".format(key, name))
+        if name not in AUTH_KEYS:
+            raise _unknown_key(name, AUTH_KEYS, "{}.{}".format(key, name))
     tokens = []
     names, digests = set(), set()
     for i, entry in enumerate(_check(raw.get("tokens") or [], list, key + ".tokens")):
         where = "{}.tokens[{}]".format(key, i)
         _check(entry, dict, where)
         for name in entry:
-            if name not in _TOKEN_KEYS:
-                raise _unknown_key(name, _TOKEN_KEYS, "{}.{}".format(where, name))
+            if name not in TOKEN_KEYS:
+                raise _unknown_key(name, TOKEN_KEYS, "{}.{}".format(where, name))
             if entry[name] is not None:
-                if _TOKEN_KEYS[name] is list:
+                if TOKEN_KEYS[name] is list:
                     _string_list(entry[name], "{}.{}".format(where, name))
                 else:
-                    _check(entry[name], _TOKEN_KEYS[name], "{}.{}".format(where, name))
+                    _check(entry[name], TOKEN_KEYS[name], "{}.{}".format(where, name))
         name, value = entry.get("name"), entry.get("token")
         if not name:
             raise ConfigError("every token needs a name", where + ".name")
@@ -214,7 +214,7 @@ def _filters(raw, key):
     return [FunctionFilter.parse(e, "{}[{}]".format(key, i)) for i, e in enumerate(raw)]
 
 
-_RBAC_KEYS = ("auth_function_id", "expose_functions", "auth_timeout_ms") + tuple(HOOK_KEYS)
+RBAC_KEYS = ("auth_function_id", "expose_functions", "auth_timeout_ms") + tuple(HOOK_KEYS)
 
 
 def parse_listener_auth(auth, rbac, middleware, prefix=""):
@@ -258,8 +258,8 @@ def parse_listener_auth(auth, rbac, middleware, prefix=""):
     key = prefix + "rbac"
     _check(rbac, dict, key)
     for name in rbac:
-        if name not in _RBAC_KEYS:
-            raise _unknown_key(name, _RBAC_KEYS, "{}.{}".format(key, name))
+        if name not in RBAC_KEYS:
+            raise _unknown_key(name, RBAC_KEYS, "{}.{}".format(key, name))
     function_id = rbac.get("auth_function_id")
     if function_id is not None:
         _check(function_id, str, key + ".auth_function_id")

@@ -520,11 +520,19 @@ def _value(mapping, key, schema=LISTENER_SCHEMA):
 
 def describe_all():
     """@return: every config key of the engine and its modules, as text."""
+    from .authn import AUTH_KEYS, RBAC_KEYS, TOKEN_KEYS
     from .modules import MODULE_CLASSES, WORKER_NAMES, module_schema
 
     parts = ["Top level (both formats):", ENGINE_SCHEMA.describe("  "),
              "Worker listener (top level in v0.10; iii-worker-manager config in the "
-             "current format):", LISTENER_SCHEMA.describe("  ")]
+             "current format):", LISTENER_SCHEMA.describe("  "),
+             "Several worker ports (top level, v0.10 format): listeners, a list of "
+             "listeners, each with the worker listener keys above and:",
+             Section(name=LISTENER_ENTRY_SCHEMA.keys["name"]).describe("  "),
+             "Worker listener auth (checked in authn.py; docs/security.rst):",
+             "  auth keys: " + ", ".join(AUTH_KEYS),
+             "  auth.tokens[] keys: " + ", ".join(TOKEN_KEYS),
+             "  rbac keys: " + ", ".join(RBAC_KEYS)]
     factories = []
     for iii_class in WORKER_NAMES.values():
         if MODULE_CLASSES[iii_class] not in factories:

@@ -7,6 +7,11 @@ a L{Trigger} whose L{TriggerType} has a provider (a module, or a worker). The en
 never touches a socket: workers are L{IWorkerConnection}s, so the whole core runs in
 tests with L{iii_twisted.testing.FakeWorkerConnection} and a C{task.Clock}.
 
+The records the registries hold are in L{iii_twisted.registry}; the hosts of workers'
+and in-process functions in L{iii_twisted.hosts}; several hosts of one id in
+L{iii_twisted.replicas}; calls waiting for a worker's answer in
+L{iii_twisted.invocations}.
+
 Deviations from the reference engine (iii v0.10; ../shared/spec/engine-core.md) are
 listed in docs/deviations.rst; each is marked "Deviation" where it is implemented.
 """
@@ -14,323 +19,33 @@ listed in docs/deviations.rst; each is marked "Deviation" where it is implemente
 import hmac
 import secrets
 import time
-import traceback
 from collections import deque
-from inspect import iscoroutine
 from uuid import uuid4
 
-from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from . import auth
 from . import protocol as P
-from .interfaces import IFunctionHost, ITriggerProvider, TriggerError
+from .interfaces import TriggerError
 from .hints import function_hint, module_for_trigger_type, trigger_type_hint
 from .invocations import InvocationTracker
 from .limits import LIMIT_EXCEEDED, Limits, check_stored
 from .namespaces import Namespaces, plain
 from .oplog import describe_agent, describe_close, describe_worker
-from .peer_limits import NotSent
 from .protocol import InvocationError
 from .replicas import SPREAD, Replicas
+# The records and hosts live in their own modules; they are imported from here too.
+from .hosts import (  # noqa: F401
+    CallableHost, EngineEventsProvider, WorkerHost, WorkerTriggerProvider, not_sent_error)
+from .registry import (  # noqa: F401
+    ACTIVE, FAILED, PENDING, CallInfo, FunctionEntry, Trigger, TriggerType, WorkerRecord)
 
 WORKERS_AVAILABLE = "engine::workers-available"
 FUNCTIONS_AVAILABLE = "engine::functions-available"
 
-# Trigger states, as engine::triggers::list shows them.
-PENDING = "pending"  # no provider for its type (yet)
-ACTIVE = "active"  # handed to its provider
-FAILED = "failed"  # a worker provider answered with an error
-
 VOID = {"type": "void"}
-
-
-class WorkerRecord:
-    """
-    One connected worker: its connection, metadata and what it owns.
-
-    @ivar functions: ids of the functions this worker currently hosts.
-    @ivar triggers: ids of the triggers it registered.
-    @ivar trigger_types: ids of the trigger types it provides.
-    @ivar active_calls: its own calls still waiting for a result.
-    @ivar session: its L{iii_twisted.auth.Session}, or None on a listener without
-        auth (every grant).
-    @ivar declared: what it declared in ``engine::workers::register`` beyond the v0.10
-        keys (``description``, ``isolation``, ``features``, ``namespace``; see
-        L{iii_twisted.discovery_current}), {} until then.
-    """
-
-    __slots__ = (
-        "id", "connection", "ip_address", "connected_at_ms", "name", "runtime",
-        "version", "os", "pid", "telemetry", "functions", "triggers", "trigger_types",
-        "active_calls", "host", "reattach_token", "session", "declared", "held",
-        "__weakref__",
-    )
-
-    def __init__(self, worker_id, connection, ip_address, connected_at_ms):
-        self.id = worker_id
-        self.connection = connection
-        self.ip_address = ip_address
-        self.connected_at_ms = connected_at_ms
-        self.name = self.runtime = self.version = self.os = self.pid = None
-        self.telemetry = None
-        self.functions = set()
-        self.triggers = set()
-        self.trigger_types = set()
-        self.active_calls = 0
-        self.host = None
-        self.reattach_token = None
-        self.session = None
-        # Messages waiting while a registration hook decides (iii_twisted.auth), or None.
-        self.held = None
-        self.declared = {}
-
-    def __repr__(self):
-        return "<Worker {} {!r}>".format(self.id, self.name)
-
-
-class FunctionEntry:
-    """A registered function: its id, description and formats, and its host."""
-
-    __slots__ = (
-        "function_id", "description", "request_format", "response_format", "metadata",
-        "host", "owner",
-    )
-
-    def __init__(self, function_id, host, owner=None, description=None,
-                 request_format=None, response_format=None, metadata=None):
-        self.function_id = function_id
-        self.host = host
-        self.owner = owner
-        self.description = description
-        self.request_format = request_format
-        self.response_format = response_format
-        self.metadata = metadata
-
-    def info(self):
-        """@return: the FunctionInfo dict of engine::functions::list."""
-        return {
-            "function_id": plain(self.function_id),
-            "description": self.description,
-            "request_format": self.request_format,
-            "response_format": self.response_format,
-            "metadata": self.metadata,
-        }
-
-
-class TriggerType:
-    """A trigger type and the provider that makes its triggers fire."""
-
-    __slots__ = (
-        "id", "description", "provider", "owner", "trigger_request_format",
-        "call_request_format",
-    )
-
-    def __init__(self, type_id, provider, description=None, owner=None,
-                 trigger_request_format=None, call_request_format=None):
-        self.id = type_id
-        self.provider = provider
-        self.description = description
-        self.owner = owner
-        self.trigger_request_format = trigger_request_format
-        self.call_request_format = call_request_format
-
-
-class Trigger:
-    """
-    A binding of a trigger type, a function id and a config.
-
-    @ivar status: L{PENDING}, L{ACTIVE} or L{FAILED}.
-    @ivar error: the ErrorBody a worker provider refused it with, or None.
-    """
-
-    __slots__ = (
-        "id", "trigger_type", "function_id", "config", "owner", "metadata", "status",
-        "error",
-    )
-
-    def __init__(self, trigger_id, trigger_type, function_id, config, owner=None,
-                 metadata=None):
-        self.id = trigger_id
-        self.trigger_type = trigger_type
-        self.function_id = function_id
-        self.config = config
-        self.owner = owner
-        self.metadata = metadata
-        self.status = PENDING
-        self.error = None
-
-    def info(self):
-        """@return: the TriggerInfo dict of engine::triggers::list (plus status)."""
-        info = {
-            "id": self.id,
-            "trigger_type": self.trigger_type,
-            "function_id": self.function_id,
-            "config": self.config,
-            "status": self.status,
-        }
-        if self.error is not None:
-            info["error"] = self.error
-        return info
-
-
-class CallInfo:
-    """What an L{ICallObserver} sees of one call; it may replace the trace context."""
-
-    __slots__ = ("function_id", "invocation_id", "caller_id", "traceparent", "baggage")
-
-    def __init__(self, function_id, invocation_id, caller_id, traceparent, baggage):
-        self.function_id = function_id
-        self.invocation_id = invocation_id
-        self.caller_id = caller_id
-        self.traceparent = traceparent
-        self.baggage = baggage
-
-
-@implementer(IFunctionHost)
-class CallableHost:
-    """
-    Runs a function in-process: a Python callable taking the call's data and returning
-    a value, a Deferred or a coroutine. Raising L{InvocationError} fails the call with
-    that code; any other exception becomes ``invocation_failed``.
-    """
-
-    _log = Logger()
-    host_kind = "in-process"  # what engine::functions::list says with include_host
-
-    def __init__(self, fn):
-        self._fn = fn
-
-    def invoke(self, function_id, invocation_id, data, traceparent, baggage, metadata=None):
-        # metadata: in-process functions take the data only.
-        try:
-            result = self._fn(data)
-        except InvocationError as e:
-            return fail(e)
-        except Exception as e:
-            return fail(self._as_invocation_error(Failure(e), function_id))
-        if isinstance(result, Deferred):
-            return result.addErrback(self._as_invocation_error, function_id)
-        if iscoroutine(result):
-            return Deferred.fromCoroutine(result).addErrback(
-                self._as_invocation_error, function_id
-            )
-        return succeed(result)
-
-    def _as_invocation_error(self, failure, function_id):
-        if failure.check(InvocationError, CancelledError):
-            return failure
-        self._log.failure("in-process function {function_id} failed", failure,
-                          function_id=function_id)
-        return Failure(InvocationError(
-            P.INVOCATION_FAILED,
-            failure.getErrorMessage(),
-            # The three-argument form: Python 3.9 (PyPy) has no one-argument one.
-            "".join(traceback.format_exception(
-                type(failure.value), failure.value, failure.value.__traceback__)),
-        ))
-
-
-@implementer(IFunctionHost)
-class WorkerHost:
-    """Runs a function on a worker: ``invokefunction`` out, ``invocationresult`` back."""
-
-    __slots__ = ("_tracker", "_worker", "_limits")
-    host_kind = "worker"
-
-    def __init__(self, tracker, worker, limits=None):
-        self._tracker = tracker
-        self._worker = worker
-        self._limits = limits
-
-    def invoke(self, function_id, invocation_id, data, traceparent, baggage, metadata=None):
-        if self._worker.connection.congested:
-            return fail(self._congested(function_id))
-        # Recorded before it is sent: a fast reply must find its entry (the reference
-        # engine has this race, engine-core.md §4.5).
-        d = self._tracker.add(invocation_id, function_id, self._worker)
-        session = self._worker.session
-        message = {
-            "type": P.INVOKE_FUNCTION,
-            "invocation_id": invocation_id,
-            # A namespaced function's own id; a session's function_registration_prefix
-            # is the engine's, not the worker's: it gets the id it registered.
-            "function_id": plain(function_id) if session is None
-            else session.local_id(plain(function_id)),
-            "data": data,
-        }
-        if traceparent is not None:
-            message["traceparent"] = traceparent
-        if baggage is not None:
-            message["baggage"] = baggage
-        if metadata is not None:
-            message["metadata"] = metadata
-        sent = self._worker.connection.send(message)
-        if not sent:
-            # The data holds something JSON cannot carry (an in-process caller's
-            # Python object), or makes a frame larger than the worker accepts
-            # (peer_limits): fail now rather than at the timeout.
-            self._tracker.resolve(invocation_id, self._worker, None, not_sent_error(
-                sent, "the data for {} cannot be sent: it is not JSON".format(function_id),
-                "call of {} not forwarded".format(function_id)))
-        return d
-
-    def _congested(self, function_id):
-        # Backpressure: the worker does not read what it was sent (limits.rst).
-        if self._limits is not None:
-            self._limits.count("calls_refused_congested")
-        return InvocationError(LIMIT_EXCEEDED, (
-            "worker {} does not read its connection (over limits.send_buffer_soft): "
-            "call of {} not forwarded").format(self._worker.id, function_id))
-
-
-@implementer(ITriggerProvider)
-class WorkerTriggerProvider:
-    """
-    A worker that registered a trigger type: triggers of that type are sent to it as
-    ``registertrigger``; its ``triggerregistrationresult`` is recorded by the engine.
-    """
-
-    def __init__(self, worker):
-        self.worker = worker
-
-    def register_trigger(self, trigger):
-        message = {
-            "type": P.REGISTER_TRIGGER,
-            "id": trigger.id,
-            "trigger_type": trigger.trigger_type,
-            "function_id": trigger.function_id,
-            "config": trigger.config,
-        }
-        if trigger.metadata is not None:
-            message["metadata"] = trigger.metadata
-        self.worker.connection.send(message)
-        return succeed(None)
-
-    def unregister_trigger(self, trigger):
-        self.worker.connection.send({
-            "type": P.UNREGISTER_TRIGGER,
-            "id": trigger.id,
-            "trigger_type": trigger.trigger_type,
-        })
-        return succeed(None)
-
-
-@implementer(ITriggerProvider)
-class EngineEventsProvider:
-    """
-    Provides ``engine::workers-available`` and ``engine::functions-available``: the
-    engine fires their triggers itself (L{Engine.fire_triggers}), so there is nothing
-    to start or stop per trigger.
-    """
-
-    def register_trigger(self, trigger):
-        return succeed(None)
-
-    def unregister_trigger(self, trigger):
-        return succeed(None)
 
 
 class Engine:
@@ -1300,16 +1015,6 @@ def _answer(result, worker, invocation_id, function_id):
             "the result of {} was not delivered (the call itself completed)".format(
                 function_id))
         worker.connection.send(message)
-
-
-def not_sent_error(sent, not_json, what):
-    """
-    The error body for a message a connection did not send: C{sent} is what its
-    C{send} returned (False: not JSON; a L{NotSent}: why, e.g. too large).
-    """
-    if isinstance(sent, NotSent):
-        return P.error_body(sent.code, "{}: {}".format(what, sent.message))
-    return P.error_body(P.INVOCATION_FAILED, not_json)
 
 
 def _count_down(result, caller):

@@ -17,6 +17,7 @@ from collections import OrderedDict
 from twisted.logger import Logger
 
 from . import protocol as P
+from .oplog import describe_worker
 from .schema import Key, Section
 
 _log = Logger()
@@ -181,8 +182,9 @@ class Limits:
 
     def _refuse(self, worker, kind, ident, reason):
         self.count("quota_refused")
-        _log.warn("refused {kind} {ident} from worker {worker_id}: {reason}",
-                  kind=kind, ident=_short(ident), worker_id=worker.id, reason=reason)
+        _log.warn("refused {kind} {ident} from {worker}: {reason}",
+                  kind=kind, ident=_short(ident), worker=describe_worker(worker),
+                  worker_id=worker.id, reason=reason)
         return reason
 
     def _check_common(self, worker, kind, ident, owned, quota, quota_key, key=None):

@@ -40,6 +40,7 @@ from twisted.logger import Logger
 
 from . import protocol as P
 from .protocol import InvocationError
+from .oplog import describe_worker
 
 DEFAULT = "default"
 SEP = "\x1f"  # between namespace and id in a registry key; refused in ids
@@ -106,8 +107,9 @@ class Namespaces:
         """
         function_id = message["id"]
         if SEP in function_id:
-            _log.warn("worker {worker_id}: function id {function_id!r} holds a control "
-                      "character; refused", worker_id=worker.id, function_id=function_id)
+            _log.warn("{worker}: function id {function_id!r} holds a control "
+                      "character; refused", worker=describe_worker(worker),
+                      worker_id=worker.id, function_id=function_id)
             return None
         if not _named(worker):
             previous = self.engine.functions.get(function_id)
@@ -132,8 +134,9 @@ class Namespaces:
         return registry_key
 
     def _reject_function(self, worker, namespace, function_id, owner_id):
-        _log.warn("worker {worker_id}: function {function_id} refused in namespace "
-                  "{namespace} (owned by {owner})", worker_id=worker.id,
+        _log.warn("{worker}: function {function_id} refused in namespace "
+                  "{namespace} (owned by {owner})", worker=describe_worker(worker),
+                  worker_id=worker.id,
                   function_id=function_id, namespace=namespace, owner=owner_id or "engine")
         worker.connection.send({
             "type": REGISTRATION_REJECTED, "code": FUNCTION_NAMESPACE_CONFLICT,

@@ -7,7 +7,7 @@ builds an engine on a C{task.Clock}, and a way to see the failures the engine lo
 from contextlib import contextmanager
 
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from .adapters.memory import MemoryKvStore  # noqa: F401 (the IKvStore double for tests)
@@ -99,6 +99,26 @@ def make_engine(**kwargs):
     """
     clock = Clock()
     return Engine(clock, **kwargs), clock
+
+
+@contextmanager
+def log_lines(publisher=globalLogPublisher):
+    """
+    Collect, while the block runs, every log event formatted as the operator reads it.
+
+    @return: (as the context value) the list of lines (str).
+    """
+    lines = []
+
+    def observe(event):
+        text = formatEvent(event)
+        if text:
+            lines.append(text)
+    publisher.addObserver(observe)
+    try:
+        yield lines
+    finally:
+        publisher.removeObserver(observe)
 
 
 @contextmanager

@@ -56,6 +56,7 @@ from zope.interface import implementer
 from ..config import ConfigError, get_option
 from ..schema import Key, ListOf, Section
 from ..engine import FunctionEntry
+from ..oplog import describe_worker
 from ..interfaces import IFunctionHost, IModule
 from ..protocol import INVOCATION_FAILED, InvocationError, encode, loads
 from .http_urls import InvalidUrl, canonical_pattern, parse_url
@@ -617,8 +618,9 @@ class HttpFunctionsModule(Service):
         if self.engine.add_function(entry) is None:
             return None
         self._refusals.pop(function_id, None)
-        self._log.info("worker {worker_id} registered HTTP function {function_id} -> "
-                       "{method} {url}", worker_id=worker.id, function_id=function_id,
+        self._log.info("{worker} registered HTTP function {function_id} -> "
+                       "{method} {url}", worker=describe_worker(worker),
+                       worker_id=worker.id, function_id=function_id,
                        method=spec.method, url=spec.url)
         if self.policy.needs_dns_check(host):
             Deferred.fromCoroutine(self.policy.addresses(host, port)).addErrback(

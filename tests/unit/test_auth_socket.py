@@ -10,7 +10,7 @@ from twisted.test import iosim
 from iii_twisted.auth import AuthConfig, Authenticator, TokenGrant
 from iii_twisted.channels import install_channels
 
-from test_worker_socket import Client, Harness
+from socket_harness import Client, Harness
 
 TOKEN = "t0ken-" + "x" * 30
 WEB = "web-" + "y" * 30

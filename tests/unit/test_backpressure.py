@@ -11,63 +11,9 @@ tests/interop/test_limits_loopback.py show the same with real sockets.
 
 import json
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock
-from twisted.test import iosim
-
-from iii_twisted.engine import Engine
 from iii_twisted.limits import Limits
-from iii_twisted.worker import WorkerFactory
 
-
-class Client(WebSocketClientProtocol):
-    def __init__(self):
-        WebSocketClientProtocol.__init__(self)
-        self.received = []
-        self.closed_with = None
-
-    def onMessage(self, payload, isBinary):
-        self.received.append(json.loads(payload))
-
-    def onClose(self, wasClean, code, reason):
-        self.closed_with = code
-
-    def send(self, message):
-        self.sendMessage(json.dumps(message).encode("utf-8"))
-
-    def of_type(self, kind):
-        return [m for m in self.received if m.get("type") == kind]
-
-
-class Harness:
-    def __init__(self, **limits):
-        self.reactor = MemoryReactorClock()
-        self.engine = Engine(self.reactor, invocation_timeout=30)
-        self.engine.limits = Limits(**limits)
-        self.factory = WorkerFactory(self.engine, self.reactor, ping_interval=0,
-                                     max_message_size=1024 * 1024)
-        self.pumps = []
-
-    def connect(self):
-        server = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 49134))
-        client_factory = WebSocketClientFactory("ws://127.0.0.1:49134/", reactor=self.reactor)
-        client_factory.protocol = Client
-        client = client_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 49134))
-        server_transport = iosim.FakeTransport(
-            server, isServer=True, hostAddress=IPv4Address("TCP", "127.0.0.1", 49134),
-            peerAddress=IPv4Address("TCP", "127.0.0.1", 40000 + len(self.pumps)))
-        client_transport = iosim.FakeTransport(client, isServer=False)
-        pump = iosim.connect(server, server_transport, client, client_transport, greet=False)
-        self.pumps.append(pump)
-        self.flush()
-        return client, server
-
-    def flush(self):
-        for _ in range(5):
-            self.reactor.advance(0)
-            for pump in self.pumps:
-                pump.flush()
+from socket_harness import Harness
 
 
 def invoke(client, invocation_id, function_id, data=None):
@@ -79,7 +25,8 @@ def test_a_peer_that_does_not_read_is_not_read_and_gets_no_calls_until_it_drains
     """The issue's slow consumer: many calls with large answers, never read. The
     engine stops reading it once the unread answers pass send_buffer_soft; nothing it
     sent is lost: every call is answered once it drains."""
-    h = Harness(send_buffer_soft=20000, send_buffer_hard=1000000)
+    h = Harness(Limits(send_buffer_soft=20000, send_buffer_hard=1000000),
+                max_message_size=1024 * 1024)
     h.engine.register_function("app::big", lambda data: "x" * 5000)
     slow, server = h.connect()
     other, _ = h.connect()
@@ -113,7 +60,8 @@ def test_a_peer_that_does_not_read_is_not_read_and_gets_no_calls_until_it_drains
 
 
 def test_a_peer_over_the_hard_bound_is_dropped_and_others_carry_on():
-    h = Harness(send_buffer_soft=10000, send_buffer_hard=30000)
+    h = Harness(Limits(send_buffer_soft=10000, send_buffer_hard=30000),
+                max_message_size=1024 * 1024)
     h.engine.register_function("app::big", lambda data: "x" * 5000)
     slow, server = h.connect()
     other, _ = h.connect()
@@ -140,7 +88,8 @@ def test_a_peer_over_the_hard_bound_is_dropped_and_others_carry_on():
 
 
 def test_a_peer_congested_past_the_stall_timeout_is_dropped():
-    h = Harness(send_buffer_soft=1000, send_stall_timeout_ms=5000)
+    h = Harness(Limits(send_buffer_soft=1000, send_stall_timeout_ms=5000),
+                max_message_size=1024 * 1024)
     h.engine.register_function("app::big", lambda data: "x" * 5000)
     slow, server = h.connect()
     server._gate.pauseProducing()
@@ -171,7 +120,8 @@ def begin(client, size):
 def test_large_frames_in_flight_wait_for_the_budget_and_all_arrive():
     """The issue's 40 connections each sending a large frame at once: past the budget
     the next frames wait (their connections are not read), none is lost."""
-    h = Harness(large_frame_size=1000, frames_in_flight_budget=10000)
+    h = Harness(Limits(large_frame_size=1000, frames_in_flight_budget=10000),
+                max_message_size=1024 * 1024)
     budget = h.factory.frame_budget
     clients = [h.connect() for _ in range(5)]
     rests = [begin(client, 4000) for client, _ in clients]
@@ -189,7 +139,8 @@ def test_large_frames_in_flight_wait_for_the_budget_and_all_arrive():
 
 
 def test_a_frame_larger_than_the_whole_budget_is_refused():
-    h = Harness(large_frame_size=1000, frames_in_flight_budget=5000)
+    h = Harness(Limits(large_frame_size=1000, frames_in_flight_budget=5000),
+                max_message_size=1024 * 1024)
     big, _ = h.connect()
     other, _ = h.connect()
     big.sendMessage(ping_of(6000))
@@ -203,7 +154,8 @@ def test_a_frame_larger_than_the_whole_budget_is_refused():
 
 def test_a_partly_received_frame_is_freed_when_its_connection_closes():
     """Before: 1.3 GB of 2.4 GB of partly received frames stayed after the close."""
-    h = Harness(large_frame_size=1000, frames_in_flight_budget=100000)
+    h = Harness(Limits(large_frame_size=1000, frames_in_flight_budget=100000),
+                max_message_size=1024 * 1024)
     client, server = h.connect()
     begin(client, 60000)
     client.sendMessageFrameData(b"p" * 30000)

@@ -208,3 +208,7 @@ def test_describe_config(capsys):
     assert "iii-http / http (modules::api::RestApiModule, " \
         "modules::rest_api::RestApiModule):\n  port (an integer, 0..65535, default 3111)" in out
     assert "name: kv (v0.10 class: modules::state::adapters::KvStore), config:" in out
+    # Keys checked outside the schema are listed too.
+    assert "listeners, a list of listeners" in out and "  name (a string)" in out
+    assert "  auth keys: tokens, auth_function_id," in out
+    assert "  auth.tokens[] keys: name, token, allowed_functions," in out

@@ -16,7 +16,7 @@ from iii_twisted.config import ConfigError, parse_config
 from iii_twisted.limits import SETTINGS, Limits, raise_nofile_limit, too_deep
 from iii_twisted.modules import build_module
 from iii_twisted.protocol import InvocationError
-from iii_twisted.testing import FakeWorkerConnection, logged_failures, make_engine
+from iii_twisted.testing import FakeWorkerConnection, log_lines, logged_failures, make_engine
 
 
 def nested(depth, leaf=1):
@@ -196,6 +196,20 @@ def test_functions_per_worker_quota_refuses_with_a_reason_and_others_carry_on():
     other.receive({"type": "registerfunction", "id": "o::f"})
     assert "o::f" in engine.functions
     assert engine.limits.counters["quota_refused"] == 15
+
+
+def test_a_quota_refusal_names_the_worker_as_the_log_names_it_everywhere():
+    """A quota refusal says which worker: its name, runtime, pid, address and id."""
+    engine, clock = make_engine()
+    engine.limits = Limits(functions_per_worker=1)
+    greedy = FakeWorkerConnection.connect(engine)
+    greedy.worker.name, greedy.worker.runtime, greedy.worker.pid = "greedy", "node", 42
+    with log_lines() as lines:
+        greedy.receive({"type": "registerfunction", "id": "g::one"})
+        greedy.receive({"type": "registerfunction", "id": "g::two"})
+    text = "\n".join(lines)
+    assert 'refused function g::two from worker "greedy" (node, pid 42, 127.0.0.1, id ' \
+        in text
 
 
 def test_sizes_of_ids_descriptions_metadata_and_configs_are_bounded():

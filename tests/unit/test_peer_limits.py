@@ -6,19 +6,17 @@ byte call or state::set echo, with every call in flight on it; the log said only
 """
 
 import json
-from contextlib import contextmanager
 
 import pytest
 from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet.address import IPv4Address
-from twisted.logger import globalLogPublisher, formatEvent
 from twisted.test import iosim
 
 from iii_twisted.config import ConfigError, from_dict
 from iii_twisted.peer_limits import MIB, PeerFrameLimits
-from iii_twisted.testing import FakeWorkerConnection, make_engine
+from iii_twisted.testing import FakeWorkerConnection, log_lines, make_engine
 
-from test_worker_socket import Client, Harness
+from socket_harness import Client, Harness
 
 PYTHON_UA = "Python/3.11 websockets/13.1"
 BIG = "x" * (MIB + 100)
@@ -48,21 +46,6 @@ def register(client, runtime, name="w", version="1.0"):
     client.send({"type": "invokefunction", "function_id": "engine::workers::register",
                  "data": {"runtime": runtime, "version": version, "name": name, "pid": 7},
                  "action": {"type": "void"}})
-
-
-@contextmanager
-def log_lines():
-    lines = []
-
-    def observe(event):
-        text = formatEvent(event)
-        if text:
-            lines.append(text)
-    globalLogPublisher.addObserver(observe)
-    try:
-        yield lines
-    finally:
-        globalLogPublisher.removeObserver(observe)
 
 
 def test_limit_from_user_agent_then_from_the_declared_runtime():
