@@ -421,25 +421,26 @@ class Engine:
                 P.INVALID_MESSAGE, "Unknown action type {!r}".format(kind)))
         return self._invoke(function_id, data, caller, traceparent, baggage, metadata)
 
-    def _invoke(self, function_id, data, caller, traceparent, baggage, metadata=None):
-        entry = self.functions.get(function_id)
-        if entry is None:
-            self.unknown_calls += 1  # iii_invocations_not_found_total
-            return fail(self._not_found(function_id))
-        if function_id in self._replica_sets:
-            entry = self.replicas.pick(function_id)  # several workers host it
-        return self.invoke_entry(entry, function_id, data, caller, traceparent, baggage,
-                                 metadata)
-
-    def invoke_entry(self, entry, function_id, data, caller=None, traceparent=None,
-                     baggage=None, metadata=None):
+    def invoke_entry(self, entry, function_id, data, traceparent=None, baggage=None,
+                     metadata=None):
         """
-        Run one call on the host of C{entry} (chosen by the caller: L{_invoke}, or a
-        cluster link running a peer's call on a local host only), with the call
-        observers, the timeout and the caller's count, as every call.
+        Run one call on the host of C{entry}, chosen by the caller (a cluster link
+        running a peer's call on a local host only), with the call observers and the
+        timeout, as every call.
 
         @return: Deferred firing with the result or failing with L{InvocationError}.
         """
+        return self._invoke(function_id, data, None, traceparent, baggage, metadata, entry)
+
+    def _invoke(self, function_id, data, caller, traceparent, baggage, metadata=None,
+                entry=None):
+        if entry is None:
+            entry = self.functions.get(function_id)
+            if entry is None:
+                self.unknown_calls += 1  # iii_invocations_not_found_total
+                return fail(self._not_found(function_id))
+            if function_id in self._replica_sets:
+                entry = self.replicas.pick(function_id)  # several workers host it
         invocation_id = next(self._invocation_ids)
         finish = None
         if self._observers:

@@ -278,7 +278,7 @@ class Offer:
         if entry is None:
             return fail(InvocationError(P.FUNCTION_NOT_FOUND, "Function {} not found on "
                                         "engine {}".format(function_id, engine_name)))
-        return self.engine.invoke_entry(entry, function_id, message["data"], None,
+        return self.engine.invoke_entry(entry, function_id, message["data"],
                                         message["traceparent"], message["baggage"],
                                         message["metadata"])
 
