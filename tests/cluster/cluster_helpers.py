@@ -156,3 +156,12 @@ class TestWorker:
 
 def now_ms():
     return int(time.time() * 1000)
+
+
+def free_port():
+    """@return: a TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

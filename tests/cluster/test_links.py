@@ -316,3 +316,57 @@ async def test_bad_frames_from_a_peer_are_dropped_and_the_link_survives(cluster)
     caller = await cluster.worker(a, "caller")
     assert await caller.call("svc::x") == "ok"
     assert b.cluster.engine_id in a.cluster.peers
+
+
+def self_signed(directory):
+    """Write a key and a self-signed certificate for "localhost" into C{directory}."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    roots = directory / "roots"
+    roots.mkdir()
+    (roots / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption()))
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return directory / "key.pem", directory / "cert.pem", roots
+
+
+@pytest_twisted.ensureDeferred
+async def test_links_over_tls(cluster, tmp_path):
+    """ssl: listeners and tls: addresses (Twisted endpoint strings) carry the links."""
+    from cluster_helpers import free_port
+
+    key, cert, roots = self_signed(tmp_path)
+    members = []
+    for name in ("a", "b"):
+        port = free_port()
+        members.append(cluster.start(
+            name, listen="ssl:{}:interface=127.0.0.1:privateKey={}:certKey={}".format(
+                port, key, cert),
+            advertise="tls:localhost:{}:trustRoots={}".format(port, roots)))
+    a, b = members
+    await cluster.linked()
+    host = await cluster.worker(b, "host")
+    host.register("svc::tls", lambda m: "over tls")
+    await offered(a, "svc::tls")
+    caller = await cluster.worker(a, "caller")
+    assert await caller.call("svc::tls") == "over tls"
+    from twisted.internet.interfaces import ISSLTransport
+    assert ISSLTransport.providedBy(a.cluster.peers[b.cluster.engine_id].transport)
