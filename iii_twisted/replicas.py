@@ -148,12 +148,17 @@ class Replicas:
         entry of another live worker, is registered; auth has allowed it.
 
         @return: True when both stay as replicas; False when the policy is
-            L{LAST_WINS} or either is not run by its worker over its connection (an
+            L{LAST_WINS} (unless one is another cluster member's offer) or either
+            is not run by its worker over its connection (an
             in-process or HTTP-invoked function: the last wins), and the caller
             replaces, calling L{drop} for the replicas that go with it.
         """
-        if self.policy != SPREAD or not (_on_its_worker(previous)
-                                         and _on_its_worker(entry)):
+        across = (previous.owner is not None and is_peer(previous.owner)) or \
+            (entry.owner is not None and is_peer(entry.owner))
+        if (self.policy != SPREAD and not across) or not (
+                _on_its_worker(previous) and _on_its_worker(entry)):
+            # Hosts on several cluster members are replicas under either policy:
+            # last_wins is about the workers of one engine.
             return False
         function_id = entry.function_id
         replicas = self.sets.get(function_id)

@@ -33,12 +33,18 @@ class Cluster:
         self.services = []
         self.workers = []
 
-    def start(self, name, modules=(), secret=SECRET, **cluster_keys):
+    def start(self, name, modules=(), secret=SECRET, top=None, **cluster_keys):
+        """
+        @param top: more top-level config keys (auth, function_replicas...).
+        @param cluster_keys: more keys of the cluster: section.
+        """
         cluster = {"redis_url": "redis://unused.invalid", "secret": secret, "name": name}
         cluster.update(cluster_keys)
+        config = {"listen": "tcp:0:interface=127.0.0.1", "invocation_timeout_ms": 20000,
+                  "modules": list(modules), "cluster": cluster}
+        config.update(top or {})
         service = EngineService(
-            {"listen": "tcp:0:interface=127.0.0.1", "invocation_timeout_ms": 20000,
-             "modules": list(modules), "cluster": cluster},
+            config,
             reactor=reactor, cluster_directory=MemoryDirectory(self.registry))
         service.startService()
         self.services.append(service)
@@ -59,9 +65,9 @@ class Cluster:
             return True
         await wait_for(done, timeout, "the members to link")
 
-    async def worker(self, service, name="worker"):
+    async def worker(self, service, name="worker", headers=None):
         worker = TestWorker(name)
-        await worker.connect(service)
+        await worker.connect(service, headers)
         self.workers.append(worker)
         return worker
 
@@ -103,9 +109,10 @@ class TestWorker:
         self._opened = defer.Deferred()
         self.close_info = None
 
-    async def connect(self, service):
+    async def connect(self, service, headers=None):
         port = (await service.listening()).getHost().port
-        factory = WorkerClientFactory(self, reactor, url="ws://127.0.0.1:{}/".format(port))
+        factory = WorkerClientFactory(self, reactor, url="ws://127.0.0.1:{}/".format(port),
+                                      headers=headers)
         await connect(reactor, "tcp:127.0.0.1:{}".format(port), factory)
         await self._opened
         await self.call("engine::workers::register",

@@ -370,3 +370,29 @@ async def test_links_over_tls(cluster, tmp_path):
     assert await caller.call("svc::tls") == "over tls"
     from twisted.internet.interfaces import ISSLTransport
     assert ISSLTransport.providedBy(a.cluster.peers[b.cluster.engine_id].transport)
+
+
+@pytest_twisted.ensureDeferred
+async def test_members_host_one_id_side_by_side_under_auth_and_last_wins(cluster):
+    """
+    Another member's offer never takes over a local worker's function, nor is it
+    refused as another principal's, whatever auth and function_replicas say.
+    """
+    b_config = {"function_replicas": "last_wins",
+                "auth": {"tokens": [{"name": "team", "token": "team-token"}]}}
+    a, b = cluster.start("a"), cluster.start("b", top=b_config)
+    await cluster.linked()
+    on_b = await cluster.worker(b, "on-b", {"Authorization": "Bearer team-token"})
+    on_b.register("svc::both", lambda m: "b")
+    await wait_for(lambda: "svc::both" in b.engine.functions, what="b's own")
+    on_a = await cluster.worker(a, "on-a")
+    on_a.register("svc::both", lambda m: "a")
+    await wait_for(lambda: b.engine.replicas.host_count("svc::both") == 2,
+                   what="two hosts on b")
+    assert not [f for f in on_b.frames if f.get("type") == "registrationrejected"]
+    caller = await cluster.worker(b, "caller", {"Authorization": "Bearer team-token"})
+    assert await caller.call("svc::both") == "b"  # local first
+    on_b.close()
+    await wait_for(lambda: b.engine.replicas.host_count("svc::both") == 1
+                   and "svc::both" in b.engine.functions, what="a's host to remain")
+    assert await caller.call("svc::both") == "a"
