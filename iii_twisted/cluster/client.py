@@ -253,7 +253,8 @@ class WorkerClientFactory(WebSocketClientFactory):
     """
     Builds L{WorkerClientProtocol}s with the Autobahn options set on purpose.
 
-    @ivar handler: gets C{opened}, C{invoke}, C{closed} (and C{frame}) calls.
+    @ivar handler: an L{iii_twisted.interfaces.IWorkerClientHandler} (C{frame} is
+        optional).
     """
 
     protocol = WorkerClientProtocol

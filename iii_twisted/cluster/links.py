@@ -36,8 +36,10 @@ import hmac
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import fail
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from .. import protocol as P
+from ..interfaces import IWorkerClientHandler
 from ..namespaces import SEP
 from ..protocol import InvocationError
 from ..replicas import is_peer
@@ -283,6 +285,7 @@ class Offer:
                                         message["metadata"])
 
 
+@implementer(IWorkerClientHandler)
 class PeerLink:
     """
     The link this member opens to one other member: dials it (again with backoff

@@ -176,3 +176,12 @@ def test_redial_backs_off_and_stops_when_the_member_leaves():
     assert reactor.getDelayedCalls() == []
     link._again()
     assert reactor.getDelayedCalls() == []
+
+
+def test_a_peer_link_is_a_worker_client_handler():
+    from zope.interface.verify import verifyObject
+
+    from iii_twisted.interfaces import IWorkerClientHandler
+
+    _, _, link = linked()
+    assert verifyObject(IWorkerClientHandler, link)
