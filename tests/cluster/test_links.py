@@ -396,3 +396,20 @@ async def test_members_host_one_id_side_by_side_under_auth_and_last_wins(cluster
     await wait_for(lambda: b.engine.replicas.host_count("svc::both") == 1
                    and "svc::both" in b.engine.functions, what="a's host to remain")
     assert await caller.call("svc::both") == "a"
+
+
+@pytest_twisted.ensureDeferred
+async def test_current_shape_discovery_names_the_member(cluster):
+    a, b = cluster.start("a"), cluster.start("b")
+    await cluster.linked()
+    host = await cluster.worker(b, "host-b")
+    host.register("svc::b")
+    host.trigger("route", "http", "svc::b", {"api_path": "x"})
+    await wait_for(lambda: "route" in a.engine.triggers, what="the route on a")
+    await wait_for(lambda: any(p.cluster_peer.worker_of for p in a.cluster.peers.values()),
+                   what="b's view")
+    [row] = (await a.engine.call("engine::registered-triggers::list", {}))[
+        "registered_triggers"]
+    assert (row["id"], row["engine_name"], row["worker_name"]) == ("route", "b", "host-b")
+    detail = await a.engine.call("engine::functions::info", {"function_id": "svc::b"})
+    assert (detail["engine_name"], detail["worker_name"]) == ("b", "host-b")
