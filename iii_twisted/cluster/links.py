@@ -163,6 +163,28 @@ class LinkServerProtocol(WorkerProtocol):
         WorkerProtocol._drop_invalid(self, error)
 
 
+class _LinkEngine:
+    """
+    The engine as the link listener's connections see it: the trigger registrations
+    a member offers go to the cluster (L{iii_twisted.cluster.triggers}), which puts
+    one copy of each in force; every other message and attribute is the engine's.
+    """
+
+    def __init__(self, engine, cluster):
+        self._engine = engine
+        self._cluster = cluster
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def handle_message(self, worker, message):
+        kind = message["type"]
+        if kind == P.REGISTER_TRIGGER or kind == P.UNREGISTER_TRIGGER:
+            self._cluster.trigger_offered(worker, message)
+        else:
+            self._engine.handle_message(worker, message)
+
+
 class LinkServerFactory(WorkerFactory):
     """The link listener's factory: L{LinkServerProtocol}s of one cluster member."""
 
@@ -170,13 +192,11 @@ class LinkServerFactory(WorkerFactory):
 
     def __init__(self, engine, reactor, cluster, max_message_size=16 * 1024 * 1024,
                  ping_interval=1.0, ping_timeout=3.0):
-        # WorkerFactory tells the engine its frame limits (for workers' declared
-        # runtimes); the worker port's stay the engine's.
-        frame_limits = engine.frame_limits
-        WorkerFactory.__init__(self, engine, reactor, max_message_size=max_message_size,
+        # (The frame limits WorkerFactory sets land on the proxy: the engine keeps
+        # the worker port's.)
+        WorkerFactory.__init__(self, _LinkEngine(engine, cluster), reactor,
+                               max_message_size=max_message_size,
                                ping_interval=ping_interval, ping_timeout=ping_timeout)
-        if frame_limits is not None:
-            engine.frame_limits = frame_limits
         self.cluster = cluster
 
 

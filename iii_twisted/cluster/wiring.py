@@ -20,6 +20,7 @@ from ..listeners import Listener
 from ..replicas import is_peer
 from .directory import Member
 from .links import LinkServerFactory, Offer, PeerLink
+from .triggers import SharedTriggers
 
 LISTENER_NAME = "iii-cluster"
 
@@ -78,6 +79,7 @@ class ClusterService(MultiService):
         self.peers = {}
         self.refused_links = 0
         self.offer = Offer(engine, settings.trigger_types)
+        self.shared_triggers = SharedTriggers(engine)
         self._sync_call = None
         self.factory = LinkServerFactory(engine, reactor, self, max_message_size,
                                          ping_interval=settings.heartbeat,
@@ -163,17 +165,33 @@ class ClusterService(MultiService):
         engine_id = protocol.cluster_peer.engine_id
         if self.peers.get(engine_id) is protocol:
             del self.peers[engine_id]
+            # Another member's copy of a trigger it had in force takes its place.
+            self.shared_triggers.unlinked(engine_id)
+            self._schedule()
+
+    def trigger_offered(self, link, message):
+        """A member's link (un)registers one of its triggers here."""
+        self.shared_triggers.received(link, message)
+        self._schedule()
 
     # -- the registry ---------------------------------------------------------------------
 
     def _registry_changed(self):
         self.offer.changed()
-        if self._sync_call is None and self.links:
+        if self.links or self.shared_triggers.offered:
+            self._schedule()
+
+    def _schedule(self):
+        if self._sync_call is None and self.running:
             # Once per burst (a worker registering 100 functions is one sync).
             self._sync_call = self.reactor.callLater(0, self._sync)
 
     def _sync(self):
         self._sync_call = None
+        try:
+            self.shared_triggers.reconcile()
+        except Exception:
+            self._log.failure("placing the triggers other members offer failed")
         for link in list(self.links.values()):
             try:
                 link.sync()

@@ -413,3 +413,75 @@ async def test_current_shape_discovery_names_the_member(cluster):
     assert (row["id"], row["engine_name"], row["worker_name"]) == ("route", "b", "host-b")
     detail = await a.engine.call("engine::functions::info", {"function_id": "svc::b"})
     assert (detail["engine_name"], detail["worker_name"]) == ("b", "host-b")
+
+
+@pytest_twisted.ensureDeferred
+async def test_replicas_of_a_worker_with_the_same_trigger_fire_once_per_change(cluster):
+    """Each member's replica registers the same state trigger: one call per change."""
+    a, b = cluster.start("a", [state_module()]), cluster.start("b", [state_module()])
+    await cluster.linked()
+    replicas = [await cluster.worker(a, "rep-a"), await cluster.worker(b, "rep-b")]
+    for i, replica in enumerate(replicas):
+        replica.register("svc::on-change")
+        replica.trigger("watch-{}".format(i), "state", "svc::on-change", {"scope": "s"})
+    await wait_for(lambda: all(s.engine.replicas.host_count("svc::on-change") == 2
+                               for s in (a, b)), what="two hosts on each member")
+    await wait_for(lambda: all(len(s.cluster.shared_triggers.offered) == 1
+                               and s.cluster._sync_call is None for s in (a, b)),
+                   what="each member to have placed the other's offer")
+    for service in (a, b):
+        in_force = [t for t in service.engine.triggers.values()
+                    if t.trigger_type == "state"]
+        assert len(in_force) == 1  # its own worker's; the other member's copy waits
+
+    def calls():
+        return sum(len(r.invocations) for r in replicas)
+    for n, service in enumerate((a, b, a, b), 1):
+        await service.engine.call("state::set", {"scope": "s", "key": "k", "value": n})
+        await wait_for(lambda: calls() >= n, what="change {} to fire".format(n))
+    await task.deferLater(reactor, 0.2, lambda: None)
+    assert calls() == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_another_members_copy_takes_over_when_the_one_in_force_goes(cluster):
+    members = [cluster.start(name, [state_module()]) for name in ("a", "b", "c")]
+    a, b, c = members
+    await cluster.linked()
+    on_a, on_c = await cluster.worker(a, "on-a"), await cluster.worker(c, "on-c")
+    for i, worker in enumerate((on_a, on_c)):
+        worker.register("svc::f")
+        worker.trigger("t-{}".format(i), "state", "svc::f", {"scope": "x"})
+
+    def state_triggers():
+        return [t for t in b.engine.triggers.values() if t.trigger_type == "state"]
+    await wait_for(lambda: len(state_triggers()) == 1
+                   and len(b.cluster.shared_triggers.offered) == 2, what="one in force on b")
+    first = state_triggers()[0].owner.connection.cluster_peer.name
+    gone, stays = (a, c) if first == "a" else (c, a)
+    gone.cluster.links[b.cluster.engine_id].protocol.transport.abortConnection()
+    b.cluster.peers[gone.cluster.engine_id].transport.abortConnection()
+    await wait_for(lambda: [t.owner.connection.cluster_peer.name
+                            for t in state_triggers()] == [stays.cluster.name],
+                   what="the other copy in force")
+    await b.engine.call("state::set", {"scope": "x", "key": "k", "value": 1})
+    host = on_c if stays is c else on_a
+    await wait_for(lambda: host.invocations, what="the change to fire on the other")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_offered_trigger_whose_id_is_taken_here_goes_in_under_another(cluster):
+    a, b = cluster.start("a", [state_module()]), cluster.start("b", [state_module()])
+    await cluster.linked()
+    on_a, on_b = await cluster.worker(a, "on-a"), await cluster.worker(b, "on-b")
+    on_a.register("svc::fa")
+    on_b.register("svc::fb")
+    on_a.trigger("same-id", "state", "svc::fa", {"scope": "one"})
+    on_b.trigger("same-id", "state", "svc::fb", {"scope": "two"})
+    await wait_for(lambda: "same-id@" + b.cluster.engine_id in a.engine.triggers,
+                   what="b's trigger on a")
+    assert a.engine.triggers["same-id"].owner.connection is not None
+    assert a.engine.triggers["same-id"].function_id == "svc::fa"
+    await a.engine.call("state::set", {"scope": "two", "key": "k", "value": 1})
+    await wait_for(lambda: on_b.invocations, what="b's trigger to fire from a")
+    assert on_a.invocations == []
