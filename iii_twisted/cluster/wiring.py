@@ -36,8 +36,12 @@ def redis_directory(settings, reactor):
     except ImportError as e:
         raise ConfigError("the Redis cluster directory is not available in this build "
                           "({})".format(e), "cluster.redis_url")
-    return RedisDirectory(settings.redis_url, reactor,
-                          heartbeat_interval=settings.heartbeat, ttl=settings.member_ttl)
+    try:
+        return RedisDirectory(settings.redis_url, reactor,
+                              heartbeat_interval=settings.heartbeat,
+                              ttl=settings.member_ttl)
+    except ValueError as e:
+        raise ConfigError(str(e), "cluster.redis_url")
 
 
 class ClusterService(MultiService):

@@ -33,19 +33,24 @@ class Cluster:
         self.services = []
         self.workers = []
 
-    def start(self, name, modules=(), secret=SECRET, top=None, **cluster_keys):
+    def start(self, name, modules=(), secret=SECRET, top=None, redis_url=None,
+              **cluster_keys):
         """
         @param top: more top-level config keys (auth, function_replicas...).
+        @param redis_url: the membership in this Redis (the RedisDirectory), instead
+            of the test's MemoryDirectory.
         @param cluster_keys: more keys of the cluster: section.
         """
-        cluster = {"redis_url": "redis://unused.invalid", "secret": secret, "name": name}
+        cluster = {"redis_url": redis_url or "redis://unused.invalid", "secret": secret,
+                   "name": name}
         cluster.update(cluster_keys)
         config = {"listen": "tcp:0:interface=127.0.0.1", "invocation_timeout_ms": 20000,
                   "modules": list(modules), "cluster": cluster}
         config.update(top or {})
         service = EngineService(
             config,
-            reactor=reactor, cluster_directory=MemoryDirectory(self.registry))
+            reactor=reactor,
+            cluster_directory=None if redis_url else MemoryDirectory(self.registry))
         service.startService()
         self.services.append(service)
         return service
