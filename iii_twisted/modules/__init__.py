@@ -32,6 +32,8 @@ MODULE_CLASSES = {
     "modules::observability::ObservabilityModule":
         "iii_twisted.modules.observability:OtelModule",
     "modules::console::ConsoleModule": "iii_twisted.modules.console:ConsoleModule",
+    "modules::bridge_client::BridgeClientModule":
+        "iii_twisted.modules.bridge_client:BridgeClientModule",
 }
 
 # The current format's worker names (reference v0.11 on; short aliases from v0.22) and
@@ -54,6 +56,7 @@ WORKER_NAMES = {
     "cron": "modules::cron::CronModule",
     "iii-observability": "modules::observability::OtelModule",
     "iii-http-functions": "modules::http_functions::HttpFunctionsModule",
+    "iii-bridge": "modules::bridge_client::BridgeClientModule",
     # Ours: the reference's console is a separate app, not a worker entry.
     "iii-console": "modules::console::ConsoleModule",
 }
@@ -61,7 +64,6 @@ WORKER_NAMES = {
 # Reference names this engine refuses, with the reason.
 NOT_IMPLEMENTED = {
     "iii-exec": "runs shell commands at start-up; not implemented by this engine",
-    "iii-bridge": "links to another engine; not implemented by this engine yet",
     "configuration": "the configuration worker (configuration::*) is not implemented "
                      "by this engine; settings live in this file",
     "iii-worker-ops": "not part of this engine (the reference's worker process manager)",

@@ -57,7 +57,8 @@ def check_keys(config, known):
 
 
 def kv_adapter_from_config(config, reactor, kv_class, extra_keys=(), redis_class=None,
-                           redis_prefixes=("state:", "")):
+                           redis_prefixes=("state:", ""), bridge_class=None,
+                           bridge_store=None):
     """
     Build the store of an ``adapter: {class, config}`` entry (absent: the default
     C{kv_class} in memory).
@@ -65,6 +66,9 @@ def kv_adapter_from_config(config, reactor, kv_class, extra_keys=(), redis_class
     @param redis_class: the class name of the Redis adapter, if the module has one;
         its config is ``{redis_url}`` (L{iii_twisted.adapters.redis_kv}).
     @param redis_prefixes: (key prefix, group prefix) of the Redis store.
+    @param bridge_class: the class name of the module's ``Bridge`` adapter, if any;
+        C{bridge_store(adapter_config, reactor)} builds its store
+        (L{iii_twisted.adapters.bridge}).
     @return: (store, adapter config mapping).
     @raise ConfigError: naming ``adapter.class`` for an unknown class, or the
         adapter config key at fault.
@@ -79,7 +83,8 @@ def kv_adapter_from_config(config, reactor, kv_class, extra_keys=(), redis_class
     except ConfigError as e:
         raise e.within("adapter")
     name = adapter.get("class")
-    known = [kv_class] + ([redis_class] if redis_class else [])
+    known = [kv_class] + ([redis_class] if redis_class else []) + (
+        [bridge_class] if bridge_class else [])
     if name not in known:
         raise ConfigError("Adapter factory {!r} not found. Available: [{}]".format(
             name, ", ".join(known)), "adapter.class")
@@ -87,7 +92,9 @@ def kv_adapter_from_config(config, reactor, kv_class, extra_keys=(), redis_class
     if not isinstance(adapter_config, dict):
         raise ConfigError("must be a mapping", "adapter.config")
     try:
-        if name == redis_class:
+        if name == bridge_class:
+            store = bridge_store(adapter_config, reactor)
+        elif name == redis_class:
             from ..adapters import redis_kv_store_from_config
             store = redis_kv_store_from_config(adapter_config, reactor, name,
                                                redis_prefixes, extra_keys)

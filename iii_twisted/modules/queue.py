@@ -105,6 +105,9 @@ CONFIG_SCHEMA = Section(
             mode=Key(str, "standard", "standard, or fifo (in order per message group)",
                      choices=("standard", "fifo")),
             **_QUEUE_DEFAULTS)),
+        Adapter("bridge", ("modules::queue::adapters::Bridge",), None,
+                "the queue's bridge adapter is not built in this engine (the state "
+                "and stream ones are; docs/cluster.rst)"),
     ), None, "where messages are kept (default: builtin in memory)"),
     queue_configs=Key(MapOf(Section(
         _check=lambda q: ("message_group_field", "a fifo queue needs message_group_field "

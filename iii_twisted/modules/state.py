@@ -15,6 +15,11 @@ Config (unknown keys refused)::
       config:
         redis_url: redis://localhost:6379             # the default; rediss:// for TLS
 
+    adapter:                                          # kept on another engine
+      class: modules::state::adapters::Bridge
+      config:
+        bridge_url: ws://localhost:49134              # the default (adapters/bridge.py)
+
 Functions (inputs ignore unknown keys, such as ``_caller_worker_id``):
 
 - ``state::set {scope, key, value}`` (``data`` is accepted for ``value``) ->
@@ -38,6 +43,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..adapters import KV_STORE_SCHEMA, REDIS_SCHEMA
+from ..adapters.bridge import BRIDGE_SCHEMA, state_store_from_config
 from ..schema import Adapter, Adapters, Key, Section
 from ..interfaces import IModule, InvalidUpdateOp, ITriggerProvider, KvStoreError, TriggerError
 from ..protocol import InvocationError
@@ -48,6 +54,7 @@ from ._kvcommon import (
 
 KV_ADAPTER = "modules::state::adapters::KvStore"
 REDIS_ADAPTER = "modules::state::adapters::RedisAdapter"
+BRIDGE_ADAPTER = "modules::state::adapters::Bridge"
 TRIGGER_TYPE = "state"
 CONFIG_KEYS = ("adapter",)
 
@@ -56,7 +63,7 @@ CONFIG_SCHEMA = Section(
     adapter=Key(Adapters(
         Adapter("kv", (KV_ADAPTER,), KV_STORE_SCHEMA),
         Adapter("redis", (REDIS_ADAPTER,), REDIS_SCHEMA),
-        Adapter("bridge", ("modules::state::adapters::Bridge",), None),
+        Adapter("bridge", (BRIDGE_ADAPTER,), BRIDGE_SCHEMA),
     ), None, "where values are kept (default: kv in memory)"),
 )
 
@@ -92,7 +99,9 @@ class StateModule(Service):
         check_keys(config, CONFIG_KEYS)
         if store is None:
             store, _ = kv_adapter_from_config(config, reactor, KV_ADAPTER,
-                                              redis_class=REDIS_ADAPTER)
+                                              redis_class=REDIS_ADAPTER,
+                                              bridge_class=BRIDGE_ADAPTER,
+                                              bridge_store=state_store_from_config)
         self.store = store
         self._engine = engine
         self._triggers = {}  # trigger id -> (Trigger, scope, key)
@@ -108,6 +117,14 @@ class StateModule(Service):
         ]:
             engine.register_function(name, fn, description)
         engine.register_trigger_type(TRIGGER_TYPE, self, "State change trigger")
+
+    def startService(self):
+        Service.startService(self)
+        # A store with a link (the Bridge adapter) opens it now; idempotent, so a
+        # store handed over on reload is not opened twice.
+        start = getattr(self.store, "start", None)
+        if start is not None:
+            start()
 
     def stopService(self):
         Service.stopService(self)

@@ -16,6 +16,11 @@ Config (unknown keys refused)::
     adapter:
       class: modules::stream::adapters::RedisAdapter
       config: {redis_url: redis://localhost:6379}
+    # or, kept on another engine (the hub) through its stream::* and pub/sub
+    # (iii_twisted/adapters/bridge.py):
+    adapter:
+      class: modules::stream::adapters::Bridge
+      config: {bridge_url: ws://localhost:49134}
 
 Client wire protocol (path ``/`` only; anything else is a 404)::
 
@@ -61,6 +66,7 @@ from zope.interface import implementer
 
 from .. import __version__
 from ..adapters import KV_STORE_SCHEMA, REDIS_SCHEMA
+from ..adapters.bridge import BRIDGE_SCHEMA, BridgeStreamBus, stream_store_from_config
 from ..auth import AuthRefused, Authenticator, parse_auth_config
 from ..config import ConfigError, get_option
 from ..listeners import Listener
@@ -77,6 +83,7 @@ from ._kvcommon import (
 
 KV_ADAPTER = "modules::stream::adapters::KvStore"
 REDIS_ADAPTER = "modules::stream::adapters::RedisAdapter"
+BRIDGE_ADAPTER = "modules::stream::adapters::Bridge"
 CONFIG_KEYS = ("port", "host", "auth_function", "adapter", "auth")
 
 def _ip_address(host):
@@ -100,7 +107,7 @@ CONFIG_SCHEMA = Section(
         Adapter("kv", (KV_ADAPTER,), KV_STORE_SCHEMA.extend(
             channel_size=Key(int, 256, "events buffered per subscriber", min=1))),
         Adapter("redis", (REDIS_ADAPTER,), REDIS_SCHEMA),
-        Adapter("bridge", ("modules::stream::adapters::Bridge",), None),
+        Adapter("bridge", (BRIDGE_ADAPTER,), BRIDGE_SCHEMA),
     ), None, "where items are kept (default: kv in memory)"),
 )
 STREAM_TRIGGER = "stream"
@@ -119,6 +126,18 @@ MAX_OUTBOUND_BYTES = 4 * 1024 * 1024  # waiting for a client that does not read
 
 def _store_group(stream_name, group_id):
     return _PREFIX + quote(stream_name, safe="") + ":" + group_id
+
+
+def split_store_group(group):
+    """@return: (stream name, group id) of a store group name, or None."""
+    if not group.startswith(_PREFIX):
+        return None
+    name, sep, group_id = group[len(_PREFIX):].partition(":")
+    return (unquote(name), group_id) if sep else None
+
+
+def _bridge_store(adapter_config, reactor):
+    return stream_store_from_config(adapter_config, reactor, split_store_group)
 
 
 def _now_ms(clock):
@@ -167,12 +186,14 @@ class StreamModule(MultiService):
         # time, bounded refusal log, counted), before the auth function.
         self.token_auth = None if auth is None else Authenticator(
             engine, auth, reactor, "iii-stream")
-        self._bus = None  # a RedisStreamBus, with the Redis adapter
+        self._bus = None  # a RedisStreamBus or BridgeStreamBus, with those adapters
         if store is None:
             store, _ = kv_adapter_from_config(config, reactor, KV_ADAPTER,
                                               extra_keys=("channel_size",),
                                               redis_class=REDIS_ADAPTER,
-                                              redis_prefixes=("", _PREFIX))
+                                              redis_prefixes=("", _PREFIX),
+                                              bridge_class=BRIDGE_ADAPTER,
+                                              bridge_store=_bridge_store)
             adapter_config = (config.get("adapter") or {}).get("config") or {}
             channel_size = get_option(adapter_config, "channel_size", int, 256,
                                       prefix="adapter.config.")
@@ -182,6 +203,9 @@ class StreamModule(MultiService):
             # Also for a store handed over on reload: pushes go through Redis.
             self._bus = self._redis_bus(
                 (config.get("adapter") or {}).get("config") or {}, reactor)
+        elif (config.get("adapter") or {}).get("class") == BRIDGE_ADAPTER:
+            # Pushes go through the hub's pub/sub, on the store's link.
+            self._bus = BridgeStreamBus(store.client, self._push_local)
         self.store = store
         self.port = port
         self.host = host
@@ -224,6 +248,11 @@ class StreamModule(MultiService):
         MultiService.startService(self)
         if self._bus is not None:
             self._bus.start()
+        # A store with a link (the Bridge adapter) opens it now, after the bus has
+        # registered its subscription (sent on connect); idempotent on reload.
+        start = getattr(self.store, "start", None)
+        if start is not None:
+            start()
 
     def stopService(self):
         d = MultiService.stopService(self)
@@ -392,6 +421,9 @@ class StreamModule(MultiService):
             return await self._engine.call(custom, {"stream_name": name})
         prefix = _store_group(name, "")
         try:
+            by_stream = getattr(self.store, "list_stream_groups", None)
+            if by_stream is not None:  # a store that cannot list all groups (Bridge)
+                return await by_stream(name)
             groups = await self.store.list_groups()
         except KvStoreError as e:
             raise _fail("STREAM_LIST_GROUPS_ERROR", "list groups", e)

@@ -178,8 +178,25 @@ FILE_ERRORS = [
     # adapters
     ("workers:\n  - name: state\n    config: {adapter: {name: kvv}}\n",
      "workers[0].config.adapter.name", "unknown adapter 'kvv'; did you mean 'kv'?"),
-    ("workers:\n  - name: state\n    config: {adapter: {name: bridge}}\n",
-     "workers[0].config.adapter.name", "the bridge adapter is not available"),
+    ("workers:\n  - name: state\n    config: {adapter: {name: bridge, config: "
+     "{bridge_ulr: x}}}\n", "workers[0].config.adapter.config.bridge_ulr",
+     "did you mean 'bridge_url'"),
+    ("modules:\n  - class: modules::stream::StreamModule\n    config: {adapter: "
+     "{class: modules::stream::adapters::Bridge, config: {bridge_url: http://x}}}\n",
+     "modules[0].config.adapter.config.bridge_url", "must be a ws:// or wss:// URL"),
+    # the bridge module
+    ("workers:\n  - name: iii-bridge\n    config: {url: 'http://hub:49134'}\n",
+     "workers[0].config.url", "must be a ws:// or wss:// URL"),
+    ("workers:\n  - name: iii-bridge\n    config: {forward: [{local_function: a}]}\n",
+     "workers[0].config.forward[0].remote_function", "is required"),
+    ("modules:\n  - class: modules::bridge_client::BridgeClientModule\n    config: "
+     "{expose: [{remote_function: x}]}\n", "modules[0].config.expose[0].local_function",
+     "is required"),
+    ("workers:\n  - name: iii-bridge\n    config: {forward: [{local_function: a, "
+     "remote_function: b, timeout_ms: -1}]}\n",
+     "workers[0].config.forward[0].timeout_ms", "must be at least 0"),
+    ("workers:\n  - name: iii-bridge\n    config: {exposes: []}\n",
+     "workers[0].config.exposes", "did you mean 'expose'"),
     ("workers:\n  - name: state\n    config: {adapter: {name: redis, config: "
      "{redis_ulr: x}}}\n", "workers[0].config.adapter.config.redis_ulr",
      "did you mean 'redis_url'"),
@@ -362,3 +379,45 @@ def test_convert_says_it_drops_listener_names():
         "  - name: public\n    listen: 'tcp:0'\nmodules: []\n")
     assert target == "current"
     assert "# note: listener names not kept (trusted, public)" in text
+
+
+BRIDGE_V010 = """\
+modules:
+  - class: modules::bridge_client::BridgeClientModule
+    config:
+      url: ws://hub:49134
+      expose: [{local_function: a::f}]
+      forward: [{local_function: r::echo, remote_function: echo, timeout_ms: 5000}]
+  - class: modules::state::StateModule
+    config:
+      adapter: {class: modules::state::adapters::Bridge, config: {bridge_url: "ws://hub:49134"}}
+  - class: modules::stream::StreamModule
+    config:
+      adapter: {class: modules::stream::adapters::Bridge}
+"""
+
+BRIDGE_CURRENT = """\
+workers:
+  - name: iii-bridge
+    config:
+      url: ws://hub:49134
+      expose: [{local_function: a::f}]
+      forward: [{local_function: r::echo, remote_function: echo, timeout_ms: 5000}]
+  - name: state
+    config:
+      adapter: {name: bridge, config: {bridge_url: "ws://hub:49134"}}
+  - name: iii-stream
+    config:
+      adapter: {name: bridge}
+"""
+
+
+@pytest.mark.parametrize("text", [BRIDGE_V010, BRIDGE_CURRENT])
+def test_bridge_config_in_both_formats(text):
+    """The bridge module and the Bridge adapters load the same from either format."""
+    config = parse(text)
+    assert model(config) == model(parse(BRIDGE_V010))
+    assert [m.instance for m in config.modules] == ["iii-bridge", "iii-state",
+                                                     "iii-stream"]
+    _, converted = convert_text(text, "f.yaml")
+    assert model(parse(converted)) == model(config)
