@@ -97,6 +97,7 @@ class ClusterService(MultiService):
     # -- start and stop ------------------------------------------------------------------
 
     def startService(self):
+        self._stopping = False
         MultiService.startService(self)
         self.joined = self.listener._waitingForPort.addCallback(self._join)
         self.joined.addErrback(lambda f: self._log.failure(
@@ -109,7 +110,10 @@ class ClusterService(MultiService):
                        name=self.name, engine_id=self.engine_id, address=address)
         return self.directory.join(self.member, self)
 
+    _stopping = False
+
     def stopService(self):
+        self._stopping = True  # no new link while leaving
         for link in list(self.links.values()):
             link.stop()
         self.links.clear()
@@ -131,7 +135,7 @@ class ClusterService(MultiService):
     # -- the directory's observer ----------------------------------------------------------
 
     def member_joined(self, member):
-        if not self.running or member.engine_id == self.engine_id:
+        if not self.running or self._stopping or member.engine_id == self.engine_id:
             return
         old = self.links.pop(member.engine_id, None)
         if old is not None:
