@@ -253,13 +253,21 @@ async def test_a_member_dying_mid_call_fails_its_calls_and_leaves_the_registry(c
 
 @pytest_twisted.ensureDeferred
 async def test_a_member_the_directory_drops_leaves_and_is_not_redialed(cluster):
+    """Its links may still be open (a half-open socket): they are closed at once."""
     a, b = cluster.start("a"), cluster.start("b")
     await cluster.linked()
     host = await cluster.worker(b, "host")
-    host.register("svc::x")
+    host.register("svc::x", lambda m: defer.Deferred())
     await offered(a, "svc::x")
+    caller = await cluster.worker(a, "caller")
+    call = caller.call("svc::x", {})
+    await wait_for(lambda: host.invocations, what="the call to arrive")
+    started = reactor.seconds()
     cluster.registry.expire(b.cluster.engine_id)  # its heartbeat ran out
-    await wait_for(lambda: "svc::x" not in a.engine.functions, 2.0, "svc::x to go")
+    error = await failure_of(call)
+    assert error.code == "invocation_stopped"
+    assert reactor.seconds() - started < 2.0
+    assert "svc::x" not in a.engine.functions
     assert b.cluster.engine_id not in a.cluster.links
 
 
