@@ -321,9 +321,15 @@ async def test_bad_frames_from_a_peer_are_dropped_and_the_link_survives(cluster)
     link.sendMessage(b"not json", False)
     link.sendMessage(b'{"type": "clusterview", "workers": 3}', False)
     link.sendMessage(b'{"type": "registerfunction"}', False)
+    # And the other way: what the accepting end sends the dialing one.
+    accepted = a.cluster.peers[b.cluster.engine_id]
+    accepted.sendMessage(b"[1, 2]", False)
+    accepted.sendMessage(b'{"type": "invokefunction", "invocation_id": "x", '
+                         b'"function_id": 7}', False)
     caller = await cluster.worker(a, "caller")
     assert await caller.call("svc::x") == "ok"
     assert b.cluster.engine_id in a.cluster.peers
+    assert b.cluster.links[a.cluster.engine_id].protocol is link
 
 
 def self_signed(directory):
