@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """
 Storage benchmark: state operations per second on each IKvStore (memory, file,
-Redis), and queue messages per second from enqueue to processed (builtin file
-journal, Redis, RabbitMQ), each with p50/p99 latency, over several interleaved rounds.
+Redis), and queue messages per second from enqueue to processed on each queue broker
+(builtin on its file journal, builtin in memory, Redis, RabbitMQ), each with p50/p99
+latency, over several interleaved rounds.
 
     python bench/stores.py                 # 3 rounds of 1.5 s per cell
     python bench/stores.py --quick         # 1 round of 0.5 s
     python bench/stores.py --rounds 5 --concurrency 16
+    python bench/stores.py --queue-only --no-redis --no-rabbitmq --rounds 7
 
 Redis is a redis-server started for the run from the installed binary on a free
 loopback port (skipped, with a note, when there is none). Each cell keeps
@@ -19,7 +21,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -77,10 +78,13 @@ def make_stores(reactor, redis_url, tmp):
     return stores
 
 
-async def run_queue(adapter, messages, reactor):
+async def run_queue(adapter, messages, reactor, name="bench"):
     """
-    Enqueue C{messages} on a named queue (64 in flight) of a fresh engine whose
-    function answers at once. @return: (messages/s enqueue to processed, p50, p99 s).
+    Enqueue C{messages} on the named queue C{name} (64 in flight) of a fresh engine
+    whose function answers at once (a new name each round: a shared broker keeps what
+    a round left, such as a message redelivered after its engine stopped).
+
+    @return: (messages/s enqueue to processed, p50, p99 s).
     """
     from twisted.internet import defer
 
@@ -89,7 +93,7 @@ async def run_queue(adapter, messages, reactor):
 
     service = EngineService({"listen": "tcp:0:interface=127.0.0.1", "modules": [
         {"class": "modules::queue::QueueModule", "config": {
-            "adapter": adapter, "queue_configs": {"bench": {"concurrency": 32}}}}]})
+            "adapter": adapter, "queue_configs": {name: {"concurrency": 32}}}}]})
     service.startService()
     module = next(m for m in service.modules if isinstance(m, QueueModule))
     started = {}
@@ -97,7 +101,9 @@ async def run_queue(adapter, messages, reactor):
     done = defer.Deferred()
 
     def handle(data):
-        latencies.append(time.perf_counter() - started[data["n"]])
+        if data["n"] not in started:
+            return None  # not this round's
+        latencies.append(time.perf_counter() - started.pop(data["n"]))
         if len(latencies) == messages:
             done.callback(None)
         return None
@@ -107,7 +113,7 @@ async def run_queue(adapter, messages, reactor):
 
     def send(n):
         started[n] = time.perf_counter()
-        return module.enqueue("bench", "bench::handle", {"n": n, "pad": "x" * 64})
+        return module.enqueue(name, "bench::handle", {"n": n, "pad": "x" * 64})
     await defer.gatherResults([sem.run(send, n) for n in range(messages)])
     await done
     elapsed = time.perf_counter() - t0
@@ -119,7 +125,7 @@ async def main(reactor, args):
     import brokers
 
     redis = rabbit = None
-    if shutil.which("redis-server"):
+    if shutil.which("redis-server") and not args.no_redis:
         redis = brokers.RedisServer(shutil.which("redis-server")).start()
     if os.path.exists(brokers.RABBITMQ_SERVER) and not args.no_rabbitmq:
         rabbit = brokers.RabbitMQServer().start()
@@ -127,7 +133,8 @@ async def main(reactor, args):
     results = {}
     queue_results = {}
     try:
-        stores = make_stores(reactor, redis.url if redis else None, tmp)
+        stores = {} if args.queue_only else make_stores(
+            reactor, redis.url if redis else None, tmp)
         for round_no in range(args.rounds):
             for name, make in stores.items():
                 store = make()
@@ -139,7 +146,8 @@ async def main(reactor, args):
             adapters = {"builtin file": {
                 "class": "modules::queue::BuiltinQueueAdapter",
                 "config": {"store_method": "file_based",
-                           "file_path": os.path.join(tmp, "q{}".format(round_no))}}}
+                           "file_path": os.path.join(tmp, "q{}".format(round_no))}},
+                "builtin memory": {"class": "modules::queue::BuiltinQueueAdapter"}}
             if redis:
                 adapters["redis"] = {"class": "modules::queue::RedisAdapter",
                                      "config": {"redis_url": redis.url}}
@@ -149,7 +157,8 @@ async def main(reactor, args):
             for name, adapter in adapters.items():
                 sys.stderr.write("\rround {} queue {}      ".format(round_no + 1, name))
                 queue_results.setdefault(name, []).append(
-                    await run_queue(adapter, args.messages, reactor))
+                    await run_queue(adapter, args.messages, reactor,
+                                    "bench{}".format(round_no)))
     finally:
         if rabbit is not None:
             rabbit.close()
@@ -157,6 +166,25 @@ async def main(reactor, args):
             redis.close()
         shutil.rmtree(tmp, ignore_errors=True)
     sys.stderr.write("\n")
+    if results:
+        print_stores(args, results)
+    print("\nQueue messages, enqueue to processed ({} per round, {} round(s), 64 "
+          "enqueues in flight, concurrency 32)\n".format(args.messages, args.rounds))
+    print("| broker | msgs/s (median, spread) | p50 ms | p99 ms |")
+    print("|---|---|---|---|")
+    for name, cells in queue_results.items():
+        rates = [c[0] for c in cells]
+        print("| {} | {:.0f} ({:.0f}-{:.0f}) | {:.1f} | {:.1f} |".format(
+            name, statistics.median(rates), min(rates), max(rates),
+            statistics.median(c[1] for c in cells) * 1000,
+            statistics.median(c[2] for c in cells) * 1000))
+    if redis is None:
+        print("\n(Redis not measured: redis-server not installed, or --no-redis)")
+    if rabbit is None:
+        print("(RabbitMQ not measured: not installed, or --no-rabbitmq)")
+
+
+def print_stores(args, results):
     print("State store operations ({} in flight, {} round(s) of {} s)\n".format(
         args.concurrency, args.rounds, args.seconds))
     print("| store | op | ops/s (median, spread) | p50 ms | p99 ms |")
@@ -167,20 +195,6 @@ async def main(reactor, args):
             name, op, statistics.median(rates), min(rates), max(rates),
             statistics.median(c[1] for c in cells) * 1000,
             statistics.median(c[2] for c in cells) * 1000))
-    print("\nQueue messages, enqueue to processed ({} per round, 64 enqueues in "
-          "flight, concurrency 32)\n".format(args.messages))
-    print("| broker | msgs/s (median, spread) | p50 ms | p99 ms |")
-    print("|---|---|---|---|")
-    for name, cells in queue_results.items():
-        rates = [c[0] for c in cells]
-        print("| {} | {:.0f} ({:.0f}-{:.0f}) | {:.1f} | {:.1f} |".format(
-            name, statistics.median(rates), min(rates), max(rates),
-            statistics.median(c[1] for c in cells) * 1000,
-            statistics.median(c[2] for c in cells) * 1000))
-    if redis is None:
-        print("\n(redis-server not installed: Redis not measured)")
-    if rabbit is None:
-        print("(RabbitMQ not measured: not installed, or --no-rabbitmq)")
 
 
 if __name__ == "__main__":
@@ -190,6 +204,9 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--no-rabbitmq", action="store_true")
+    parser.add_argument("--no-redis", action="store_true")
+    parser.add_argument("--queue-only", action="store_true",
+                        help="measure the queue brokers only, not the state stores")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:

@@ -273,11 +273,11 @@ class InvalidUpdateOp(KvStoreError):
 
 class IQueueStore(Interface):
     """
-    Where the queue module keeps its messages: an append-only journal of JSON records
-    (``enqueue``/``ack``/``nack``/``dlq``/``redrive``/``discard`` events) that is
-    replayed on start.
+    Where the builtin queue broker (L{iii_twisted.adapters.queue_builtin}) makes its
+    messages durable: an append-only journal of JSON records (``enq``/``ack``/``nack``/
+    ``dlq``/``redrive``/``discard`` events) that is replayed on start.
 
-    The module keeps the live state in memory; the store only makes it durable.
+    The broker keeps the live state in memory; the store only makes it durable.
     """
 
     durable = Attribute("True when appended records survive a restart of the process.")
@@ -310,35 +310,42 @@ class IQueueStore(Interface):
 
 class IQueueBroker(Interface):
     """
-    Where the queue module's messages live when they are shared between engines
-    (``modules::queue::RedisAdapter``, ``modules::queue::RabbitMQAdapter``): storage,
-    hand-out to consumers, retry delays and the dead-letter queue. The module keeps
-    the delivery logic (which function, conditions, concurrency, FIFO groups, the
+    Where the queue module's messages live: storage, hand-out to consumers, retry
+    delays and the dead-letter queue. The builtin broker
+    (``modules::queue::BuiltinQueueAdapter``) holds them in this process, made durable
+    by an L{IQueueStore}; the shared ones (``modules::queue::RedisAdapter``,
+    ``modules::queue::RabbitMQAdapter``) on a server every engine uses. The module
+    keeps the delivery logic (which function, conditions, concurrency, FIFO groups, the
     backoff schedule, the wait for a missing function) and tells the broker what
     became of each message it was handed.
 
     Jobs are L{iii_twisted.modules.queue.Job}s; a queue is named by its key
-    (``__fn_queue::NAME`` for a named queue, the topic for a topic queue). Every
-    message handed out must be settled exactly once with L{ack}, L{retry},
-    L{requeue} or L{dead}; one that is not (the engine died) is handed out again
-    (at-least-once).
+    (``__fn_queue::NAME`` for a named queue, the topic for a topic queue,
+    ``__durable::TOPIC::FUNCTION`` for a durable subscriber's queue). Every message
+    handed out must be settled exactly once with L{ack}, L{retry}, L{requeue} or
+    L{dead}; one that is not (the engine died) is handed out again (at-least-once).
     """
 
-    broker_type = Attribute("What engine::queue::list_topics reports: redis, rabbitmq.")
+    broker_type = Attribute("What engine::queue::list_topics reports: builtin, redis, "
+                            "rabbitmq.")
 
     def start(arrived) -> "Deferred":
         """
-        Connect. From now on, C{arrived(job)} is called for each message handed to
-        this engine by a queue it L{consume}s.
+        Connect (the builtin broker: open and replay its store). From now on,
+        C{arrived(job)} is called for each message handed to this engine by a queue it
+        L{consume}s; it may settle the message before it returns.
 
-        @return: Deferred firing with None.
+        @return: Deferred firing with None; one that has already failed when the
+            broker cannot be used at all (a journal that cannot be read), which stops
+            the engine's start-up.
         """
 
     def consume(queue: str, prefetch: int, fifo: bool) -> None:
         """
         Hand this engine up to C{prefetch} unsettled messages of C{queue} at a time
         (called again to change C{prefetch}). With C{fifo}, messages of one group
-        (L{Job.group}) are handed out one at a time, in order, across engines.
+        (L{Job.group}; messages without one are one group) are handed out one at a
+        time, in order, across engines, and a message in L{retry} keeps its group.
         """
 
     def stop_consuming(queue: str) -> None:
@@ -362,9 +369,21 @@ class IQueueBroker(Interface):
     def publish_fanout(topic: str, job) -> "Deferred":
         """
         Publish C{job} once to every queue added with L{add_fanout} for C{topic} on any
-        engine (each copy's C{queue} is its own).
+        engine (each copy's C{queue} is its own; its id is C{job}'s, or its own where
+        ids must be unique across queues, as in the builtin broker's journal).
 
         @return: Deferred firing once every copy is held durably.
+        """
+
+    def remove_fanout(topic: str, queue: str) -> "Deferred":
+        """
+        This engine no longer subscribes C{queue} to C{topic} (its last
+        ``durable:subscriber`` trigger for it went). A shared broker keeps the record:
+        another engine may still subscribe it, and a durable subscription collects
+        messages while its subscriber is away. The builtin broker, whose subscriptions
+        are this engine's alone, drops it: copies stop, as when nobody subscribed.
+
+        @return: Deferred firing with None.
         """
 
     def ack(job) -> "Deferred":
@@ -412,6 +431,21 @@ class IQueueBroker(Interface):
 
     def dlq_queues() -> "Deferred":
         """@return: Deferred firing with C{{queue: dead letters}} for queues with any."""
+
+    def local_queues() -> list:
+        """
+        @return: the keys of the queues whose messages this process itself holds,
+            without I/O: for the builtin broker, what its journal replayed and what
+            was published since; a shared broker, whose messages are on its server,
+            returns [].
+        """
+
+    def local_counts(queue: str) -> dict:
+        """
+        @return: C{{"ready", "delayed", "dlq"}}: how many of C{queue}'s messages this
+            process itself holds, without I/O (zeros from a shared broker; L{stats}
+            asks its server). The module's synchronous depth hooks read it.
+        """
 
     def stop() -> "Deferred":
         """

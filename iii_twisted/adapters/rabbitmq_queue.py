@@ -358,6 +358,13 @@ class RabbitMQBroker:
         return defer.Deferred.fromCoroutine(
             self._publish(exchange, "", job, declare)).addErrback(self._named)
 
+    def remove_fanout(self, topic, queue):
+        """
+        Keeps the record: another engine may still subscribe the queue, and a durable
+        subscription collects messages while its subscriber is away.
+        """
+        return defer.succeed(None)
+
     def ack(self, job):
         held = self._held.pop((job.queue, job.id), None)
         if held is not None:
@@ -455,8 +462,10 @@ class RabbitMQBroker:
                     result.append(await act(channel, message, job))
             return [r for r in result if r is not None]
         finally:
-            # Closing the channel gives back what was not acknowledged.
+            # Closing the channel gives back what was not acknowledged; wait for it,
+            # or a listing right after this one finds the DLQ empty.
             channel.close()
+            await channel.on_closed
 
     def dlq_messages(self, queue):
         return defer.Deferred.fromCoroutine(self._dlq(queue))
@@ -513,3 +522,12 @@ class RabbitMQBroker:
     def dlq_queues(self):
         """Queues this engine declared (AMQP cannot list queues) that hold dead letters."""
         return defer.Deferred.fromCoroutine(self._dlq_queues())
+
+
+    # -- what this process holds: nothing (the messages are on the server) ----------
+
+    def local_queues(self):
+        return []
+
+    def local_counts(self, queue):
+        return {"ready": 0, "delayed": 0, "dlq": 0}

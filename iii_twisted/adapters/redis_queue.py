@@ -9,7 +9,8 @@ Ours keeps every message until it is settled. Per queue key ``Q`` (``iii:q:{Q}:`
 - ``jobs`` (hash id -> the job's JSON), ``groups`` (hash id -> FIFO group);
 - ``ready`` (list of ids, oldest first), ``delayed`` (sorted set id -> due ms),
   ``inflight`` (sorted set id -> lease deadline ms);
-- ``glock`` (hash group -> the id that holds the group), for FIFO queues;
+- ``glock`` (hash group -> the id that holds the group), for FIFO queues (messages
+  without a group, those of topic queues, are the group ``''``);
 - ``dlq`` (sorted set id -> failed_at ms) and ``dead`` (hash id -> error JSON).
 
 Claims, acks, retries and dead-lettering are each one Lua script, so a message is
@@ -76,17 +77,11 @@ if ARGV[3] == '1' then
     if not job then
       redis.call('LREM', KEYS[1], 1, id)
     else
-      local group = redis.call('HGET', KEYS[6], id)
-      local free = true
-      if group then
-        local holder = redis.call('HGET', KEYS[5], group)
-        if (holder and holder ~= id) or taken[group] then free = false end
-      end
-      if free then
-        if group then
-          redis.call('HSET', KEYS[5], group, id)
-          taken[group] = true
-        end
+      local group = redis.call('HGET', KEYS[6], id) or ''
+      local holder = redis.call('HGET', KEYS[5], group)
+      if not ((holder and holder ~= id) or taken[group]) then
+        redis.call('HSET', KEYS[5], group, id)
+        taken[group] = true
         redis.call('LREM', KEYS[1], 1, id)
         redis.call('ZADD', KEYS[4], lease, id)
         out[#out + 1] = id
@@ -112,8 +107,8 @@ return out
 # KEYS: inflight, jobs, glock, groups. ARGV: id.
 _ACK = """
 redis.call('ZREM', KEYS[1], ARGV[1])
-local group = redis.call('HGET', KEYS[4], ARGV[1])
-if group and redis.call('HGET', KEYS[3], group) == ARGV[1] then
+local group = redis.call('HGET', KEYS[4], ARGV[1]) or ''
+if redis.call('HGET', KEYS[3], group) == ARGV[1] then
   redis.call('HDEL', KEYS[3], group)
 end
 redis.call('HDEL', KEYS[2], ARGV[1])
@@ -138,8 +133,8 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[3], tonumber(ARGV[4]), ARGV[1])
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[3])
-local group = redis.call('HGET', KEYS[6], ARGV[1])
-if group and redis.call('HGET', KEYS[5], group) == ARGV[1] then
+local group = redis.call('HGET', KEYS[6], ARGV[1]) or ''
+if redis.call('HGET', KEYS[5], group) == ARGV[1] then
   redis.call('HDEL', KEYS[5], group)
 end
 return 1
@@ -362,6 +357,13 @@ class RedisQueueBroker:
     def publish_fanout(self, topic, job):
         return Deferred.fromCoroutine(self._publish_fanout(topic, job))
 
+    def remove_fanout(self, topic, queue):
+        """
+        Keeps the record: another engine may still subscribe the queue, and a durable
+        subscription collects messages while its subscriber is away.
+        """
+        return succeed(None)
+
     def ack(self, job):
         k = _keys(job.queue)
         d = self._ack.call([k["inflight"], k["jobs"], k["glock"], k["groups"]], [job.id])
@@ -464,3 +466,12 @@ class RedisQueueBroker:
 
     def dlq_queues(self):
         return Deferred.fromCoroutine(self._dlq_queues())
+
+
+    # -- what this process holds: nothing (the messages are on the server) ----------
+
+    def local_queues(self):
+        return []
+
+    def local_counts(self, queue):
+        return {"ready": 0, "delayed": 0, "dlq": 0}
