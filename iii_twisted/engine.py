@@ -577,6 +577,7 @@ class Engine:
         for trigger in self._triggers_by_type.get(type_id, {}).values():
             trigger.status = PENDING
             trigger.error = None
+            trigger.provided = False
         return True
 
     def register_trigger(self, trigger_id, trigger_type, function_id, config=None,
@@ -642,10 +643,21 @@ class Engine:
         return fail(TriggerError(message, auth.FORBIDDEN))
 
     def _activate(self, trigger, trigger_type):
-        trigger.status = ACTIVE
+        # Pending until the provider says the trigger is live (a Redis subscription
+        # is live once Redis confirmed it): engine::triggers::list shows "active" only
+        # then, so a worker that waits for it knows events reach its function.
+        trigger.status = PENDING
         trigger.error = None
+        trigger.provided = True
         d = maybeDeferred(trigger_type.provider.register_trigger, trigger)
-        return d.addCallbacks(lambda _: trigger, self._refused, errbackArgs=(trigger,))
+        return d.addCallbacks(self._live, self._refused, callbackArgs=(trigger,),
+                              errbackArgs=(trigger,))
+
+    def _live(self, _, trigger):
+        if trigger.provided and trigger.status == PENDING \
+                and self.triggers.get(trigger.id) is trigger:
+            trigger.status = ACTIVE
+        return trigger
 
     def _refused(self, failure, trigger):
         if failure.check(TriggerError):
@@ -689,7 +701,7 @@ class Engine:
             return None
         self._forget_trigger(trigger)
         trigger_type = self.trigger_types.get(trigger.trigger_type)
-        if trigger_type is not None and trigger.status != PENDING:
+        if trigger_type is not None and trigger.provided:
             maybeDeferred(trigger_type.provider.unregister_trigger, trigger).addErrback(
                 lambda f: self._log.failure(
                     "provider of {trigger_type} failed to unregister {trigger_id}", f,

@@ -110,13 +110,16 @@ class Trigger:
     """
     A binding of a trigger type, a function id and a config.
 
-    @ivar status: L{PENDING}, L{ACTIVE} or L{FAILED}.
+    @ivar status: L{PENDING} (no provider yet, or its provider has not yet said it is
+        live), L{ACTIVE} or L{FAILED}.
+    @ivar provided: True once the provider of its type was handed it (until that
+        provider goes): the provider must then be told when it is unregistered.
     @ivar error: the ErrorBody a worker provider refused it with, or None.
     """
 
     __slots__ = (
         "id", "trigger_type", "function_id", "config", "owner", "metadata", "status",
-        "error",
+        "error", "provided",
     )
 
     def __init__(self, trigger_id, trigger_type, function_id, config, owner=None,
@@ -129,6 +132,7 @@ class Trigger:
         self.metadata = metadata
         self.status = PENDING
         self.error = None
+        self.provided = False
 
     def info(self):
         """@return: the TriggerInfo dict of engine::triggers::list (plus status)."""

@@ -28,12 +28,17 @@ def triggers_of(worker, function_id):
 
 
 def wait_for_trigger(worker, function_id, present=True, timeout=10.0):
-    """Wait until a trigger for C{function_id} is (or is no longer) registered."""
+    """
+    Wait until a trigger for C{function_id} is live (listed ``active``: its provider,
+    e.g. a Redis subscription, confirmed it), or no longer registered.
+    """
     found = []
 
     def settled():
         found[:] = triggers_of(worker, function_id)
-        return bool(found) == present
+        if not present:
+            return not found
+        return bool(found) and all(t.get("status") == "active" for t in found)
 
     wait_until(settled, timeout, "trigger of {} to {}".format(
         function_id, "appear" if present else "go away"))

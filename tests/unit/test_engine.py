@@ -6,7 +6,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from iii_twisted.engine import FAILED, PENDING, VOID
+from iii_twisted.engine import ACTIVE, FAILED, PENDING, VOID
 from iii_twisted.interfaces import IEnqueuer, ITriggerProvider, TriggerError
 from iii_twisted.protocol import InvocationError
 from iii_twisted.testing import FakeWorkerConnection, make_engine
@@ -306,6 +306,34 @@ class TriggerTests(SynchronousTestCase):
         assert provider.live["t1"].config == {"every": 1}
         self.worker.receive({"type": "unregistertrigger", "id": "t1"})
         assert provider.live == {}
+
+    def test_trigger_is_active_once_its_provider_says_it_is_live(self):
+        """
+        A provider that goes to a server first (a Redis subscription): the trigger is
+        listed pending and fires nothing until the provider's Deferred fires; if it is
+        unregistered meanwhile, the provider is still told.
+        """
+        provider = RecordingProvider()
+        confirmations = []
+
+        def register_later(trigger):
+            provider.live[trigger.id] = trigger
+            confirmations.append(Deferred())
+            return confirmations[-1]
+        provider.register_trigger = register_later
+        self.engine.register_trigger_type("topic", provider)
+        self.register_trigger(self.worker, "t1", "topic")
+        self.register_trigger(self.worker, "t2", "topic")
+        listed = self.successResultOf(self.engine.call("engine::triggers::list", {}))
+        assert [t["status"] for t in listed["triggers"]] == [PENDING, PENDING]
+        assert self.engine.triggers_of_type("topic") == []
+        confirmations[0].callback(None)
+        assert self.engine.triggers["t1"].status == ACTIVE
+        assert self.engine.triggers_of_type("topic") == [self.engine.triggers["t1"]]
+        self.worker.receive({"type": "unregistertrigger", "id": "t2"})
+        assert set(provider.live) == {"t1"}
+        confirmations[1].callback(None)
+        assert "t2" not in self.engine.triggers
 
     def test_refused_trigger_is_answered(self):
         """A provider's refusal removes the trigger and tells the registering worker."""
