@@ -362,6 +362,8 @@ def plan(args, has_rest_api, systems):
                 t for t in ("crossbar", "floor") if t in systems]:
             cells.append(("http", str(n), target, dict(
                 window, op="http", target=target, connections=n, payload=70)))
+    if args.sections:
+        cells = [c for c in cells if c[0] in args.sections]
     return cells
 
 
@@ -445,6 +447,31 @@ def run_hotpath(args, pythons):
         cmd = [python, os.path.join(HERE, "hotpath.py"), "--rounds", "3",
                "--calls", "5000" if args.quick else "20000",
                "--warmup", "30000" if "pypy" in target else "3000"]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            found[target] = json.loads(out.stdout.strip().splitlines()[-1]) \
+                if out.returncode == 0 else {"error": out.stderr.strip()[-300:]}
+        except Exception as e:
+            found[target] = {"error": str(e)}
+    sys.stderr.write("\r\033[K")
+    return found
+
+
+def run_http_hotpath(args, pythons):
+    """
+    bench/http_hotpath.py on each engine's Python: CPU per HTTP request to a function
+    without sockets.
+
+    @param pythons: C{{target: python}}.
+    @return: C{{target: its JSON answer}} (or C{{"error": ...}}).
+    """
+    found = {}
+    for target, python in pythons.items():
+        sys.stderr.write("\r\033[KHTTP path without sockets, {} ...".format(target))
+        sys.stderr.flush()
+        cmd = [python, os.path.join(HERE, "http_hotpath.py"), "--rounds", "3",
+               "--requests", "3000" if args.quick else "10000",
+               "--warmup", "20000" if "pypy" in target else "2000"]
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             found[target] = json.loads(out.stdout.strip().splitlines()[-1]) \
@@ -617,7 +644,8 @@ def kib_cell(xs):
     return cell([x / 1024.0 for x in xs if x is not None], 0) + " MiB" if xs else "–"
 
 
-def report(args, results, sdk, info, has_rest_api, warm=None, scale=None, hot=None):
+def report(args, results, sdk, info, has_rest_api, warm=None, scale=None, hot=None,
+           http_hot=None):
     r = results
     warm = warm or {}
     scale = scale or {}
@@ -853,6 +881,26 @@ def report(args, results, sdk, info, has_rest_api, warm=None, scale=None, hot=No
                     (["PyPy ÷ Crossbar"] if pypy else []) +
                     ["ours ÷ floor", "ours CPU µs/request"] +
                     (["PyPy CPU µs/request"] if pypy else []), rows), ""]
+    if http_hot:
+        rows = []
+        for t in engines:
+            h = http_hot.get(t)
+            if not h:
+                continue
+            if "error" in h:
+                rows.append([TARGET_NAMES[t], "failed: {}".format(h["error"]), "", ""])
+                continue
+            real = cpu_per_call(r, "http", "16", t)
+            rows.append([TARGET_NAMES[t], "{:.0f} ({:.0f}–{:.0f})".format(
+                h["median"], min(h["us_per_request"]), max(h["us_per_request"])),
+                cell(real), "{:.0f}".format(med(real) - h["median"]) if real else "–"])
+        lines += ["Where a request's CPU goes: *without sockets*, `bench/http_hotpath.py` on "
+                  "the engine's Python (the REST port's twisted.web channel and a worker's "
+                  "WebSocket on in-memory transports, CPU µs per request, 3 rounds); "
+                  "*through sockets*, the server CPU per request with 16 connections above. "
+                  "bench/README.rst has the profile.", "",
+                  table(["system", "without sockets", "through sockets (16 connections)",
+                         "difference (I/O, reactor)"], rows), ""]
 
     # scale
     if scale:
@@ -937,6 +985,9 @@ def main():
     parser.add_argument("--jit-warmup", type=float, default=None, metavar="SECONDS",
                         help="load each engine this long before the rounds (default 20; "
                              "10 with --quick)")
+    parser.add_argument("--sections", default=None,
+                        help="comma-separated subset of latency,pipelined,throughput,"
+                             "payload,http (default: all)")
     parser.add_argument("--no-scale", action="store_true",
                         help="leave out the idle-workers / 10,000-functions section")
     parser.add_argument("--no-sdk", action="store_true",
@@ -947,6 +998,7 @@ def main():
     if args.jit_warmup is None:
         args.jit_warmup = 10.0 if args.quick else 20.0
     systems = set(args.systems.split(",")) if args.systems else None
+    args.sections = set(args.sections.split(",")) if args.sections else None
     # Before the run, not after it: a report path that cannot be written loses nothing.
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     started = time.monotonic()
@@ -975,9 +1027,13 @@ def main():
     finally:
         agent.stop()
         servers.stop()
-    hot = run_hotpath(args, {t: p for t, p in (("iii", sys.executable),
-                                               ("iii-pypy", pypy_python))
-                             if p and t in servers.processes})
+    hot, http_hot = {}, {}
+    engine_pythons = {t: p for t, p in (("iii", sys.executable), ("iii-pypy", pypy_python))
+                      if p and t in servers.processes}
+    if args.sections is None or "pipelined" in args.sections:
+        hot = run_hotpath(args, engine_pythons)
+    if servers.has_rest_api and (args.sections is None or "http" in args.sections):
+        http_hot = run_http_hotpath(args, engine_pythons)
     info = versions(venv_python, pypy_python)
     info["systems"] = sorted(running_systems(servers))
     info["loadavg"] = [load_start, os.getloadavg()[0]]
@@ -985,9 +1041,11 @@ def main():
     raw = os.path.join(HERE, "results", "latest.json")
     with open(raw, "w") as f:
         json.dump({"results": results, "sdk": sdk, "info": info, "quick": args.quick,
-                   "rounds": args.rounds, "warmup": warm, "scale": scale, "hotpath": hot},
+                   "rounds": args.rounds, "warmup": warm, "scale": scale, "hotpath": hot,
+                   "http_hotpath": http_hot},
                   f, indent=1)
-    text = report(args, results, sdk, info, servers.has_rest_api, warm, scale, hot)
+    text = report(args, results, sdk, info, servers.has_rest_api, warm, scale, hot,
+                  http_hot)
     png = os.path.splitext(args.out)[0] + ".png"
     plot = subprocess.run([venv_python, os.path.join(HERE, "plot.py"), raw, png],
                           capture_output=True, text=True)

@@ -77,6 +77,23 @@ class SlowClientHTTPChannel(HTTPChannel):
     _header_call = None
     _counter = None
     _limits = None
+    _host = None
+    _peer = None
+
+    # twisted.web's Request asks its channel for both addresses as it is made, and
+    # the transport builds a new address (the local one with a getsockname() call)
+    # each time: a connection's addresses do not change, so they are asked once.
+    def getHost(self):
+        host = self._host
+        if host is None:
+            host = self._host = HTTPChannel.getHost(self)
+        return host
+
+    def getPeer(self):
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = HTTPChannel.getPeer(self)
+        return peer
 
     def connectionMade(self):
         HTTPChannel.connectionMade(self)

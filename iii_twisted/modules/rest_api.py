@@ -16,14 +16,17 @@ into the ``response`` channel: ``{"type": "set_status", "status_code"}`` and
 ``{"type": "set_headers", "headers"}`` text frames, then binary frames that are the body
 bytes, until the writer closes.
 
-Klein serves the port with one catch-all route that consults our own route table
-(Klein cannot remove routes). Errors: no route 404 (empty); route for another method
+The port's resource (L{_ApiResource}) hands each request to our own route table
+(Klein cannot remove routes); the few requests Klein's router treats apart (and the
+health paths) go through a Klein app with one catch-all route, so that every request
+is answered as under Klein alone. Errors: no route 404 (empty); route for another method
 405 with ``Allow``; condition false 422; function error 500
 ``{"error": "internal server error", "error_id"}`` (the function's error, with the
 same id, is in the engine log only: its text may hold secrets); without valid
 credentials (``auth:``) 401; a function outside the token's grants 403; no answer within
-``default_timeout`` 504 (empty); a body over ``body_limit`` 413. A client that goes
-away cancels the call and drops the request's channels.
+``default_timeout`` 504 (empty); a body over ``body_limit`` 413; the module stopping
+before the answer began 503. A client that goes away cancels the call and drops the
+request's channels.
 
 Deviations from the reference (docs/http.rst lists them): the result's ``headers``
 and ``statusCode`` are honoured; HEAD falls back to a GET route; a JSON request's raw
@@ -35,15 +38,17 @@ error text. Credentials (``auth:``), global ``middleware`` and per-route
 """
 
 import time
+from collections import deque
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 from klein import Klein
 from twisted.application.service import MultiService
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.server import Request, Site
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from ..channels import CLOSE_DROPPED, FRAME_BYTES, READ, WRITE, install_channels
@@ -66,6 +71,7 @@ CONFIG_KEYS = ("port", "host", "default_timeout", "cors", "concurrency_request_l
 CORS_KEYS = ("allowed_origins", "allowed_methods")
 # Liveness and readiness on this port (iii_twisted.health): /_iii/health/live|ready.
 HEALTH_PREFIX = "/_iii/health/"
+_HEALTH_PREFIX_BYTES = HEALTH_PREFIX.encode("ascii")
 DEFAULT_BODY_LIMIT = 64 * 1024 * 1024
 
 # Every key of the module's config (iii_twisted/schema.py says how to add one).
@@ -293,13 +299,17 @@ class LimitedRequest(Request):
         Request.requestReceived(self, command, path, version)
 
     def process(self):
-        # Klein answers a path that is not UTF-8 (once unquoted) with 400 too, but logs
-        # a traceback for each: any client could fill the engine's log with them.
+        # Klein answers a path or a Host that is not UTF-8 (the path once unquoted)
+        # with 400 too, but logs a traceback for each: any client could fill the
+        # engine's log with them.
         try:
             unquote_to_bytes(self.path).decode("utf-8")
             self.method.decode("ascii")
+            host = self.requestHeaders.getRawHeaders(b"host")
+            if host:
+                host[-1].decode("utf-8")
         except UnicodeDecodeError:
-            body = b'{"error":"Request method or path is not valid UTF-8"}'
+            body = b'{"error":"Request method, path or Host is not valid UTF-8"}'
             self.setResponseCode(400)
             self.setHeader(b"content-type", b"application/json")
             self.setHeader(b"content-length", str(len(body)).encode("ascii"))
@@ -377,15 +387,46 @@ class ApiSite(LimitedSite, Site):
             agent=(agent.decode("latin-1", "replace")[:300] if agent else "-"))
 
 
+class _ApiResource(Resource):
+    """
+    The REST port's resource: a request goes straight to the module
+    (L{RestApiModule._render}), or through Klein (L{RestApiModule._handle}) when
+    Klein's router would treat it apart, so that every request is answered as Klein
+    answered it.
+
+    Klein's router (werkzeug) sends every path to the module's catch-all route except
+    one holding a newline before its last character (404 from werkzeug), and answers
+    400 for a Host that is not UTF-8: those, anything percent-encoded below 0x10, a
+    Host that is not ASCII and the health paths (whose answer may be a Deferred) take
+    the Klein way. What the direct way saves: werkzeug's bind and match, Klein's
+    Deferreds and callbacks per request (a fifth of a request's CPU on CPython).
+    """
+
+    isLeaf = True
+
+    def __init__(self, module, klein_resource):
+        Resource.__init__(self)
+        self._module = module
+        self._klein = klein_resource
+
+    def render(self, request):
+        path = request.path
+        host = request.getHeader(b"host")
+        if (b"\n" in path or b"%0" in path or path.startswith(_HEALTH_PREFIX_BYTES)
+                or (host is not None and not host.isascii())):
+            return self._klein.render(request)
+        return self._module._render(request)
+
+
 @implementer(IModule, ITriggerProvider)
 class RestApiModule(MultiService):
     """
     The HTTP API: the ``http`` trigger type and its port.
 
     @ivar routes: the L{RouteTable}.
-    @ivar app: the Klein app (its C{resource()} serves the routes; tests use
+    @ivar app: the Klein app: its resource serves what L{_ApiResource} leaves to it.
+    @ivar resource: the port's L{_ApiResource} (tests use
         C{StubTreq(module.resource)}).
-    @ivar resource: the Klein resource.
     @ivar site: the L{ApiSite} on the port.
     """
 
@@ -428,12 +469,15 @@ class RestApiModule(MultiService):
             port, host.replace(":", "\\:"))
         self.channels = install_channels(engine)
         self.routes = RouteTable()
-        self._semaphore = DeferredSemaphore(limit)
-        self._exchanges = set()
+        self._limit = limit
+        self._running = 0  # exchanges holding one of the limit's slots
+        self._waiting = deque()  # exchanges waiting for a slot, in arrival order
+        self._releasing = False
+        self._exchanges = set()  # the running ones
         self.app = Klein()
         self.app.route("/", branch=True, strict_slashes=False,
                        merge_slashes=False)(self._handle)
-        self.resource = self.app.resource()
+        self.resource = _ApiResource(self, self.app.resource())
         self.site = ApiSite(self.resource, reactor, body_limit,
                             access_log=get_option(config, "access_log", bool, False),
                             limits=getattr(engine, "limits", None))
@@ -465,6 +509,44 @@ class RestApiModule(MultiService):
     # -- requests --------------------------------------------------------------------
 
     def _handle(self, request, **kwargs):
+        """
+        Klein's endpoint: the requests L{_ApiResource} leaves to Klein (health, and
+        paths Klein's router treats apart). Bytes, or a Deferred firing when the
+        answer is written (Klein cancels it when the client goes away).
+        """
+        answer = self._accept(request)
+        if not isinstance(answer, _Exchange):
+            return answer
+        exchange = answer
+        # Klein cancels this Deferred when the client goes away: that cancels the
+        # exchange, waiting for a slot or running.
+        outer = Deferred(lambda _: exchange.cancel())
+        exchange.on_done = outer.callback
+        self._admit(exchange)
+        return outer
+
+    def _render(self, request):
+        """
+        L{_ApiResource}'s answer to a request: what Klein would do with L{_handle}'s
+        answer, without its router and Deferreds (a fifth of a request's CPU).
+        """
+        try:
+            answer = self._accept(request)
+        except Exception:
+            request.processingFailed(Failure())  # as Klein: logged, 500
+            return NOT_DONE_YET
+        if isinstance(answer, _Exchange):
+            self._admit(answer)
+        else:  # bytes: the health paths, whose answer may be a Deferred, go to Klein
+            request.write(answer)
+            request.finish()
+        return NOT_DONE_YET
+
+    def _accept(self, request):
+        """
+        @return: the answer's bytes (status and headers set), a Deferred firing with
+            them (readiness), or the L{_Exchange} that will answer.
+        """
         request.defaultContentType = None
         method = request.method.decode("ascii", "replace").upper()
         origin = request.getHeader(b"origin")
@@ -491,32 +573,48 @@ class RestApiModule(MultiService):
                 request.setHeader(b"allow", ", ".join(extra).encode("ascii"))
                 return _empty(request, 405)
             return _empty(request, 404)
-        exchange = _Exchange(self, request, route, extra, method)
-        waiting = self._semaphore.acquire()
-        # Klein cancels this Deferred when the client goes away: while waiting for a
-        # slot that drops the wait; while running it cancels the exchange.
-        outer = Deferred(lambda _: exchange.cancel() if exchange.started
-                         else waiting.cancel())
+        return _Exchange(self, request, route, extra, method)
 
-        def run(_):
-            self._exchanges.add(exchange)
-            try:
-                d = exchange.start()
-            except Exception:
-                self._log.failure("error handling HTTP {method} {path}", method=method,
-                                  path=path)
-                exchange.fail_internal()
-                d = succeed(None)
-            d.addBoth(finished)
+    # -- concurrency_request_limit -----------------------------------------------------
 
-        def finished(_):
-            self._exchanges.discard(exchange)
-            self._semaphore.release()
-            if not outer.called:
-                outer.callback(None)
+    def _admit(self, exchange):
+        """Run C{exchange} now if a slot is free, else when one is (in order)."""
+        # The client going away cancels the exchange, waiting or running.
+        exchange.request.notifyFinish().addErrback(exchange.client_gone)
+        if self._running < self._limit:
+            self._running += 1
+            self._run(exchange)
+        else:
+            self._waiting.append(exchange)
 
-        waiting.addCallbacks(run, lambda f: f.trap(CancelledError) and None)
-        return outer
+    def _run(self, exchange):
+        self._exchanges.add(exchange)
+        try:
+            exchange.start()
+        except Exception:
+            self._log.failure("error handling HTTP {method} {path}",
+                              method=exchange.method, path=exchange.request.path)
+            exchange.fail_internal()
+
+    def exchange_done(self, exchange):
+        """An exchange has answered or was cancelled: its slot goes to the next."""
+        if exchange not in self._exchanges:
+            return  # cancelled while waiting: it held no slot
+        self._exchanges.discard(exchange)
+        self._running -= 1
+        if self._releasing:
+            return  # the loop below, further up the stack, fills the slot
+        self._releasing = True
+        try:
+            waiting = self._waiting
+            while waiting and self._running < self._limit:
+                following = waiting.popleft()
+                if following.done:
+                    continue  # its client went away while it waited
+                self._running += 1
+                self._run(following)
+        finally:
+            self._releasing = False
 
     def _preflight(self, request, origin):
         allowed = self._allowed_origin(origin)
@@ -553,7 +651,7 @@ class RestApiModule(MultiService):
 
     def stopService(self):
         for exchange in list(self._exchanges):
-            exchange.cancel()
+            exchange.stopping()
         return MultiService.stopService(self)
 
     def retire(self):
@@ -615,10 +713,11 @@ class _Exchange:
         self.method = method
         self.started = False
         self.done = False
+        self._fired = False
         self.streaming = False
         self.status = 200
         self.headers = {}
-        self._finished = Deferred()
+        self.on_done = None  # called with None once the exchange is over (Klein's way)
         self._timer = None
         self._call = None
         self._request_channel = None
@@ -627,12 +726,11 @@ class _Exchange:
 
     def start(self):
         """
-        @return: a Deferred firing with None when the response is written (or the
-            exchange was cancelled).
+        Answer the request; the module's L{RestApiModule.exchange_done} is told when
+        the response is written (or the exchange was cancelled).
         """
         self.started = True
         request = self.request
-        request.notifyFinish().addErrback(lambda _: self.cancel())
         self._timer = self.module.clock.callLater(self.module.timeout, self._timed_out)
         payload = self._payload()
         gate = self.module.gate
@@ -651,7 +749,6 @@ class _Exchange:
             d.addCallbacks(self._condition_checked, self._failed, callbackArgs=(payload,))
         else:
             self._invoke(payload)
-        return self._finished
 
     def _admitted(self, answer, payload):
         if self.done:
@@ -669,9 +766,9 @@ class _Exchange:
 
     def _payload(self):
         request = self.request
-        uri = request.uri.decode("latin-1")
-        query = uri.partition("?")[2]
-        query_params = dict(parse_qsl(query, keep_blank_values=True))
+        uri = request.uri
+        query_params = dict(parse_qsl(uri.decode("latin-1").partition("?")[2],
+                                      keep_blank_values=True)) if b"?" in uri else {}
         headers = {}
         for name, values in request.requestHeaders.getAllRawHeaders():
             try:
@@ -717,15 +814,13 @@ class _Exchange:
             return
         self._response_channel.attach_reader(_ResponseReader(self))
         self._pump = _BodyPump(self._request_channel, self.request.content)
-        self._request_channel.attach_writer(self._pump)
+        self._request_channel.attach_writer(self._pump, until_read=True)
         payload["request_body"] = self._request_channel.ref(READ)
         payload["response"] = self._response_channel.ref(WRITE)
         self.request.registerProducer(self._response_channel.reader, True)
         self._call = self.engine.call(self.trigger.function_id, payload,
                                      metadata=self.trigger.metadata, session=session)
         self._call.addCallbacks(self._result, self._failed)
-        if not self.done:
-            self._pump.start()
 
     # -- outcomes --------------------------------------------------------------------
 
@@ -815,11 +910,31 @@ class _Exchange:
         else:
             self.cancel()
 
+    def stopping(self):
+        """
+        The module stops: a request whose answer has not begun gets 503 (its call is
+        cancelled); one whose response is streaming ends where it is.
+        """
+        if self.done:
+            return
+        if self.streaming or getattr(self.request, "_disconnected", False):
+            self.cancel()
+            return
+        self._log.info("HTTP {method} /{path}: the HTTP API stops before {function_id} "
+                       "answered; 503", method=self.method,
+                       path=self.route.api_path.lstrip("/"),
+                       function_id=self.trigger.function_id)
+        self._respond_json(503, {"error": "the HTTP API is stopping"})
+
     def cancel(self):
-        """The client went away (or the module stops): drop everything, write nothing."""
+        """The client went away: drop everything, write nothing."""
         if not self.done:
             self._cleanup()
             self._fire()
+
+    def client_gone(self, reason):
+        """C{request.notifyFinish}'s errback: the connection was lost first."""
+        self.cancel()
 
     # -- the response channel (through _ResponseReader) ------------------------------
 
@@ -912,10 +1027,26 @@ class _Exchange:
         for channel in (self._request_channel, self._response_channel):
             if channel is not None:
                 channel.abort(CLOSE_DROPPED, "HTTP request finished")
+        # The channels, their ends and this exchange refer to each other: unlinked,
+        # they are freed with the request rather than left, with the request and its
+        # headers (some 25 objects), to the next cyclic garbage collection.
+        if self._pump is not None:
+            self._pump.channel = None
+        self._request_channel = self._response_channel = self._pump = None
 
     def _fire(self):
-        if not self._finished.called:
-            self._finished.callback(None)
+        if not self._fired:
+            self._fired = True
+            self.module.exchange_done(self)
+            if self.on_done is not None:
+                self.on_done(None)
+                return
+            # The direct way (L{_ApiResource}) does what Klein does when the handler's
+            # Deferred fires: finish a request nothing finished (a cancelled exchange
+            # while the client is still there, as when the module stops).
+            request = self.request
+            if not request.finished and not getattr(request, "_disconnected", False):
+                request.finish()
 
 
 _HOP_BY_HOP = frozenset(["transfer-encoding", "connection", "keep-alive", "upgrade",
@@ -980,7 +1111,8 @@ class _BodyPump:
     """
     The engine's writer end of a request's ``request_body`` channel: the body
     (buffered by twisted.web, in a temporary file when large) in binary frames of at
-    most 64 KiB, as fast as the reader drains them.
+    most 64 KiB, as fast as the reader drains them. Attached paused until a reader
+    comes (L{Channel.attach_writer}'s C{until_read}).
     """
 
     def __init__(self, channel, content):
@@ -988,15 +1120,15 @@ class _BodyPump:
         self.content = content
         self._paused = True
         self._done = False
-
-    def start(self):
-        self.content.seek(0)
-        self.resume()
+        self._started = False
 
     def pause(self):
         self._paused = True
 
     def resume(self):
+        if not self._started:
+            self._started = True
+            self.content.seek(0)  # _payload read a JSON body
         self._paused = False
         while not self._paused and not self._done:
             chunk = self.content.read(FRAME_BYTES)

@@ -376,3 +376,69 @@ def test_random_channel_traffic_keeps_order_and_logs_no_failure(harness):
         assert len(harness.channels) == 0
         assert failures == [], [e.get("log_format") for e in failures]
         harness.channels.stopService()
+
+
+class DataWriter(FakeWriter):
+    """An in-process writer with all its data at hand (as an HTTP body pump)."""
+
+    def __init__(self, channel, chunks):
+        FakeWriter.__init__(self)
+        self.channel = channel
+        self.chunks = list(chunks)
+        self.resumed = 0
+        self.paused = True
+
+    def resume(self):
+        self.resumed += 1
+        self.paused = False
+        while not self.paused and self.chunks:
+            self.channel.write(self.chunks.pop(0), True)
+        if not self.chunks:
+            self.channel.writer_closed()
+
+
+@pytest.mark.parametrize("reader_first", [False, True])
+def test_writer_attached_until_read_writes_once_a_reader_is_there(reader_first):
+    """
+    attach_writer(until_read=True): nothing is written into the channel while nobody
+    reads; once a reader attaches (before or after) everything flows, with the
+    buffer's backpressure as usual.
+    """
+    engine = Engine(MemoryReactorClock())
+    manager = install_channels(engine)
+    channel = manager.create(buffer_size=2)
+    writer = DataWriter(channel, [b"%d" % i for i in range(6)])
+    reader = FakeReader()
+    if reader_first:
+        channel.attach_reader(reader)
+    channel.attach_writer(writer, until_read=True)
+    if not reader_first:
+        assert writer.resumed == 0 and channel.buffered == (0, 0)
+        channel.attach_reader(reader)
+    assert [p for p, _ in reader.items] == [b"%d" % i for i in range(6)]
+    assert reader.finished
+
+
+def test_writer_attached_until_read_after_the_reader_left_is_aborted():
+    engine = Engine(MemoryReactorClock())
+    manager = install_channels(engine)
+    channel = manager.create()
+    channel.reader_closed()
+    writer = DataWriter(channel, [b"x"])
+    channel.attach_writer(writer, until_read=True)
+    assert writer.resumed == 0
+    assert writer.aborted[0] == 4001  # CLOSE_READER_GONE
+
+
+def test_access_keys_are_uuid4_strings_and_unique():
+    """Access keys keep the reference's shape (UUID v4) and never repeat."""
+    import uuid
+
+    engine = Engine(MemoryReactorClock())
+    manager = install_channels(engine)
+    keys = [manager.create().key for _ in range(600)]  # past one 4 KiB read
+    assert len(set(keys)) == len(keys)
+    for key in keys:
+        parsed = uuid.UUID(key)
+        assert str(parsed) == key
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122

@@ -148,3 +148,25 @@ def test_stream_port_connections_per_address_are_capped_and_given_back():
     assert engine.limits.counters["connections_refused_per_address"] == 1
     first.connectionLost(Failure(ConnectionDone()))
     assert connect(factory, "10.0.0.1", 4)[0] is not None
+
+
+def test_requests_of_a_connection_share_its_addresses_asked_once():
+    """A kept-alive connection's requests get its addresses, asked of the transport once."""
+
+    class Counting(Transport):
+        asked = 0
+
+        def getHost(self):
+            Counting.asked += 1
+            return Transport.getHost(self)
+
+    reactor, engine, site = make_api()
+    protocol = site.buildProtocol(addr("127.0.0.1"))
+    transport = Counting(peerAddress=addr("127.0.0.1"))
+    protocol.makeConnection(transport)
+    for _ in range(3):
+        protocol.dataReceived(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value().count(b"HTTP/1.1 200 ") == 3
+    assert Counting.asked == 1
+    assert protocol.getHost() == transport.getHost()
+    assert protocol.getPeer() == addr("127.0.0.1")

@@ -566,7 +566,7 @@ def test_stop_cancels_requests_in_flight_and_leaves_no_timer():
     assert [c for c in api.clock.getDelayedCalls() if c.active()] == []
 
 
-def test_path_that_is_not_utf8_is_400_without_a_traceback():
+def test_path_or_host_that_is_not_utf8_is_400_without_a_traceback():
     """A percent-encoded path that is not UTF-8 is refused quietly; UTF-8 ones route."""
     from iii_twisted.testing import logged_failures
 
@@ -576,7 +576,14 @@ def test_path_that_is_not_utf8_is_400_without_a_traceback():
         protocol, transport = _channel(api)
         protocol.dataReceived(b"GET /j/%ff%fe HTTP/1.1\r\nHost: x\r\n\r\n")
         assert transport.value().startswith(b"HTTP/1.1 400 ")
-        assert transport.value().endswith(b'{"error":"Request method or path is not valid UTF-8"}')
+        assert transport.value().endswith(
+            b'{"error":"Request method, path or Host is not valid UTF-8"}')
+        assert failures == []
+        assert api.invocations() == []
+        # A Host that is not UTF-8 too (Klein logged a traceback for each).
+        protocol, transport = _channel(api)
+        protocol.dataReceived(b"GET /j/1 HTTP/1.1\r\nHost: \xff\xfe\r\n\r\n")
+        assert transport.value().startswith(b"HTTP/1.1 400 ")
         assert failures == []
         assert api.invocations() == []
         protocol.dataReceived(b"GET /j/%C3%A9 HTTP/1.1\r\nHost: x\r\n\r\n")

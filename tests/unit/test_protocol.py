@@ -81,3 +81,58 @@ def test_a_result_may_carry_nan_to_be_answered_as_an_error():
     assert math.isnan(message["result"][0])
     # The next frame does not inherit the note of the last one.
     assert P.decode(b'{"type":"registerfunction","id":"f"}')["id"] == "f"
+
+
+def _outcome(parse, text):
+    """What reading C{text} gives: (value, non-finite noted) or the error's class."""
+    from iii_twisted import protocol as P
+    try:
+        value = parse(text)
+        return "value", repr(value), bool(P._nonfinite_seen)
+    except (ValueError, RecursionError) as e:
+        return "error", type(e).__name__
+    finally:
+        del P._nonfinite_seen[:]
+
+
+def _json_texts():
+    """Seeded JSON and near-JSON texts, with every kind of non-finite number."""
+    import random
+    rng = random.Random(18)
+    atoms = ["1", "-0", "1.5", "1e5", "1E-7", "2e308", "1e999", "-1e999", "1e+400",
+             "1e0308", "9" * 320, "9" * 320 + ".5", "1" + "0" * 250 + "e60", "NaN",
+             "-Infinity", "Infinity", '"NaN"', '"x Infinity"', '"8e123"', '"\\u00e9"',
+             '"\\ud800"', "true", "null", '"' + "7" * 250 + '"', "0.1e99", "12e99"]
+    texts = []
+    for _ in range(3000):
+        parts = [rng.choice(atoms) for _ in range(rng.randrange(1, 5))]
+        kind = rng.random()
+        if kind < 0.4:
+            text = "[" + ",".join(parts) + "]"
+        elif kind < 0.8:
+            text = "{" + ",".join('"k%d":%s' % (i, p) for i, p in enumerate(parts)) + "}"
+        else:
+            text = rng.choice(parts)
+        if rng.random() < 0.1:  # broken
+            cut = rng.randrange(len(text) + 1)
+            text = text[:cut] + rng.choice(["", "]", "{", ",", " x"]) + text[cut:]
+        texts.append(text)
+    texts += ["[" * 150 + "]" * 150, "[" * 250 + "]" * 250, '{"a":' * 199 + "1" + "}" * 199,
+              "", " ", "[1] [2]", '{"a":1,"a":2}']
+    return texts
+
+
+def test_fast_parser_gate_reads_as_the_careful_parser():
+    """
+    On PyPy, read_json uses PyPy's parser for text that cannot hold NaN, an infinity
+    or an overflowing float, nor nest deeply: here (CPython) json.loads, which reads
+    those the same unchecked way, stands in for it. Every text gives the same value,
+    the same non-finite note, or the same kind of error as the careful parser alone.
+    """
+    import json
+
+    from iii_twisted import protocol as P
+    gated = P._text_parser(json.loads)
+    careful = P._text_parser(None)
+    for text in _json_texts():
+        assert _outcome(gated, text) == _outcome(careful, text), text[:200]
