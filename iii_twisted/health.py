@@ -17,6 +17,12 @@ A store (``module.store``) or a queue broker (``module.broker``) takes part by h
 a short reason; one without counts as ok.
 A module can also have ``health()`` itself. A check that takes longer than
 L{CHECK_TIMEOUT} seconds, or raises, counts as unready.
+
+A cluster member's ready answer also has ``"cluster": {"directory": "ok"|"unreachable",
+"members": N}`` (L{cluster_status}; N counts the other members known). An unreachable
+directory (Redis down) does not make the engine unready: it keeps serving its own
+workers, and taking every member out of a load balancer because their shared Redis is
+down would stop a cluster that still works.
 """
 
 import json
@@ -43,14 +49,18 @@ class Health:
 
     _log = Logger()
 
-    def __init__(self, clock, modules=lambda: []):
+    def __init__(self, clock, modules=lambda: [], directory=lambda: None):
         """
         @param modules: returns the modules to check (the service's current list).
+        @param directory: returns the engine's cluster directory
+            (L{iii_twisted.cluster.directory.IClusterDirectory}), or None when the
+            engine is not a cluster member (see L{directory_of}).
         """
         self.clock = clock
         self.state = STARTING
         self.started_at = time.time()
         self._modules = modules
+        self._directory = directory
 
     def live(self):
         """@return: the liveness answer (always alive)."""
@@ -67,7 +77,11 @@ class Health:
             status = self.state
         else:
             status = "ready" if healthy else "unready"
-        return status == "ready", {"status": status, "checks": checks}
+        answer = {"status": status, "checks": checks}
+        directory = self._directory()
+        if directory is not None:
+            answer["cluster"] = cluster_status(directory)
+        return status == "ready", answer
 
     async def _run(self, check):
         try:
@@ -77,6 +91,24 @@ class Health:
         except Exception as e:
             return "check failed: {}".format(str(e) or type(e).__name__)
         return "ok" if reason is None else str(reason)
+
+
+def directory_of(engine):
+    """
+    @return: the cluster directory of C{engine} (C{engine.cluster.directory}, set by
+        the ``cluster:`` section's service), or None when it is not a cluster member.
+    """
+    return getattr(getattr(engine, "cluster", None), "directory", None)
+
+
+def cluster_status(directory):
+    """
+    @param directory: an L{iii_twisted.cluster.directory.IClusterDirectory}.
+    @return: C{{"directory": "ok"|"unreachable", "members": N}}, N the number of
+        other members it knows.
+    """
+    return {"directory": "ok" if directory.healthy else "unreachable",
+            "members": len(directory.members())}
 
 
 def _checks_of(module):

@@ -15,6 +15,11 @@ from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
 
 
+# True in each engine process of ``twistd iii --processes N`` (iii_twisted.processes):
+# listeners with a fixed tcp:/ssl: port are then opened with SO_REUSEPORT and shared.
+shared_ports = False
+
+
 class ListenerError(Exception):
     """A listener could not bind its port. C{str()} is the whole message."""
 
@@ -30,7 +35,7 @@ class Listener(StreamServerEndpointService):
 
     def __init__(self, description, factory, reactor, name, authenticated=False):
         StreamServerEndpointService.__init__(
-            self, endpoints.serverFromString(reactor, description), factory)
+            self, _endpoint(reactor, description, name), factory)
         # As strports.service: a bind failure raises from startService, so that
         # twistd stops at once with a non-zero exit.
         self._raiseSynchronously = True
@@ -67,6 +72,16 @@ class Listener(StreamServerEndpointService):
             where += " (port {})".format(bound)
         return "{} listens on {}, {}".format(
             self.name, where, "authenticated" if self.authenticated else "unauthenticated")
+
+
+def _endpoint(reactor, description, name):
+    if not shared_ports:
+        return endpoints.serverFromString(reactor, description)
+    from .processes import shared_endpoint
+    try:
+        return shared_endpoint(reactor, description)
+    except ValueError as e:
+        raise ListenerError("{} listener: {}".format(name, e)) from None
 
 
 def _bind_message(name, description, error):

@@ -96,7 +96,8 @@ class EngineService(MultiService):
         self.engine = Engine(reactor, invocation_timeout=config.invocation_timeout,
                              function_replicas=config.function_replicas)
         self.engine.limits = config.limits
-        self.engine.health = Health(reactor, lambda: self.modules)
+        self.engine.health = Health(reactor, lambda: self.modules,
+                                    lambda: health.directory_of(self.engine))
         # Data channels first: modules (the REST API) create channels too, and the
         # sweep stops after them.
         self.channels = install_channels(self.engine, reactor)

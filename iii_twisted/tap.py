@@ -6,6 +6,9 @@
     twistd iii --convert FILE          print FILE in the other config format, exit
     twistd iii --version               print the engine's version, exit
     twistd iii --describe-config       print every config key, exit
+    twistd -n --pidfile= iii --config X --processes N
+                                       N engine processes sharing the ports, forming
+                                       a cluster (iii_twisted/processes.py)
 
 A config error or a port that cannot be bound is one line on stderr and exit status 1,
 without a traceback (``--debug`` shows it).
@@ -33,6 +36,10 @@ class Options(usage.Options):
         ["convert", None, None,
          "Print this config file converted to the other format (v0.10 <-> current) "
          "and exit."],
+        ["processes", None, 1,
+         "Run this many engine processes on this machine, sharing the worker and HTTP "
+         "ports (SO_REUSEPORT, Linux) and forming a cluster among themselves (the "
+         "config needs a cluster: section with redis_url).", int],
     ]
     optFlags = [
         ["debug", None, "Show the traceback of config and start-up errors."],
@@ -62,6 +69,10 @@ class Options(usage.Options):
             self["engine_config"] = load_config(self["config"])
         except ConfigError as e:
             fail(e, self["debug"])
+        from .processes import check_options
+        why = check_options(self["engine_config"], self["processes"])
+        if why:
+            fail(usage.UsageError(why), self["debug"])
 
     def _check(self, path):
         try:
@@ -123,20 +134,44 @@ def makeService(options, reactor=None):
     @return: the L{iii_twisted.service.EngineService} for parsed C{options}; it
         rereads the config file on SIGHUP and (with ``watch: true``) when it changes.
     """
+    from . import processes
     from .service import EngineService
 
     if reactor is None:
         from twisted.internet import reactor
-    try:
-        service = EngineService(options["engine_config"], reactor=reactor,
-                                config_path=options["config"])
-    except ConfigError as e:
-        fail(e, options["debug"])
-    service.reload_on_sighup = True
     config = options["engine_config"]
+    number = processes.process_number()
+    if options["processes"] > 1 and number is None:
+        return _supervisor(options, config, reactor)
+    if number is not None:
+        processes.prepare_engine_process(config, number)
+    try:
+        service = EngineService(config, reactor=reactor, config_path=options["config"])
+    except (ConfigError, ListenerError) as e:
+        fail(e, options["debug"])
+    if number is not None:
+        processes.become_engine_process(service, reactor)
+    service.reload_on_sighup = True
     service.log_settings = LogSettingsService(config.log_level)
     service.drain_timeout = config.shutdown_timeout  # SIGTERM: let calls finish
     configure_twist(getattr(options, "parent", None), config.log_level, config.log_format)
     if not options["debug"]:
         sys.excepthook = _quiet_excepthook(sys.excepthook)
     return service
+
+
+def _supervisor(options, config, reactor):
+    """
+    @return: the service of ``--processes N``: the log settings and an
+        L{iii_twisted.processes.EngineProcesses} running N engine processes.
+    """
+    from twisted.application.service import MultiService
+
+    from .processes import EngineProcesses, engine_argv
+
+    top = MultiService()
+    LogSettingsService(config.log_level).setServiceParent(top)
+    EngineProcesses(options["processes"], engine_argv(options, options["config"]),
+                    reactor, stop_timeout=config.shutdown_timeout or 0).setServiceParent(top)
+    configure_twist(getattr(options, "parent", None), config.log_level, config.log_format)
+    return top

@@ -44,6 +44,7 @@ from ..listeners import Listener
 from ..logsetup import QuietSite
 from ..schema import Key, ListOf, MapOf, Section, closest
 from ..engine import VOID
+from ..health import cluster_status, directory_of
 from ..interfaces import IModule, ITelemetrySink, ITriggerProvider, TriggerError
 from ..observability import otlp
 from ..observability.engine_logs import NOT_CAPTURED, THRESHOLDS, EngineLogCapture
@@ -910,23 +911,34 @@ class OtelModule(MultiService):
         def component(enabled, details):
             return ({"status": "healthy", "details": details} if enabled
                     else {"status": "disabled", "details": None})
+        components = {
+            "otel": component(o.enabled, {
+                "service_name": o.service_name, "exporter": o.exporter,
+                "endpoint": o.endpoint if o.uses_otlp else None,
+                "exporting": self.exporter is not None}),
+            "metrics": component(o.metrics_enabled, {
+                "sdk_metrics_stored": len(self.sdk_metrics),
+                "max_count": o.metrics_max_count,
+                "exporter": o.metrics_exporter}),
+            "logs": component(o.logs_enabled, {
+                "stored": len(self.logs), "max_count": o.logs_max_count,
+                "exporter": o.logs_exporter}),
+            "spans": component(self.spans is not None, self.spans is not None and {
+                "stored": len(self.spans), "max_count": o.memory_max_spans}),
+        }
+        status = "healthy"
+        directory = directory_of(self.engine)
+        if directory is not None:
+            # A cluster member whose directory (Redis) is unreachable still serves its
+            # own workers: degraded, not down (iii_twisted.health).
+            cluster = cluster_status(directory)
+            if cluster["directory"] != "ok":
+                status = "degraded"
+            components["cluster"] = {"status": "healthy" if status == "healthy"
+                                     else "degraded", "details": cluster}
         return {
-            "status": "healthy",
-            "components": {
-                "otel": component(o.enabled, {
-                    "service_name": o.service_name, "exporter": o.exporter,
-                    "endpoint": o.endpoint if o.uses_otlp else None,
-                    "exporting": self.exporter is not None}),
-                "metrics": component(o.metrics_enabled, {
-                    "sdk_metrics_stored": len(self.sdk_metrics),
-                    "max_count": o.metrics_max_count,
-                    "exporter": o.metrics_exporter}),
-                "logs": component(o.logs_enabled, {
-                    "stored": len(self.logs), "max_count": o.logs_max_count,
-                    "exporter": o.logs_exporter}),
-                "spans": component(self.spans is not None, self.spans is not None and {
-                    "stored": len(self.spans), "max_count": o.memory_max_spans}),
-            },
+            "status": status,
+            "components": components,
             "timestamp": self._now_ms(),
             "version": __version__,
         }

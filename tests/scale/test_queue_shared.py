@@ -28,6 +28,26 @@ class Failing(AutoWorker):
                                "error": {"code": "boom", "message": "it failed"}})
 
 
+class Holding(AutoWorker):
+    """A worker that answers nothing until L{release}, then everything at once."""
+
+    held = None
+
+    def _answer(self, message):
+        if self.held is None:
+            AutoWorker._answer(self, message)
+        else:
+            self.held.append(message)
+
+    def hold(self):
+        self.held = []
+
+    def release(self):
+        held, self.held = self.held, None
+        for message in held:
+            AutoWorker._answer(self, message)
+
+
 @pytest.fixture(params=["redis", "rabbitmq"])
 def shared(request):
     """@return: (module entry factory, URL for engine A, URL for engine B)."""
@@ -48,18 +68,25 @@ def two(engines, shared, **kwargs):
 @pytest_twisted.ensureDeferred
 async def test_200_messages_across_two_engines_each_processed_once(engines, shared):
     a, b, qa, qb = two(engines, shared)
-    on_a = AutoWorker(a.engine, "orders::handle")
-    on_b = AutoWorker(b.engine, "orders::handle")
+    on_a = Holding(a.engine, "orders::handle")
+    on_b = Holding(b.engine, "orders::handle")
+    # Both engines consume: with answers held, one engine takes at most its
+    # concurrency (5), so the other must take messages too; then all is let go.
+    on_a.hold()
+    on_b.hold()
     receipts = await defer.gatherResults(
         [(qa if i % 2 else qb).enqueue("orders", "orders::handle", {"n": i})
          for i in range(200)])
     assert len(set(receipts)) == 200
+    await wait_for(lambda: on_a.held and on_b.held, what="both engines to take messages")
+    assert len(on_a.held) <= 5 and len(on_b.held) <= 5
+    on_a.release()
+    on_b.release()
 
     def seen():
         return [d["n"] for w in (on_a, on_b) for d in w.data_of("orders::handle")]
     await wait_for(lambda: len(seen()) >= 200, what="200 messages")
     assert sorted(seen()) == list(range(200))
-    assert on_a.data_of("orders::handle") and on_b.data_of("orders::handle")
     stats = await a.engine.call("engine::queue::topic_stats", {"topic": "orders"})
     assert stats["dlq_depth"] == 0 and stats["depth"] == 0
 

@@ -203,3 +203,70 @@ def test_rabbitmq_broker_is_unready_without_its_connection():
     assert code == 503
     assert body["checks"] == {"QueueModule.broker": "no connection to RabbitMQ at "
                                                     "amqp://127.0.0.1:1/"}
+
+
+class _Cluster:
+    """What the cluster: section hangs on the engine (C{engine.cluster.directory})."""
+
+    def __init__(self, directory):
+        self.directory = directory
+
+
+def _member_directories():
+    from iii_twisted.cluster.directory import MemoryDirectory, MemoryRegistry, Member
+
+    registry = MemoryRegistry()
+    mine, other = MemoryDirectory(registry), MemoryDirectory(registry)
+    mine.join(Member("e1", "tcp:127.0.0.1:1"), _Quiet())
+    other.join(Member("e2", "tcp:127.0.0.1:2"), _Quiet())
+    return mine
+
+
+class _Quiet:
+    def member_joined(self, member):
+        pass
+
+    def member_left(self, member):
+        pass
+
+
+def test_ready_reports_the_cluster_directory_and_stays_ready_without_redis():
+    """A cluster member's readiness says whether its directory answers and how many
+    members it knows; an unreachable directory keeps the engine ready (it still
+    serves its own workers)."""
+    service = EngineService({"port": 0}, reactor=MemoryReactorClock())
+    service.engine.health.state = "running"
+    assert "cluster" not in _ready(service)[1]  # not a cluster member
+    directory = _member_directories()
+    service.engine.cluster = _Cluster(directory)
+    assert _ready(service) == (200, {"status": "ready", "checks": {},
+                                     "cluster": {"directory": "ok", "members": 1}})
+    directory.healthy = False  # what the Redis directory says while Redis is down
+    assert _ready(service) == (200, {"status": "ready", "checks": {},
+                                     "cluster": {"directory": "unreachable", "members": 1}})
+
+
+def test_observability_health_check_has_the_cluster():
+    engine, clock, module = make()
+    directory = _member_directories()
+    engine.cluster = _Cluster(directory)
+    health = call(engine, "engine::health::check", {})
+    assert health["status"] == "healthy"
+    assert health["components"]["cluster"] == {
+        "status": "healthy", "details": {"directory": "ok", "members": 1}}
+    directory.healthy = False
+    health = call(engine, "engine::health::check", {})
+    assert health["status"] == "degraded"
+    assert health["components"]["cluster"] == {
+        "status": "degraded", "details": {"directory": "unreachable", "members": 1}}
+
+
+def test_prometheus_has_the_cluster_gauges():
+    engine, clock, module = make()
+    assert "iii_cluster_" not in prometheus_text(module.metrics).decode()
+    directory = _member_directories()
+    engine.cluster = _Cluster(directory)
+    text = prometheus_text(module.metrics).decode()
+    assert "iii_cluster_directory_up 1\n" in text and "iii_cluster_members 1\n" in text
+    directory.healthy = False
+    assert "iii_cluster_directory_up 0\n" in prometheus_text(module.metrics).decode()
