@@ -4,15 +4,10 @@ process: links form, and what Redis already makes cluster-wide (pub/sub, the cro
 lock) is not doubled by the links.
 """
 
-import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 
 from cluster_helpers import offered, wait_for
-
-# The Redis directory is built beside the links (iii_twisted/cluster/redis_directory.py,
-# the cluster-directory work); until both are on main these tests cannot run.
-pytest.importorskip("iii_twisted.cluster.redis_directory")
 
 
 def redis_module(kind, redis_url):

@@ -20,10 +20,6 @@ from engine_process import wait_until
 from test_newer_python_sdk import NEWER_VERSION, newer_python, newer_worker  # noqa: F401
 from test_node_sdk import node_sdks, node_worker  # noqa: F401 (fixtures)
 
-# The Redis directory is built beside the links (iii_twisted/cluster/redis_directory.py,
-# the cluster-directory work); until both are on main these tests cannot run.
-pytest.importorskip("iii_twisted.cluster.redis_directory")
-
 MEMBER_CONFIG = """
 port: {{port}}
 host: 127.0.0.1
