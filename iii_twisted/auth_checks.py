@@ -9,6 +9,7 @@ from twisted.logger import Logger
 
 from .grants import FORBIDDEN, may_take_over, stats_of
 from .oplog import describe_worker
+from .replicas import is_peer
 
 _log = Logger()
 
@@ -90,7 +91,10 @@ def refuse_takeover(engine, new_owner, old_owner, kind, item_id):
     """
     if new_owner is None or old_owner is new_owner:
         return False
-    if old_owner is not None and may_take_over(new_owner, old_owner):
+    if old_owner is not None and (may_take_over(new_owner, old_owner)
+                                  or is_peer(new_owner) or is_peer(old_owner)):
+        # Another cluster member's offer (over its link) and this member's workers
+        # host one id side by side (replicas.py); principals are each member's own.
         return False
     _log.warn("{worker} may not take over {kind} {item_id} of {owner}: refused",
               worker=describe_worker(new_owner), worker_id=new_owner.id, kind=kind, item_id=item_id,

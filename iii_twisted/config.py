@@ -27,7 +27,8 @@ Our own optional top-level keys (the reference ignores unknown keys, so a file u
 them still loads there): ``host`` (interface, default 0.0.0.0), ``listen`` (a Twisted
 endpoint string that overrides port and host), ``invocation_timeout_ms``,
 ``max_message_size``, ``ws_ping_interval_ms``, ``ws_ping_timeout_ms``,
-``function_replicas`` (``spread`` or ``last_wins``, L{iii_twisted.replicas}), ``auth``
+``function_replicas`` (``spread`` or ``last_wins``, L{iii_twisted.replicas}),
+``cluster`` (membership of a cluster, L{iii_twisted.cluster.settings}), ``auth``
 (tokens and grants of the worker port, L{iii_twisted.auth.parse_auth_config};
 docs/security.rst), ``rbac`` and ``middleware_function_id`` (the reference's), and
 ``listeners`` (several worker ports, each with the listener keys above plus ``name``;
@@ -57,6 +58,7 @@ import re
 
 import yaml
 
+from .cluster.settings import CLUSTER_SCHEMA, parse_cluster
 from .limits import LIMITS_SCHEMA
 from .schema import CURRENT, V010, Context, Key, MapOf, Section, Unsupported, closest
 
@@ -159,6 +161,9 @@ ENGINE_SCHEMA = Section(
                           "function id: spread calls across them, or last_wins (the "
                           "reference: the last registration replaces the others; "
                           "docs/cluster.rst)", choices=("spread", "last_wins")),
+    cluster=Key(CLUSTER_SCHEMA, None, "makes this engine a member of a cluster of "
+                "engines acting as one router (docs/cluster.rst); changing it needs a "
+                "restart"),
 )
 
 # Top-level keys of each format besides the engine's own.
@@ -250,6 +255,8 @@ class EngineConfig:
     @ivar listeners: the L{ListenerConfig}s of every worker port; the first is the one
         C{port}/C{listen}/C{auth} describe.
     @ivar function_replicas: ``spread`` or ``last_wins`` (L{iii_twisted.replicas}).
+    @ivar cluster: the L{iii_twisted.cluster.settings.ClusterConfig} of the
+        ``cluster:`` section, or None (not a cluster member).
     """
 
     def __init__(self, port=DEFAULT_PORT, host="0.0.0.0", listen=None, modules=(),
@@ -258,8 +265,9 @@ class EngineConfig:
                  format=V010, watch=False, watch_interval=1.0, listener_key="",
                  frame_limits=None, log_level="info", log_format="text",
                  shutdown_timeout=5.0, limits=None, handshake_timeout=10.0, auth=None,
-                 listeners=None, function_replicas="spread"):
+                 listeners=None, function_replicas="spread", cluster=None):
         self.function_replicas = function_replicas
+        self.cluster = cluster
         self.port = port
         self.host = host
         self.listen = listen or "tcp:{}:interface={}".format(port, host)
@@ -476,6 +484,7 @@ def from_dict(data, source=None):
         limits=Limits.from_config(top.get("limits")),
         handshake_timeout=listeners[0].handshake_timeout,
         function_replicas=_value(top, "function_replicas", ENGINE_SCHEMA),
+        cluster=parse_cluster(top.get("cluster")),
     )
 
 

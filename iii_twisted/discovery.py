@@ -81,15 +81,24 @@ def register_engine_functions(engine):
                 row["host_count"] = engine.replicas.host_count(function_id)
                 if host:
                     _add_host(row, entry)
+                if engine.cluster is not None:  # which member holds it
+                    engine.cluster.function_row(row, entry)
                 rows.append(row)
         return {"functions": current.filter_functions(rows, data, shape)}
 
     def list_workers(data):
         wanted = _input("engine::workers::list", data).get("worker_id")
-        workers = engine.workers.values()
-        if wanted is not None:
-            workers = [w for w in workers if w.id == wanted]
-        rows = [current.worker_row(engine, w, _worker_info(engine, w)) for w in workers]
+        if engine.cluster is not None:  # every member's workers, not the links
+            rows = engine.cluster.worker_rows(
+                lambda w: current.worker_row(engine, w, _worker_info(engine, w)))
+            if wanted is not None:
+                rows = [row for row in rows if row.get("id") == wanted]
+        else:
+            workers = engine.workers.values()
+            if wanted is not None:
+                workers = [w for w in workers if w.id == wanted]
+            rows = [current.worker_row(engine, w, _worker_info(engine, w))
+                    for w in workers]
         if engine.current_session is not None:
             for row in rows:
                 if isinstance(row.get("functions"), list):
@@ -114,10 +123,15 @@ def register_engine_functions(engine):
                 listed["triggers"] = [t for t in listed["triggers"]
                                       if session.may_register_trigger(t["id"])]
             return listed
+        if engine.cluster is not None:  # every member's triggers
+            rows = engine.cluster.trigger_rows(
+                (trigger, trigger.info()) for trigger in engine.triggers.values())
+        else:
+            rows = [trigger.info() for trigger in engine.triggers.values()]
         result = {"triggers": [
-            trigger.info() for trigger in engine.triggers.values()
-            if (internal or not trigger.function_id.startswith("engine::"))
-            and visible(trigger.function_id)
+            row for row in rows
+            if (internal or not str(row.get("function_id")).startswith("engine::"))
+            and visible(row.get("function_id"))
         ]}
         if _flag("engine::triggers::list", data, "include_refused"):
             result["refused"] = [t for t in engine.refused_triggers
@@ -167,6 +181,8 @@ def register_engine_functions(engine):
                           worker_id=worker.id)
         engine.fire_triggers("engine::workers-available",
                              {"event": "worker_metadata_updated", "worker_id": worker_id})
+        if engine.registry_watchers:
+            engine.registry_changed()  # a cluster's peers show its name
         return {"success": True}
 
     engine.register_function(

@@ -109,6 +109,11 @@ def function_worker_name(engine, function_id):
     entry = engine.functions.get(function_id)
     owner = entry.owner if entry is not None else None
     if owner is not None and owner.name:
+        peer = getattr(owner.connection, "cluster_peer", None)
+        if peer is not None:  # another cluster member's: its worker's name there
+            held = peer.worker_of.get(function_id)
+            if held is not None:
+                return held[1]
         return owner.name
     return _first_segment(namespaces.plain(function_id))
 
@@ -266,6 +271,8 @@ def registered_trigger_summary(engine, trigger):
     }
     if trigger.error is not None:
         row["error"] = trigger.error
+    if engine.cluster is not None:
+        row["engine_id"], row["engine_name"] = engine.cluster.engine_of(trigger.owner)
     return row
 
 
@@ -286,6 +293,8 @@ def function_detail(engine, entry):
     detail["registered_triggers"] = [
         {"id": t.id, "trigger_type": t.trigger_type, "config": t.config}
         for t in engine.triggers.values() if t.function_id == entry.function_id]
+    if engine.cluster is not None:
+        detail["engine_id"], detail["engine_name"] = engine.cluster.engine_of(entry.owner)
     return detail
 
 

@@ -113,6 +113,11 @@ class Engine:
         self.unknown_calls = 0
         self._observers = []
         self._detach_hooks = []
+        # Called (no arguments) whenever a worker, function or trigger comes or goes:
+        # the cluster's links keep what they offer peers in sync (cluster/links.py).
+        self.registry_watchers = []
+        # The cluster membership (iii_twisted.cluster.wiring.Cluster) or None.
+        self.cluster = None
         self._functions_available_delay = functions_available_delay
         self._functions_check = None
         self._last_function_ids = frozenset()
@@ -176,6 +181,8 @@ class Engine:
                        agent=describe_agent(connection))
         self.fire_triggers(WORKERS_AVAILABLE,
                            {"event": "worker_connected", "worker_id": worker.id})
+        if self.registry_watchers:
+            self.registry_changed()
         return worker
 
     def detach(self, worker):
@@ -212,6 +219,16 @@ class Engine:
                        calls=failed_calls, worker_id=worker.id)
         self.fire_triggers(WORKERS_AVAILABLE,
                            {"event": "worker_disconnected", "worker_id": worker.id})
+        if self.registry_watchers:
+            self.registry_changed()
+
+    def registry_changed(self):
+        """Tell the L{registry_watchers} that workers, functions or triggers changed."""
+        for watcher in list(self.registry_watchers):
+            try:
+                watcher()
+            except Exception:
+                self._log.failure("registry watcher {watcher!r} failed", watcher=watcher)
 
     def add_detach_hook(self, hook):
         """Call C{hook(worker_record)} whenever a worker is detached (after cleanup)."""
@@ -347,6 +364,8 @@ class Engine:
         removed, primary = left
         self.functions[function_id] = primary
         worker.functions.discard(function_id)
+        if self.registry_watchers:
+            self.registry_changed()
         return removed
 
     # -- calls -----------------------------------------------------------------------
@@ -402,13 +421,26 @@ class Engine:
                 P.INVALID_MESSAGE, "Unknown action type {!r}".format(kind)))
         return self._invoke(function_id, data, caller, traceparent, baggage, metadata)
 
-    def _invoke(self, function_id, data, caller, traceparent, baggage, metadata=None):
-        entry = self.functions.get(function_id)
+    def invoke_entry(self, entry, function_id, data, traceparent=None, baggage=None,
+                     metadata=None):
+        """
+        Run one call on the host of C{entry}, chosen by the caller (a cluster link
+        running a peer's call on a local host only), with the call observers and the
+        timeout, as every call.
+
+        @return: Deferred firing with the result or failing with L{InvocationError}.
+        """
+        return self._invoke(function_id, data, None, traceparent, baggage, metadata, entry)
+
+    def _invoke(self, function_id, data, caller, traceparent, baggage, metadata=None,
+                entry=None):
         if entry is None:
-            self.unknown_calls += 1  # iii_invocations_not_found_total
-            return fail(self._not_found(function_id))
-        if function_id in self._replica_sets:
-            entry = self.replicas.pick(function_id)  # several workers host it
+            entry = self.functions.get(function_id)
+            if entry is None:
+                self.unknown_calls += 1  # iii_invocations_not_found_total
+                return fail(self._not_found(function_id))
+            if function_id in self._replica_sets:
+                entry = self.replicas.pick(function_id)  # several workers host it
         invocation_id = next(self._invocation_ids)
         finish = None
         if self._observers:
@@ -585,6 +617,8 @@ class Engine:
         self._triggers_by_type.setdefault(trigger_type, {})[trigger_id] = trigger
         if owner is not None:
             owner.triggers.add(trigger_id)
+        if self.registry_watchers:
+            self.registry_changed()
         provider_type = self.trigger_types.get(trigger_type)
         if provider_type is None:
             # Warn when a module would provide the type: a cron trigger without the
@@ -682,6 +716,8 @@ class Engine:
             del self._triggers_by_type[trigger.trigger_type]
         if trigger.owner is not None:
             trigger.owner.triggers.discard(trigger.id)
+        if self.registry_watchers:
+            self.registry_changed()
 
     def triggers_of_type(self, type_id):
         """@return: a list of the active L{Trigger}s of a type."""
@@ -712,6 +748,8 @@ class Engine:
     # -- engine::functions-available --------------------------------------------------
 
     def _functions_changed(self):
+        if self.registry_watchers:
+            self.registry_changed()
         if self._functions_check is None and FUNCTIONS_AVAILABLE in self._triggers_by_type:
             self._functions_check = self.clock.callLater(
                 self._functions_available_delay, self._notify_functions_available)

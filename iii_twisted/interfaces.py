@@ -535,3 +535,29 @@ class IChannelReaderEnd(Interface):
 
     def abort(code: int, reason) -> None:
         """The channel is gone before the end of the stream."""
+
+
+class IWorkerClientHandler(Interface):
+    """
+    What a worker-protocol *client* connection (L{iii_twisted.cluster.client}: this
+    engine connected to another engine as a worker) tells its owner: a cluster link
+    (L{iii_twisted.cluster.links.PeerLink}), a bridge.
+    """
+
+    def opened(protocol) -> None:
+        """The server sent ``workerregistered``: register what is offered now."""
+
+    def invoke(protocol, message: dict):
+        """
+        The server calls a function (an ``invokefunction`` message, optional keys
+        present as None).
+
+        @return: the result, or a Deferred firing with it; raise or fail with
+            L{iii_twisted.protocol.InvocationError} to answer an error.
+        """
+
+    def closed(protocol, code: int, reason) -> None:
+        """The connection closed (1006 without a close frame), or never opened."""
+
+    def frame(protocol, message: dict) -> None:
+        """Any other frame (``triggerregistrationresult``, ``registrationrejected``)."""

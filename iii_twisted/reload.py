@@ -51,6 +51,11 @@ class ConfigChanges:
         return "; ".join(parts) if parts else "nothing changed"
 
 
+def _cluster(config):
+    cluster = getattr(config, "cluster", None)
+    return None if cluster is None else cluster.settings()
+
+
 def _same_module(a, b):
     return MODULE_CLASSES[a.name] == MODULE_CLASSES[b.name] and a.config == b.config
 
@@ -69,6 +74,8 @@ def diff_configs(old, new):
     for name in ("log_level", "log_format"):
         if getattr(old, name, None) != getattr(new, name, None):
             engine.append(name)
+    if _cluster(old) != _cluster(new):
+        engine.append("cluster (not applied: a cluster: change needs a restart)")
     return ConfigChanges(
         added=[i for i in after if i not in before],
         removed=[i for i in before if i not in after],

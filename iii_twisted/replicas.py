@@ -13,8 +13,9 @@ L{ReplicaSet}, and each call of the id goes to the host L{ReplicaSet.pick} choos
 1. the fewest calls in flight (results the worker still owes, all functions counted:
    L{iii_twisted.invocations.InvocationTracker.count_for}); a worker that does not
    read its connection (over ``limits.send_buffer_soft``) comes after every other;
-2. then local hosts before remote ones (L{ReplicaSet.pick}'s C{preference}: every
-   host is local today; the cluster's link to another engine will rank 1);
+2. then local hosts before remote ones (L{ReplicaSet.pick}'s C{preference}: a
+   function another cluster member offers over its link ranks after this engine's
+   workers, L{iii_twisted.cluster});
 3. then round robin, so equally loaded replicas take turns.
 
 When a replica leaves (unregisters or disconnects) only its entry goes; the id stays
@@ -42,8 +43,17 @@ def _on_its_worker(entry):
 
 
 def _local(entry):
-    """Every host of one engine ranks 0; the seam for "local first" in a cluster."""
-    return 0
+    """
+    Local first: a host on this engine ranks 0, a function another cluster member
+    offers over its link (L{iii_twisted.cluster.links}) ranks 1.
+    """
+    owner = entry.owner
+    return 1 if owner is not None and is_peer(owner) else 0
+
+
+def is_peer(worker):
+    """Is C{worker} (a L{WorkerRecord}) another engine's link, not a worker?"""
+    return getattr(getattr(worker, "connection", None), "cluster_peer", None) is not None
 
 
 class ReplicaSet:
@@ -138,12 +148,17 @@ class Replicas:
         entry of another live worker, is registered; auth has allowed it.
 
         @return: True when both stay as replicas; False when the policy is
-            L{LAST_WINS} or either is not run by its worker over its connection (an
+            L{LAST_WINS} (unless one is another cluster member's offer) or either
+            is not run by its worker over its connection (an
             in-process or HTTP-invoked function: the last wins), and the caller
             replaces, calling L{drop} for the replicas that go with it.
         """
-        if self.policy != SPREAD or not (_on_its_worker(previous)
-                                         and _on_its_worker(entry)):
+        across = (previous.owner is not None and is_peer(previous.owner)) or \
+            (entry.owner is not None and is_peer(entry.owner))
+        if (self.policy != SPREAD and not across) or not (
+                _on_its_worker(previous) and _on_its_worker(entry)):
+            # Hosts on several cluster members are replicas under either policy:
+            # last_wins is about the workers of one engine.
             return False
         function_id = entry.function_id
         replicas = self.sets.get(function_id)
@@ -200,6 +215,19 @@ class Replicas:
     def pick(self, function_id):
         """@return: the entry whose host takes the next call of a replicated id."""
         return self.sets[function_id].pick(self._load)
+
+    def pick_local(self, function_id):
+        """
+        @return: the entry of a local host (not another member's link) that takes
+            a call of a replicated id that came over a cluster link, or None when
+            only links host it.
+        """
+        def load(entry):
+            owner = entry.owner
+            # Links last whatever their load; among local hosts the usual order.
+            return _CONGESTED if owner is not None and is_peer(owner) else self._load(entry)
+        entry = self.sets[function_id].pick(load)
+        return None if entry.owner is not None and is_peer(entry.owner) else entry
 
     def _load(self, entry):
         owner = entry.owner

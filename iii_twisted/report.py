@@ -63,6 +63,9 @@ def startup_report(service):
         lines.append("worker " + listener.report())
     for instance, (entry, module) in service._instances.items():
         lines.extend(module_lines(instance, module))
+    cluster = getattr(service, "cluster", None)
+    if cluster is not None:
+        lines.extend(cluster.report())
     if config.watch:
         lines.append("watching {} for changes every {}s".format(
             source, config.watch_interval))

@@ -66,13 +66,17 @@ class EngineService(MultiService):
 
     _log = Logger()
 
-    def __init__(self, config=None, reactor=None, config_path=None):
+    def __init__(self, config=None, reactor=None, config_path=None,
+                 cluster_directory=None):
         """
         @param config: an L{EngineConfig}, a dict shaped like ``iii-config.yaml``, or
             None for the defaults (port 49134, no modules).
         @param reactor: the reactor to run on; the global one when None.
         @param config_path: the file to reread on L{reload} (default: the file the
             config was loaded from, if any).
+        @param cluster_directory: with a ``cluster:`` section, the
+            L{iii_twisted.cluster.directory.IClusterDirectory} to use instead of the
+            Redis one (engines in one process: a C{MemoryDirectory}).
         @raise ConfigError: for a config that cannot be used (a module refuses its
             config, or the dict is malformed).
         """
@@ -105,6 +109,13 @@ class EngineService(MultiService):
             module.setServiceParent(self)
             self.modules.append(module)
             self._instances[entry.instance] = (entry, module)
+        # After the modules (a peer's call may need them), before the worker ports.
+        self.cluster = None
+        if config.cluster is not None:
+            from .cluster.wiring import ClusterService
+            self.cluster = ClusterService(self.engine, reactor, config.cluster,
+                                          cluster_directory, config.max_message_size)
+            self.cluster.setServiceParent(self)
         self._set_listeners(self._make_listeners(config))
         for listener in self._listeners:
             listener.setServiceParent(self)
@@ -305,6 +316,10 @@ class EngineService(MultiService):
                             error=str(e))
             return fail(e)
         changes = diff_configs(self.config, new)
+        if any(change.startswith("cluster") for change in changes.engine):
+            self._log.warn("config reload: the cluster: section changed; that needs a "
+                           "restart (the running membership is kept until then)")
+            new.cluster = self.config.cluster
         return Deferred.fromCoroutine(self._apply(new, changes))
 
     def _read(self, config):

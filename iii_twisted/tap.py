@@ -82,9 +82,12 @@ class Options(usage.Options):
         ports = [config.listen]
         if getattr(config, "listeners", None):
             ports = ["{} ({})".format(l.listen, l.name) for l in config.listeners]
-        print("{}: valid ({} format); workers listen on {}; modules: {}".format(
+        cluster = getattr(config, "cluster", None)
+        print("{}: valid ({} format); workers listen on {}; modules: {}{}".format(
             path, config.format, ", ".join(ports),
-            ", ".join(m.instance for m in config.modules) or "none"))
+            ", ".join(m.instance for m in config.modules) or "none",
+            "" if cluster is None else "; cluster member {!r}, links on {}, "
+            "membership in {}".format(cluster.name, cluster.listen, cluster.redis_url)))
         sys.exit(0)
 
     def _convert(self, path):
