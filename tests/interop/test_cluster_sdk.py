@@ -28,12 +28,6 @@ import urllib.request
 import pytest
 from iii import InitOptions, register_worker
 
-try:
-    import iii_twisted.cluster.wiring  # noqa: F401 (the links: branch cluster-links)
-except ImportError:
-    pytest.skip("needs the cluster links (iii_twisted/cluster/wiring.py), which are "
-                "not merged into this branch yet", allow_module_level=True)
-
 from engine_process import TWISTD, EngineProcess, free_port, wait_for_port, wait_until
 from tcp_balancer import Balancer
 from test_node_sdk import node_sdks, node_worker  # noqa: F401 (fixtures)
