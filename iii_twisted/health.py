@@ -49,18 +49,21 @@ class Health:
 
     _log = Logger()
 
-    def __init__(self, clock, modules=lambda: [], directory=lambda: None):
+    def __init__(self, clock, modules=lambda: [], directory=lambda: None,
+                 unlinked=lambda: None):
         """
         @param modules: returns the modules to check (the service's current list).
         @param directory: returns the engine's cluster directory
             (L{iii_twisted.cluster.directory.IClusterDirectory}), or None when the
             engine is not a cluster member (see L{directory_of}).
+        @param unlinked: returns L{unlinked_of} the engine.
         """
         self.clock = clock
         self.state = STARTING
         self.started_at = time.time()
         self._modules = modules
         self._directory = directory
+        self._unlinked = unlinked
 
     def live(self):
         """@return: the liveness answer (always alive)."""
@@ -80,7 +83,7 @@ class Health:
         answer = {"status": status, "checks": checks}
         directory = self._directory()
         if directory is not None:
-            answer["cluster"] = cluster_status(directory)
+            answer["cluster"] = cluster_status(directory, self._unlinked())
         return status == "ready", answer
 
     async def _run(self, check):
@@ -101,14 +104,28 @@ def directory_of(engine):
     return getattr(getattr(engine, "cluster", None), "directory", None)
 
 
-def cluster_status(directory):
+def unlinked_of(engine):
+    """
+    @return: the names of the members C{engine} knows but has had no link to for
+        longer than the member TTL (a wrong cluster secret, a firewall), or None when
+        it is not a cluster member.
+    """
+    unlinked = getattr(getattr(engine, "cluster", None), "unlinked_members", None)
+    return unlinked() if callable(unlinked) else None
+
+
+def cluster_status(directory, unlinked=None):
     """
     @param directory: an L{iii_twisted.cluster.directory.IClusterDirectory}.
+    @param unlinked: names of known members without a link (L{unlinked_of}), or None.
     @return: C{{"directory": "ok"|"unreachable", "members": N}}, N the number of
-        other members it knows.
+        other members it knows, and C{"unlinked": [names]} when C{unlinked} is given.
     """
-    return {"directory": "ok" if directory.healthy else "unreachable",
-            "members": len(directory.members())}
+    status = {"directory": "ok" if directory.healthy else "unreachable",
+              "members": len(directory.members())}
+    if unlinked is not None:
+        status["unlinked"] = sorted(unlinked)
+    return status
 
 
 def _checks_of(module):

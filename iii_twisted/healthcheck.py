@@ -38,8 +38,10 @@ def check(url, timeout=3.0):
 def _cluster_note(body):
     try:
         cluster = json.loads(body.decode("utf-8")).get("cluster")
-        return ": cluster directory {}, {} other members known".format(
-            cluster["directory"], cluster["members"])
+        unlinked = cluster.get("unlinked")
+        return ": cluster directory {}, {} other members known{}".format(
+            cluster["directory"], cluster["members"],
+            ", no link to {}".format(", ".join(unlinked)) if unlinked else "")
     except (ValueError, AttributeError, KeyError, TypeError):
         return ""  # not a cluster member (or not the ready answer)
 

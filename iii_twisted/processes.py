@@ -351,8 +351,9 @@ class EngineProcesses(Service):
             del self.processes[child.number]
         how = _how_it_ended(reason)
         if self._stopping:
-            _log.info("engine process {number} (pid {pid}) stopped ({how})",
-                      number=child.number, pid=child.pid, how=how)
+            _log.info("engine process {number} (pid {pid}) stopped{how}",
+                      number=child.number, pid=child.pid,
+                      how="" if how == "killed by SIGTERM" else " ({})".format(how))
             return
         lived = self.reactor.seconds() - (child.started_at or self.reactor.seconds())
         if lived >= STEADY:

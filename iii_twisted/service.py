@@ -97,7 +97,8 @@ class EngineService(MultiService):
                              function_replicas=config.function_replicas)
         self.engine.limits = config.limits
         self.engine.health = Health(reactor, lambda: self.modules,
-                                    lambda: health.directory_of(self.engine))
+                                    lambda: health.directory_of(self.engine),
+                                    lambda: health.unlinked_of(self.engine))
         # Data channels first: modules (the REST API) create channels too, and the
         # sweep stops after them.
         self.channels = install_channels(self.engine, reactor)

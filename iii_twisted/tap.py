@@ -83,6 +83,12 @@ class Options(usage.Options):
         if getattr(config, "listeners", None):
             ports = ["{} ({})".format(l.listen, l.name) for l in config.listeners]
         cluster = getattr(config, "cluster", None)
+        if cluster is not None:
+            from .cluster.wiring import require_directory
+            try:
+                require_directory()
+            except ConfigError as e:
+                fail(e, self["debug"])
         print("{}: valid ({} format); workers listen on {}; modules: {}{}".format(
             path, config.format, ", ".join(ports),
             ", ".join(m.instance for m in config.modules) or "none",

@@ -3,7 +3,7 @@ Cluster membership: L{IClusterDirectory}, its value type L{Member}, and
 L{MemoryDirectory} for engines that share one process (tests, embedding).
 """
 
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed  # noqa: F401 (Deferred: annotations)
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 

@@ -117,8 +117,9 @@ class LinkServerProtocol(WorkerProtocol):
             if not hmac.compare_digest(presented.encode("utf-8"),
                                        cluster.secret.encode("utf-8")):
                 cluster.refused_links += 1
-                self._log.warn("refused a cluster link from {ip}: wrong or missing "
-                               "secret", ip=self.peer_address)
+                self._log.warn("refused a cluster link from {ip} (says it is member "
+                               "{name!r}): wrong or missing secret", ip=self.peer_address,
+                               name=request.headers.get(ENGINE_NAME_HEADER.lower()))
                 raise ConnectionDeny(401, "Unauthorized")
             engine_id = request.headers.get(ENGINE_ID_HEADER.lower())
             if not engine_id or engine_id == cluster.engine_id:
@@ -325,6 +326,8 @@ class PeerLink:
         self._retry = None
         self._connecting = None
         self._delay = REDIAL_MIN
+        # When this link last went down (or was created): None while it is open.
+        self.down_since = reactor.seconds()
 
     def start(self):
         self._dial()
@@ -386,6 +389,7 @@ class PeerLink:
             protocol.dropConnection(abort=True)
             return
         self.protocol = protocol
+        self.down_since = None
         self._delay = REDIAL_MIN
         self._sent = ({}, {}, None)
         self._log.info("linked to cluster member {name} ({engine_id}) at {address}",
@@ -396,6 +400,7 @@ class PeerLink:
     def closed(self, protocol, code, reason):
         if protocol is self.protocol:
             self.protocol = None
+            self.down_since = self.reactor.seconds()
             self._log.info("link to cluster member {name} closed ({code} {reason})",
                            name=self.member.name, code=code, reason=reason)
         elif not self.stopped:

@@ -16,6 +16,7 @@ from twisted.internet.defer import maybeDeferred, succeed
 from twisted.logger import Logger
 
 from ..config import ConfigError
+from ..extras import require_extra
 from ..listeners import Listener
 from ..replicas import is_peer
 from .directory import Member
@@ -25,17 +26,23 @@ from .triggers import SharedTriggers
 LISTENER_NAME = "iii-cluster"
 
 
+def require_directory():
+    """
+    @return: the module of the Redis directory.
+    @raise ConfigError: naming the extra to install when this install has no Redis
+        client (``pip install "iii-twisted[redis]"``).
+    """
+    return require_extra("iii_twisted.cluster.redis_directory",
+                         "a cluster (its membership in Redis)", "cluster.redis_url")
+
+
 def redis_directory(settings, reactor):
     """
     @return: the Redis directory for C{settings} (imported only for a config that
         uses it).
     @raise ConfigError: when this build has no Redis directory.
     """
-    try:
-        from .redis_directory import RedisDirectory
-    except ImportError as e:
-        raise ConfigError("the Redis cluster directory is not available in this build "
-                          "({})".format(e), "cluster.redis_url")
+    RedisDirectory = require_directory().RedisDirectory
     try:
         return RedisDirectory(settings.redis_url, reactor,
                               heartbeat_interval=settings.heartbeat,
@@ -131,6 +138,17 @@ class ClusterService(MultiService):
             self.engine.registry_watchers.remove(self._registry_changed)
         if self.engine.cluster is self:
             self.engine.cluster = None
+
+    def unlinked_members(self):
+        """
+        @return: the names of the members the directory lists that this engine has had
+            no link to for longer than C{member_ttl} (a new member gets that long to
+            link): a wrong secret or an unreachable link address (health, metrics).
+        """
+        now = self.reactor.seconds()
+        return [link.member.name for link in self.links.values()
+                if link.down_since is not None
+                and now - link.down_since > self.settings.member_ttl]
 
     # -- the directory's observer ----------------------------------------------------------
 

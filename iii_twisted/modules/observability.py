@@ -44,7 +44,7 @@ from ..listeners import Listener
 from ..logsetup import QuietSite
 from ..schema import Key, ListOf, MapOf, Section, closest
 from ..engine import VOID
-from ..health import cluster_status, directory_of
+from ..health import cluster_status, directory_of, unlinked_of
 from ..interfaces import IModule, ITelemetrySink, ITriggerProvider, TriggerError
 from ..observability import otlp
 from ..observability.engine_logs import NOT_CAPTURED, THRESHOLDS, EngineLogCapture
@@ -929,10 +929,11 @@ class OtelModule(MultiService):
         status = "healthy"
         directory = directory_of(self.engine)
         if directory is not None:
-            # A cluster member whose directory (Redis) is unreachable still serves its
-            # own workers: degraded, not down (iii_twisted.health).
-            cluster = cluster_status(directory)
-            if cluster["directory"] != "ok":
+            # A cluster member whose directory (Redis) is unreachable, or that cannot
+            # link to a member it knows (a wrong secret), still serves its own
+            # workers: degraded, not down (iii_twisted.health).
+            cluster = cluster_status(directory, unlinked_of(self.engine))
+            if cluster["directory"] != "ok" or cluster.get("unlinked"):
                 status = "degraded"
             components["cluster"] = {"status": "healthy" if status == "healthy"
                                      else "degraded", "details": cluster}

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 
 from .. import __version__
-from ..health import cluster_status, directory_of
+from ..health import cluster_status, directory_of, unlinked_of
 
 # Latency buckets in seconds (upper bounds; +Inf is implicit).
 # Distinct error codes kept per function: codes are a worker's own strings, and a label
@@ -357,13 +357,18 @@ def prometheus_text(metrics, namespace="iii"):
     lines.extend(process_lines(n))
     directory = directory_of(metrics._engine)
     if directory is not None:  # a cluster member (docs/cluster.rst)
-        cluster = cluster_status(directory)
+        cluster = cluster_status(directory, unlinked_of(metrics._engine))
         head("cluster_directory_up", "gauge",
              "1 while the cluster directory (Redis) answers, else 0.")
         lines.append("{}_cluster_directory_up {}".format(
             n, 1 if cluster["directory"] == "ok" else 0))
         head("cluster_members", "gauge", "Other cluster members this engine knows.")
         lines.append("{}_cluster_members {}".format(n, cluster["members"]))
+        head("cluster_unlinked_members", "gauge",
+             "Members this engine knows but has had no link to for longer than the "
+             "member TTL (a wrong secret, a firewall).")
+        lines.append("{}_cluster_unlinked_members {}".format(
+            n, len(cluster.get("unlinked") or ())))
     auth = metrics.auth_counts()
     head("auth_refused_connections_total", "counter",
          "Connections refused at the upgrade for want of valid credentials.")

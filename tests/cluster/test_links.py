@@ -289,9 +289,16 @@ async def test_a_dropped_link_is_dialed_again_while_the_member_is_listed(cluster
 async def test_a_member_without_the_secret_is_refused(cluster):
     import treq
 
-    a = cluster.start("a")
+    a = cluster.start("a", member_ttl_ms=500, heartbeat_ms=100)
     intruder = cluster.start("intruder", secret="wrong")
     await wait_for(lambda: a.cluster.refused_links >= 1, what="the refusal")
+    # Health says so: the member the directory lists, that no link reaches, past the
+    # member TTL; and engine::health::check is degraded.
+    await wait_for(lambda: a.cluster.unlinked_members() == ["intruder"],
+                   what="intruder listed as unlinked")
+    ready, answer = await a.engine.health.ready()
+    assert answer["cluster"] == {"directory": "ok", "members": 1,
+                                 "unlinked": ["intruder"]}
     host = await cluster.worker(intruder, "host")
     host.register("svc::evil")
     await task.deferLater(reactor, 0.3, lambda: None)

@@ -166,7 +166,7 @@ def test_a_member_that_loses_redis_keeps_serving(members, workers, own_redis):
     for engine in (a, b):
         assert health(engine.ports["http"]) == (200, {
             "status": "ready", "checks": {},
-            "cluster": {"directory": "ok", "members": 1}})
+            "cluster": {"directory": "ok", "members": 1, "unlinked": []}})
 
     own_redis.stop()
     for engine in (a, b):
@@ -174,7 +174,7 @@ def test_a_member_that_loses_redis_keeps_serving(members, workers, own_redis):
                    == "unreachable", timeout=10, what="the health to say so")
         code, body = health(engine.ports["http"])
         assert code == 200 and body["cluster"] == {"directory": "unreachable",
-                                                   "members": 1}
+                                                   "members": 1, "unlinked": []}
         assert "keeps serving its own workers" in engine.log()
         # The image's HEALTHCHECK probe passes, and says it.
         probe = subprocess.run(
@@ -190,7 +190,7 @@ def test_a_member_that_loses_redis_keeps_serving(members, workers, own_redis):
     own_redis.start()
     for engine in (a, b):
         wait_until(lambda: health(engine.ports["http"])[1]["cluster"]
-                   == {"directory": "ok", "members": 1}, timeout=15,
+                   == {"directory": "ok", "members": 1, "unlinked": []}, timeout=15,
                    what="the health to be ok again")
         assert "answers again" in engine.log()
     assert on_b.trigger({"function_id": "a::echo", "payload": 4}) == {"a": 4}
@@ -363,7 +363,8 @@ def _processes(supervisor, workers):
     first = supervisor.pids()
     assert sorted(first) == [1, 2]
     # Whichever process answers the shared REST port knows the other.
-    assert health(supervisor.http)[1]["cluster"] == {"directory": "ok", "members": 1}
+    assert health(supervisor.http)[1]["cluster"] == {"directory": "ok", "members": 1,
+                                                     "unlinked": []}
 
     # Workers on the shared port land on both processes (the kernel spreads them).
     made = [workers(supervisor.url, "w{}".format(i)) for i in range(8)]

@@ -143,3 +143,31 @@ def test_reload_keeps_the_membership_and_says_a_restart_is_needed():
         changes[0].describe()
     assert service.config.cluster is running
     assert any("needs a restart" in line for line in lines)
+
+
+def test_without_the_redis_extra_start_and_check_config_name_it(monkeypatch, tmp_path,
+                                                                capsys):
+    """
+    A cluster keeps its membership in Redis: without txredisapi (the ``redis``
+    extra) the engine refuses to start, and --check-config refuses the file, naming
+    the extra to install.
+    """
+    import sys
+
+    from iii_twisted.cluster.wiring import redis_directory
+
+    monkeypatch.setitem(sys.modules, "txredisapi", None)
+    monkeypatch.delitem(sys.modules, "iii_twisted.redis_client", raising=False)
+    monkeypatch.delitem(sys.modules, "iii_twisted.cluster.redis_directory",
+                        raising=False)
+    settings = from_dict({"cluster": CLUSTER}).cluster
+    with pytest.raises(ConfigError) as info:
+        redis_directory(settings, MemoryReactorClock())
+    assert info.value.key == "cluster.redis_url"
+    assert 'pip install "iii-twisted[redis]"' in str(info.value)
+    path = tmp_path / "c.yaml"
+    path.write_text("cluster:\n  redis_url: redis://127.0.0.1:6379\n  secret: s\n")
+    with pytest.raises(SystemExit) as exit_:
+        tap.Options().parseOptions(["--check-config", str(path)])
+    assert exit_.value.code == 1
+    assert 'pip install "iii-twisted[redis]"' in capsys.readouterr().err
