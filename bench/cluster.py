@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import loadgen  # noqa: E402
 from loadgen import IIICaller, IIIWorker, Window, WSClient, dumps, payload_data  # noqa: E402
+from ports import free_port, wait_port  # noqa: E402
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
@@ -57,25 +57,6 @@ cluster:
   secret: bench-cluster-secret
   name: {name}
 """
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, process, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("engine exited with code {}".format(process.returncode))
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)  # polling the port for readiness
-    raise TimeoutError("nothing listening on {}".format(port))
 
 
 class Engine:

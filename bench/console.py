@@ -29,6 +29,8 @@ import tempfile
 import threading
 import time
 
+from ports import free_port, wait_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKOUT = os.path.dirname(HERE)
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -46,25 +48,6 @@ modules:
   - class: modules::console::ConsoleModule
     config: {{port: {console}, push_interval: {push_interval}}}
 """
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, process, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("engine exited with code {}".format(process.returncode))
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)  # polling a port for readiness
-    raise TimeoutError("nothing on port {}".format(port))
 
 
 class ConsoleTab:

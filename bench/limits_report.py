@@ -36,6 +36,8 @@ import tempfile
 import threading
 import time
 
+from ports import free_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKOUT = os.path.dirname(HERE)
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -62,12 +64,6 @@ SCENARIOS = [
                              "send_stall_timeout_ms": 10 ** 9}),
     ("after (default limits)", {"send_stall_timeout_ms": 5000}),
 ]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def status(pid, field):

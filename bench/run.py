@@ -19,12 +19,13 @@ import platform
 import select
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from ports import free_port, wait_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKOUT = os.path.dirname(HERE)
@@ -47,25 +48,6 @@ TARGET_NAMES = {
 def log(message):
     sys.stderr.write("\r\033[K" + message + "\n")
     sys.stderr.flush()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, process, timeout=60.0, what="server"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("{} exited with code {}".format(what, process.returncode))
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)  # polling a port for readiness
-    raise RuntimeError("{} did not listen on {} within {:.0f}s".format(what, port, timeout))
 
 
 # -- the bench venv ------------------------------------------------------------------
@@ -208,7 +190,7 @@ class Servers:
                                      "--cbdir", cbdir, "--loglevel", "warn"], cwd=cbdir)
             waits += [("crossbar", "crossbar"), ("crossbar", "crossbar_http")]
         for name, port in waits:
-            wait_port(ports[port], self.processes[name], what=name)
+            wait_port(ports[port], self.processes[name], timeout=60.0, what=name)
 
     def pids(self, target):
         name = {"crossbar-autobahn": "crossbar"}.get(target, target)
