@@ -107,8 +107,21 @@ class ClusterService(MultiService):
         self._stopping = False
         MultiService.startService(self)
         self.joined = self.listener._waitingForPort.addCallback(self._join)
-        self.joined.addErrback(lambda f: self._log.failure(
-            "cluster member {name} could not join", f, name=self.name))
+        self.joined.addErrback(self._not_joined)
+
+    def _not_joined(self, failure):
+        try:
+            from ..redis_client import RedisUnavailable
+        except ImportError:  # no redis extra: then the directory is not a Redis one
+            RedisUnavailable = None
+        if RedisUnavailable is not None and failure.check(RedisUnavailable):
+            # Expected input (Redis down at start): the directory has logged it and
+            # announces this member at its first heartbeat that Redis answers.
+            self._log.warn("cluster member {name} not announced yet: {error}; the "
+                           "directory keeps trying", name=self.name,
+                           error=failure.getErrorMessage())
+            return
+        self._log.failure("cluster member {name} could not join", failure, name=self.name)
 
     def _join(self, port):
         address = self.settings.advertise or "tcp:127.0.0.1:{}".format(port.getHost().port)

@@ -92,3 +92,25 @@ async def test_cron_fires_once_per_tick_across_members(cluster, redis_url):
         return [m["data"]["scheduled_time"] for r in replicas for m in r.invocations]
     await wait_for(lambda: len(ticks()) >= 4, timeout=8, what="4 ticks")
     assert len(ticks()) == len(set(ticks())), ticks()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_member_starting_without_redis_warns_and_logs_no_failure(cluster):
+    """
+    Redis down at start is expected input: the member says it is not announced yet and
+    that the directory keeps trying; no failure (traceback) is logged.
+    """
+    import socket
+
+    from iii_twisted.testing import log_lines, logged_failures
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    with logged_failures() as failures, log_lines() as lines:
+        lone = cluster.start("lone", redis_url="redis://127.0.0.1:{}".format(closed))
+        await wait_for(lambda: any("not announced yet" in line for line in lines),
+                       timeout=20, what="the warning")
+        assert not lone.cluster.directory.healthy
+    assert failures == [], [e.get("log_format") for e in failures]
+    assert any("the directory keeps trying" in line for line in lines)
