@@ -4,6 +4,7 @@ every request gets, byte for byte, the answer Klein's resource gives it, for pat
 either takes, answered, failed, streamed, cancelled or left waiting for a slot.
 """
 
+import platform
 import re
 
 import pytest
@@ -175,6 +176,9 @@ def test_synchronous_failures_do_not_nest_deeper_per_waiting_request():
     assert port.api.module.in_flight() == 0
 
 
+@pytest.mark.skipif(platform.python_implementation() != "CPython",
+                    reason="reference counting frees objects without the cyclic GC only "
+                    "on CPython (PyPy's gc.collect() counts nothing)")
 def test_an_answered_request_leaves_no_reference_cycles():
     """
     A request's exchange, channels and their ends are unlinked when it ends: they are
