@@ -158,3 +158,19 @@ def logged_failures(publisher=globalLogPublisher):
         yield events
     finally:
         publisher.removeObserver(observe)
+
+
+async def wait_for(predicate, timeout=10.0, what="condition"):
+    """
+    Wait on the running reactor until C{predicate()} is true, checking every 10 ms:
+    for tests with real sockets or servers (a bounded wait on the event, not a sleep).
+
+    @raise AssertionError: when it is not true within C{timeout} seconds.
+    """
+    from twisted.internet import reactor, task
+
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError("timed out after {}s waiting for {}".format(timeout, what))
+        await task.deferLater(reactor, 0.01, lambda: None)

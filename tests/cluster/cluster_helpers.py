@@ -6,23 +6,15 @@ WebSocket speaking the worker protocol (L{iii_twisted.cluster.client}).
 
 import time
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 
 from iii_twisted.cluster.client import WorkerClientFactory, connect
 from iii_twisted.cluster.directory import MemoryDirectory, MemoryRegistry
 from iii_twisted.protocol import InvocationError
 from iii_twisted.service import EngineService
+from iii_twisted.testing import wait_for  # noqa: F401 (tests import it from here)
 
 SECRET = "test-cluster-secret"
-
-
-async def wait_for(predicate, timeout=10.0, what="condition"):
-    """Wait (on the reactor) until C{predicate()} is true; fail after C{timeout} s."""
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError("timed out after {}s waiting for {}".format(timeout, what))
-        await task.deferLater(reactor, 0.01, lambda: None)
 
 
 class Cluster:

@@ -17,21 +17,13 @@ from iii_twisted.cluster.directory import (
     IClusterDirectory, MemoryDirectory, MemoryRegistry, Member,
 )
 from iii_twisted.health import cluster_status
+from iii_twisted.testing import wait_for
 
 # Short, so that the tests wait little; the bound of a crashed member's detection is
 # TTL + HEARTBEAT (plus the time one Redis round trip takes under load).
 HEARTBEAT = 0.25
 TTL = 1.0
 ROUND_TRIP = 1.0
-
-
-async def wait_for(predicate, timeout=10.0, what="condition"):
-    """Wait until C{predicate()} is true (polling every 10 ms), at most C{timeout} s."""
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError("timed out after {}s waiting for {}".format(timeout, what))
-        await task.deferLater(reactor, 0.01, lambda: None)
 
 
 class Watcher:

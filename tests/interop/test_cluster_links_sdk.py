@@ -14,7 +14,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-from iii import InitOptions, register_worker
 
 from engine_process import wait_until
 from test_newer_python_sdk import NEWER_VERSION, newer_python, newer_worker  # noqa: F401
@@ -47,18 +46,9 @@ def members(redis_url, start_engine):
 
 
 @pytest.fixture
-def py_worker():
-    workers = []
-
-    def connect(url, name):
-        worker = register_worker(url, InitOptions(worker_name=name, otel={"enabled": False}))
-        workers.append(worker)
-        return worker
-
-    yield connect
-    for worker in workers:
-        if worker._thread.is_alive():
-            worker.shutdown()
+def py_worker(sdk_worker):
+    """C{connect(url, name)}: an iii-sdk 0.10.0 worker (conftest's sdk_worker)."""
+    return sdk_worker
 
 
 def function_ids(worker):

@@ -26,7 +26,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-from iii import InitOptions, register_worker
 
 from engine_process import TWISTD, EngineProcess, free_port, wait_for_port, wait_until
 from tcp_balancer import Balancer
@@ -54,19 +53,9 @@ cluster:
 
 
 @pytest.fixture
-def workers():
-    """C{connect(url, name)}: an iii-sdk 0.10.0 worker, shut down after the test."""
-    made = []
-
-    def connect(url, name):
-        worker = register_worker(url, InitOptions(worker_name=name, otel={"enabled": False}))
-        made.append(worker)
-        return worker
-
-    yield connect
-    for worker in made:
-        if worker._thread.is_alive():
-            worker.shutdown()
+def workers(sdk_worker):
+    """C{connect(url, name)}: an iii-sdk 0.10.0 worker (conftest's sdk_worker)."""
+    return sdk_worker
 
 
 @pytest.fixture

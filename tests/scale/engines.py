@@ -3,6 +3,7 @@
 from twisted.internet import defer
 
 from iii_twisted.service import EngineService
+from iii_twisted.testing import wait_for  # noqa: F401 (tests import it from here)
 
 
 def other_pool(redis_url):
@@ -112,21 +113,6 @@ class AutoWorker:
 
     def data_of(self, function_id):
         return [data for fid, data in self.calls if fid == function_id]
-
-
-async def wait_for(predicate, timeout=10.0, what="condition"):
-    """
-    Wait (on the reactor) until C{predicate()} is true, checking every 10 ms.
-
-    @raise AssertionError: when it is not within C{timeout} seconds.
-    """
-    from twisted.internet import reactor, task
-
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError("timed out after {}s waiting for {}".format(timeout, what))
-        await task.deferLater(reactor, 0.01, lambda: None)
 
 
 async def stream_port(service):
